@@ -1,0 +1,196 @@
+//! The one place where portwatch's kernel/userspace contract is defined: map names, key and value
+//! layouts, flag bits and the layout version. `ctl-ebpf` and `ctl` both use these types; neither
+//! restates a layout. Every struct is `#[repr(C)]` with explicit padding so that its bytes are the
+//! same on both sides and documented byte by byte in `bpffs-layout.md`.
+#![no_std]
+
+/// Bumped whenever a pinned map's name, type, key, value or meaning changes. A `ctl` that finds
+/// pinned state of another version refuses to touch it.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names, as they appear in the object file and as the pin file names under the pin path.
+pub mod map_names {
+    /// `ARRAY[65536]` of `u8` port flags (`PROTO_TCP | PROTO_UDP`), indexed by port number.
+    pub const WATCHED_PORTS: &str = "watched_ports";
+    /// `PERCPU_HASH` `CounterKey -> Counters`, generation 0.
+    pub const COUNTERS_0: &str = "counters_0";
+    /// `PERCPU_HASH` `CounterKey -> Counters`, generation 1.
+    pub const COUNTERS_1: &str = "counters_1";
+    /// `ARRAY[1]` of `Config`: what the program reads on every packet.
+    pub const CONFIG: &str = "config";
+    /// `PERCPU_ARRAY[1]` of `Stats`: global statistics.
+    pub const STATS: &str = "stats";
+    /// `ARRAY[1]` of `Meta`: the layout version and what `load` was given. Never read by the program.
+    pub const META: &str = "meta";
+
+    pub const ALL: [&str; 6] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META];
+}
+
+/// Program (function) names in the object file.
+pub mod program_names {
+    pub const INGRESS: &str = "portwatch_ingress";
+    pub const EGRESS: &str = "portwatch_egress";
+}
+
+/// Bits of a `watched_ports` entry.
+pub const PROTO_TCP: u8 = 1 << 0;
+pub const PROTO_UDP: u8 = 1 << 1;
+pub const PROTO_ALL: u8 = PROTO_TCP | PROTO_UDP;
+
+/// IANA protocol numbers, as stored in `CounterKey::proto`.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `CounterKey::direction`.
+pub const DIRECTION_INGRESS: u8 = 0;
+pub const DIRECTION_EGRESS: u8 = 1;
+
+/// Number of entries of `watched_ports`: one per port number.
+pub const PORT_COUNT: u32 = 65536;
+
+/// Entries each counter map holds beyond the user's `--max-entries`: one overflow key per direction,
+/// inserted by userspace before the program can run, so a full map always has them.
+pub const RESERVED_ENTRIES: u32 = 2;
+
+/// The key of a counter: who (the remote IP), on which watched port, protocol and direction.
+///
+/// Bytes 0..16 `remote_ip` (IPv4 stored IPv4-mapped, `::ffff:a.b.c.d`), 16..18 `port` in host byte
+/// order, 18 `proto` (6 or 17), 19 `direction` (0 ingress, 1 egress). No padding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct CounterKey {
+    pub remote_ip: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+}
+
+impl CounterKey {
+    /// The reserved key that collects traffic the counter map had no room for: the unspecified
+    /// address `::`, port 0 and protocol 0, which no real packet can produce (port 0 cannot be
+    /// watched). One per direction.
+    pub const fn overflow(direction: u8) -> Self {
+        CounterKey {
+            remote_ip: [0; 16],
+            port: 0,
+            proto: 0,
+            direction,
+        }
+    }
+
+    pub const fn is_overflow(&self) -> bool {
+        self.port == 0 && self.proto == 0
+    }
+}
+
+/// A counter value (one per CPU in the per-CPU maps): L3 bytes and wire packets.
+/// Bytes 0..8 `bytes`, 8..16 `packets`, both native-endian `u64`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub bytes: u64,
+    pub packets: u64,
+}
+
+/// What the program reads on every packet. Bytes 0..4 `generation` (only bit 0 is used: which
+/// `counters_N` map is written), 4..8 reserved (zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    pub generation: u32,
+    pub _reserved: u32,
+}
+
+/// Global statistics, one copy per CPU. Every field is a native-endian `u64`, in this order.
+/// `matched_*` is all traffic counted in the counter maps (overflow included); every other packet the
+/// program saw is in exactly one of `unwatched`, `non_ip`, `unknown_l4`, `fragment`, `truncated`,
+/// `malformed` or `ext_header_limit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Wire packets counted in a counter map.
+    pub matched_packets: u64,
+    /// L3 bytes counted in a counter map.
+    pub matched_bytes: u64,
+    /// TCP/UDP packets whose port/protocol is not watched.
+    pub unwatched_packets: u64,
+    /// Neither IPv4 nor IPv6 (ARP, LLDP...), after VLAN tags.
+    pub non_ip_packets: u64,
+    /// IP packets whose L4 protocol is not TCP or UDP (ICMP, ESP, no next header...).
+    pub unknown_l4_packets: u64,
+    /// Non-first fragments: they carry no L4 header, so no port.
+    pub fragment_packets: u64,
+    /// A header cut short by the end of the packet (VLAN, IP, extension header, TCP, UDP).
+    pub truncated_packets: u64,
+    /// A header with impossible fields: IP version mismatch, IHL < 5, total length below the header,
+    /// TCP data offset < 5.
+    pub malformed_packets: u64,
+    /// More IPv6 extension headers (or VLAN tags) than the program walks.
+    pub ext_header_limit_packets: u64,
+    /// Matched packets that found the counter map full and went to the overflow key.
+    pub map_full_packets: u64,
+    /// Their L3 bytes.
+    pub map_full_bytes: u64,
+    /// Matched packets that found the map full and no overflow key (only if userspace failed to
+    /// insert it; never in normal operation). Their bytes are in `matched_bytes` only.
+    pub overflow_missing_packets: u64,
+}
+
+/// Pinned metadata, written once by `load`. Bytes 0..4 `layout_version`, 4..8 `max_entries` (the
+/// user's figure, without `RESERVED_ENTRIES`), 8 `directions` (bit 0 ingress, bit 1 egress),
+/// 9..16 reserved (zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    pub layout_version: u32,
+    pub max_entries: u32,
+    pub directions: u8,
+    pub _reserved: [u8; 7],
+}
+
+pub const META_DIRECTION_INGRESS: u8 = 1 << 0;
+pub const META_DIRECTION_EGRESS: u8 = 1 << 1;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made of integers only, with no implicit padding.
+    unsafe impl aya::Pod for super::CounterKey {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Stats {}
+    unsafe impl aya::Pod for super::Meta {}
+}
+
+// Layouts are a contract with pinned state and with other tools: fail the build if one moves.
+const _: () = {
+    assert!(core::mem::size_of::<CounterKey>() == 20);
+    assert!(core::mem::align_of::<CounterKey>() == 2);
+    assert!(core::mem::size_of::<Counters>() == 16);
+    assert!(core::mem::size_of::<Config>() == 8);
+    assert!(core::mem::size_of::<Stats>() == 12 * 8);
+    assert!(core::mem::size_of::<Meta>() == 16);
+};
+
+impl core::ops::AddAssign for Counters {
+    fn add_assign(&mut self, other: Self) {
+        self.bytes += other.bytes;
+        self.packets += other.packets;
+    }
+}
+
+impl core::ops::AddAssign for Stats {
+    fn add_assign(&mut self, o: Self) {
+        self.matched_packets += o.matched_packets;
+        self.matched_bytes += o.matched_bytes;
+        self.unwatched_packets += o.unwatched_packets;
+        self.non_ip_packets += o.non_ip_packets;
+        self.unknown_l4_packets += o.unknown_l4_packets;
+        self.fragment_packets += o.fragment_packets;
+        self.truncated_packets += o.truncated_packets;
+        self.malformed_packets += o.malformed_packets;
+        self.ext_header_limit_packets += o.ext_header_limit_packets;
+        self.map_full_packets += o.map_full_packets;
+        self.map_full_bytes += o.map_full_bytes;
+        self.overflow_missing_packets += o.overflow_missing_packets;
+    }
+}

@@ -1,0 +1,186 @@
+//! portwatch's kernel program: a passive TC classifier (ingress and egress) that counts the
+//! traffic of watched TCP/UDP ports per remote IP. It never drops, changes or redirects a packet and
+//! always returns `TC_ACT_UNSPEC` (`TCX_NEXT`), so programs after it in the chain still run.
+//!
+//! `parse` turns headers into a `Flow`; this file turns a `Flow` into map updates.
+#![no_std]
+#![no_main]
+
+mod parse;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    macros::{classifier, map},
+    maps::{Array, PerCpuArray, PerCpuHashMap},
+    programs::TcContext,
+};
+use ctl_common::{
+    Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP,
+    PORT_COUNT, PROTO_TCP, PROTO_UDP, RESERVED_ENTRIES,
+};
+use parse::{Flow, Reason};
+
+/// The object's default; `portwatch load --max-entries` sets the real size at load time.
+const DEFAULT_MAX_ENTRIES: u32 = 65536 + RESERVED_ENTRIES;
+const EEXIST: i32 = 17;
+
+#[map(name = "watched_ports")]
+static WATCHED_PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
+
+#[map(name = "counters_0")]
+static COUNTERS_0: PerCpuHashMap<CounterKey, Counters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+
+#[map(name = "counters_1")]
+static COUNTERS_1: PerCpuHashMap<CounterKey, Counters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+
+#[map(name = "config")]
+static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "stats")]
+static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Written by userspace only; declared here so the object carries it and `load` pins it.
+#[map(name = "meta")]
+static META: Array<Meta> = Array::with_max_entries(1, 0);
+
+#[classifier]
+pub fn portwatch_ingress(ctx: TcContext) -> i32 {
+    observe::<DIRECTION_INGRESS>(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn portwatch_egress(ctx: TcContext) -> i32 {
+    observe::<DIRECTION_EGRESS>(&ctx);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn observe<const DIRECTION: u8>(ctx: &TcContext) {
+    let Some(stats) = STATS.get_ptr_mut(0) else { return };
+    // SAFETY: a per-CPU array slot; only this CPU writes it, and programs do not nest on a CPU
+    // for the same hook.
+    let stats = unsafe { &mut *stats };
+    match parse::parse(ctx) {
+        Ok(flow) => count::<DIRECTION>(&flow, stats),
+        Err(reason) => *reason_counter(stats, reason) += 1,
+    }
+}
+
+#[inline(always)]
+fn reason_counter(stats: &mut Stats, reason: Reason) -> &mut u64 {
+    match reason {
+        Reason::NonIp => &mut stats.non_ip_packets,
+        Reason::UnknownL4 => &mut stats.unknown_l4_packets,
+        Reason::Fragment => &mut stats.fragment_packets,
+        Reason::Truncated => &mut stats.truncated_packets,
+        Reason::Malformed => &mut stats.malformed_packets,
+        Reason::HeaderLimit => &mut stats.ext_header_limit_packets,
+    }
+}
+
+/// Ingress counts traffic *to* a watched local port under its source; egress counts replies *from*
+/// a watched local port under their destination. Either way the key holds the remote IP.
+#[inline(always)]
+fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
+    let (local_port, remote_ip) = if DIRECTION == DIRECTION_INGRESS {
+        (flow.dst_port, flow.src)
+    } else {
+        (flow.src_port, flow.dst)
+    };
+    let proto_bit = if flow.proto == IPPROTO_TCP { PROTO_TCP } else { PROTO_UDP };
+    let watched = WATCHED_PORTS.get(local_port as u32).copied().unwrap_or(0);
+    if watched & proto_bit == 0 {
+        stats.unwatched_packets += 1;
+        return;
+    }
+    stats.matched_packets += flow.packets;
+    stats.matched_bytes += flow.bytes;
+
+    let key = CounterKey { remote_ip, port: local_port, proto: flow.proto, direction: DIRECTION };
+    let generation = CONFIG.get(0).map(|c| c.generation & 1).unwrap_or(0);
+    // Two call sites, one map each: the verifier can then inline each map's lookup.
+    let counted = if generation == 0 {
+        add::<DIRECTION>(&COUNTERS_0, &key, flow)
+    } else {
+        add::<DIRECTION>(&COUNTERS_1, &key, flow)
+    };
+    match counted {
+        Added::Yes => {}
+        Added::Full { overflow_missing } => {
+            stats.map_full_packets += flow.packets;
+            stats.map_full_bytes += flow.bytes;
+            if overflow_missing {
+                stats.overflow_missing_packets += flow.packets;
+            }
+        }
+    }
+}
+
+enum Added {
+    Yes,
+    /// The map had no room for a new key; the traffic went to the overflow key unless it was
+    /// missing too.
+    Full { overflow_missing: bool },
+}
+
+#[inline(always)]
+fn add<const DIRECTION: u8>(
+    counters: &PerCpuHashMap<CounterKey, Counters>,
+    key: &CounterKey,
+    flow: &Flow,
+) -> Added {
+    if increment(counters, key, flow) {
+        return Added::Yes;
+    }
+    let value = Counters { bytes: flow.bytes, packets: flow.packets };
+    match counters.insert(key, &value, BPF_NOEXIST as u64) {
+        Ok(()) => return Added::Yes,
+        // Another CPU inserted the same new key between our lookup and insert: its slot for this
+        // CPU is zero, so add there instead of losing the packet.
+        Err(e) if e == -EEXIST => {
+            if increment(counters, key, flow) {
+                return Added::Yes;
+            }
+        }
+        Err(_) => {}
+    }
+    // Full (E2BIG). Userspace inserts the overflow keys before the program runs and keeps them, so
+    // the sum of all counters still equals all matched traffic.
+    let overflow_missing = !increment(counters, &CounterKey::overflow(DIRECTION), flow);
+    Added::Full { overflow_missing }
+}
+
+/// In-place increment of this CPU's slot. Per-CPU values mean no other CPU writes it, so plain
+/// adds lose nothing.
+#[inline(always)]
+fn increment(
+    counters: &PerCpuHashMap<CounterKey, Counters>,
+    key: &CounterKey,
+    flow: &Flow,
+) -> bool {
+    match counters.get_ptr_mut(key) {
+        Some(value) => {
+            // SAFETY: a live per-CPU element; userspace never deletes from the generation the
+            // program writes (see bpffs-layout.md, "Reset").
+            unsafe {
+                (*value).bytes += flow.bytes;
+                (*value).packets += flow.packets;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,217 @@
+//! Headers to a small classified record. Nothing here touches a map.
+//!
+//! Every read goes through `TcContext::load` (`bpf_skb_load_bytes`), which also works on the
+//! non-linear part of an skb, so a header split across fragments is read, not misclassified.
+
+use aya_ebpf::programs::TcContext;
+
+/// Why a packet was seen but not counted as port traffic (each maps to one `Stats` field).
+#[derive(Clone, Copy)]
+pub enum Reason {
+    NonIp,
+    UnknownL4,
+    Fragment,
+    Truncated,
+    Malformed,
+    HeaderLimit,
+}
+
+/// A TCP or UDP packet, reduced to what accounting needs.
+pub struct Flow {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// L3 bytes of this skb as the wire carries it (see `l3_bytes`).
+    pub bytes: u64,
+    /// Wire packets: `max(gso_segs, 1)`.
+    pub packets: u64,
+}
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+/// VLAN tags walked (802.1ad outer + 802.1Q inner is the common case).
+const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before giving up (`Reason::HeaderLimit`).
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_AUTH: u8 = 51;
+const NEXTHDR_DEST: u8 = 60;
+
+use ctl_common::{IPPROTO_TCP, IPPROTO_UDP};
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
+    ctx.load::<T>(offset).map_err(|_| Reason::Truncated)
+}
+
+#[inline(always)]
+fn be16(b: &[u8], i: usize) -> u16 {
+    u16::from_be_bytes([b[i], b[i + 1]])
+}
+
+/// The L3 header: addresses, protocol, where L4 starts and the L3 length the header claims.
+struct L3 {
+    src: [u8; 16],
+    dst: [u8; 16],
+    proto: u8,
+    l4_offset: usize,
+    /// Total length from the IP header (0 when the header does not say: IPv6 jumbo or BIG TCP).
+    total_len: usize,
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Flow, Reason> {
+    let (ethertype, l3_offset) = parse_ethernet(ctx)?;
+    let l3 = match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, l3_offset)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3_offset)?,
+        _ => return Err(Reason::NonIp),
+    };
+    let (src_port, dst_port, l4_header_len) = match l3.proto {
+        IPPROTO_TCP => {
+            // Ports (0..4) and data offset (12); a TCP header is at least 20 bytes.
+            let tcp: [u8; 20] = load(ctx, l3.l4_offset)?;
+            let doff = (tcp[12] >> 4) as usize;
+            if doff < 5 {
+                return Err(Reason::Malformed);
+            }
+            (be16(&tcp, 0), be16(&tcp, 2), doff * 4)
+        }
+        IPPROTO_UDP => {
+            let udp: [u8; 8] = load(ctx, l3.l4_offset)?;
+            (be16(&udp, 0), be16(&udp, 2), 8)
+        }
+        _ => return Err(Reason::UnknownL4),
+    };
+
+    let skb_len = ctx.len() as usize;
+    let headers_len = l3.l4_offset - l3_offset + l4_header_len;
+    // SAFETY: ctx.skb.skb is the program's context pointer; the verifier rewrites this field read.
+    let gso_segs = unsafe { (*ctx.skb.skb).gso_segs } as u64;
+    if gso_segs <= 1 && l3.total_len == 0 && ethertype == ETH_P_IP {
+        return Err(Reason::Malformed);
+    }
+    let (bytes, packets) = if gso_segs > 1 {
+        // A GSO/GRO super-packet carries its headers once; on the wire each segment has its own
+        // copy of them (IP options and IPv6 extension headers included).
+        ((skb_len - l3_offset) as u64 + (gso_segs - 1) * headers_len as u64, gso_segs)
+    } else {
+        // The length the IP header claims, not skb->len: that would include Ethernet padding of
+        // short frames, which IP removes and nftables, iptables and NetFlow do not count.
+        if l3.total_len > skb_len - l3_offset {
+            return Err(Reason::Truncated);
+        }
+        let len = if l3.total_len == 0 { skb_len - l3_offset } else { l3.total_len };
+        (len as u64, 1)
+    };
+    Ok(Flow { src: l3.src, dst: l3.dst, src_port, dst_port, proto: l3.proto, bytes, packets })
+}
+
+/// Returns the ethertype after any in-packet VLAN tags, and the offset of the L3 header.
+/// (A tag the NIC or veth moved to `skb->vlan_tci` is not in the packet and needs no walking.)
+#[inline(always)]
+fn parse_ethernet(ctx: &TcContext) -> Result<(u16, usize), Reason> {
+    let mut ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let mut offset = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            return Ok((ethertype, offset));
+        }
+        // A tag is TCI (2 bytes) then the next ethertype (2 bytes), where the ethertype was.
+        ethertype = u16::from_be(load::<u16>(ctx, offset + 2)?);
+        offset += 4;
+    }
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        return Err(Reason::HeaderLimit);
+    }
+    Ok((ethertype, offset))
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<L3, Reason> {
+    let ip: [u8; 20] = load(ctx, offset)?;
+    let version = ip[0] >> 4;
+    let header_len = ((ip[0] & 0x0f) as usize) * 4;
+    let total_len = be16(&ip, 2) as usize;
+    if version != 4 || header_len < 20 {
+        return Err(Reason::Malformed);
+    }
+    // total_len 0 is legal only on a GSO super-packet (BIG TCP); parse() checks the rest.
+    if total_len != 0 && total_len < header_len {
+        return Err(Reason::Malformed);
+    }
+    if be16(&ip, 6) & 0x1fff != 0 {
+        return Err(Reason::Fragment);
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    // IPv4-mapped IPv6: ::ffff:a.b.c.d
+    src[10] = 0xff;
+    src[11] = 0xff;
+    dst[10] = 0xff;
+    dst[11] = 0xff;
+    src[12..16].copy_from_slice(&ip[12..16]);
+    dst[12..16].copy_from_slice(&ip[16..20]);
+    Ok(L3 { src, dst, proto: ip[9], l4_offset: offset + header_len, total_len })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, offset: usize) -> Result<L3, Reason> {
+    let ip: [u8; 40] = load(ctx, offset)?;
+    if ip[0] >> 4 != 6 {
+        return Err(Reason::Malformed);
+    }
+    let payload_len = be16(&ip, 4) as usize;
+    let mut next = ip[6];
+    let mut l4_offset = offset + 40;
+    let mut walked = 0;
+    while walked < MAX_IPV6_EXT_HEADERS {
+        let len = match next {
+            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                let h: [u8; 2] = load(ctx, l4_offset)?;
+                next = h[0];
+                (h[1] as usize + 1) * 8
+            }
+            NEXTHDR_AUTH => {
+                let h: [u8; 2] = load(ctx, l4_offset)?;
+                next = h[0];
+                (h[1] as usize + 2) * 4
+            }
+            NEXTHDR_FRAGMENT => {
+                let h: [u8; 8] = load(ctx, l4_offset)?;
+                if be16(&h, 2) >> 3 != 0 {
+                    return Err(Reason::Fragment);
+                }
+                next = h[0];
+                8
+            }
+            _ => break,
+        };
+        l4_offset += len;
+        walked += 1;
+    }
+    if walked == MAX_IPV6_EXT_HEADERS && is_ipv6_ext_header(next) {
+        return Err(Reason::HeaderLimit);
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
+    dst.copy_from_slice(&ip[24..40]);
+    // payload_len 0 means a jumbogram or a BIG TCP super-packet: the header does not say.
+    let total_len = if payload_len == 0 { 0 } else { 40 + payload_len };
+    Ok(L3 { src, dst, proto: next, l4_offset, total_len })
+}
+
+#[inline(always)]
+fn is_ipv6_ext_header(next: u8) -> bool {
+    matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT)
+}

@@ -1,0 +1,67 @@
+//! Typed access to portwatch's maps, whether owned by a fresh `Ebpf` or reopened from pins.
+
+use std::{
+    borrow::{Borrow, BorrowMut},
+    collections::BTreeMap,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use ctl_common::{CounterKey, Counters, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS};
+
+/// `BPF_NOEXIST` from `linux/bpf.h`: create only.
+const BPF_NOEXIST: u64 = 1;
+
+/// Inserts the overflow keys (one per direction) with zero counts, unless present. The kernel
+/// program relies on them to account for traffic that finds the counter map full, so they must
+/// exist before the program runs and after every drain.
+pub fn ensure_overflow_keys<T: BorrowMut<MapData>>(
+    counters: &mut PerCpuHashMap<T, CounterKey, Counters>,
+) -> Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
+        match counters.insert(CounterKey::overflow(direction), zero, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e).context("inserting the overflow key into a counter map"),
+        }
+    }
+    Ok(())
+}
+
+/// All counters of one generation, summed over CPUs.
+pub fn read_counters<T: Borrow<MapData>>(
+    counters: &PerCpuHashMap<T, CounterKey, Counters>,
+) -> Result<BTreeMap<CounterKey, Counters>> {
+    let mut out = BTreeMap::new();
+    for entry in counters.iter() {
+        let (key, values) = entry.context("reading a counter map")?;
+        out.insert(key, sum(&values));
+    }
+    Ok(out)
+}
+
+/// The sum of per-CPU values.
+pub fn sum<V: Copy + Default + std::ops::AddAssign>(values: &[V]) -> V {
+    values.iter().fold(V::default(), |mut acc, v| {
+        acc += *v;
+        acc
+    })
+}
+
+/// The global statistics, summed over CPUs.
+pub fn read_stats<T: Borrow<MapData>>(stats: &PerCpuArray<T, Stats>) -> Result<Stats> {
+    Ok(sum(&stats.get(&0, 0).context("reading the stats map")?))
+}
+
+/// Sets the protocol flags (`PROTO_TCP | PROTO_UDP`, or 0) of one port; the next packet sees it.
+pub fn set_port<T: BorrowMut<MapData>>(
+    ports: &mut Array<T, u8>,
+    port: u16,
+    flags: u8,
+) -> Result<()> {
+    ports
+        .set(port as u32, flags, 0)
+        .with_context(|| format!("writing port {port} to the port map"))
+}

@@ -1,0 +1,19 @@
+//! The kernel program, built by `build.rs` from `ctl-ebpf` and embedded in the binary.
+
+use aya::{Ebpf, EbpfLoader};
+use ctl_common::{map_names, RESERVED_ENTRIES};
+
+/// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
+/// `ctl_common::map_names`).
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
+
+/// Loads the object with room for `max_entries` remote-IP keys in each counter generation (the
+/// reserved overflow keys come on top). Programs are not yet loaded into the kernel.
+pub fn load(max_entries: u32) -> Result<Ebpf, aya::EbpfError> {
+    let size = max_entries.saturating_add(RESERVED_ENTRIES);
+    EbpfLoader::new()
+        .map_max_entries(map_names::COUNTERS_0, size)
+        .map_max_entries(map_names::COUNTERS_1, size)
+        .load(OBJECT)
+}

@@ -1,0 +1,184 @@
+//! Shared helpers for portwatch's kernel tests: a loaded program to feed crafted packets to
+//! (`Harness`), crafted packets (`packet`), and throwaway network namespaces joined by a veth pair
+//! with real sockets on both ends (`netns`).
+
+pub mod netns;
+pub mod packet;
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{Array, PerCpuArray, PerCpuHashMap},
+    programs::{SchedClassifier, TestRun, TestRunOptions},
+    Ebpf,
+};
+use ctl_common::{map_names, program_names, CounterKey, Counters, Stats, DIRECTION_INGRESS};
+
+/// Kernel tests need root and a BPF-capable kernel. Outside CI a machine without them skips the
+/// test with a message; under `CI=true` it fails, so nothing skips silently.
+pub fn kernel_available(test: &str) -> bool {
+    let reason = if !nix::unistd::geteuid().is_root() {
+        Some("not running as root")
+    } else if !std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        Some("the kernel has no BTF (/sys/kernel/btf/vmlinux)")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{test}: kernel test cannot run under CI=true: {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why} (set CI=true to make this a failure)");
+            false
+        }
+    }
+}
+
+/// The embedded object, loaded into the kernel but attached nowhere, for `BPF_PROG_TEST_RUN`.
+pub struct Harness {
+    pub ebpf: Ebpf,
+}
+
+/// `sizeof(struct __sk_buff)` and the offsets of the fields a test run may set.
+const SKB_CTX_SIZE: usize = 192;
+const SKB_GSO_SEGS: usize = 164;
+const SKB_GSO_SIZE: usize = 176;
+
+/// What one test run returned: the program's return code and the packet as it left the program.
+pub struct Run {
+    pub return_code: i32,
+    pub data_out: Vec<u8>,
+    pub duration: std::time::Duration,
+}
+
+impl Harness {
+    pub fn new(max_entries: u32) -> Result<Self> {
+        let mut ebpf =
+            portwatch::object::load(max_entries).context("loading the embedded object")?;
+        for name in [program_names::INGRESS, program_names::EGRESS] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .context("program missing")?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading {name} into the kernel"))?;
+        }
+        let mut h = Harness { ebpf };
+        for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
+            let mut map = h.counters_map(name)?;
+            portwatch::maps::ensure_overflow_keys(&mut map)?;
+        }
+        Ok(h)
+    }
+
+    fn counters_map(
+        &mut self,
+        name: &str,
+    ) -> Result<PerCpuHashMap<&mut aya::maps::MapData, CounterKey, Counters>> {
+        Ok(PerCpuHashMap::try_from(
+            self.ebpf.map_mut(name).context("map missing")?,
+        )?)
+    }
+
+    /// Watches `port` for the protocols in `flags` (`PROTO_TCP | PROTO_UDP`; 0 unwatches).
+    pub fn watch(&mut self, port: u16, flags: u8) -> Result<()> {
+        let mut ports: Array<_, u8> =
+            Array::try_from(self.ebpf.map_mut(map_names::WATCHED_PORTS).unwrap())?;
+        portwatch::maps::set_port(&mut ports, port, flags)
+    }
+
+    /// Runs the program of `direction` once on `frame`, with `gso_segs`/`gso_size` in the skb.
+    pub fn run_gso(
+        &mut self,
+        direction: u8,
+        frame: &[u8],
+        gso_segs: u32,
+        gso_size: u32,
+        repeat: u32,
+    ) -> Result<Run> {
+        let name = if direction == DIRECTION_INGRESS {
+            program_names::INGRESS
+        } else {
+            program_names::EGRESS
+        };
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into()?;
+        let mut ctx = [0u8; SKB_CTX_SIZE];
+        ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&gso_segs.to_ne_bytes());
+        ctx[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Run {
+            return_code: result.return_value as i32,
+            data_out: out,
+            duration: result.duration,
+        })
+    }
+
+    pub fn run(&mut self, direction: u8, frame: &[u8]) -> Result<Run> {
+        self.run_gso(direction, frame, 0, 0, 1)
+    }
+
+    /// Counters of generation `generation` (0 or 1), summed over CPUs, overflow keys included.
+    pub fn counters(&mut self, generation: u32) -> Result<BTreeMap<CounterKey, Counters>> {
+        let name = if generation == 0 {
+            map_names::COUNTERS_0
+        } else {
+            map_names::COUNTERS_1
+        };
+        portwatch::maps::read_counters(&self.counters_map(name)?)
+    }
+
+    pub fn stats(&mut self) -> Result<Stats> {
+        let map: PerCpuArray<_, Stats> =
+            PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
+        portwatch::maps::read_stats(&map)
+    }
+
+    /// Switches the generation the program writes to.
+    pub fn set_generation(&mut self, generation: u32) -> Result<()> {
+        let mut config: Array<_, ctl_common::Config> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
+        config.set(
+            0,
+            ctl_common::Config {
+                generation,
+                _reserved: 0,
+            },
+            0,
+        )?;
+        Ok(())
+    }
+}
+
+/// The counter key of an IP address as the program stores it (IPv4 mapped into IPv6).
+pub fn key(ip: &str, port: u16, proto: u8, direction: u8) -> CounterKey {
+    let ip: std::net::IpAddr = ip.parse().unwrap();
+    let remote_ip = match ip {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    CounterKey {
+        remote_ip,
+        port,
+        proto,
+        direction,
+    }
+}
+
+/// The counters without the (zero) overflow keys.
+pub fn real_counters(all: &BTreeMap<CounterKey, Counters>) -> BTreeMap<CounterKey, Counters> {
+    all.iter()
+        .filter(|(k, _)| !k.is_overflow())
+        .map(|(k, v)| (*k, *v))
+        .collect()
+}

@@ -1,0 +1,267 @@
+//! Throwaway network namespaces joined by a veth pair, removed on drop (a failing test included).
+//! Addresses come from 198.18.0.0/15 and 2001:db8::/32 and exist only inside these namespaces.
+
+use std::{
+    fs::File,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use nix::sched::{setns, CloneFlags};
+
+/// Runs a command and fails with its stderr if it fails.
+pub fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named network namespace (`ip netns`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+impl Netns {
+    pub fn new(role: &str) -> Result<Self> {
+        let name = format!(
+            "pwt-{role}-{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["ip", "-n", &self.name];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        sh(&all)
+    }
+
+    /// Runs `f` on this thread inside the namespace, then returns the thread to where it was.
+    /// Sockets, netlink and interface names used inside `f` are the namespace's.
+    pub fn enter<R>(&self, f: impl FnOnce() -> R) -> Result<R> {
+        let original =
+            File::open("/proc/thread-self/ns/net").context("opening the current netns")?;
+        let target =
+            File::open(format!("/run/netns/{}", self.name)).context("opening the test netns")?;
+        setns(target.as_fd(), CloneFlags::CLONE_NEWNET).context("setns into the test netns")?;
+        let result = f();
+        setns(original.as_fd(), CloneFlags::CLONE_NEWNET).context("setns back")?;
+        Ok(result)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces, `server` and `client`, joined by a veth pair (`server_if` in the server,
+/// `client_if` in the client), with IPv4 and IPv6 addresses on both ends.
+pub struct Bed {
+    pub server: Netns,
+    pub client: Netns,
+    pub server_if: String,
+    pub client_if: String,
+}
+
+pub const SERVER_V4: &str = "198.18.0.1";
+pub const SERVER_V6: &str = "2001:db8::1";
+/// Client addresses: the first of each family is the primary, the rest are extra sources.
+pub const CLIENT_V4: [&str; 3] = ["198.18.0.2", "198.18.0.3", "198.18.0.4"];
+pub const CLIENT_V6: [&str; 3] = ["2001:db8::2", "2001:db8::3", "2001:db8::4"];
+
+impl Bed {
+    /// With `offloads` false, TSO/GSO/GRO are off on both ends, so every skb is one wire packet
+    /// and an nftables counter sees exactly the packets the program sees.
+    pub fn new(offloads: bool) -> Result<Self> {
+        let server = Netns::new("srv")?;
+        let client = Netns::new("cli")?;
+        let server_if = "pw0".to_string();
+        let client_if = "pw1".to_string();
+        server.ip(&[
+            "link",
+            "add",
+            &server_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &client_if,
+            "netns",
+            &client.name,
+        ])?;
+        server.ip(&["addr", "add", &format!("{SERVER_V4}/24"), "dev", &server_if])?;
+        server.ip(&[
+            "addr",
+            "add",
+            &format!("{SERVER_V6}/64"),
+            "dev",
+            &server_if,
+            "nodad",
+        ])?;
+        for a in CLIENT_V4 {
+            client.ip(&["addr", "add", &format!("{a}/24"), "dev", &client_if])?;
+        }
+        for a in CLIENT_V6 {
+            client.ip(&[
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                &client_if,
+                "nodad",
+            ])?;
+        }
+        server.ip(&["link", "set", &server_if, "up"])?;
+        client.ip(&["link", "set", &client_if, "up"])?;
+        if !offloads {
+            server.exec(&[
+                "ethtool", "-K", &server_if, "tso", "off", "gso", "off", "gro", "off",
+            ])?;
+            client.exec(&[
+                "ethtool", "-K", &client_if, "tso", "off", "gso", "off", "gro", "off",
+            ])?;
+        }
+        let bed = Bed {
+            server,
+            client,
+            server_if,
+            client_if,
+        };
+        // Resolve neighbours now so the counted traffic is not delayed by them.
+        bed.client.exec(&["ping", "-c1", "-W2", SERVER_V4])?;
+        bed.client.exec(&["ping", "-6", "-c1", "-W2", SERVER_V6])?;
+        Ok(bed)
+    }
+
+    /// Sends `count` UDP datagrams of `size` payload bytes from `src` (a client address) to
+    /// `dst:port` (a server address). Returns the L3 bytes sent.
+    pub fn send_udp(
+        &self,
+        src: &str,
+        dst: &str,
+        port: u16,
+        count: usize,
+        size: usize,
+    ) -> Result<u64> {
+        let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
+        let dst: SocketAddr = SocketAddr::new(dst.parse()?, port);
+        self.client.enter(|| -> Result<()> {
+            let sock = UdpSocket::bind(src)?;
+            let buf = vec![0x5a; size];
+            for _ in 0..count {
+                // ENOBUFS under a burst is possible on a small qdisc: retry a bounded number of times.
+                let mut tries = 0;
+                while let Err(e) = sock.send_to(&buf, dst) {
+                    tries += 1;
+                    if tries > 100 {
+                        return Err(e.into());
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            Ok(())
+        })??;
+        let ip_header = if dst.is_ipv4() { 20 } else { 40 };
+        Ok((count * (ip_header + 8 + size)) as u64)
+    }
+
+    /// Opens a TCP listener on the server side, connects from `src`, sends `bytes` bytes, waits for
+    /// the server to read them all and closes both ends.
+    pub fn tcp_transfer(&self, src: &str, dst: &str, port: u16, bytes: usize) -> Result<()> {
+        let listen: SocketAddr = SocketAddr::new(dst.parse()?, port);
+        let listener = self.server.enter(|| TcpListener::bind(listen))??;
+        let server = std::thread::spawn(move || -> Result<usize> {
+            let (mut conn, _) = listener.accept()?;
+            let mut total = 0;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            conn.write_all(b"done")?;
+            Ok(total)
+        });
+        let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
+        self.client.enter(|| -> Result<()> {
+            let mut conn = nix_tcp_socket(src, listen)?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let chunk = vec![0x42u8; 16384];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                conn.write_all(&chunk[..n])?;
+                left -= n;
+            }
+            conn.shutdown(std::net::Shutdown::Write)?;
+            let mut reply = Vec::new();
+            conn.read_to_end(&mut reply)?;
+            if reply != b"done" {
+                bail!("server did not confirm");
+            }
+            Ok(())
+        })??;
+        let received = server.join().expect("server thread panicked")?;
+        if received != bytes {
+            bail!("server read {received} bytes, {bytes} were sent");
+        }
+        // Let the last FIN/ACK exchange finish before anyone reads counters.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    }
+}
+
+/// A TCP connection from a chosen local address (std's TcpStream cannot bind before connecting).
+fn nix_tcp_socket(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
+    use nix::sys::socket::{
+        bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    let family = if src.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(src),
+    )?;
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(dst),
+    )?;
+    Ok(TcpStream::from(fd))
+}

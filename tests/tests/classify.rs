@@ -1,0 +1,660 @@
+//! The kernel program against crafted packets, through `BPF_PROG_TEST_RUN`: every case asserts the
+//! return code (`TC_ACT_UNSPEC`), that the packet left unchanged, the exact counter it landed in
+//! (or that it landed in none) and the exact statistics.
+
+use ctl_common::{
+    Counters, Stats, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP,
+    IPPROTO_UDP as UDP, PROTO_ALL, PROTO_TCP, PROTO_UDP,
+};
+use portwatch_tests::{
+    kernel_available, key,
+    packet::{Packet, ETH_P_8021AD, ETH_P_8021Q},
+    real_counters, Harness,
+};
+
+const TC_ACT_UNSPEC: i32 = -1;
+
+/// Where a packet must land.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// In the counter of (remote IP, port, proto, direction) with these bytes and packets.
+    Counted {
+        ip: &'static str,
+        port: u16,
+        proto: u8,
+        bytes: u64,
+        packets: u64,
+    },
+    /// In no counter; this one statistic goes up by one.
+    NotCounted(fn(&mut Stats) -> &mut u64),
+}
+use Expect::*;
+
+fn unwatched(s: &mut Stats) -> &mut u64 {
+    &mut s.unwatched_packets
+}
+fn non_ip(s: &mut Stats) -> &mut u64 {
+    &mut s.non_ip_packets
+}
+fn unknown_l4(s: &mut Stats) -> &mut u64 {
+    &mut s.unknown_l4_packets
+}
+fn fragment(s: &mut Stats) -> &mut u64 {
+    &mut s.fragment_packets
+}
+fn truncated(s: &mut Stats) -> &mut u64 {
+    &mut s.truncated_packets
+}
+fn malformed(s: &mut Stats) -> &mut u64 {
+    &mut s.malformed_packets
+}
+fn header_limit(s: &mut Stats) -> &mut u64 {
+    &mut s.ext_header_limit_packets
+}
+
+const C4: &str = "198.18.7.7"; // remote (client) IPv4
+const S4: &str = "198.18.0.1"; // local (server) IPv4
+const C6: &str = "2001:db8:7::7";
+const S6: &str = "2001:db8::1";
+
+/// Counted on ingress: bytes are the packet's L3 length, one packet.
+fn counted_in(p: &Packet, ip: &'static str, port: u16, proto: u8) -> Expect {
+    Counted {
+        ip,
+        port,
+        proto,
+        bytes: p.l3_len() as u64,
+        packets: 1,
+    }
+}
+
+struct Case {
+    name: &'static str,
+    direction: u8,
+    packet: Packet,
+    gso: (u32, u32),
+    expect: Expect,
+}
+
+fn case(
+    name: &'static str,
+    direction: u8,
+    packet: Packet,
+    expect: impl FnOnce(&Packet) -> Expect,
+) -> Case {
+    let expect = expect(&packet);
+    Case {
+        name,
+        direction,
+        packet,
+        gso: (0, 0),
+        expect,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let tcp4 = || Packet::tcp4(C4, 40000, S4, 443);
+    let udp4 = || Packet::udp4(C4, 40000, S4, 53);
+    let tcp6 = || Packet::tcp6(C6, 40000, S6, 443);
+    let udp6 = || Packet::udp6(C6, 40000, S6, 53);
+    let mut v = vec![
+        // Plain IPv4 and IPv6, TCP and UDP, both directions.
+        case("ipv4 tcp ingress", IN, tcp4(), |p| {
+            counted_in(p, C4, 443, TCP)
+        }),
+        case("ipv4 udp ingress", IN, udp4(), |p| {
+            counted_in(p, C4, 53, UDP)
+        }),
+        case("ipv6 tcp ingress", IN, tcp6(), |p| {
+            counted_in(p, C6, 443, TCP)
+        }),
+        case("ipv6 udp ingress", IN, udp6(), |p| {
+            counted_in(p, C6, 53, UDP)
+        }),
+        case("ipv4 tcp empty payload", IN, tcp4().payload(0), |p| {
+            counted_in(p, C4, 443, TCP)
+        }),
+        case(
+            "ipv4 tcp egress reply",
+            EG,
+            Packet::tcp4(S4, 443, C4, 40000).payload(1400),
+            |p| Counted {
+                ip: C4,
+                port: 443,
+                proto: TCP,
+                bytes: p.l3_len() as u64,
+                packets: 1,
+            },
+        ),
+        case(
+            "ipv6 udp egress reply",
+            EG,
+            Packet::udp6(S6, 53, C6, 40000).payload(512),
+            |p| Counted {
+                ip: C6,
+                port: 53,
+                proto: UDP,
+                bytes: p.l3_len() as u64,
+                packets: 1,
+            },
+        ),
+        // Egress looks at the source port: a packet *to* a watched port is not a reply.
+        case(
+            "egress to a watched port is not counted",
+            EG,
+            Packet::tcp4(S4, 40000, C4, 443),
+            |_| NotCounted(unwatched),
+        ),
+        // Ethernet padding after a short frame is not L3 bytes.
+        case(
+            "ipv4 udp with ethernet padding",
+            IN,
+            udp4().payload(2).trailer(16),
+            |p| counted_in(p, C4, 53, UDP),
+        ),
+        // VLAN tags in the packet.
+        case("802.1Q ipv4 tcp", IN, tcp4().vlan(ETH_P_8021Q), |p| {
+            counted_in(p, C4, 443, TCP)
+        }),
+        case(
+            "802.1ad+802.1Q ipv6 udp",
+            IN,
+            udp6().vlan(ETH_P_8021AD).vlan(ETH_P_8021Q),
+            |p| counted_in(p, C6, 53, UDP),
+        ),
+        case(
+            "three VLAN tags",
+            IN,
+            tcp4()
+                .vlan(ETH_P_8021AD)
+                .vlan(ETH_P_8021Q)
+                .vlan(ETH_P_8021Q),
+            |_| NotCounted(header_limit),
+        ),
+        // IPv4 options: L4 found after IHL*4 bytes.
+        case(
+            "ipv4 with 8 bytes of options",
+            IN,
+            tcp4().ipv4_options(8),
+            |p| counted_in(p, C4, 443, TCP),
+        ),
+        case(
+            "ipv4 with 40 bytes of options",
+            IN,
+            udp4().ipv4_options(40),
+            |p| counted_in(p, C4, 53, UDP),
+        ),
+        // IPv6 extension headers.
+        case("ipv6 hop-by-hop", IN, tcp6().ext(0, 1), |p| {
+            counted_in(p, C6, 443, TCP)
+        }),
+        case(
+            "ipv6 hop-by-hop, routing, destination options",
+            IN,
+            udp6().ext(0, 1).ext(43, 3).ext(60, 2),
+            |p| counted_in(p, C6, 53, UDP),
+        ),
+        case("ipv6 authentication header", IN, tcp6().ext(51, 3), |p| {
+            counted_in(p, C6, 443, TCP)
+        }),
+        case(
+            "ipv6 eight extension headers",
+            IN,
+            tcp6()
+                .ext(0, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1),
+            |p| counted_in(p, C6, 443, TCP),
+        ),
+        case(
+            "ipv6 nine extension headers",
+            IN,
+            tcp6()
+                .ext(0, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(60, 1),
+            |_| NotCounted(header_limit),
+        ),
+        // Fragments: the first carries the L4 header and is counted (its own L3 bytes); the others
+        // carry no port.
+        case(
+            "ipv4 first fragment",
+            IN,
+            tcp4().payload(1000).ipv4_fragment(0, true),
+            |p| counted_in(p, C4, 443, TCP),
+        ),
+        case(
+            "ipv4 non-first fragment",
+            IN,
+            tcp4().ipv4_fragment(185, true),
+            |_| NotCounted(fragment),
+        ),
+        case(
+            "ipv4 last fragment",
+            IN,
+            udp4().ipv4_fragment(185, false),
+            |_| NotCounted(fragment),
+        ),
+        case(
+            "ipv6 first fragment",
+            IN,
+            udp6().payload(1000).ipv6_fragment(0, true),
+            |p| counted_in(p, C6, 53, UDP),
+        ),
+        case(
+            "ipv6 non-first fragment",
+            IN,
+            udp6().ipv6_fragment(150, false),
+            |_| NotCounted(fragment),
+        ),
+        case(
+            "ipv6 fragment after hop-by-hop",
+            IN,
+            tcp6().ext(0, 1).ipv6_fragment(7, true),
+            |_| NotCounted(fragment),
+        ),
+        // Truncated at every layer.
+        case(
+            "truncated VLAN tag",
+            IN,
+            tcp4().vlan(ETH_P_8021Q).truncate(15),
+            |_| NotCounted(truncated),
+        ),
+        // BPF_PROG_TEST_RUN refuses an untagged frame whose IP header is short (it checks the header
+        // of skb->protocol), so the short IP headers ride behind a VLAN tag.
+        case(
+            "truncated ipv4 header",
+            IN,
+            tcp4().vlan(ETH_P_8021Q).truncate(18 + 19),
+            |_| NotCounted(truncated),
+        ),
+        case(
+            "truncated ipv4 options",
+            IN,
+            tcp4().ipv4_options(12).truncate(14 + 24),
+            |_| NotCounted(truncated),
+        ),
+        case(
+            "truncated ipv6 header",
+            IN,
+            tcp6().vlan(ETH_P_8021Q).truncate(18 + 39),
+            |_| NotCounted(truncated),
+        ),
+        case(
+            "truncated ipv6 extension header",
+            IN,
+            tcp6().ext(0, 1).ext(60, 2).truncate(14 + 40 + 8 + 1),
+            |_| NotCounted(truncated),
+        ),
+        case(
+            "truncated tcp header",
+            IN,
+            tcp4().payload(0).truncate(14 + 20 + 19),
+            |_| NotCounted(truncated),
+        ),
+        case(
+            "truncated udp header",
+            IN,
+            udp6().payload(0).truncate(14 + 40 + 7),
+            |_| NotCounted(truncated),
+        ),
+        case(
+            "ipv4 total length beyond the packet",
+            IN,
+            tcp4().payload(100).truncate(14 + 20 + 20 + 50),
+            |_| NotCounted(truncated),
+        ),
+        // Malformed.
+        case("ipv4 IHL 4", IN, tcp4().ipv4_ihl(4), |_| {
+            NotCounted(malformed)
+        }),
+        case("ipv4 IHL 0", IN, udp4().ipv4_ihl(0), |_| {
+            NotCounted(malformed)
+        }),
+        case("tcp data offset 4", IN, tcp4().tcp_doff(4), |_| {
+            NotCounted(malformed)
+        }),
+        // Not watched.
+        case(
+            "port not watched",
+            IN,
+            Packet::tcp4(C4, 40000, S4, 80),
+            |_| NotCounted(unwatched),
+        ),
+        case(
+            "udp to a tcp-only port",
+            IN,
+            Packet::udp4(C4, 40000, S4, 8080),
+            |_| NotCounted(unwatched),
+        ),
+        case(
+            "tcp to a udp-only port",
+            IN,
+            Packet::tcp6(C6, 40000, S6, 53),
+            |_| NotCounted(unwatched),
+        ),
+        case(
+            "tcp to a tcp-only port",
+            IN,
+            Packet::tcp4(C4, 40000, S4, 8080),
+            |p| counted_in(p, C4, 8080, TCP),
+        ),
+        // Unknown protocols.
+        case("ipv4 icmp", IN, tcp4().proto(1), |_| NotCounted(unknown_l4)),
+        case("ipv6 esp", IN, tcp6().proto(50), |_| NotCounted(unknown_l4)),
+        case("ipv6 no next header", IN, tcp6().proto(59), |_| {
+            NotCounted(unknown_l4)
+        }),
+    ];
+
+    // GSO super-packets: max(gso_segs, 1) packets; each segment repeats the L3 and L4 headers.
+    for (name, p, segs) in [
+        ("gso ipv4 tcp, 3 segments", tcp4().payload(3000), 3u32),
+        // BPF_PROG_TEST_RUN takes at most a page of data, so super-packets stay small here.
+        (
+            "gso ipv6 tcp with extension header, 3 segments",
+            tcp6().ext(60, 1).payload(3 * 1000),
+            3,
+        ),
+        (
+            "gso ipv4 udp (UDP_SEGMENT), 3 segments",
+            udp4().payload(3 * 1000),
+            3,
+        ),
+    ] {
+        let expect_ip = match p.ip {
+            portwatch_tests::packet::Ip::V4 { .. } => C4,
+            portwatch_tests::packet::Ip::V6 { .. } => C6,
+        };
+        let proto = p.proto;
+        let port = p.dst_port;
+        let bytes = (p.l3_len() + (segs as usize - 1) * p.headers_len()) as u64;
+        v.push(Case {
+            name,
+            direction: IN,
+            packet: p,
+            gso: (segs, 1000),
+            expect: Counted {
+                ip: expect_ip,
+                port,
+                proto,
+                bytes,
+                packets: segs as u64,
+            },
+        });
+    }
+    v.push(Case {
+        name: "gso_segs 1 is one packet",
+        direction: IN,
+        gso: (1, 1400),
+        expect: counted_in(&tcp4(), C4, 443, TCP),
+        packet: tcp4(),
+    });
+    v
+}
+
+fn watch_defaults(h: &mut Harness) {
+    h.watch(443, PROTO_ALL).unwrap();
+    h.watch(53, PROTO_UDP).unwrap();
+    h.watch(8080, PROTO_TCP).unwrap();
+}
+
+#[test]
+fn every_packet_lands_in_exactly_one_place() {
+    if !kernel_available("every_packet_lands_in_exactly_one_place") {
+        return;
+    }
+    let mut failures = vec![];
+    for case in cases() {
+        // A fresh program per case: every counter and statistic starts at zero.
+        let mut h = Harness::new(1024).unwrap();
+        watch_defaults(&mut h);
+        let frame = case.packet.build();
+        let run = h
+            .run_gso(case.direction, &frame, case.gso.0, case.gso.1, 1)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+        let counters = real_counters(&h.counters(0).unwrap());
+        let stats = h.stats().unwrap();
+
+        let mut expected_stats = Stats::default();
+        let expected_counters = match case.expect {
+            Counted {
+                ip,
+                port,
+                proto,
+                bytes,
+                packets,
+            } => {
+                expected_stats.matched_packets = packets;
+                expected_stats.matched_bytes = bytes;
+                vec![(
+                    key(ip, port, proto, case.direction),
+                    Counters { bytes, packets },
+                )]
+            }
+            NotCounted(field) => {
+                *field(&mut expected_stats) = 1;
+                vec![]
+            }
+        };
+        let got: Vec<_> = counters.into_iter().collect();
+        if run.return_code != TC_ACT_UNSPEC {
+            failures.push(format!(
+                "{}: return code {} (want TC_ACT_UNSPEC)",
+                case.name, run.return_code
+            ));
+        }
+        if run.data_out != frame {
+            failures.push(format!("{}: the program changed the packet", case.name));
+        }
+        if got != expected_counters {
+            failures.push(format!(
+                "{}: counters {got:?}, want {expected_counters:?}",
+                case.name
+            ));
+        }
+        if stats != expected_stats {
+            failures.push(format!(
+                "{}: stats {stats:?}, want {expected_stats:?}",
+                case.name
+            ));
+        }
+        // Nothing lands in the other generation.
+        assert!(
+            real_counters(&h.counters(1).unwrap()).is_empty(),
+            "{}: wrote generation 1",
+            case.name
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn repeated_packets_add_up_per_key() {
+    if !kernel_available("repeated_packets_add_up_per_key") {
+        return;
+    }
+    let mut h = Harness::new(1024).unwrap();
+    watch_defaults(&mut h);
+    let a = Packet::tcp4("198.18.1.1", 1000, S4, 443).payload(700);
+    let b = Packet::tcp4("198.18.1.2", 1000, S4, 443).payload(33);
+    let c = Packet::udp4("198.18.1.1", 1000, S4, 443).payload(1);
+    for _ in 0..5 {
+        h.run(IN, &a.build()).unwrap();
+    }
+    h.run_gso(IN, &b.build(), 0, 0, 7).unwrap(); // repeat=7 in the kernel
+    h.run(IN, &c.build()).unwrap();
+    let got = real_counters(&h.counters(0).unwrap());
+    let want: std::collections::BTreeMap<_, _> = [
+        (
+            key("198.18.1.1", 443, TCP, IN),
+            Counters {
+                bytes: 5 * a.l3_len() as u64,
+                packets: 5,
+            },
+        ),
+        (
+            key("198.18.1.2", 443, TCP, IN),
+            Counters {
+                bytes: 7 * b.l3_len() as u64,
+                packets: 7,
+            },
+        ),
+        (
+            key("198.18.1.1", 443, UDP, IN),
+            Counters {
+                bytes: c.l3_len() as u64,
+                packets: 1,
+            },
+        ),
+    ]
+    .into();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn port_changes_apply_to_the_next_packet() {
+    if !kernel_available("port_changes_apply_to_the_next_packet") {
+        return;
+    }
+    let mut h = Harness::new(1024).unwrap();
+    let p = Packet::udp4(C4, 1000, S4, 9999);
+    h.run(IN, &p.build()).unwrap();
+    h.watch(9999, PROTO_UDP).unwrap();
+    h.run(IN, &p.build()).unwrap();
+    h.watch(9999, 0).unwrap();
+    h.run(IN, &p.build()).unwrap();
+    let got = real_counters(&h.counters(0).unwrap());
+    assert_eq!(
+        got.get(&key(C4, 9999, UDP, IN)),
+        Some(&Counters {
+            bytes: p.l3_len() as u64,
+            packets: 1
+        })
+    );
+    assert_eq!(h.stats().unwrap().unwatched_packets, 2);
+}
+
+#[test]
+fn the_generation_bit_selects_the_counter_map() {
+    if !kernel_available("the_generation_bit_selects_the_counter_map") {
+        return;
+    }
+    let mut h = Harness::new(1024).unwrap();
+    watch_defaults(&mut h);
+    let p = Packet::tcp4(C4, 1000, S4, 443);
+    h.set_generation(1).unwrap();
+    h.run(IN, &p.build()).unwrap();
+    h.set_generation(0).unwrap();
+    h.run(IN, &p.build()).unwrap();
+    h.run(IN, &p.build()).unwrap();
+    let one = Counters {
+        bytes: p.l3_len() as u64,
+        packets: 1,
+    };
+    let two = Counters {
+        bytes: 2 * p.l3_len() as u64,
+        packets: 2,
+    };
+    assert_eq!(
+        real_counters(&h.counters(1).unwrap())
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![(key(C4, 443, TCP, IN), one)]
+    );
+    assert_eq!(
+        real_counters(&h.counters(0).unwrap())
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![(key(C4, 443, TCP, IN), two)]
+    );
+}
+
+/// A full counter map never hides traffic: what finds no room goes to the overflow key of its
+/// direction, and the counters still add up to every matched byte and packet.
+#[test]
+fn a_full_map_sends_new_keys_to_overflow() {
+    if !kernel_available("a_full_map_sends_new_keys_to_overflow") {
+        return;
+    }
+    const MAX: u32 = 8;
+    let mut h = Harness::new(MAX).unwrap();
+    watch_defaults(&mut h);
+    let mut sent = Counters::default();
+    let mut overflow_in = Counters::default();
+    let mut overflow_eg = Counters::default();
+    // 12 sources on ingress, then 3 more on egress: the first 8 keys fit, the rest overflow.
+    for i in 0..15u32 {
+        let (dir, p) = if i < 12 {
+            (
+                IN,
+                Packet::udp4(&format!("198.18.2.{i}"), 5000, S4, 53).payload(10 + i as usize),
+            )
+        } else {
+            (
+                EG,
+                Packet::udp4(S4, 53, &format!("198.18.2.{i}"), 5000).payload(10 + i as usize),
+            )
+        };
+        // Each key twice: once to insert, once to increment (or to overflow twice).
+        for _ in 0..2 {
+            let run = h.run(dir, &p.build()).unwrap();
+            assert_eq!(run.return_code, TC_ACT_UNSPEC);
+        }
+        let c = Counters {
+            bytes: 2 * p.l3_len() as u64,
+            packets: 2,
+        };
+        sent += c;
+        if i >= MAX {
+            if dir == IN {
+                overflow_in += c
+            } else {
+                overflow_eg += c
+            }
+        }
+    }
+    let all = h.counters(0).unwrap();
+    assert_eq!(
+        all.len(),
+        MAX as usize + 2,
+        "the map holds MAX keys plus the two overflow keys"
+    );
+    assert_eq!(all[&ctl_common::CounterKey::overflow(IN)], overflow_in);
+    assert_eq!(all[&ctl_common::CounterKey::overflow(EG)], overflow_eg);
+    let total = portwatch::maps::sum(&all.values().copied().collect::<Vec<_>>());
+    assert_eq!(
+        total, sent,
+        "counters plus overflow equal all matched traffic"
+    );
+    let stats = h.stats().unwrap();
+    assert_eq!(
+        (stats.matched_packets, stats.matched_bytes),
+        (sent.packets, sent.bytes)
+    );
+    let overflowed = Counters {
+        bytes: overflow_in.bytes + overflow_eg.bytes,
+        packets: overflow_in.packets + overflow_eg.packets,
+    };
+    assert_eq!(
+        (stats.map_full_packets, stats.map_full_bytes),
+        (overflowed.packets, overflowed.bytes)
+    );
+    assert_eq!(stats.overflow_missing_packets, 0);
+}
