@@ -56,22 +56,56 @@ pub const RESERVED_ENTRIES: u32 = 2;
 ///
 /// Bytes 0..16 `remote_ip` (IPv4 stored IPv4-mapped, `::ffff:a.b.c.d`), 16..18 `port` in host byte
 /// order, 18 `proto` (6 or 17), 19 `direction` (0 ingress, 1 egress). No padding.
+///
+/// `remote_ip` is declared as four `u32` words so that the kernel program builds it with word
+/// stores (byte arrays cost it a byte loop); the words hold the address bytes in network order, so
+/// the bytes in the map are exactly the 16-byte address. Use `remote_ip_octets`/`with_octets`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct CounterKey {
-    pub remote_ip: [u8; 16],
+    pub remote_ip: [u32; 4],
     pub port: u16,
     pub proto: u8,
     pub direction: u8,
 }
 
+/// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as stored in `remote_ip[2]`.
+pub const IPV4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 impl CounterKey {
+    pub fn with_octets(octets: [u8; 16], port: u16, proto: u8, direction: u8) -> Self {
+        let mut remote_ip = [0u32; 4];
+        for (i, w) in remote_ip.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([
+                octets[4 * i],
+                octets[4 * i + 1],
+                octets[4 * i + 2],
+                octets[4 * i + 3],
+            ]);
+        }
+        CounterKey {
+            remote_ip,
+            port,
+            proto,
+            direction,
+        }
+    }
+
+    /// The remote address as 16 bytes in network order (IPv4 as `::ffff:a.b.c.d`).
+    pub fn remote_ip_octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (i, w) in self.remote_ip.iter().enumerate() {
+            out[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        out
+    }
+
     /// The reserved key that collects traffic the counter map had no room for: the unspecified
     /// address `::`, port 0 and protocol 0, which no real packet can produce (port 0 cannot be
     /// watched). One per direction.
     pub const fn overflow(direction: u8) -> Self {
         CounterKey {
-            remote_ip: [0; 16],
+            remote_ip: [0; 4],
             port: 0,
             proto: 0,
             direction,
@@ -164,7 +198,7 @@ mod pod {
 // Layouts are a contract with pinned state and with other tools: fail the build if one moves.
 const _: () = {
     assert!(core::mem::size_of::<CounterKey>() == 20);
-    assert!(core::mem::align_of::<CounterKey>() == 2);
+    assert!(core::mem::align_of::<CounterKey>() == 4);
     assert!(core::mem::size_of::<Counters>() == 16);
     assert!(core::mem::size_of::<Config>() == 8);
     assert!(core::mem::size_of::<Stats>() == 12 * 8);

@@ -18,8 +18,9 @@ pub enum Reason {
 
 /// A TCP or UDP packet, reduced to what accounting needs.
 pub struct Flow {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// Addresses as `CounterKey::remote_ip` holds them (network-order bytes in four words).
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
     pub src_port: u16,
     pub dst_port: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
@@ -46,22 +47,42 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
-use ctl_common::{IPPROTO_TCP, IPPROTO_UDP};
+use ctl_common::{IPPROTO_TCP, IPPROTO_UDP, IPV4_MAPPED_WORD};
 
+/// Reads a `T` at `offset` from the start of the frame. Headers in the linear part of the skb (the
+/// usual case) are read directly; one that is not is copied with `bpf_skb_load_bytes`, which also
+/// reads paged data, so a header split across fragments is read, not misclassified.
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
+fn load<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, Reason> {
+    // Every offset the parser computes is below this bound (VLAN tags, IPv4 options or eight
+    // IPv6 extension headers of at most 2 KiB each); it also keeps the verifier's range finite.
+    if offset > MAX_HEADER_OFFSET {
+        return Err(Reason::HeaderLimit);
+    }
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() <= end {
+        // SAFETY: inside [data, data_end), checked above. Headers are read with the alignment the
+        // stack gives them; the kernel allows unaligned packet reads on the architectures it JITs
+        // for, and the verifier rejects the program otherwise.
+        return Ok(unsafe { ((start + offset) as *const T).read() });
+    }
     ctx.load::<T>(offset).map_err(|_| Reason::Truncated)
 }
 
+const MAX_HEADER_OFFSET: usize = 22 + 60 + MAX_IPV6_EXT_HEADERS * 2048;
+
+/// Headers are loaded as arrays of network-order `u32` words: word loads and shifts are a few
+/// instructions where byte arrays cost the BPF backend byte-by-byte copies.
 #[inline(always)]
-fn be16(b: &[u8], i: usize) -> u16 {
-    u16::from_be_bytes([b[i], b[i + 1]])
+fn word(w: u32) -> u32 {
+    u32::from_be(w)
 }
 
 /// The L3 header: addresses, protocol, where L4 starts and the L3 length the header claims.
 struct L3 {
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: [u32; 4],
+    dst: [u32; 4],
     proto: u8,
     l4_offset: usize,
     /// Total length from the IP header (0 when the header does not say: IPv6 jumbo or BIG TCP).
@@ -78,17 +99,20 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Reason> {
     };
     let (src_port, dst_port, l4_header_len) = match l3.proto {
         IPPROTO_TCP => {
-            // Ports (0..4) and data offset (12); a TCP header is at least 20 bytes.
-            let tcp: [u8; 20] = load(ctx, l3.l4_offset)?;
-            let doff = (tcp[12] >> 4) as usize;
+            // Ports (word 0) and data offset (top nibble of word 3); a TCP header is at least
+            // 20 bytes.
+            let tcp: [u32; 5] = load(ctx, l3.l4_offset)?;
+            let doff = (word(tcp[3]) >> 28) as usize;
             if doff < 5 {
                 return Err(Reason::Malformed);
             }
-            (be16(&tcp, 0), be16(&tcp, 2), doff * 4)
+            let ports = word(tcp[0]);
+            ((ports >> 16) as u16, ports as u16, doff * 4)
         }
         IPPROTO_UDP => {
-            let udp: [u8; 8] = load(ctx, l3.l4_offset)?;
-            (be16(&udp, 0), be16(&udp, 2), 8)
+            let udp: [u32; 2] = load(ctx, l3.l4_offset)?;
+            let ports = word(udp[0]);
+            ((ports >> 16) as u16, ports as u16, 8)
         }
         _ => return Err(Reason::UnknownL4),
     };
@@ -138,10 +162,11 @@ fn parse_ethernet(ctx: &TcContext) -> Result<(u16, usize), Reason> {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<L3, Reason> {
-    let ip: [u8; 20] = load(ctx, offset)?;
-    let version = ip[0] >> 4;
-    let header_len = ((ip[0] & 0x0f) as usize) * 4;
-    let total_len = be16(&ip, 2) as usize;
+    let ip: [u32; 5] = load(ctx, offset)?;
+    let w0 = word(ip[0]);
+    let version = w0 >> 28;
+    let header_len = ((w0 >> 24) & 0x0f) as usize * 4;
+    let total_len = (w0 & 0xffff) as usize;
     if version != 4 || header_len < 20 {
         return Err(Reason::Malformed);
     }
@@ -149,29 +174,25 @@ fn parse_ipv4(ctx: &TcContext, offset: usize) -> Result<L3, Reason> {
     if total_len != 0 && total_len < header_len {
         return Err(Reason::Malformed);
     }
-    if be16(&ip, 6) & 0x1fff != 0 {
+    if word(ip[1]) & 0x1fff != 0 {
         return Err(Reason::Fragment);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
+    let proto = (word(ip[2]) >> 16) as u8;
     // IPv4-mapped IPv6: ::ffff:a.b.c.d
-    src[10] = 0xff;
-    src[11] = 0xff;
-    dst[10] = 0xff;
-    dst[11] = 0xff;
-    src[12..16].copy_from_slice(&ip[12..16]);
-    dst[12..16].copy_from_slice(&ip[16..20]);
-    Ok(L3 { src, dst, proto: ip[9], l4_offset: offset + header_len, total_len })
+    let src = [0, 0, IPV4_MAPPED_WORD, ip[3]];
+    let dst = [0, 0, IPV4_MAPPED_WORD, ip[4]];
+    Ok(L3 { src, dst, proto, l4_offset: offset + header_len, total_len })
 }
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, offset: usize) -> Result<L3, Reason> {
-    let ip: [u8; 40] = load(ctx, offset)?;
-    if ip[0] >> 4 != 6 {
+    let ip: [u32; 10] = load(ctx, offset)?;
+    if word(ip[0]) >> 28 != 6 {
         return Err(Reason::Malformed);
     }
-    let payload_len = be16(&ip, 4) as usize;
-    let mut next = ip[6];
+    let w1 = word(ip[1]);
+    let payload_len = (w1 >> 16) as usize;
+    let mut next = (w1 >> 8) as u8;
     let mut l4_offset = offset + 40;
     let mut walked = 0;
     while walked < MAX_IPV6_EXT_HEADERS {
@@ -187,11 +208,12 @@ fn parse_ipv6(ctx: &TcContext, offset: usize) -> Result<L3, Reason> {
                 (h[1] as usize + 2) * 4
             }
             NEXTHDR_FRAGMENT => {
-                let h: [u8; 8] = load(ctx, l4_offset)?;
-                if be16(&h, 2) >> 3 != 0 {
+                let h: [u32; 2] = load(ctx, l4_offset)?;
+                let w = word(h[0]);
+                if (w & 0xffff) >> 3 != 0 {
                     return Err(Reason::Fragment);
                 }
-                next = h[0];
+                next = (w >> 24) as u8;
                 8
             }
             _ => break,
@@ -202,10 +224,8 @@ fn parse_ipv6(ctx: &TcContext, offset: usize) -> Result<L3, Reason> {
     if walked == MAX_IPV6_EXT_HEADERS && is_ipv6_ext_header(next) {
         return Err(Reason::HeaderLimit);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    dst.copy_from_slice(&ip[24..40]);
+    let src = [ip[2], ip[3], ip[4], ip[5]];
+    let dst = [ip[6], ip[7], ip[8], ip[9]];
     // payload_len 0 means a jumbogram or a BIG TCP super-packet: the header does not say.
     let total_len = if payload_len == 0 { 0 } else { 40 + payload_len };
     Ok(L3 { src, dst, proto: next, l4_offset, total_len })

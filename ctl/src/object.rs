@@ -8,6 +8,10 @@ use ctl_common::{map_names, RESERVED_ENTRIES};
 pub static OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
+/// Path of a do-nothing TC program built beside `OBJECT`, for benchmarks (not embedded).
+#[doc(hidden)]
+pub const NOOP_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/noop.bpf.o");
+
 /// Loads the object with room for `max_entries` remote-IP keys in each counter generation (the
 /// reserved overflow keys come on top). Programs are not yet loaded into the kernel.
 pub fn load(max_entries: u32) -> Result<Ebpf, aya::EbpfError> {

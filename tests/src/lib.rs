@@ -144,6 +144,25 @@ impl Harness {
         portwatch::maps::read_stats(&map)
     }
 
+    /// Attaches both programs to `iface` (in the calling thread's netns) through TCX links that
+    /// live as long as the harness.
+    pub fn attach_tcx(&mut self, iface: &str) -> Result<()> {
+        use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
+        for (name, attach) in [
+            (program_names::INGRESS, TcAttachType::Ingress),
+            (program_names::EGRESS, TcAttachType::Egress),
+        ] {
+            let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into()?;
+            prog.attach_with_options(
+                iface,
+                attach,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("attaching {name} to {iface}"))?;
+        }
+        Ok(())
+    }
+
     /// Switches the generation the program writes to.
     pub fn set_generation(&mut self, generation: u32) -> Result<()> {
         let mut config: Array<_, ctl_common::Config> =
@@ -167,12 +186,7 @@ pub fn key(ip: &str, port: u16, proto: u8, direction: u8) -> CounterKey {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         std::net::IpAddr::V6(v6) => v6.octets(),
     };
-    CounterKey {
-        remote_ip,
-        port,
-        proto,
-        direction,
-    }
+    CounterKey::with_octets(remote_ip, port, proto, direction)
 }
 
 /// The counters without the (zero) overflow keys.

@@ -1,0 +1,178 @@
+//! Real traffic: the program attached (TCX) to a veth in a namespace the test creates, real TCP and
+//! UDP sockets sending from a second namespace, over IPv4 and IPv6. The counters must equal, to the
+//! byte, the L3 bytes and packets that crossed: computed from first principles for UDP, and read
+//! from an nftables counter on the same traffic for TCP (whose segmentation the stack decides).
+
+use std::collections::BTreeMap;
+
+use ctl_common::{
+    Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP,
+    IPPROTO_UDP as UDP, PROTO_ALL, PROTO_UDP,
+};
+use portwatch_tests::{
+    kernel_available, key,
+    netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
+    real_counters, Harness,
+};
+
+const TCP_PORT: u16 = 7001;
+const UDP_PORT: u16 = 7002;
+
+/// nftables counters on the server, one per (family, protocol, direction), on the same traffic.
+const NFT_RULES: &str = "
+table inet pwtest {
+  counter tcp4_in {}
+  counter tcp6_in {}
+  counter tcp4_out {}
+  counter tcp6_out {}
+  counter udp4_in {}
+  counter udp6_in {}
+  chain input {
+    type filter hook input priority 0; policy accept;
+    meta nfproto ipv4 tcp dport 7001 counter name tcp4_in
+    meta nfproto ipv6 tcp dport 7001 counter name tcp6_in
+    meta nfproto ipv4 udp dport 7002 counter name udp4_in
+    meta nfproto ipv6 udp dport 7002 counter name udp6_in
+  }
+  chain output {
+    type filter hook output priority 0; policy accept;
+    meta nfproto ipv4 tcp sport 7001 counter name tcp4_out
+    meta nfproto ipv6 tcp sport 7001 counter name tcp6_out
+  }
+}
+";
+
+fn nft_counters(bed: &Bed) -> BTreeMap<String, Counters> {
+    let json = bed
+        .server
+        .exec(&["nft", "-j", "list", "counters", "table", "inet", "pwtest"])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out = BTreeMap::new();
+    for item in v["nftables"].as_array().unwrap() {
+        if let Some(c) = item.get("counter") {
+            out.insert(
+                c["name"].as_str().unwrap().to_string(),
+                Counters {
+                    bytes: c["bytes"].as_u64().unwrap(),
+                    packets: c["packets"].as_u64().unwrap(),
+                },
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn counters_equal_the_l3_bytes_and_packets_that_crossed() {
+    if !kernel_available("counters_equal_the_l3_bytes_and_packets_that_crossed") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    let mut h = Harness::new(4096).unwrap();
+    h.watch(TCP_PORT, PROTO_ALL).unwrap();
+    h.watch(UDP_PORT, PROTO_UDP).unwrap();
+    bed.server
+        .enter(|| h.attach_tcx(&bed.server_if))
+        .unwrap()
+        .unwrap();
+    let nft = tempfile_with(NFT_RULES);
+    bed.server.exec(&["nft", "-f", &nft]).unwrap();
+
+    // UDP: 300 datagrams of 1000 bytes from one address, 200 of 1200 from another, per family.
+    let udp4_a = bed
+        .send_udp(CLIENT_V4[1], SERVER_V4, UDP_PORT, 300, 1000)
+        .unwrap();
+    let udp4_b = bed
+        .send_udp(CLIENT_V4[2], SERVER_V4, UDP_PORT, 200, 1200)
+        .unwrap();
+    let udp6_a = bed
+        .send_udp(CLIENT_V6[1], SERVER_V6, UDP_PORT, 300, 1000)
+        .unwrap();
+    let udp6_b = bed
+        .send_udp(CLIENT_V6[2], SERVER_V6, UDP_PORT, 200, 1200)
+        .unwrap();
+    // TCP: 2 MB each way of family, from the primary addresses.
+    bed.tcp_transfer(CLIENT_V4[0], SERVER_V4, TCP_PORT, 2_000_000)
+        .unwrap();
+    bed.tcp_transfer(CLIENT_V6[0], SERVER_V6, TCP_PORT, 2_000_000)
+        .unwrap();
+
+    let got = real_counters(&h.counters(0).unwrap());
+    let nft = nft_counters(&bed);
+    let c = |ip: &str, port, proto, dir| {
+        got.get(&key(ip, port, proto, dir))
+            .copied()
+            .unwrap_or_default()
+    };
+
+    // UDP, from first principles: IP header + 8 + payload per datagram.
+    assert_eq!(
+        c(CLIENT_V4[1], UDP_PORT, UDP, IN),
+        Counters {
+            bytes: udp4_a,
+            packets: 300
+        }
+    );
+    assert_eq!(
+        c(CLIENT_V4[2], UDP_PORT, UDP, IN),
+        Counters {
+            bytes: udp4_b,
+            packets: 200
+        }
+    );
+    assert_eq!(
+        c(CLIENT_V6[1], UDP_PORT, UDP, IN),
+        Counters {
+            bytes: udp6_a,
+            packets: 300
+        }
+    );
+    assert_eq!(
+        c(CLIENT_V6[2], UDP_PORT, UDP, IN),
+        Counters {
+            bytes: udp6_b,
+            packets: 200
+        }
+    );
+    // ...and nftables agrees.
+    assert_eq!(
+        nft["udp4_in"],
+        Counters {
+            bytes: udp4_a + udp4_b,
+            packets: 500
+        }
+    );
+    assert_eq!(
+        nft["udp6_in"],
+        Counters {
+            bytes: udp6_a + udp6_b,
+            packets: 500
+        }
+    );
+
+    // TCP, both directions, against nftables.
+    assert!(
+        nft["tcp4_in"].bytes > 2_000_000,
+        "the transfer crossed the veth"
+    );
+    assert_eq!(c(CLIENT_V4[0], TCP_PORT, TCP, IN), nft["tcp4_in"]);
+    assert_eq!(c(CLIENT_V4[0], TCP_PORT, TCP, EG), nft["tcp4_out"]);
+    assert_eq!(c(CLIENT_V6[0], TCP_PORT, TCP, IN), nft["tcp6_in"]);
+    assert_eq!(c(CLIENT_V6[0], TCP_PORT, TCP, EG), nft["tcp6_out"]);
+
+    // Nothing else was counted (the pings that primed the neighbours are ICMP).
+    assert_eq!(got.len(), 8, "unexpected keys: {got:#?}");
+    let stats = h.stats().unwrap();
+    let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
+    assert_eq!(
+        (stats.matched_packets, stats.matched_bytes),
+        (total.packets, total.bytes)
+    );
+}
+
+fn tempfile_with(contents: &str) -> String {
+    let path = std::env::temp_dir().join(format!("pwtest-nft-{}.nft", std::process::id()));
+    std::fs::write(&path, contents).unwrap();
+    path.to_string_lossy().into_owned()
+}
