@@ -11,7 +11,7 @@ use std::{
     process::Command,
 };
 
-const BOOTSTRAP_HINT: &str = "run `sudo .ci/bootstrap` in the repository to install it";
+const BOOTSTRAP_HINT: &str = "run `.ci/bootstrap` (as root) in the repository to install it";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
