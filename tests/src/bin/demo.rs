@@ -18,7 +18,10 @@ fn main() -> Result<()> {
     h.watch(443, PROTO_ALL)?;
     h.watch(53, PROTO_UDP)?;
     bed.server.enter(|| h.attach_tcx(&bed.server_if))??;
-    println!("portwatch demo: watching 443 (tcp, udp) and 53 (udp) on {} in namespace {}", bed.server_if, bed.server.name);
+    println!(
+        "portwatch demo: watching 443 (tcp, udp) and 53 (udp) on {} in namespace {}",
+        bed.server_if, bed.server.name
+    );
 
     bed.tcp_transfer(CLIENT_V4[0], SERVER_V4, 443, 3_000_000)?;
     bed.tcp_transfer(CLIENT_V6[0], SERVER_V6, 443, 1_000_000)?;
@@ -31,16 +34,36 @@ fn main() -> Result<()> {
 
     let mut rows: Vec<_> = real_counters(&h.counters(0)?).into_iter().collect();
     rows.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
-    println!("{:<28} {:>5} {:<5} {:<8} {:>12} {:>9}", "REMOTE IP", "PORT", "PROTO", "DIR", "BYTES", "PACKETS");
+    println!(
+        "{:<28} {:>5} {:<5} {:<8} {:>12} {:>9}",
+        "REMOTE IP", "PORT", "PROTO", "DIR", "BYTES", "PACKETS"
+    );
     for (k, c) in rows {
         let ip = std::net::Ipv6Addr::from(k.remote_ip_octets());
-        let ip = ip.to_ipv4_mapped().map(|v4| v4.to_string()).unwrap_or_else(|| ip.to_string());
+        let ip = ip
+            .to_ipv4_mapped()
+            .map(|v4| v4.to_string())
+            .unwrap_or_else(|| ip.to_string());
         let proto = if k.proto == IPPROTO_TCP { "tcp" } else { "udp" };
-        let dir = if k.direction == DIRECTION_INGRESS { "ingress" } else { "egress" };
-        println!("{ip:<28} {:>5} {proto:<5} {dir:<8} {:>12} {:>9}", k.port, c.bytes, c.packets);
+        let dir = if k.direction == DIRECTION_INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        println!(
+            "{ip:<28} {:>5} {proto:<5} {dir:<8} {:>12} {:>9}",
+            k.port, c.bytes, c.packets
+        );
     }
     let s = h.stats()?;
-    println!("\nmatched {} packets / {} bytes; unwatched {}; not IP {}; other L4 {}; map full {}",
-        s.matched_packets, s.matched_bytes, s.unwatched_packets, s.non_ip_packets, s.unknown_l4_packets, s.map_full_packets);
+    println!(
+        "\nmatched {} packets / {} bytes; unwatched {}; not IP {}; other L4 {}; map full {}",
+        s.matched_packets,
+        s.matched_bytes,
+        s.unwatched_packets,
+        s.non_ip_packets,
+        s.unknown_l4_packets,
+        s.map_full_packets
+    );
     Ok(())
 }
