@@ -89,8 +89,8 @@ fn main() {
     if !status.success() {
         panic!("building the kernel program (ctl-ebpf) failed: see the compiler output above");
     }
-    // `portwatch` is embedded; `noop` (the benchmark's floor) is only left beside it.
-    for bin in ["portwatch", "noop"] {
+    // `portwatch` is embedded; the benchmark's comparison programs are only left beside it.
+    for bin in ["portwatch", "noop", "count_only"] {
         let object = target_dir.join("bpfel-unknown-none/release").join(bin);
         std::fs::copy(&object, out_dir.join(format!("{bin}.bpf.o")))
             .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));

@@ -12,6 +12,10 @@ pub static OBJECT: &[u8] =
 #[doc(hidden)]
 pub const NOOP_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/noop.bpf.o");
 
+/// Path of a TC program that only does one per-CPU hash lookup and increment, for benchmarks.
+#[doc(hidden)]
+pub const COUNT_ONLY_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/count_only.bpf.o");
+
 /// Loads the object with room for `max_entries` remote-IP keys in each counter generation (the
 /// reserved overflow keys come on top). Programs are not yet loaded into the kernel.
 pub fn load(max_entries: u32) -> Result<Ebpf, aya::EbpfError> {
