@@ -199,8 +199,15 @@ impl Bed {
     }
 
     /// Opens a TCP listener on the server side, connects from `src`, sends `bytes` bytes, waits for
-    /// the server to read them all and closes both ends.
-    pub fn tcp_transfer(&self, src: &str, dst: &str, port: u16, bytes: usize) -> Result<()> {
+    /// the server to read them all and closes both ends. Returns what the client's TCP counted
+    /// (`TCP_INFO`): the wire segments it sent and received, GSO super-packets counted per segment.
+    pub fn tcp_transfer(
+        &self,
+        src: &str,
+        dst: &str,
+        port: u16,
+        bytes: usize,
+    ) -> Result<TcpSegments> {
         let listen: SocketAddr = SocketAddr::new(dst.parse()?, port);
         let listener = self.server.enter(|| TcpListener::bind(listen))??;
         let server = std::thread::spawn(move || -> Result<usize> {
@@ -218,7 +225,7 @@ impl Bed {
             Ok(total)
         });
         let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
-        self.client.enter(|| -> Result<()> {
+        let segments = self.client.enter(|| -> Result<TcpSegments> {
             let mut conn = nix_tcp_socket(src, listen)?;
             conn.set_read_timeout(Some(Duration::from_secs(10)))?;
             let chunk = vec![0x42u8; 16384];
@@ -234,7 +241,10 @@ impl Bed {
             if reply != b"done" {
                 bail!("server did not confirm");
             }
-            Ok(())
+            // The server's FIN has arrived (read_to_end returned); give the ACK of it time to leave,
+            // then this socket sends nothing more (close from FIN_WAIT_2/TIME_WAIT is silent).
+            std::thread::sleep(Duration::from_millis(100));
+            tcp_segments(&conn)
         })??;
         let received = server.join().expect("server thread panicked")?;
         if received != bytes {
@@ -242,8 +252,38 @@ impl Bed {
         }
         // Let the last FIN/ACK exchange finish before anyone reads counters.
         std::thread::sleep(Duration::from_millis(200));
-        Ok(())
+        Ok(segments)
     }
+}
+
+/// Segment counts of one TCP connection, from `TCP_INFO`.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpSegments {
+    pub sent: u64,
+    pub received: u64,
+}
+
+fn tcp_segments(conn: &TcpStream) -> Result<TcpSegments> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: getsockopt writes at most `len` bytes into a zeroed tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        bail!("getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
+    }
+    Ok(TcpSegments {
+        sent: info.tcpi_segs_out as u64,
+        received: info.tcpi_segs_in as u64,
+    })
 }
 
 /// A TCP connection from a chosen local address (std's TcpStream cannot bind before connecting).

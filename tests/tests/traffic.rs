@@ -176,3 +176,67 @@ fn tempfile_with(contents: &str) -> String {
     std::fs::write(&path, contents).unwrap();
     path.to_string_lossy().into_owned()
 }
+
+/// With TSO/GSO on, the veth carries super-packets of many segments: the program must count the
+/// segments the wire would carry, with the headers each one repeats. The reference is the client's
+/// own TCP (`TCP_INFO` segment counts), and for bytes the segments' sizes: every client segment has
+/// a 20-byte IPv4 header and a 32-byte TCP header (timestamps), but the SYN, whose options make 40.
+#[test]
+fn gso_super_packets_count_as_their_wire_segments() {
+    if !kernel_available("gso_super_packets_count_as_their_wire_segments") {
+        return;
+    }
+    let bed = Bed::new(true).unwrap();
+    let mut h = Harness::new(4096).unwrap();
+    h.watch(TCP_PORT, PROTO_ALL).unwrap();
+    bed.server
+        .enter(|| h.attach_tcx(&bed.server_if))
+        .unwrap()
+        .unwrap();
+    // A GSO super-packet is only made when TSO is on at the sender.
+    let features = bed.client.exec(&["ethtool", "-k", &bed.client_if]).unwrap();
+    assert!(
+        features.contains("tcp-segmentation-offload: on"),
+        "{features}"
+    );
+
+    const PAYLOAD: u64 = 4_000_000;
+    let segments = bed
+        .tcp_transfer(CLIENT_V4[0], SERVER_V4, TCP_PORT, PAYLOAD as usize)
+        .unwrap();
+    let got = real_counters(&h.counters(0).unwrap());
+    let ingress = got[&key(CLIENT_V4[0], TCP_PORT, TCP, IN)];
+    let egress = got[&key(CLIENT_V4[0], TCP_PORT, TCP, EG)];
+    assert_eq!(
+        ingress.packets, segments.sent,
+        "packets from the client = segments its TCP sent"
+    );
+    assert_eq!(
+        egress.packets, segments.received,
+        "packets to the client = segments its TCP received"
+    );
+    let expected_bytes = segments.sent * (20 + 32) + 8 + PAYLOAD;
+    assert_eq!(
+        ingress.bytes, expected_bytes,
+        "L3 bytes of {} segments carrying {PAYLOAD} bytes",
+        segments.sent
+    );
+    // And super-packets really crossed: the server's veth received far fewer skbs than segments.
+    let skbs: u64 = bed
+        .server
+        .exec(&[
+            "cat",
+            &format!("/sys/class/net/{}/statistics/rx_packets", bed.server_if),
+        ])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        skbs < segments.sent / 4,
+        "{skbs} skbs for {} segments: no GSO happened",
+        segments.sent
+    );
+    let stats = h.stats().unwrap();
+    assert_eq!(stats.matched_packets, ingress.packets + egress.packets);
+}
