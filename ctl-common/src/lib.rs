@@ -22,8 +22,12 @@ pub mod map_names {
     pub const STATS: &str = "stats";
     /// `ARRAY[1]` of `Meta`: the layout version and what `load` was given. Never read by the program.
     pub const META: &str = "meta";
+    /// `HASH` `AttachKey -> Attachment`: where the programs are attached, so that `detach` and
+    /// `unload` remove exactly those (classic tc attachments cannot be pinned as links). Never read
+    /// by the program.
+    pub const ATTACHMENTS: &str = "attachments";
 
-    pub const ALL: [&str; 6] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META];
+    pub const ALL: [&str; 7] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META, ATTACHMENTS];
 }
 
 /// Program (function) names in the object file.
@@ -182,6 +186,34 @@ pub struct Meta {
     pub _reserved: [u8; 7],
 }
 
+/// Entries of the `attachments` map: interfaces times two directions.
+pub const MAX_ATTACHMENTS: u32 = 1024;
+
+/// Key of an attachment. Bytes 0..4 `ifindex`, 4 `direction` (`DIRECTION_*`), 5..8 reserved (zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct AttachKey {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub _reserved: [u8; 3],
+}
+
+/// How an attachment was made: a pinned TCX link, or a classic clsact/cls_bpf filter.
+pub const ATTACH_MODE_TCX: u8 = 1;
+pub const ATTACH_MODE_TC: u8 = 2;
+
+/// An attachment. Bytes 0 `mode` (`ATTACH_MODE_*`), 1 reserved, 2..4 `priority` and 4..8 `handle`
+/// of a tc filter (0 for TCX), 8..24 `ifname`: the interface's name when attached, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Attachment {
+    pub mode: u8,
+    pub _reserved: u8,
+    pub priority: u16,
+    pub handle: u32,
+    pub ifname: [u8; 16],
+}
+
 pub const META_DIRECTION_INGRESS: u8 = 1 << 0;
 pub const META_DIRECTION_EGRESS: u8 = 1 << 1;
 
@@ -193,6 +225,8 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Stats {}
     unsafe impl aya::Pod for super::Meta {}
+    unsafe impl aya::Pod for super::AttachKey {}
+    unsafe impl aya::Pod for super::Attachment {}
 }
 
 // Layouts are a contract with pinned state and with other tools: fail the build if one moves.
@@ -203,6 +237,8 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 8);
     assert!(core::mem::size_of::<Stats>() == 12 * 8);
     assert!(core::mem::size_of::<Meta>() == 16);
+    assert!(core::mem::size_of::<AttachKey>() == 8);
+    assert!(core::mem::size_of::<Attachment>() == 24);
 };
 
 impl core::ops::AddAssign for Counters {

@@ -11,11 +11,11 @@ mod parse;
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     macros::{classifier, map},
-    maps::{Array, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use ctl_common::{
-    Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP,
+    AttachKey, Attachment, MAX_ATTACHMENTS, Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP,
     PORT_COUNT, PROTO_TCP, PROTO_UDP, RESERVED_ENTRIES,
 };
 use parse::{Flow, Reason};
@@ -41,9 +41,12 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "stats")]
 static STATS: PerCpuArray<Stats> = PerCpuArray::with_max_entries(1, 0);
 
-/// Written by userspace only; declared here so the object carries it and `load` pins it.
+// Written and read by userspace only; declared here so the object carries them and `load` pins them.
 #[map(name = "meta")]
 static META: Array<Meta> = Array::with_max_entries(1, 0);
+
+#[map(name = "attachments")]
+static ATTACHMENTS: HashMap<AttachKey, Attachment> = HashMap::with_max_entries(MAX_ATTACHMENTS, 0);
 
 #[classifier]
 pub fn portwatch_ingress(ctx: TcContext) -> i32 {

@@ -1,4 +1,12 @@
-//! portwatch's userspace: the embedded kernel object, access to its maps, and the CLI verbs.
+//! portwatch's userspace: the embedded kernel object, the pinned layout, map access, attaching,
+//! and one module per CLI verb.
 
+pub mod attach;
+pub mod cli;
+pub mod cmd;
+pub mod error;
 pub mod maps;
 pub mod object;
+pub mod output;
+pub mod pinned;
+pub mod ports;

@@ -2,61 +2,47 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
-use aya::programs::SchedClassifier;
-use clap::{Parser, Subcommand};
-use ctl_common::{program_names, LAYOUT_VERSION};
-
-#[derive(Parser)]
-#[command(
-    name = "portwatch",
-    version,
-    about,
-    after_help = "Examples:\n  portwatch check    # can this kernel run portwatch's program?"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Load the embedded kernel program through the verifier, report, and unload it. Changes nothing.
-    Check,
-}
+use clap::Parser;
+use portwatch::{
+    cli::{Cli, Command},
+    cmd,
+    error::{self, exit},
+    pinned::PinPath,
+};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Check => check(),
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other failure: clap's first line without its "error: ".
+            let text = e.render().to_string();
+            let message: Vec<&str> =
+                text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let message = message.join(" ");
+            eprintln!("portwatch: {} (see `portwatch --help`)", message.trim_start_matches("error: "));
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let pin = PinPath::new(&cli.pin_path);
+    let result = match &cli.command {
+        Command::Load(args) => cmd::load::run(&pin, args),
+        Command::Attach { iface, direction, mode } => cmd::attach::attach(&pin, iface, *direction, *mode),
+        Command::Detach { iface } => cmd::attach::detach(&pin, iface),
+        Command::Ports(command) => cmd::ports::run(&pin, command),
+        Command::Status { json } => cmd::status::run(&pin, *json),
+        Command::Unload => cmd::unload::run(&pin),
+        Command::Check => cmd::check::run(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portwatch: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(error::exit_code(&e))
         }
     }
-}
-
-fn check() -> Result<()> {
-    let mut ebpf = portwatch::object::load(65536).context(
-        "loading the embedded object failed (are you root, or do you have CAP_BPF and CAP_NET_ADMIN?)",
-    )?;
-    for name in [program_names::INGRESS, program_names::EGRESS] {
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .context("program missing from the object")?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel's verifier refused {name}"))?;
-        let info = prog.info()?;
-        println!(
-            "{name}: loaded and verified (tag {:016x}, {} bytes JITed)",
-            info.tag(),
-            info.size_jitted()
-        );
-    }
-    println!("layout version {LAYOUT_VERSION}; everything was unloaded again");
-    Ok(())
 }

@@ -1,0 +1,195 @@
+//! Attaching the programs to interfaces and detaching them: TCX links (pinned, so they outlive
+//! the process) or classic clsact/cls_bpf filters (recorded in the `attachments` map, since they
+//! cannot be pinned). Every attachment, either kind, is recorded there.
+
+use std::io;
+
+use anyhow::{Context, Result};
+use aya::{
+    maps::{HashMap, MapData},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+};
+use ctl_common::{AttachKey, Attachment, ATTACH_MODE_TC, ATTACH_MODE_TCX, DIRECTION_INGRESS};
+
+use crate::{error::Error, pinned::PinPath};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// TCX links (pinned); the classic clsact qdisc when the kernel refuses TCX.
+    Auto,
+    /// TCX links only.
+    Tcx,
+    /// The classic clsact qdisc with a cls_bpf filter.
+    Tc,
+}
+
+pub fn mode_name(mode: u8) -> &'static str {
+    match mode {
+        ATTACH_MODE_TCX => "tcx",
+        ATTACH_MODE_TC => "tc",
+        _ => "unknown",
+    }
+}
+
+/// An interface by name and index.
+#[derive(Clone, Debug)]
+pub struct Iface {
+    pub name: String,
+    pub index: u32,
+}
+
+impl Iface {
+    pub fn resolve(name: &str) -> Result<Iface> {
+        match nix::net::if_::if_nametoindex(name) {
+            Ok(index) => Ok(Iface { name: name.to_string(), index }),
+            Err(_) => Err(Error::Interface(format!("no interface named {name:?} (see `ip link`)")).into()),
+        }
+    }
+}
+
+/// The current name of the interface with this index, if it still exists.
+pub fn ifname_of(index: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+}
+
+pub fn recorded_name(a: &Attachment) -> String {
+    let len = a.ifname.iter().position(|&b| b == 0).unwrap_or(a.ifname.len());
+    String::from_utf8_lossy(&a.ifname[..len]).into_owned()
+}
+
+fn tc_attach_type(direction: u8) -> TcAttachType {
+    if direction == DIRECTION_INGRESS {
+        TcAttachType::Ingress
+    } else {
+        TcAttachType::Egress
+    }
+}
+
+/// Attaches `prog` to `iface` in `direction`, pins (TCX) and records the attachment. Returns its
+/// key and record, so a caller can undo it with `detach`.
+pub fn attach(
+    prog: &mut SchedClassifier,
+    pin: &PinPath,
+    records: &mut HashMap<MapData, AttachKey, Attachment>,
+    iface: &Iface,
+    direction: u8,
+    mode: Mode,
+) -> Result<(AttachKey, Attachment)> {
+    let key = AttachKey { ifindex: iface.index, direction, _reserved: [0; 3] };
+    let mut record = Attachment::default();
+    let name = iface.name.as_bytes();
+    record.ifname[..name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+    let attach_type = tc_attach_type(direction);
+    let dir = crate::pinned::direction_name(direction);
+
+    let tcx = match mode {
+        Mode::Tc => None,
+        Mode::Tcx | Mode::Auto => {
+            match prog.attach_with_options(&iface.name, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+                Ok(id) => Some(id),
+                // A kernel without TCX refuses the link (EINVAL); `auto` then uses clsact.
+                Err(e) if mode == Mode::Auto => {
+                    log_fallback(&iface.name, &e);
+                    None
+                }
+                Err(e) => return Err(e).with_context(|| format!("attaching to {} {dir} with TCX", iface.name)),
+            }
+        }
+    };
+    match tcx {
+        Some(id) => {
+            let link: FdLink = prog.take_link(id)?.try_into().context("a TCX link that is not an fd link")?;
+            std::fs::create_dir_all(pin.links_dir())?;
+            let path = pin.link(iface.index, direction);
+            // Dropping `link` if pinning fails detaches it: nothing is left half-done.
+            link.pin(&path).with_context(|| format!("pinning the link at {}", path.display()))?;
+            record.mode = ATTACH_MODE_TCX;
+        }
+        None => {
+            if let Err(e) = tc::qdisc_add_clsact(&iface.name) {
+                // EEXIST: the interface already has a clsact qdisc (ours or someone else's); use it.
+                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) {
+                    return Err(e).with_context(|| format!("adding the clsact qdisc to {}", iface.name));
+                }
+            }
+            let options = NlOptions { priority: 0, handle: TcHandle::AUTO_ASSIGN, ..Default::default() };
+            let id = prog
+                .attach_with_options(&iface.name, attach_type, TcAttachOptions::Netlink(options))
+                .with_context(|| format!("attaching a tc filter to {} {dir}", iface.name))?;
+            let link = prog.take_link(id)?;
+            record.mode = ATTACH_MODE_TC;
+            record.priority = link.priority()?;
+            record.handle = link.handle()?.into();
+            // The filter must outlive this process: forget the link instead of dropping (which
+            // would detach it). `detach` finds it again from the record.
+            std::mem::forget(link);
+        }
+    }
+    if let Err(e) = records.insert(key, record, 0) {
+        let _ = detach(pin, key, &record);
+        return Err(e).context("recording the attachment");
+    }
+    Ok((key, record))
+}
+
+fn log_fallback(iface: &str, e: &aya::programs::ProgramError) {
+    eprintln!("portwatch: TCX refused on {iface} ({e}); using the classic clsact qdisc");
+}
+
+/// Removes one attachment: unpins (and so detaches) a TCX link, or deletes the exact tc filter
+/// recorded. An interface that no longer exists took its attachments with it; its pin is removed.
+pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> {
+    match record.mode {
+        ATTACH_MODE_TCX => {
+            let path = pin.link(key.ifindex, key.direction);
+            match PinnedLink::from_pin(&path) {
+                Ok(link) => drop(link.unpin().with_context(|| format!("removing {}", path.display()))?),
+                Err(_) if !path.exists() => {}
+                Err(_) => std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?,
+            }
+        }
+        ATTACH_MODE_TC => {
+            if let Some(name) = ifname_of(key.ifindex) {
+                let link = SchedClassifierLink::attached(
+                    &name,
+                    tc_attach_type(key.direction),
+                    record.priority,
+                    TcHandle::from(record.handle),
+                    None,
+                )?;
+                match aya::programs::links::Link::detach(link) {
+                    Ok(()) => {}
+                    // Someone removed the filter or the qdisc already: nothing left to detach.
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn is_not_found(e: &aya::programs::ProgramError) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EINVAL)) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}

@@ -1,0 +1,170 @@
+//! The command line: definitions only. Each verb's work lives in `cmd::<verb>`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{attach::Mode, pinned::DEFAULT_PIN_PATH, ports::PortSpec};
+
+const EXAMPLES: &str = "\
+Examples:
+  portwatch load --iface eth0 --port 443        count traffic to 443 (tcp and udp) on eth0
+  portwatch load --iface eth0 --port 53/udp --port 8000-8100/tcp --direction ingress
+  portwatch ports add 8080                      watch 8080 too, from the next packet on
+  portwatch ports del 443/udp
+  portwatch status                              what is loaded, attached, watched, counted
+  portwatch detach eth0                         stop counting on eth0, keep the rest
+  portwatch unload                              remove everything portwatch attached and pinned
+
+Exit codes:
+  0 success    1 other failure    2 bad arguments (a bad SPEC, --max-entries 0...)
+  3 not root / missing CAP_BPF or CAP_NET_ADMIN    4 nothing loaded
+  5 pinned state of another layout version, or a load that conflicts with it
+  6 unknown or not-attached interface    7 bpffs missing and cannot be mounted";
+
+#[derive(Parser)]
+#[command(
+    name = "portwatch",
+    version,
+    about = "Count, in the kernel, the traffic each remote IP sends to your ports",
+    long_about = "Count, in the kernel, the traffic each remote IP sends to your ports.\n\n\
+        `load` attaches an eBPF TC program and pins it, its links and its maps under the pin path, \
+        then exits: counting goes on in the kernel with no portwatch process running. Every other \
+        command opens the pinned state, does one thing and exits.",
+    after_help = EXAMPLES
+)]
+pub struct Cli {
+    /// Where portwatch's programs, links and maps are pinned (on bpffs)
+    #[arg(long, global = true, env = "PORTWATCH_PIN_PATH", default_value = DEFAULT_PIN_PATH, value_name = "DIR")]
+    pub pin_path: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Load the program, pin it and its maps, attach it to interfaces and watch ports, then exit
+    #[command(after_help = "Examples:\n  portwatch load --iface eth0 --port 443\n  \
+        portwatch load --iface eth0 --iface eth1 --port https --port 53/udp --max-entries 1000000\n\n\
+        Run again when loaded, it attaches the new interfaces and adds the new ports.")]
+    Load(LoadArgs),
+    /// Attach the loaded program to one more interface
+    #[command(after_help = "Example:\n  portwatch attach eth1 --direction ingress")]
+    Attach {
+        /// Interface name
+        iface: String,
+        /// Directions to count on it (default: those `load` was given)
+        #[arg(long, value_enum)]
+        direction: Option<Direction>,
+        #[arg(long, value_enum, default_value_t = Mode::Auto)]
+        mode: Mode,
+    },
+    /// Detach from one interface; the others keep counting
+    #[command(after_help = "Example:\n  portwatch detach eth1")]
+    Detach {
+        /// Interface name (also the name of an interface that has vanished since)
+        iface: String,
+    },
+    /// Change or list the watched ports; changes apply to the next packet, with no reload
+    #[command(subcommand)]
+    Ports(PortsCommand),
+    /// Show what is loaded, where it is attached, what is watched and counted
+    #[command(after_help = "Examples:\n  portwatch status\n  portwatch status --json | jq .stats")]
+    Status {
+        /// One JSON object on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach everywhere and remove every pin; afterwards nothing of portwatch is left
+    Unload,
+    /// Load the embedded program through the verifier, report, and unload it; changes nothing
+    Check,
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// Interface to attach to (repeat for more)
+    #[arg(long = "iface", value_name = "IF", required = true)]
+    pub ifaces: Vec<String>,
+    /// Port SPEC to watch: 443, 443/tcp, 53/udp, 8000-8100, 8000-8100/udp, https (repeat for more)
+    #[arg(long = "port", value_name = "SPEC", allow_hyphen_values = true, value_parser = parse_spec)]
+    pub ports: Vec<PortSpec>,
+    /// Which traffic to count: to the watched ports (ingress), their replies (egress), or both
+    /// [default: both]
+    #[arg(long, value_enum)]
+    pub direction: Option<Direction>,
+    /// Remote-IP keys the counter map holds; past it, new remote IPs go to an overflow entry
+    /// [default: 65536]
+    #[arg(long, value_name = "N", value_parser = parse_max_entries)]
+    pub max_entries: Option<u32>,
+    /// How to attach: TCX links, falling back to clsact when refused (auto), or force one
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    pub mode: Mode,
+}
+
+#[derive(Subcommand)]
+pub enum PortsCommand {
+    /// Watch these ports too
+    #[command(after_help = "Examples:\n  portwatch ports add 8080\n  portwatch ports add 8000-8100/udp https")]
+    Add {
+        #[arg(value_name = "SPEC", required = true, allow_hyphen_values = true, value_parser = parse_spec)]
+        specs: Vec<PortSpec>,
+    },
+    /// Stop watching these ports (for the protocols given; both when none is)
+    #[command(after_help = "Examples:\n  portwatch ports del 8080\n  portwatch ports del 443/udp")]
+    Del {
+        #[arg(value_name = "SPEC", required = true, allow_hyphen_values = true, value_parser = parse_spec)]
+        specs: Vec<PortSpec>,
+    },
+    /// Watch exactly these ports, no others
+    #[command(after_help = "Example:\n  portwatch ports set 443 53/udp")]
+    Set {
+        #[arg(value_name = "SPEC", required = true, allow_hyphen_values = true, value_parser = parse_spec)]
+        specs: Vec<PortSpec>,
+    },
+    /// List the watched ports, folded into ranges
+    List {
+        /// One JSON object on stdout
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Direction {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl Direction {
+    pub fn bits(self) -> u8 {
+        match self {
+            Direction::Ingress => ctl_common::META_DIRECTION_INGRESS,
+            Direction::Egress => ctl_common::META_DIRECTION_EGRESS,
+            Direction::Both => ctl_common::META_DIRECTION_INGRESS | ctl_common::META_DIRECTION_EGRESS,
+        }
+    }
+    pub fn from_bits(bits: u8) -> &'static str {
+        match bits {
+            ctl_common::META_DIRECTION_INGRESS => "ingress",
+            ctl_common::META_DIRECTION_EGRESS => "egress",
+            _ => "both",
+        }
+    }
+}
+
+fn parse_spec(s: &str) -> Result<PortSpec, String> {
+    s.parse()
+}
+
+fn parse_max_entries(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    // The kernel's hash maps hold at most 2^31 entries; the two overflow keys come on top.
+    match n {
+        0 => Err("--max-entries must be at least 1".into()),
+        n if n > (1 << 30) => Err(format!("{n} is more than the 1073741824 entries portwatch allows")),
+        n => Ok(n),
+    }
+}

@@ -1,0 +1,42 @@
+//! `portwatch unload`: detach every attachment and remove every pin. Afterwards nothing of
+//! portwatch is left in bpffs or on any interface.
+
+use anyhow::{Context, Result};
+
+use crate::{
+    attach,
+    pinned::{check_privileges, ensure_bpffs, direction_name, Lock, PinPath, Pinned},
+};
+
+pub fn run(pin: &PinPath) -> Result<()> {
+    check_privileges()?;
+    ensure_bpffs(pin)?;
+    if !pin.is_loaded() {
+        println!("nothing is loaded at {}", pin.root.display());
+        return Ok(());
+    }
+    let _lock = Lock::acquire(pin)?;
+    let pinned = Pinned::open(pin)?;
+    let mut records = pinned.attachments()?;
+    let all: Vec<_> = records.iter().filter_map(|r| r.ok()).collect();
+    for (key, record) in all {
+        attach::detach(pin, key, &record)?;
+        records.remove(&key)?;
+        let name = attach::ifname_of(key.ifindex).unwrap_or_else(|| attach::recorded_name(&record));
+        println!("detached from {name} {}", direction_name(key.direction));
+    }
+    drop(records);
+    // Whatever is left under the pin path is ours: stale link pins, programs, maps.
+    for dir in [pin.links_dir(), pin.progs_dir(), pin.maps_dir()] {
+        if dir.exists() {
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+            std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    std::fs::remove_dir(&pin.root).with_context(|| format!("removing {}", pin.root.display()))?;
+    println!("unloaded: removed every pin under {}", pin.root.display());
+    Ok(())
+}

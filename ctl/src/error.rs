@@ -1,0 +1,63 @@
+//! Errors that an operator acts on, each with its exit code. Anything else is exit code 1.
+
+use std::path::PathBuf;
+
+/// Exit codes, documented in `portwatch --help`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// A failure not listed below (a syscall the kernel refused, I/O...).
+    pub const FAILURE: u8 = 1;
+    /// Bad arguments: an unknown flag, a bad port SPEC, `--max-entries 0`...
+    pub const USAGE: u8 = 2;
+    /// Not root, or missing CAP_BPF / CAP_NET_ADMIN.
+    pub const PERMISSION: u8 = 3;
+    /// Nothing is loaded at the pin path.
+    pub const NOT_LOADED: u8 = 4;
+    /// Pinned state that this portwatch cannot use as asked: another layout version, or a
+    /// `load` whose `--max-entries`/`--direction` differ from the loaded ones.
+    pub const CONFLICT: u8 = 5;
+    /// An interface that does not exist, or is not attached.
+    pub const INTERFACE: u8 = 6;
+    /// bpffs is missing and cannot be mounted, or the pin path is not on bpffs.
+    pub const BPFFS: u8 = 7;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Usage(String),
+    #[error(
+        "permission denied: portwatch needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
+         (missing: {missing}); run it with sudo"
+    )]
+    Permission { missing: String },
+    #[error("nothing is loaded at {}: run `portwatch load --iface IF --port SPEC` first", .0.display())]
+    NotLoaded(PathBuf),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Interface(String),
+    #[error("{0}")]
+    Bpffs(String),
+}
+
+impl Error {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Usage(_) => exit::USAGE,
+            Error::Permission { .. } => exit::PERMISSION,
+            Error::NotLoaded(_) => exit::NOT_LOADED,
+            Error::Conflict(_) => exit::CONFLICT,
+            Error::Interface(_) => exit::INTERFACE,
+            Error::Bpffs(_) => exit::BPFFS,
+        }
+    }
+}
+
+/// The exit code for any error a verb returned.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    err.chain()
+        .find_map(|e| e.downcast_ref::<Error>())
+        .map(Error::exit_code)
+        .unwrap_or(exit::FAILURE)
+}
