@@ -27,7 +27,15 @@ pub mod map_names {
     /// by the program.
     pub const ATTACHMENTS: &str = "attachments";
 
-    pub const ALL: [&str; 7] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META, ATTACHMENTS];
+    pub const ALL: [&str; 7] = [
+        WATCHED_PORTS,
+        COUNTERS_0,
+        COUNTERS_1,
+        CONFIG,
+        STATS,
+        META,
+        ATTACHMENTS,
+    ];
 }
 
 /// Program (function) names in the object file.

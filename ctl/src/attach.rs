@@ -45,8 +45,13 @@ pub struct Iface {
 impl Iface {
     pub fn resolve(name: &str) -> Result<Iface> {
         match nix::net::if_::if_nametoindex(name) {
-            Ok(index) => Ok(Iface { name: name.to_string(), index }),
-            Err(_) => Err(Error::Interface(format!("no interface named {name:?} (see `ip link`)")).into()),
+            Ok(index) => Ok(Iface {
+                name: name.to_string(),
+                index,
+            }),
+            Err(_) => {
+                Err(Error::Interface(format!("no interface named {name:?} (see `ip link`)")).into())
+            }
         }
     }
 }
@@ -64,7 +69,11 @@ pub fn ifname_of(index: u32) -> Option<String> {
 }
 
 pub fn recorded_name(a: &Attachment) -> String {
-    let len = a.ifname.iter().position(|&b| b == 0).unwrap_or(a.ifname.len());
+    let len = a
+        .ifname
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(a.ifname.len());
     String::from_utf8_lossy(&a.ifname[..len]).into_owned()
 }
 
@@ -86,7 +95,11 @@ pub fn attach(
     direction: u8,
     mode: Mode,
 ) -> Result<(AttachKey, Attachment)> {
-    let key = AttachKey { ifindex: iface.index, direction, _reserved: [0; 3] };
+    let key = AttachKey {
+        ifindex: iface.index,
+        direction,
+        _reserved: [0; 3],
+    };
     let mut record = Attachment::default();
     let name = iface.name.as_bytes();
     record.ifname[..name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
@@ -96,34 +109,51 @@ pub fn attach(
     let tcx = match mode {
         Mode::Tc => None,
         Mode::Tcx | Mode::Auto => {
-            match prog.attach_with_options(&iface.name, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+            match prog.attach_with_options(
+                &iface.name,
+                attach_type,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            ) {
                 Ok(id) => Some(id),
                 // A kernel without TCX refuses the link (EINVAL); `auto` then uses clsact.
                 Err(e) if mode == Mode::Auto => {
                     log_fallback(&iface.name, &e);
                     None
                 }
-                Err(e) => return Err(e).with_context(|| format!("attaching to {} {dir} with TCX", iface.name)),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("attaching to {} {dir} with TCX", iface.name))
+                }
             }
         }
     };
     match tcx {
         Some(id) => {
-            let link: FdLink = prog.take_link(id)?.try_into().context("a TCX link that is not an fd link")?;
+            let link: FdLink = prog
+                .take_link(id)?
+                .try_into()
+                .context("a TCX link that is not an fd link")?;
             std::fs::create_dir_all(pin.links_dir())?;
             let path = pin.link(iface.index, direction);
             // Dropping `link` if pinning fails detaches it: nothing is left half-done.
-            link.pin(&path).with_context(|| format!("pinning the link at {}", path.display()))?;
+            link.pin(&path)
+                .with_context(|| format!("pinning the link at {}", path.display()))?;
             record.mode = ATTACH_MODE_TCX;
         }
         None => {
             if let Err(e) = tc::qdisc_add_clsact(&iface.name) {
                 // EEXIST: the interface already has a clsact qdisc (ours or someone else's); use it.
-                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) {
-                    return Err(e).with_context(|| format!("adding the clsact qdisc to {}", iface.name));
+                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+                {
+                    return Err(e)
+                        .with_context(|| format!("adding the clsact qdisc to {}", iface.name));
                 }
             }
-            let options = NlOptions { priority: 0, handle: TcHandle::AUTO_ASSIGN, ..Default::default() };
+            let options = NlOptions {
+                priority: 0,
+                handle: TcHandle::AUTO_ASSIGN,
+                ..Default::default()
+            };
             let id = prog
                 .attach_with_options(&iface.name, attach_type, TcAttachOptions::Netlink(options))
                 .with_context(|| format!("attaching a tc filter to {} {dir}", iface.name))?;
@@ -154,9 +184,13 @@ pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> 
         ATTACH_MODE_TCX => {
             let path = pin.link(key.ifindex, key.direction);
             match PinnedLink::from_pin(&path) {
-                Ok(link) => drop(link.unpin().with_context(|| format!("removing {}", path.display()))?),
+                Ok(link) => drop(
+                    link.unpin()
+                        .with_context(|| format!("removing {}", path.display()))?,
+                ),
                 Err(_) if !path.exists() => {}
-                Err(_) => std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?,
+                Err(_) => std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?,
             }
         }
         ATTACH_MODE_TC => {
@@ -172,7 +206,10 @@ pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> 
                     Ok(()) => {}
                     // Someone removed the filter or the qdisc already: nothing left to detach.
                     Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("removing the tc filter from {name}"))
+                    }
                 }
             }
         }
@@ -185,7 +222,10 @@ fn is_not_found(e: &aya::programs::ProgramError) -> bool {
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = source {
         if let Some(io) = s.downcast_ref::<io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EINVAL)) {
+            if matches!(
+                io.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EINVAL)
+            ) {
                 return true;
             }
         }

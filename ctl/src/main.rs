@@ -21,17 +21,27 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line, like every other failure: clap's first line without its "error: ".
             let text = e.render().to_string();
-            let message: Vec<&str> =
-                text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
             let message = message.join(" ");
-            eprintln!("portwatch: {} (see `portwatch --help`)", message.trim_start_matches("error: "));
+            eprintln!(
+                "portwatch: {} (see `portwatch --help`)",
+                message.trim_start_matches("error: ")
+            );
             return ExitCode::from(exit::USAGE);
         }
     };
     let pin = PinPath::new(&cli.pin_path);
     let result = match &cli.command {
         Command::Load(args) => cmd::load::run(&pin, args),
-        Command::Attach { iface, direction, mode } => cmd::attach::attach(&pin, iface, *direction, *mode),
+        Command::Attach {
+            iface,
+            direction,
+            mode,
+        } => cmd::attach::attach(&pin, iface, *direction, *mode),
         Command::Detach { iface } => cmd::attach::detach(&pin, iface),
         Command::Ports(command) => cmd::ports::run(&pin, command),
         Command::Status { json } => cmd::status::run(&pin, *json),

@@ -16,7 +16,10 @@ pub fn human_bytes(bytes: u64) -> String {
 }
 
 pub fn print_json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("JSON values always serialize"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values always serialize")
+    );
 }
 
 #[cfg(test)]

@@ -54,30 +54,45 @@ impl FromStr for PortSpec {
     fn from_str(spec: &str) -> Result<Self, String> {
         let spec = spec.trim();
         if spec.is_empty() {
-            return Err("an empty port SPEC: give a port (443), a range (8000-8100), a service (https), \
+            return Err(
+                "an empty port SPEC: give a port (443), a range (8000-8100), a service (https), \
                         optionally with /tcp or /udp"
-                .into());
+                    .into(),
+            );
         }
         let (base, protocols) = match spec.rsplit_once('/') {
             Some((base, proto)) => match proto.to_ascii_lowercase().as_str() {
                 "tcp" => (base, Some(PROTO_TCP)),
                 "udp" => (base, Some(PROTO_UDP)),
-                _ => return Err(format!("{spec}: the protocol must be tcp or udp, not {proto:?}")),
+                _ => {
+                    return Err(format!(
+                        "{spec}: the protocol must be tcp or udp, not {proto:?}"
+                    ))
+                }
             },
             None => (spec, None),
         };
         if base.starts_with(|c: char| c.is_ascii_alphabetic()) {
-            let (port, listed) = lookup_service(base, std::fs::read_to_string(SERVICES).ok().as_deref())
-                .ok_or_else(|| format!("{spec}: not a port number and not a service name in {SERVICES}"))?;
+            let (port, listed) =
+                lookup_service(base, std::fs::read_to_string(SERVICES).ok().as_deref())
+                    .ok_or_else(|| {
+                        format!("{spec}: not a port number and not a service name in {SERVICES}")
+                    })?;
             // A service name watches the protocols /etc/services lists for it, unless narrowed.
             let protocols = match protocols {
                 Some(p) if listed & p == 0 => {
-                    return Err(format!("{spec}: {SERVICES} does not list {base} for that protocol"))
+                    return Err(format!(
+                        "{spec}: {SERVICES} does not list {base} for that protocol"
+                    ))
                 }
                 Some(p) => p,
                 None => listed,
             };
-            return Ok(PortSpec { first: port, last: port, protocols });
+            return Ok(PortSpec {
+                first: port,
+                last: port,
+                protocols,
+            });
         }
         let (first, last) = match base.split_once('-') {
             Some((a, b)) if !a.is_empty() => (parse_port(a, spec)?, parse_port(b, spec)?),
@@ -87,9 +102,15 @@ impl FromStr for PortSpec {
             }
         };
         if first > last {
-            return Err(format!("{spec}: the range starts above its end (write {last}-{first})"));
+            return Err(format!(
+                "{spec}: the range starts above its end (write {last}-{first})"
+            ));
         }
-        Ok(PortSpec { first, last, protocols: protocols.unwrap_or(PROTO_ALL) })
+        Ok(PortSpec {
+            first,
+            last,
+            protocols: protocols.unwrap_or(PROTO_ALL),
+        })
     }
 }
 
@@ -98,9 +119,13 @@ fn parse_port(text: &str, spec: &str) -> Result<u16, String> {
         .parse()
         .map_err(|_| format!("{spec}: {text:?} is not a port number (ports are 1 to 65535)"))?;
     match n {
-        0 => Err(format!("{spec}: port 0 cannot be watched (ports are 1 to 65535)")),
+        0 => Err(format!(
+            "{spec}: port 0 cannot be watched (ports are 1 to 65535)"
+        )),
         1..=65535 => Ok(n as u16),
-        _ => Err(format!("{spec}: {n} is out of range (ports are 1 to 65535)")),
+        _ => Err(format!(
+            "{spec}: {n} is out of range (ports are 1 to 65535)"
+        )),
     }
 }
 
@@ -110,12 +135,18 @@ fn lookup_service(name: &str, services: Option<&str>) -> Option<(u16, u8)> {
     for line in services?.lines() {
         let line = line.split('#').next().unwrap_or("");
         let mut fields = line.split_whitespace();
-        let (Some(service), Some(port_proto)) = (fields.next(), fields.next()) else { continue };
+        let (Some(service), Some(port_proto)) = (fields.next(), fields.next()) else {
+            continue;
+        };
         if service != name && !fields.any(|alias| alias == name) {
             continue;
         }
-        let Some((port, proto)) = port_proto.split_once('/') else { continue };
-        let Ok(port) = port.parse::<u16>() else { continue };
+        let Some((port, proto)) = port_proto.split_once('/') else {
+            continue;
+        };
+        let Ok(port) = port.parse::<u16>() else {
+            continue;
+        };
         let bit = match proto {
             "tcp" => PROTO_TCP,
             "udp" => PROTO_UDP,
@@ -139,8 +170,14 @@ pub fn fold(table: &[u8]) -> Vec<PortSpec> {
         }
         let port = port as u16;
         match out.last_mut() {
-            Some(last) if last.protocols == flags && last.last.checked_add(1) == Some(port) => last.last = port,
-            _ => out.push(PortSpec { first: port, last: port, protocols: flags }),
+            Some(last) if last.protocols == flags && last.last.checked_add(1) == Some(port) => {
+                last.last = port
+            }
+            _ => out.push(PortSpec {
+                first: port,
+                last: port,
+                protocols: flags,
+            }),
         }
     }
     out
@@ -156,12 +193,54 @@ mod tests {
 
     #[test]
     fn accepts_every_documented_form() {
-        assert_eq!(p("443"), Ok(PortSpec { first: 443, last: 443, protocols: PROTO_ALL }));
-        assert_eq!(p("443/tcp"), Ok(PortSpec { first: 443, last: 443, protocols: PROTO_TCP }));
-        assert_eq!(p("53/UDP"), Ok(PortSpec { first: 53, last: 53, protocols: PROTO_UDP }));
-        assert_eq!(p("8000-8100"), Ok(PortSpec { first: 8000, last: 8100, protocols: PROTO_ALL }));
-        assert_eq!(p("8000-8100/udp"), Ok(PortSpec { first: 8000, last: 8100, protocols: PROTO_UDP }));
-        assert_eq!(p("1-65535"), Ok(PortSpec { first: 1, last: 65535, protocols: PROTO_ALL }));
+        assert_eq!(
+            p("443"),
+            Ok(PortSpec {
+                first: 443,
+                last: 443,
+                protocols: PROTO_ALL
+            })
+        );
+        assert_eq!(
+            p("443/tcp"),
+            Ok(PortSpec {
+                first: 443,
+                last: 443,
+                protocols: PROTO_TCP
+            })
+        );
+        assert_eq!(
+            p("53/UDP"),
+            Ok(PortSpec {
+                first: 53,
+                last: 53,
+                protocols: PROTO_UDP
+            })
+        );
+        assert_eq!(
+            p("8000-8100"),
+            Ok(PortSpec {
+                first: 8000,
+                last: 8100,
+                protocols: PROTO_ALL
+            })
+        );
+        assert_eq!(
+            p("8000-8100/udp"),
+            Ok(PortSpec {
+                first: 8000,
+                last: 8100,
+                protocols: PROTO_UDP
+            })
+        );
+        assert_eq!(
+            p("1-65535"),
+            Ok(PortSpec {
+                first: 1,
+                last: 65535,
+                protocols: PROTO_ALL
+            })
+        );
     }
 
     #[test]
@@ -186,7 +265,10 @@ mod tests {
     #[test]
     fn service_names_use_the_protocols_listed() {
         let services = "https\t\t443/tcp\t\t\t\t# TLS\nhttps\t\t443/udp\nhttp 80/tcp www\ndomain 53/tcp\ndomain 53/udp\n";
-        assert_eq!(lookup_service("https", Some(services)), Some((443, PROTO_ALL)));
+        assert_eq!(
+            lookup_service("https", Some(services)),
+            Some((443, PROTO_ALL))
+        );
         assert_eq!(lookup_service("www", Some(services)), Some((80, PROTO_TCP)));
         assert_eq!(lookup_service("gopher", Some(services)), None);
     }
@@ -202,6 +284,9 @@ mod tests {
         t[8101] = PROTO_ALL;
         t[65535] = PROTO_UDP;
         let folded: Vec<String> = fold(&t).iter().map(|s| s.to_string()).collect();
-        assert_eq!(folded, ["53/udp", "443", "8000-8100/tcp", "8101", "65535/udp"]);
+        assert_eq!(
+            folded,
+            ["53/udp", "443", "8000-8100/tcp", "8101", "65535/udp"]
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! (`Harness`), crafted packets (`packet`), and throwaway network namespaces joined by a veth pair
 //! with real sockets on both ends (`netns`).
 
+pub mod cli;
 pub mod netns;
 pub mod packet;
 

@@ -99,6 +99,9 @@ pub const SERVER_V6: &str = "2001:db8::1";
 /// Client addresses: the first of each family is the primary, the rest are extra sources.
 pub const CLIENT_V4: [&str; 3] = ["198.18.0.2", "198.18.0.3", "198.18.0.4"];
 pub const CLIENT_V6: [&str; 3] = ["2001:db8::2", "2001:db8::3", "2001:db8::4"];
+/// Addresses of the second link (`Bed::add_second_link`).
+pub const SERVER2_V4: &str = "198.19.0.1";
+pub const CLIENT2_V4: &str = "198.19.0.2";
 
 impl Bed {
     /// With `offloads` false, TSO/GSO/GRO are off on both ends, so every skb is one wire packet
@@ -164,6 +167,32 @@ impl Bed {
         bed.send_udp(CLIENT_V6[0], SERVER_V6, 9, 1, 1)?;
         std::thread::sleep(Duration::from_millis(300));
         Ok(bed)
+    }
+
+    /// A second veth pair between the same namespaces (`pw2` in the server, `pw3` in the client)
+    /// on 198.19.0.0/24: server 198.19.0.1, client 198.19.0.2.
+    pub fn add_second_link(&self) -> Result<()> {
+        self.server.ip(&[
+            "link",
+            "add",
+            "pw2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pw3",
+            "netns",
+            &self.client.name,
+        ])?;
+        self.server
+            .ip(&["addr", "add", &format!("{SERVER2_V4}/24"), "dev", "pw2"])?;
+        self.client
+            .ip(&["addr", "add", &format!("{CLIENT2_V4}/24"), "dev", "pw3"])?;
+        self.server.ip(&["link", "set", "pw2", "up"])?;
+        self.client.ip(&["link", "set", "pw3", "up"])?;
+        self.send_udp(CLIENT2_V4, SERVER2_V4, 9, 1, 1)?;
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
     }
 
     /// Sends `count` UDP datagrams of `size` payload bytes from `src` (a client address) to

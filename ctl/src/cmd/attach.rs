@@ -15,19 +15,31 @@ use crate::{
 pub fn attach(pin: &PinPath, iface: &str, direction: Option<Direction>, mode: Mode) -> Result<()> {
     let (_lock, pinned) = super::open_for_change(pin)?;
     let iface = Iface::resolve(iface)?;
-    let directions = direction.map(|d| directions_from_bits(d.bits())).unwrap_or_else(|| pinned.directions());
+    let directions = direction
+        .map(|d| directions_from_bits(d.bits()))
+        .unwrap_or_else(|| pinned.directions());
     let mut records = pinned.attachments()?;
     let mut done = vec![];
     for d in directions {
-        let key = AttachKey { ifindex: iface.index, direction: d, _reserved: [0; 3] };
+        let key = AttachKey {
+            ifindex: iface.index,
+            direction: d,
+            _reserved: [0; 3],
+        };
         if records.get(&key, 0).is_ok() {
             println!("already attached to {} {}", iface.name, direction_name(d));
             continue;
         }
-        let mut prog = SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
+        let mut prog =
+            SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
         match attach::attach(&mut prog, pin, &mut records, &iface, d, mode) {
             Ok((key, record)) => {
-                println!("attached to {} {} ({})", iface.name, direction_name(d), attach::mode_name(record.mode));
+                println!(
+                    "attached to {} {} ({})",
+                    iface.name,
+                    direction_name(d),
+                    attach::mode_name(record.mode)
+                );
                 done.push((key, record));
             }
             Err(e) => {
@@ -54,15 +66,22 @@ pub fn detach(pin: &PinPath, iface: &str) -> Result<()> {
         .filter_map(|r| r.ok())
         .filter(|(key, record)| match index {
             Some(index) => key.ifindex == index,
-            None => attach::recorded_name(record) == iface && attach::ifname_of(key.ifindex).is_none(),
+            None => {
+                attach::recorded_name(record) == iface && attach::ifname_of(key.ifindex).is_none()
+            }
         })
         .collect();
     if matching.is_empty() {
-        return Err(Error::Interface(format!("portwatch is not attached to {iface:?} (see `portwatch status`)")).into());
+        return Err(Error::Interface(format!(
+            "portwatch is not attached to {iface:?} (see `portwatch status`)"
+        ))
+        .into());
     }
     for (key, record) in matching {
         attach::detach(pin, key, &record)?;
-        records.remove(&key).context("removing the attachment record")?;
+        records
+            .remove(&key)
+            .context("removing the attachment record")?;
         println!("detached from {iface} {}", direction_name(key.direction));
     }
     Ok(())

@@ -10,8 +10,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use ctl_common::{
-    map_names, program_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, LAYOUT_VERSION,
+    map_names, program_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta,
+    DIRECTION_EGRESS, DIRECTION_INGRESS, LAYOUT_VERSION,
 };
 
 use crate::{
@@ -19,7 +19,9 @@ use crate::{
     cli::{Direction, LoadArgs},
     error::Error,
     maps,
-    pinned::{check_privileges, direction_name, directions_from_bits, ensure_bpffs, Lock, PinPath, Pinned},
+    pinned::{
+        check_privileges, direction_name, directions_from_bits, ensure_bpffs, Lock, PinPath, Pinned,
+    },
     ports::PortSpec,
 };
 
@@ -36,7 +38,13 @@ struct Undo {
 
 impl Undo {
     fn new(pin: &PinPath) -> Self {
-        Undo { pin: pin.clone(), attachments: vec![], files: vec![], dirs: vec![], armed: true }
+        Undo {
+            pin: pin.clone(),
+            attachments: vec![],
+            files: vec![],
+            dirs: vec![],
+            armed: true,
+        }
     }
     fn dir(&mut self, dir: PathBuf) -> Result<()> {
         if !dir.exists() {
@@ -70,7 +78,11 @@ pub fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
     check_privileges()?;
     ensure_bpffs(pin)?;
     // Every interface must exist before anything is created.
-    let ifaces = args.ifaces.iter().map(|n| Iface::resolve(n)).collect::<Result<Vec<_>>>()?;
+    let ifaces = args
+        .ifaces
+        .iter()
+        .map(|n| Iface::resolve(n))
+        .collect::<Result<Vec<_>>>()?;
     let root_existed = pin.root.exists();
     let lock = Lock::acquire(pin)?;
     if pin.is_loaded() {
@@ -93,17 +105,33 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
     undo.dir(pin.maps_dir())?;
     for name in map_names::ALL {
         let path = pin.map(name);
-        ebpf.map(name).with_context(|| format!("map {name} missing from the object"))?.pin(&path).with_context(
-            || format!("pinning {} (is something else pinned there?)", path.display()),
-        )?;
+        ebpf.map(name)
+            .with_context(|| format!("map {name} missing from the object"))?
+            .pin(&path)
+            .with_context(|| {
+                format!(
+                    "pinning {} (is something else pinned there?)",
+                    path.display()
+                )
+            })?;
         undo.files.push(path);
     }
 
-    let meta = Meta { layout_version: LAYOUT_VERSION, max_entries, directions: direction.bits(), _reserved: [0; 7] };
+    let meta = Meta {
+        layout_version: LAYOUT_VERSION,
+        max_entries,
+        directions: direction.bits(),
+        _reserved: [0; 7],
+    };
     Array::<_, Meta>::try_from(ebpf.map_mut(map_names::META).unwrap())?.set(0, meta, 0)?;
-    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, Config::default(), 0)?;
+    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(
+        0,
+        Config::default(),
+        0,
+    )?;
     for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
-        let mut counters: PerCpuHashMap<_, CounterKey, Counters> = PerCpuHashMap::try_from(ebpf.map_mut(name).unwrap())?;
+        let mut counters: PerCpuHashMap<_, CounterKey, Counters> =
+            PerCpuHashMap::try_from(ebpf.map_mut(name).unwrap())?;
         maps::ensure_overflow_keys(&mut counters)?;
     }
     let mut ports: Array<_, u8> = Array::try_from(ebpf.map_mut(map_names::WATCHED_PORTS).unwrap())?;
@@ -112,23 +140,37 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
     undo.dir(pin.progs_dir())?;
     for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
         let name = program_name(d);
-        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
-        prog.load().with_context(|| format!("the kernel's verifier refused {name}"))?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .context("program missing")?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the kernel's verifier refused {name}"))?;
         let path = pin.prog(d);
-        prog.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        prog.pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
         undo.files.push(path);
     }
 
     let mut records: HashMap<MapData, AttachKey, Attachment> =
         HashMap::try_from(ebpf.take_map(map_names::ATTACHMENTS).unwrap())?;
     undo.dir(pin.links_dir())?;
-    println!("loaded portwatch at {} (layout {LAYOUT_VERSION}, {max_entries} counter entries)", pin.root.display());
+    println!(
+        "loaded portwatch at {} (layout {LAYOUT_VERSION}, {max_entries} counter entries)",
+        pin.root.display()
+    );
     for iface in ifaces {
         for d in directions_from_bits(direction.bits()) {
-            let prog: &mut SchedClassifier = ebpf.program_mut(program_name(d)).unwrap().try_into()?;
+            let prog: &mut SchedClassifier =
+                ebpf.program_mut(program_name(d)).unwrap().try_into()?;
             let (key, record) = attach::attach(prog, pin, &mut records, iface, d, args.mode)?;
             undo.attachments.push((key, record));
-            println!("attached to {} {} ({})", iface.name, direction_name(d), attach::mode_name(record.mode));
+            println!(
+                "attached to {} {} ({})",
+                iface.name,
+                direction_name(d),
+                attach::mode_name(record.mode)
+            );
         }
     }
     report_ports(&args.ports);
@@ -164,15 +206,25 @@ fn add_to_loaded(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], _lock: Lock) 
     let mut undo = Undo::new(pin);
     for iface in ifaces {
         for d in pinned.directions() {
-            let key = AttachKey { ifindex: iface.index, direction: d, _reserved: [0; 3] };
+            let key = AttachKey {
+                ifindex: iface.index,
+                direction: d,
+                _reserved: [0; 3],
+            };
             if records.get(&key, 0).is_ok() {
                 println!("already attached to {} {}", iface.name, direction_name(d));
                 continue;
             }
-            let mut prog = SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
+            let mut prog =
+                SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
             let (key, record) = attach::attach(&mut prog, pin, &mut records, iface, d, args.mode)?;
             undo.attachments.push((key, record));
-            println!("attached to {} {} ({})", iface.name, direction_name(d), attach::mode_name(record.mode));
+            println!(
+                "attached to {} {} ({})",
+                iface.name,
+                direction_name(d),
+                attach::mode_name(record.mode)
+            );
         }
     }
     add_ports(&mut pinned.watched_ports()?, &args.ports)?;
@@ -190,7 +242,10 @@ fn program_name(direction: u8) -> &'static str {
 }
 
 /// Adds the protocols of `specs` to the port map (existing flags are kept).
-pub fn add_ports<T: std::borrow::BorrowMut<MapData>>(ports: &mut Array<T, u8>, specs: &[PortSpec]) -> Result<()> {
+pub fn add_ports<T: std::borrow::BorrowMut<MapData>>(
+    ports: &mut Array<T, u8>,
+    specs: &[PortSpec],
+) -> Result<()> {
     for spec in specs {
         for port in spec.ports() {
             let current = ports.get(&(port as u32), 0)?;

@@ -52,7 +52,14 @@ fn change(pin: &PinPath, edit: impl FnOnce(&mut [u8])) -> Result<()> {
         }
     }
     let folded: Vec<String> = ports::fold(&after).iter().map(|s| s.to_string()).collect();
-    println!("{changed} port(s) changed; watching: {}", if folded.is_empty() { "nothing".into() } else { folded.join(", ") });
+    println!(
+        "{changed} port(s) changed; watching: {}",
+        if folded.is_empty() {
+            "nothing".into()
+        } else {
+            folded.join(", ")
+        }
+    );
     Ok(())
 }
 

@@ -48,10 +48,12 @@ fn collect(pinned: &Pinned) -> Result<Value> {
         let (key, record) = entry?;
         let current = attach::ifname_of(key.ifindex);
         let link_id = if record.mode == ATTACH_MODE_TCX {
-            PinnedLink::from_pin(pin.link(key.ifindex, key.direction)).ok().and_then(|l| {
-                let fd: aya::programs::links::FdLink = l.into();
-                fd.info().ok().map(|i| i.id())
-            })
+            PinnedLink::from_pin(pin.link(key.ifindex, key.direction))
+                .ok()
+                .and_then(|l| {
+                    let fd: aya::programs::links::FdLink = l.into();
+                    fd.info().ok().map(|i| i.id())
+                })
         } else {
             None
         };
@@ -66,13 +68,21 @@ fn collect(pinned: &Pinned) -> Result<Value> {
             "tc_handle": (record.mode != ATTACH_MODE_TCX).then(|| format!("{:x}", record.handle)),
         }));
     }
-    attachments.sort_by_key(|a| (a["interface"].as_str().unwrap_or("").to_string(), a["direction"].to_string()));
+    attachments.sort_by_key(|a| {
+        (
+            a["interface"].as_str().unwrap_or("").to_string(),
+            a["direction"].to_string(),
+        )
+    });
 
     let mut table = vec![0u8; ctl_common::PORT_COUNT as usize];
     for (port, flags) in pinned.watched_ports()?.iter().enumerate() {
         table[port] = flags?;
     }
-    let watched: Vec<Value> = ports::fold(&table).iter().map(super::ports::spec_json).collect();
+    let watched: Vec<Value> = ports::fold(&table)
+        .iter()
+        .map(super::ports::spec_json)
+        .collect();
 
     let generation = pinned.config()?.get(&0, 0)?.generation & 1;
     let counters = maps::read_counters(&pinned.counters(generation)?)?;
@@ -107,9 +117,19 @@ fn collect(pinned: &Pinned) -> Result<Value> {
 }
 
 fn print_human(r: &Value) {
-    println!("portwatch loaded at {} (layout {}, direction {})", r["pin_path"].as_str().unwrap_or(""), r["layout_version"], r["direction"].as_str().unwrap_or(""));
+    println!(
+        "portwatch loaded at {} (layout {}, direction {})",
+        r["pin_path"].as_str().unwrap_or(""),
+        r["layout_version"],
+        r["direction"].as_str().unwrap_or("")
+    );
     for p in r["programs"].as_array().into_iter().flatten() {
-        println!("  program {:<8} id {} tag {}", p["direction"].as_str().unwrap_or(""), p["id"], p["tag"].as_str().unwrap_or(""));
+        println!(
+            "  program {:<8} id {} tag {}",
+            p["direction"].as_str().unwrap_or(""),
+            p["id"],
+            p["tag"].as_str().unwrap_or("")
+        );
     }
     let attachments = r["attachments"].as_array().cloned().unwrap_or_default();
     if attachments.is_empty() {
@@ -118,24 +138,62 @@ fn print_human(r: &Value) {
     for a in attachments {
         let what = match a["link_id"].as_u64() {
             Some(id) => format!("link {id}"),
-            None if a["mode"] == "tc" => format!("prio {} handle {}", a["tc_priority"], a["tc_handle"].as_str().unwrap_or("")),
+            None if a["mode"] == "tc" => format!(
+                "prio {} handle {}",
+                a["tc_priority"],
+                a["tc_handle"].as_str().unwrap_or("")
+            ),
             None => "link missing".into(),
         };
-        let vanished = if a["present"] == false { "  (interface vanished: `portwatch detach` removes this)" } else { "" };
-        println!("attached {:<16} {:<8} {:<4} {what}{vanished}", a["interface"].as_str().unwrap_or(""), a["direction"].as_str().unwrap_or(""), a["mode"].as_str().unwrap_or(""));
+        let vanished = if a["present"] == false {
+            "  (interface vanished: `portwatch detach` removes this)"
+        } else {
+            ""
+        };
+        println!(
+            "attached {:<16} {:<8} {:<4} {what}{vanished}",
+            a["interface"].as_str().unwrap_or(""),
+            a["direction"].as_str().unwrap_or(""),
+            a["mode"].as_str().unwrap_or("")
+        );
     }
-    let ports: Vec<&str> = r["watched_ports"].as_array().into_iter().flatten().filter_map(|p| p["spec"].as_str()).collect();
-    println!("watching {}", if ports.is_empty() { "no port".to_string() } else { ports.join(", ") });
+    let ports: Vec<&str> = r["watched_ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["spec"].as_str())
+        .collect();
+    println!(
+        "watching {}",
+        if ports.is_empty() {
+            "no port".to_string()
+        } else {
+            ports.join(", ")
+        }
+    );
     let c = &r["counters"];
-    println!("counter entries {} of {} (generation {})", c["entries"], c["max_entries"], c["generation"]);
+    println!(
+        "counter entries {} of {} (generation {})",
+        c["entries"], c["max_entries"], c["generation"]
+    );
     let s = &r["stats"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
-    println!("matched {} packets, {} ({} bytes)", n(&s["matched_packets"]), output::human_bytes(n(&s["matched_bytes"])), n(&s["matched_bytes"]));
+    println!(
+        "matched {} packets, {} ({} bytes)",
+        n(&s["matched_packets"]),
+        output::human_bytes(n(&s["matched_bytes"])),
+        n(&s["matched_bytes"])
+    );
     println!("unwatched {} packets", n(&s["unwatched_packets"]));
     let nc = &s["not_counted"];
     println!(
         "not counted: non-IP {}, other protocol {}, non-first fragment {}, truncated {}, malformed {}, too many headers {}",
         n(&nc["non_ip"]), n(&nc["unknown_l4"]), n(&nc["fragment"]), n(&nc["truncated"]), n(&nc["malformed"]), n(&nc["header_limit"])
     );
-    println!("map full: {} packets, {} ({} bytes) in the overflow entry", n(&s["map_full_packets"]), output::human_bytes(n(&s["map_full_bytes"])), n(&s["map_full_bytes"]));
+    println!(
+        "map full: {} packets, {} ({} bytes) in the overflow entry",
+        n(&s["map_full_packets"]),
+        output::human_bytes(n(&s["map_full_bytes"])),
+        n(&s["map_full_bytes"])
+    );
 }

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     attach,
-    pinned::{check_privileges, ensure_bpffs, direction_name, Lock, PinPath, Pinned},
+    pinned::{check_privileges, direction_name, ensure_bpffs, Lock, PinPath, Pinned},
 };
 
 pub fn run(pin: &PinPath) -> Result<()> {
@@ -31,7 +31,8 @@ pub fn run(pin: &PinPath) -> Result<()> {
         if dir.exists() {
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
-                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
             }
             std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }

@@ -1,0 +1,66 @@
+//! The CLI's help is part of its contract: examples and documented exit codes. (Cargo also builds
+//! the `portwatch` binary for these tests, before any test runs; the kernel tests in `tests/` use it.)
+
+use std::process::Command;
+
+fn portwatch(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_portwatch"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn help_has_examples_and_exit_codes() {
+    let out = portwatch(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "portwatch load --iface eth0 --port 443",
+        "portwatch ports add 8080",
+        "Exit codes:",
+        "3 not root",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
+    }
+}
+
+#[test]
+fn every_verb_has_help_with_an_example() {
+    for verb in [
+        &["load"][..],
+        &["attach"],
+        &["detach"],
+        &["status"],
+        &["ports", "add"],
+        &["ports", "del"],
+        &["ports", "set"],
+    ] {
+        let mut args = verb.to_vec();
+        args.push("--help");
+        let out = portwatch(&args);
+        assert!(out.status.success(), "{verb:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("Example"),
+            "{verb:?} --help has no example:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn usage_errors_are_one_line_with_exit_code_2() {
+    for args in [
+        &["load"][..],
+        &["ports", "add"],
+        &["ports", "add", "0"],
+        &["frobnicate"],
+        &["load", "--iface", "lo", "--max-entries", "0"],
+    ] {
+        let out = portwatch(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("portwatch: "), "{stderr}");
+    }
+}

@@ -1,0 +1,141 @@
+//! Driving the real `portwatch` binary: one process per command, as an operator would, inside a
+//! test's network namespace (`nsenter --net`, which keeps the host's bpffs mount), with a pin path
+//! of the test's own that is removed on drop.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use ctl_common::{CounterKey, Counters};
+use portwatch::pinned::{PinPath, Pinned};
+
+use crate::netns::Netns;
+
+/// `target/<profile>/portwatch`, which cargo builds before any test runs (ctl has integration
+/// tests of its own).
+pub fn portwatch_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("portwatch");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p ctl` (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// One portwatch installation under test: its pin path and the namespace its commands run in.
+pub struct Pw {
+    pub pin: PathBuf,
+    netns: Option<String>,
+}
+
+/// A finished command.
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Pw {
+    pub fn new(netns: Option<&Netns>) -> Pw {
+        let pin = PathBuf::from(format!(
+            "/sys/fs/bpf/pwt-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        Pw {
+            pin,
+            netns: netns.map(|n| n.name.clone()),
+        }
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(portwatch_bin());
+                c
+            }
+            None => Command::new(portwatch_bin()),
+        };
+        cmd.arg("--pin-path").arg(&self.pin).args(args);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Ran {
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = self.command(args).output().expect("running portwatch");
+        Ran {
+            code: status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args);
+        assert_eq!(
+            r.code, 0,
+            "portwatch {args:?} failed ({}): {}",
+            r.code, r.stderr
+        );
+        r.stdout
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
+    }
+
+    /// The pinned state, opened from this (test) process: pins are not bound to a namespace.
+    pub fn pinned(&self) -> Pinned {
+        Pinned::open(&PinPath::new(&self.pin)).expect("opening the pinned state")
+    }
+
+    /// The active generation's counters, without the overflow keys.
+    pub fn counters(&self) -> BTreeMap<CounterKey, Counters> {
+        let pinned = self.pinned();
+        let generation = pinned.config().unwrap().get(&0, 0).unwrap().generation;
+        crate::real_counters(
+            &portwatch::maps::read_counters(&pinned.counters(generation).unwrap()).unwrap(),
+        )
+    }
+
+    /// Every path under the pin path, sorted (empty when nothing is pinned).
+    pub fn tree(&self) -> Vec<String> {
+        fn walk(dir: &Path, out: &mut Vec<String>) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    out.push(e.path().display().to_string());
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        let mut out = vec![];
+        walk(&self.pin, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Pw {
+    fn drop(&mut self) {
+        if self.pin.exists() {
+            let _ = self.command(&["unload"]).output();
+            let _ = std::fs::remove_dir_all(&self.pin);
+        }
+    }
+}

@@ -1,0 +1,608 @@
+//! The control plane as an operator uses it: the real `portwatch` binary, one short-lived process
+//! per command, real traffic between network namespaces the tests create, and the pinned state
+//! checked directly. Nothing stays resident: counting goes on in the kernel after `load` exits.
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use ctl_common::{
+    Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP,
+    IPPROTO_UDP as UDP,
+};
+use portwatch_tests::{
+    cli::Pw,
+    kernel_available, key,
+    netns::{sh, Bed, Netns, CLIENT2_V4, CLIENT_V4, CLIENT_V6, SERVER2_V4, SERVER_V4, SERVER_V6},
+};
+
+/// TCX programs attached to `iface` in `ns`, both directions.
+fn tcx_programs(ns: &Netns, iface: &str) -> Vec<u32> {
+    ns.enter(|| {
+        let mut ids = vec![];
+        for t in [TcAttachType::Ingress, TcAttachType::Egress] {
+            if let Ok((_, progs)) = SchedClassifier::query_tcx(iface, t) {
+                ids.extend(progs.iter().map(|p| p.id()));
+            }
+        }
+        ids
+    })
+    .unwrap()
+}
+
+/// Classic tc filters on `iface` in `ns`, both directions (an absent clsact qdisc has none).
+fn tc_filters(ns: &Netns, iface: &str) -> usize {
+    ["ingress", "egress"]
+        .iter()
+        .map(|d| {
+            let out = ns
+                .exec(&["tc", "-j", "filter", "show", "dev", iface, d])
+                .unwrap_or_else(|_| "[]".into());
+            let v: serde_json::Value =
+                serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .filter(|f| f.get("options").is_some())
+                .count()
+        })
+        .sum()
+}
+
+fn assert_nothing_attached(bed: &Bed, ifaces: &[&str]) {
+    for iface in ifaces {
+        assert_eq!(
+            tcx_programs(&bed.server, iface),
+            Vec::<u32>::new(),
+            "TCX programs left on {iface}"
+        );
+        assert_eq!(
+            tc_filters(&bed.server, iface),
+            0,
+            "tc filters left on {iface}"
+        );
+    }
+}
+
+fn program_ids(status: &serde_json::Value) -> Vec<u64> {
+    status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect()
+}
+
+/// load in one process, exit, real TCP and UDP (IPv4 and IPv6) from the client namespace, and the
+/// pinned counters equal the L3 bytes and packets that crossed, with no portwatch process alive.
+fn lifecycle(mode: &str) {
+    let bed = Bed::new(false).unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    let out = pw.ok(&[
+        "load",
+        "--iface",
+        &bed.server_if,
+        "--port",
+        "7001/tcp",
+        "--port",
+        "7002/udp",
+        "--mode",
+        mode,
+    ]);
+    assert!(out.contains(&format!("({mode})")), "{out}");
+    let status = pw.status();
+    for a in status["attachments"].as_array().unwrap() {
+        assert_eq!(a["mode"], mode);
+    }
+    // The load process has exited: everything from here on is the kernel's doing.
+    let udp4 = bed
+        .send_udp(CLIENT_V4[1], SERVER_V4, 7002, 100, 700)
+        .unwrap();
+    let udp6 = bed
+        .send_udp(CLIENT_V6[1], SERVER_V6, 7002, 100, 700)
+        .unwrap();
+    let tcp4 = bed
+        .tcp_transfer(CLIENT_V4[0], SERVER_V4, 7001, 500_000)
+        .unwrap();
+    let tcp6 = bed
+        .tcp_transfer(CLIENT_V6[0], SERVER_V6, 7001, 500_000)
+        .unwrap();
+
+    let got = pw.counters();
+    assert_eq!(
+        got[&key(CLIENT_V4[1], 7002, UDP, IN)],
+        Counters {
+            bytes: udp4,
+            packets: 100
+        }
+    );
+    assert_eq!(
+        got[&key(CLIENT_V6[1], 7002, UDP, IN)],
+        Counters {
+            bytes: udp6,
+            packets: 100
+        }
+    );
+    // TCP: every segment the client's TCP sent and received, each with its IP header and a
+    // 32-byte TCP header (timestamps), but SYN and SYN-ACK whose options make 40; the payload is
+    // 500000 bytes one way and "done" the other.
+    let tcp = |segments: u64, ip_header: u64, payload: u64| Counters {
+        bytes: segments * (ip_header + 32) + 8 + payload,
+        packets: segments,
+    };
+    assert_eq!(
+        got[&key(CLIENT_V4[0], 7001, TCP, IN)],
+        tcp(tcp4.sent, 20, 500_000)
+    );
+    assert_eq!(
+        got[&key(CLIENT_V4[0], 7001, TCP, EG)],
+        tcp(tcp4.received, 20, 4)
+    );
+    assert_eq!(
+        got[&key(CLIENT_V6[0], 7001, TCP, IN)],
+        tcp(tcp6.sent, 40, 500_000)
+    );
+    assert_eq!(
+        got[&key(CLIENT_V6[0], 7001, TCP, EG)],
+        tcp(tcp6.received, 40, 4)
+    );
+    assert_eq!(got.len(), 6, "{got:#?}");
+    let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
+    let status = pw.status();
+    assert_eq!(status["stats"]["matched_packets"], total.packets);
+    assert_eq!(status["stats"]["matched_bytes"], total.bytes);
+    assert_eq!(status["counters"]["entries"], 6);
+
+    pw.ok(&["unload"]);
+    assert!(!pw.pin.exists(), "unload leaves the pin path");
+    assert_nothing_attached(&bed, &[&bed.server_if]);
+}
+
+#[test]
+fn lifecycle_with_tcx_links() {
+    if kernel_available("lifecycle_with_tcx_links") {
+        lifecycle("tcx");
+    }
+}
+
+#[test]
+fn lifecycle_with_classic_tc() {
+    if kernel_available("lifecycle_with_classic_tc") {
+        lifecycle("tc");
+    }
+}
+
+/// `ports add` while traffic flows counts from then on; `ports del` stops it; the program is never
+/// reloaded (its id stays the same).
+#[test]
+fn port_changes_apply_live_without_reload() {
+    if !kernel_available("port_changes_apply_live_without_reload") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    pw.ok(&["load", "--iface", &bed.server_if, "--port", "7001"]);
+    let ids = program_ids(&pw.status());
+    let src = CLIENT_V4[1];
+    let k = key(src, 7003, UDP, IN);
+
+    bed.send_udp(src, SERVER_V4, 7003, 10, 100).unwrap();
+    assert_eq!(pw.counters().get(&k), None, "7003 is not watched yet");
+    pw.ok(&["ports", "add", "7003/udp"]);
+    let counted = bed.send_udp(src, SERVER_V4, 7003, 20, 100).unwrap();
+    assert_eq!(
+        pw.counters()[&k],
+        Counters {
+            bytes: counted,
+            packets: 20
+        }
+    );
+    pw.ok(&["ports", "del", "7003"]);
+    bed.send_udp(src, SERVER_V4, 7003, 30, 100).unwrap();
+    assert_eq!(
+        pw.counters()[&k],
+        Counters {
+            bytes: counted,
+            packets: 20
+        },
+        "nothing counted after del"
+    );
+    assert_eq!(program_ids(&pw.status()), ids, "no reload happened");
+
+    // `set` replaces the whole set; `list` folds it into ranges and prints SPECs.
+    pw.ok(&["ports", "set", "8000-8100/tcp", "53/udp", "https"]);
+    assert_eq!(pw.ok(&["ports", "list"]), "53/udp\n443\n8000-8100/tcp\n");
+    let listed: serde_json::Value =
+        serde_json::from_str(&pw.ok(&["ports", "list", "--json"])).unwrap();
+    assert_eq!(
+        listed["ports"][2],
+        serde_json::json!({"spec": "8000-8100/tcp", "first": 8000, "last": 8100, "protocols": ["tcp"]})
+    );
+}
+
+/// `detach` of one of two interfaces keeps the other counting; `unload` then leaves no pin and no
+/// attachment anywhere.
+#[test]
+fn detach_one_interface_keeps_the_other_counting() {
+    if !kernel_available("detach_one_interface_keeps_the_other_counting") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    bed.add_second_link().unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    pw.ok(&[
+        "load", "--iface", "pw0", "--iface", "pw2", "--port", "7002/udp",
+    ]);
+    assert_eq!(pw.status()["attachments"].as_array().unwrap().len(), 4);
+    let a = bed
+        .send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100)
+        .unwrap();
+    let b = bed.send_udp(CLIENT2_V4, SERVER2_V4, 7002, 10, 100).unwrap();
+    assert_eq!(
+        pw.counters()[&key(CLIENT2_V4, 7002, UDP, IN)],
+        Counters {
+            bytes: b,
+            packets: 10
+        }
+    );
+
+    let out = pw.ok(&["detach", "pw2"]);
+    assert!(out.contains("detached from pw2 ingress"), "{out}");
+    assert_nothing_attached(&bed, &["pw2"]);
+    assert_eq!(tcx_programs(&bed.server, "pw0").len(), 2);
+    bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100)
+        .unwrap();
+    bed.send_udp(CLIENT2_V4, SERVER2_V4, 7002, 10, 100).unwrap();
+    let got = pw.counters();
+    assert_eq!(
+        got[&key(CLIENT_V4[0], 7002, UDP, IN)],
+        Counters {
+            bytes: 2 * a,
+            packets: 20
+        },
+        "pw0 still counts"
+    );
+    assert_eq!(
+        got[&key(CLIENT2_V4, 7002, UDP, IN)],
+        Counters {
+            bytes: b,
+            packets: 10
+        },
+        "pw2 no longer counts"
+    );
+
+    // Attach it again, then a second load with the same interface never attaches twice.
+    pw.ok(&["attach", "pw2"]);
+    let out = pw.ok(&["load", "--iface", "pw2", "--iface", "pw0"]);
+    assert!(
+        out.contains("already attached to pw2 ingress")
+            && out.contains("already attached to pw0 egress"),
+        "{out}"
+    );
+    assert_eq!(tcx_programs(&bed.server, "pw2").len(), 2);
+
+    pw.ok(&["unload"]);
+    assert!(pw.tree().is_empty() && !pw.pin.exists());
+    assert_nothing_attached(&bed, &["pw0", "pw2"]);
+    let again = pw.run(&["unload"]);
+    assert_eq!(
+        (again.code, again.stdout.contains("nothing is loaded")),
+        (0, true),
+        "{}",
+        again.stdout
+    );
+}
+
+/// An interface that vanishes leaves pins that `status` reports and `detach` removes.
+#[test]
+fn a_vanished_interface_is_reported_and_removable() {
+    if !kernel_available("a_vanished_interface_is_reported_and_removable") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    bed.add_second_link().unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    pw.ok(&["load", "--iface", "pw0", "--iface", "pw2"]);
+    bed.server.ip(&["link", "del", "pw2"]).unwrap();
+    let status = pw.status();
+    let gone: Vec<_> = status["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["present"] == false)
+        .collect();
+    assert_eq!(gone.len(), 2, "{status:#}");
+    assert!(gone.iter().all(|a| a["interface"] == "pw2"));
+    assert!(pw.ok(&["status"]).contains("interface vanished"));
+    pw.ok(&["detach", "pw2"]);
+    let links: Vec<_> = pw
+        .tree()
+        .into_iter()
+        .filter(|p| p.contains("/links/"))
+        .collect();
+    assert_eq!(links.len(), 2, "only pw0's two links remain: {links:?}");
+    pw.ok(&["unload"]);
+    assert!(!pw.pin.exists());
+}
+
+/// A failed `load` leaves nothing pinned or attached.
+#[test]
+fn a_failed_load_leaves_nothing_behind() {
+    if !kernel_available("a_failed_load_leaves_nothing_behind") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    let r = pw.run(&[
+        "load", "--iface", "pw0", "--iface", "nosuch0", "--port", "443",
+    ]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("nosuch0"), "{}", r.stderr);
+    assert!(!pw.pin.exists(), "{:?}", pw.tree());
+    assert_nothing_attached(&bed, &["pw0"]);
+
+    // A pin path whose map name is taken by something else: load fails while pinning its maps
+    // and removes what it had pinned, leaving the foreign pin alone.
+    std::fs::create_dir_all(pw.pin.join("maps")).unwrap();
+    let foreign = pw.pin.join("maps").join("counters_0");
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        foreign.to_str().unwrap(),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "4",
+        "entries",
+        "1",
+        "name",
+        "foreign",
+    ])
+    .unwrap();
+    let r = pw.run(&["load", "--iface", "pw0", "--port", "443"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("counters_0"), "{}", r.stderr);
+    assert_eq!(
+        pw.tree(),
+        vec![
+            pw.pin.join("maps").display().to_string(),
+            foreign.display().to_string()
+        ]
+    );
+    assert_nothing_attached(&bed, &["pw0"]);
+    std::fs::remove_dir_all(&pw.pin).unwrap();
+}
+
+/// The state an error must not change: every pin, the attachments and the watched ports.
+fn snapshot(pw: &Pw) -> (Vec<String>, serde_json::Value, serde_json::Value) {
+    let s = pw.status();
+    (
+        pw.tree(),
+        s["attachments"].clone(),
+        s["watched_ports"].clone(),
+    )
+}
+
+/// Each documented error: its exit code, a one-line message naming the problem, and the pinned
+/// state unchanged.
+#[test]
+fn errors_say_what_to_do_and_change_nothing() {
+    if !kernel_available("errors_say_what_to_do_and_change_nothing") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    // Nothing loaded yet.
+    for args in [
+        &["ports", "add", "80"][..],
+        &["ports", "list"],
+        &["detach", "pw0"],
+        &["attach", "pw0"],
+    ] {
+        let r = pw.run(args);
+        assert_eq!(r.code, 4, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("nothing is loaded") && r.stderr.contains("portwatch load"),
+            "{}",
+            r.stderr
+        );
+        assert!(!pw.pin.exists());
+    }
+
+    pw.ok(&[
+        "load",
+        "--iface",
+        "pw0",
+        "--port",
+        "443",
+        "--max-entries",
+        "1000",
+    ]);
+    let before = snapshot(&pw);
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["ports", "add", "0"], 2, "port 0"),
+        (vec!["ports", "add", "65536"], 2, "out of range"),
+        (vec!["ports", "add", "-1"], 2, "not a port number"),
+        (vec!["ports", "add", "abc"], 2, "not a service name"),
+        (vec!["ports", "add", "10-5"], 2, "starts above its end"),
+        (vec!["ports", "add", "80/icmp"], 2, "tcp or udp"),
+        (vec!["ports", "add"], 2, "<SPEC>"),
+        (vec!["ports", "set", ""], 2, "empty port SPEC"),
+        (
+            vec!["load", "--iface", "pw0", "--max-entries", "0"],
+            2,
+            "at least 1",
+        ),
+        (
+            vec!["load", "--iface", "pw0", "--max-entries", "5000"],
+            5,
+            "--max-entries 1000",
+        ),
+        (
+            vec!["load", "--iface", "pw0", "--direction", "ingress"],
+            5,
+            "--direction both",
+        ),
+        (vec!["load", "--iface", "nosuch0"], 6, "nosuch0"),
+        (vec!["attach", "nosuch0"], 6, "nosuch0"),
+        (vec!["detach", "lo"], 6, "not attached"),
+        (vec!["detach", "nosuch0"], 6, "not attached"),
+    ];
+    for (args, code, says) in cases {
+        let r = pw.run(&args);
+        assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
+        assert_eq!(
+            r.stderr.lines().count(),
+            1,
+            "{args:?}: one line, got {:?}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains(says),
+            "{args:?}: {:?} lacks {says:?}",
+            r.stderr
+        );
+        assert!(!r.stderr.contains("panicked") && !r.stderr.contains("backtrace"));
+        assert_eq!(snapshot(&pw), before, "{args:?} changed the pinned state");
+    }
+
+    // A pin path outside bpffs.
+    let out = std::process::Command::new(portwatch_tests::cli::portwatch_bin())
+        .args(["--pin-path", "/tmp/pwt-not-bpffs", "status"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("not on a bpffs mount") && stderr.contains("--pin-path"),
+        "{stderr}"
+    );
+
+    // Not root: names the capabilities; exit code 3.
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(portwatch_tests::cli::portwatch_bin())
+        .arg("--pin-path")
+        .arg(&pw.pin)
+        .args(["ports", "add", "80"]);
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+    assert_eq!(snapshot(&pw), before);
+}
+
+/// Pinned state of another layout version is refused by every command, and never misread.
+#[test]
+fn another_layout_version_is_refused() {
+    if !kernel_available("another_layout_version_is_refused") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    pw.ok(&["load", "--iface", "pw0", "--port", "443"]);
+    let meta = pw.pin.join("maps/meta");
+    let set_version = |v: u32| {
+        let mut cmd = vec![
+            "bpftool",
+            "map",
+            "update",
+            "pinned",
+            meta.to_str().unwrap(),
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+            "value",
+        ];
+        let bytes: Vec<String> = v.to_le_bytes().iter().map(|b| b.to_string()).collect();
+        cmd.extend(bytes.iter().map(String::as_str));
+        // max_entries 65536, directions both, reserved zero
+        cmd.extend(["0", "0", "1", "0", "3", "0", "0", "0", "0", "0", "0", "0"]);
+        sh(&cmd).unwrap();
+    };
+    set_version(99);
+    let tree = pw.tree();
+    for args in [
+        &["status"][..],
+        &["ports", "list"],
+        &["ports", "add", "80"],
+        &["detach", "pw0"],
+        &["attach", "pw0"],
+        &["unload"],
+        &["load", "--iface", "pw0"],
+    ] {
+        let r = pw.run(args);
+        assert_eq!(r.code, 5, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("layout version 99") && r.stderr.contains("portwatch unload"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(pw.tree(), tree);
+    }
+    assert_eq!(tcx_programs(&bed.server, "pw0").len(), 2, "still attached");
+    set_version(ctl_common::LAYOUT_VERSION);
+    pw.ok(&["unload"]);
+}
+
+/// Commands that change state take the lock: one waits for the other.
+#[test]
+fn changes_wait_for_the_lock() {
+    if !kernel_available("changes_wait_for_the_lock") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    pw.ok(&["load", "--iface", "pw0"]);
+    let marker = std::env::temp_dir().join(format!("pwt-lock-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let holder = std::process::Command::new("flock")
+        .arg(&pw.pin)
+        .args(["-c", &format!("sleep 1; touch {}", marker.display())])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200)); // let the holder take the lock first
+    pw.ok(&["ports", "add", "80"]);
+    assert!(
+        marker.exists(),
+        "ports add ran while another process held the lock"
+    );
+    let mut holder = holder;
+    holder.wait().unwrap();
+    let _ = std::fs::remove_file(&marker);
+}
+
+/// bpffs not mounted: portwatch mounts it; not mountable (no CAP_SYS_ADMIN): a clear error.
+#[test]
+fn bpffs_is_mounted_when_missing() {
+    if !kernel_available("bpffs_is_mounted_when_missing") {
+        return;
+    }
+    let bin = portwatch_tests::cli::portwatch_bin();
+    let bin = bin.to_str().unwrap();
+    // A private mount namespace without /sys/fs/bpf mounted.
+    let out = sh(&["unshare", "-m", "--propagation", "private", "sh", "-c", &format!(
+        "umount /sys/fs/bpf && {bin} --pin-path /sys/fs/bpf/pwt-mount status && mountpoint -q /sys/fs/bpf && echo mounted"
+    )]).unwrap();
+    assert!(
+        out.contains("not loaded") && out.contains("mounted"),
+        "{out}"
+    );
+    let r = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &format!(
+            "umount /sys/fs/bpf && exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {bin} --pin-path /sys/fs/bpf/pwt-mount status"
+        )])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("bpffs is not mounted") && stderr.contains("mount -t bpf"),
+        "{stderr}"
+    );
+}
