@@ -28,11 +28,7 @@ fn main() {
     ] {
         println!("cargo::rerun-if-changed={}", root.join(path).display());
     }
-    for var in [
-        "PORTWATCH_BPF_CARGO",
-        "PORTWATCH_BPF_RUSTC",
-        "PORTWATCH_BPF_LINKER",
-    ] {
+    for var in ["PORTWATCH_BPF_CARGO", "PORTWATCH_BPF_RUSTC", "PORTWATCH_BPF_LINKER"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
 
@@ -46,9 +42,7 @@ fn main() {
         "/usr/bin/rustc",
         "Debian's rustc (package rustc-web)",
     );
-    if !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists()
-        && env::var_os("PORTWATCH_BPF_RUSTC").is_none()
-    {
+    if !Path::new("/usr/lib/rustlib/bpfel-unknown-none").exists() && env::var_os("PORTWATCH_BPF_RUSTC").is_none() {
         fail("the prebuilt `core` for bpfel-unknown-none (package libstd-rust-web-dev-bpf) is missing");
     }
     let linker = env::var_os("PORTWATCH_BPF_LINKER")
@@ -102,10 +96,7 @@ fn tool(var: &str, default: &str, what: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(default));
     if !path.exists() {
-        fail(&format!(
-            "{what} is missing: {} does not exist",
-            path.display()
-        ));
+        fail(&format!("{what} is missing: {} does not exist", path.display()));
     }
     path
 }

@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .ci/bootstrap
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
-cargo run --quiet --release --locked -p portwatch-tests --bin demo
+cargo build --quiet --release --locked -p ctl -p portwatch-tests
+exec target/release/demo

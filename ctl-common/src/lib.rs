@@ -27,15 +27,7 @@ pub mod map_names {
     /// by the program.
     pub const ATTACHMENTS: &str = "attachments";
 
-    pub const ALL: [&str; 7] = [
-        WATCHED_PORTS,
-        COUNTERS_0,
-        COUNTERS_1,
-        CONFIG,
-        STATS,
-        META,
-        ATTACHMENTS,
-    ];
+    pub const ALL: [&str; 7] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META, ATTACHMENTS];
 }
 
 /// Program (function) names in the object file.
@@ -88,12 +80,7 @@ impl CounterKey {
     pub fn with_octets(octets: [u8; 16], port: u16, proto: u8, direction: u8) -> Self {
         let mut remote_ip = [0u32; 4];
         for (i, w) in remote_ip.iter_mut().enumerate() {
-            *w = u32::from_ne_bytes([
-                octets[4 * i],
-                octets[4 * i + 1],
-                octets[4 * i + 2],
-                octets[4 * i + 3],
-            ]);
+            *w = u32::from_ne_bytes([octets[4 * i], octets[4 * i + 1], octets[4 * i + 2], octets[4 * i + 3]]);
         }
         CounterKey {
             remote_ip,

@@ -49,9 +49,7 @@ impl Iface {
                 name: name.to_string(),
                 index,
             }),
-            Err(_) => {
-                Err(Error::Interface(format!("no interface named {name:?} (see `ip link`)")).into())
-            }
+            Err(_) => Err(Error::Interface(format!("no interface named {name:?} (see `ip link`)")).into()),
         }
     }
 }
@@ -69,11 +67,7 @@ pub fn ifname_of(index: u32) -> Option<String> {
 }
 
 pub fn recorded_name(a: &Attachment) -> String {
-    let len = a
-        .ifname
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(a.ifname.len());
+    let len = a.ifname.iter().position(|&b| b == 0).unwrap_or(a.ifname.len());
     String::from_utf8_lossy(&a.ifname[..len]).into_owned()
 }
 
@@ -120,10 +114,7 @@ pub fn attach(
                     log_fallback(&iface.name, &e);
                     None
                 }
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("attaching to {} {dir} with TCX", iface.name))
-                }
+                Err(e) => return Err(e).with_context(|| format!("attaching to {} {dir} with TCX", iface.name)),
             }
         }
     };
@@ -143,10 +134,8 @@ pub fn attach(
         None => {
             if let Err(e) = tc::qdisc_add_clsact(&iface.name) {
                 // EEXIST: the interface already has a clsact qdisc (ours or someone else's); use it.
-                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
-                {
-                    return Err(e)
-                        .with_context(|| format!("adding the clsact qdisc to {}", iface.name));
+                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) {
+                    return Err(e).with_context(|| format!("adding the clsact qdisc to {}", iface.name));
                 }
             }
             let options = NlOptions {
@@ -184,13 +173,9 @@ pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> 
         ATTACH_MODE_TCX => {
             let path = pin.link(key.ifindex, key.direction);
             match PinnedLink::from_pin(&path) {
-                Ok(link) => drop(
-                    link.unpin()
-                        .with_context(|| format!("removing {}", path.display()))?,
-                ),
+                Ok(link) => drop(link.unpin().with_context(|| format!("removing {}", path.display()))?),
                 Err(_) if !path.exists() => {}
-                Err(_) => std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?,
+                Err(_) => std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?,
             }
         }
         ATTACH_MODE_TC => {
@@ -206,10 +191,7 @@ pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> 
                     Ok(()) => {}
                     // Someone removed the filter or the qdisc already: nothing left to detach.
                     Err(e) if is_not_found(&e) => {}
-                    Err(e) => {
-                        return Err(e)
-                            .with_context(|| format!("removing the tc filter from {name}"))
-                    }
+                    Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
                 }
             }
         }

@@ -106,9 +106,7 @@ pub struct LoadArgs {
 #[derive(Subcommand)]
 pub enum PortsCommand {
     /// Watch these ports too
-    #[command(
-        after_help = "Examples:\n  portwatch ports add 8080\n  portwatch ports add 8000-8100/udp https"
-    )]
+    #[command(after_help = "Examples:\n  portwatch ports add 8080\n  portwatch ports add 8000-8100/udp https")]
     Add {
         #[arg(value_name = "SPEC", required = true, allow_hyphen_values = true, value_parser = parse_spec)]
         specs: Vec<PortSpec>,
@@ -145,9 +143,7 @@ impl Direction {
         match self {
             Direction::Ingress => ctl_common::META_DIRECTION_INGRESS,
             Direction::Egress => ctl_common::META_DIRECTION_EGRESS,
-            Direction::Both => {
-                ctl_common::META_DIRECTION_INGRESS | ctl_common::META_DIRECTION_EGRESS
-            }
+            Direction::Both => ctl_common::META_DIRECTION_INGRESS | ctl_common::META_DIRECTION_EGRESS,
         }
     }
     pub fn from_bits(bits: u8) -> &'static str {
@@ -168,9 +164,7 @@ fn parse_max_entries(s: &str) -> Result<u32, String> {
     // The kernel's hash maps hold at most 2^31 entries; the two overflow keys come on top.
     match n {
         0 => Err("--max-entries must be at least 1".into()),
-        n if n > (1 << 30) => Err(format!(
-            "{n} is more than the 1073741824 entries portwatch allows"
-        )),
+        n if n > (1 << 30) => Err(format!("{n} is more than the 1073741824 entries portwatch allows")),
         n => Ok(n),
     }
 }

@@ -37,11 +37,7 @@ fn main() -> ExitCode {
     let pin = PinPath::new(&cli.pin_path);
     let result = match &cli.command {
         Command::Load(args) => cmd::load::run(&pin, args),
-        Command::Attach {
-            iface,
-            direction,
-            mode,
-        } => cmd::attach::attach(&pin, iface, *direction, *mode),
+        Command::Attach { iface, direction, mode } => cmd::attach::attach(&pin, iface, *direction, *mode),
         Command::Detach { iface } => cmd::attach::detach(&pin, iface),
         Command::Ports(command) => cmd::ports::run(&pin, command),
         Command::Status { json } => cmd::status::run(&pin, *json),

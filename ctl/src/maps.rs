@@ -56,11 +56,7 @@ pub fn read_stats<T: Borrow<MapData>>(stats: &PerCpuArray<T, Stats>) -> Result<S
 }
 
 /// Sets the protocol flags (`PROTO_TCP | PROTO_UDP`, or 0) of one port; the next packet sees it.
-pub fn set_port<T: BorrowMut<MapData>>(
-    ports: &mut Array<T, u8>,
-    port: u16,
-    flags: u8,
-) -> Result<()> {
+pub fn set_port<T: BorrowMut<MapData>>(ports: &mut Array<T, u8>, port: u16, flags: u8) -> Result<()> {
     ports
         .set(port as u32, flags, 0)
         .with_context(|| format!("writing port {port} to the port map"))

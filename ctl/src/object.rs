@@ -5,8 +5,7 @@ use ctl_common::{map_names, RESERVED_ENTRIES};
 
 /// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
 /// `ctl_common::map_names`).
-pub static OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
 /// Path of a do-nothing TC program built beside `OBJECT`, for benchmarks (not embedded).
 #[doc(hidden)]

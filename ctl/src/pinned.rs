@@ -17,8 +17,8 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use ctl_common::{
-    map_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, LAYOUT_VERSION,
+    map_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    LAYOUT_VERSION,
 };
 
 use crate::error::Error;
@@ -76,8 +76,7 @@ pub fn check_privileges() -> Result<()> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let cap_eff = status
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
@@ -126,11 +125,7 @@ pub fn ensure_bpffs(pin: &PinPath) -> Result<()> {
             ))
         })?;
     }
-    let existing = pin
-        .root
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
+    let existing = pin.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     if !is_bpffs(existing) {
         return Err(Error::Bpffs(format!(
             "{} is not on a bpffs mount: choose a --pin-path under {BPFFS_ROOT} (or another bpffs mount)",
@@ -149,14 +144,11 @@ pub struct Lock {
 
 impl Lock {
     pub fn acquire(pin: &PinPath) -> Result<Lock> {
-        std::fs::create_dir_all(&pin.root)
-            .with_context(|| format!("creating {}", pin.root.display()))?;
-        let dir =
-            File::open(&pin.root).with_context(|| format!("opening {}", pin.root.display()))?;
+        std::fs::create_dir_all(&pin.root).with_context(|| format!("creating {}", pin.root.display()))?;
+        let dir = File::open(&pin.root).with_context(|| format!("opening {}", pin.root.display()))?;
         // SAFETY: flock on a valid fd we own.
         if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", pin.root.display()));
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", pin.root.display()));
         }
         Ok(Lock { _dir: dir })
     }
@@ -170,8 +162,7 @@ pub struct Pinned {
 
 fn open_map(pin: &PinPath, name: &str) -> Result<Map> {
     let path = pin.map(name);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("opening pinned map {}", path.display()))?;
+    let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
     Ok(Map::from_map_data(data)?)
 }
 
@@ -191,28 +182,19 @@ impl Pinned {
             ))
         };
         // A meta map whose value is not a `Meta` is another layout, whatever its bytes say.
-        let meta_map: Array<MapData, Meta> = Array::try_from(open_map(pin, map_names::META)?)
-            .map_err(|_| wrong_layout("of another shape".into()))?;
+        let meta_map: Array<MapData, Meta> =
+            Array::try_from(open_map(pin, map_names::META)?).map_err(|_| wrong_layout("of another shape".into()))?;
         let meta = meta_map.get(&0, 0).context("reading the meta map")?;
         if meta.layout_version != LAYOUT_VERSION {
             return Err(wrong_layout(format!("version {}", meta.layout_version)).into());
         }
-        Ok(Pinned {
-            pin: pin.clone(),
-            meta,
-        })
+        Ok(Pinned { pin: pin.clone(), meta })
     }
 
     pub fn watched_ports(&self) -> Result<Array<MapData, u8>> {
-        Ok(Array::try_from(open_map(
-            &self.pin,
-            map_names::WATCHED_PORTS,
-        )?)?)
+        Ok(Array::try_from(open_map(&self.pin, map_names::WATCHED_PORTS)?)?)
     }
-    pub fn counters(
-        &self,
-        generation: u32,
-    ) -> Result<PerCpuHashMap<MapData, CounterKey, Counters>> {
+    pub fn counters(&self, generation: u32) -> Result<PerCpuHashMap<MapData, CounterKey, Counters>> {
         let name = if generation & 1 == 0 {
             map_names::COUNTERS_0
         } else {
@@ -224,16 +206,10 @@ impl Pinned {
         Ok(Array::try_from(open_map(&self.pin, map_names::CONFIG)?)?)
     }
     pub fn stats(&self) -> Result<PerCpuArray<MapData, Stats>> {
-        Ok(PerCpuArray::try_from(open_map(
-            &self.pin,
-            map_names::STATS,
-        )?)?)
+        Ok(PerCpuArray::try_from(open_map(&self.pin, map_names::STATS)?)?)
     }
     pub fn attachments(&self) -> Result<HashMap<MapData, AttachKey, Attachment>> {
-        Ok(HashMap::try_from(open_map(
-            &self.pin,
-            map_names::ATTACHMENTS,
-        )?)?)
+        Ok(HashMap::try_from(open_map(&self.pin, map_names::ATTACHMENTS)?)?)
     }
     /// The directions `load` was given.
     pub fn directions(&self) -> Vec<u8> {

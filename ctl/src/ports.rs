@@ -64,26 +64,17 @@ impl FromStr for PortSpec {
             Some((base, proto)) => match proto.to_ascii_lowercase().as_str() {
                 "tcp" => (base, Some(PROTO_TCP)),
                 "udp" => (base, Some(PROTO_UDP)),
-                _ => {
-                    return Err(format!(
-                        "{spec}: the protocol must be tcp or udp, not {proto:?}"
-                    ))
-                }
+                _ => return Err(format!("{spec}: the protocol must be tcp or udp, not {proto:?}")),
             },
             None => (spec, None),
         };
         if base.starts_with(|c: char| c.is_ascii_alphabetic()) {
-            let (port, listed) =
-                lookup_service(base, std::fs::read_to_string(SERVICES).ok().as_deref())
-                    .ok_or_else(|| {
-                        format!("{spec}: not a port number and not a service name in {SERVICES}")
-                    })?;
+            let (port, listed) = lookup_service(base, std::fs::read_to_string(SERVICES).ok().as_deref())
+                .ok_or_else(|| format!("{spec}: not a port number and not a service name in {SERVICES}"))?;
             // A service name watches the protocols /etc/services lists for it, unless narrowed.
             let protocols = match protocols {
                 Some(p) if listed & p == 0 => {
-                    return Err(format!(
-                        "{spec}: {SERVICES} does not list {base} for that protocol"
-                    ))
+                    return Err(format!("{spec}: {SERVICES} does not list {base} for that protocol"))
                 }
                 Some(p) => p,
                 None => listed,
@@ -102,9 +93,7 @@ impl FromStr for PortSpec {
             }
         };
         if first > last {
-            return Err(format!(
-                "{spec}: the range starts above its end (write {last}-{first})"
-            ));
+            return Err(format!("{spec}: the range starts above its end (write {last}-{first})"));
         }
         Ok(PortSpec {
             first,
@@ -119,13 +108,9 @@ fn parse_port(text: &str, spec: &str) -> Result<u16, String> {
         .parse()
         .map_err(|_| format!("{spec}: {text:?} is not a port number (ports are 1 to 65535)"))?;
     match n {
-        0 => Err(format!(
-            "{spec}: port 0 cannot be watched (ports are 1 to 65535)"
-        )),
+        0 => Err(format!("{spec}: port 0 cannot be watched (ports are 1 to 65535)")),
         1..=65535 => Ok(n as u16),
-        _ => Err(format!(
-            "{spec}: {n} is out of range (ports are 1 to 65535)"
-        )),
+        _ => Err(format!("{spec}: {n} is out of range (ports are 1 to 65535)")),
     }
 }
 
@@ -170,9 +155,7 @@ pub fn fold(table: &[u8]) -> Vec<PortSpec> {
         }
         let port = port as u16;
         match out.last_mut() {
-            Some(last) if last.protocols == flags && last.last.checked_add(1) == Some(port) => {
-                last.last = port
-            }
+            Some(last) if last.protocols == flags && last.last.checked_add(1) == Some(port) => last.last = port,
             _ => out.push(PortSpec {
                 first: port,
                 last: port,
@@ -264,11 +247,9 @@ mod tests {
 
     #[test]
     fn service_names_use_the_protocols_listed() {
-        let services = "https\t\t443/tcp\t\t\t\t# TLS\nhttps\t\t443/udp\nhttp 80/tcp www\ndomain 53/tcp\ndomain 53/udp\n";
-        assert_eq!(
-            lookup_service("https", Some(services)),
-            Some((443, PROTO_ALL))
-        );
+        let services =
+            "https\t\t443/tcp\t\t\t\t# TLS\nhttps\t\t443/udp\nhttp 80/tcp www\ndomain 53/tcp\ndomain 53/udp\n";
+        assert_eq!(lookup_service("https", Some(services)), Some((443, PROTO_ALL)));
         assert_eq!(lookup_service("www", Some(services)), Some((80, PROTO_TCP)));
         assert_eq!(lookup_service("gopher", Some(services)), None);
     }
@@ -284,9 +265,6 @@ mod tests {
         t[8101] = PROTO_ALL;
         t[65535] = PROTO_UDP;
         let folded: Vec<String> = fold(&t).iter().map(|s| s.to_string()).collect();
-        assert_eq!(
-            folded,
-            ["53/udp", "443", "8000-8100/tcp", "8101", "65535/udp"]
-        );
+        assert_eq!(folded, ["53/udp", "443", "8000-8100/tcp", "8101", "65535/udp"]);
     }
 }

@@ -41,10 +41,7 @@ fn every_verb_has_help_with_an_example() {
         let out = portwatch(&args);
         assert!(out.status.success(), "{verb:?}");
         let text = String::from_utf8(out.stdout).unwrap();
-        assert!(
-            text.contains("Example"),
-            "{verb:?} --help has no example:\n{text}"
-        );
+        assert!(text.contains("Example"), "{verb:?} --help has no example:\n{text}");
     }
 }
 

@@ -15,20 +15,18 @@ use portwatch::pinned::{PinPath, Pinned};
 use crate::netns::Netns;
 
 /// `target/<profile>/portwatch`, which cargo builds before any test runs (ctl has integration
-/// tests of its own).
+/// tests of its own): beside a binary of this crate, or one level up from a test in `deps/`.
 pub fn portwatch_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("portwatch");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p ctl` (tests/run.sh does)",
-        bin.display()
-    );
-    bin
+    let dir = exe.parent().unwrap();
+    let candidates = [dir.join("portwatch"), dir.parent().unwrap().join("portwatch")];
+    let found = candidates.iter().find(|p| p.is_file());
+    found.cloned().unwrap_or_else(|| {
+        panic!(
+            "{} is missing: build it with `cargo build -p ctl` (tests/run.sh does)",
+            candidates[1].display()
+        )
+    })
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -73,11 +71,7 @@ impl Pw {
     }
 
     pub fn run(&self, args: &[&str]) -> Ran {
-        let Output {
-            status,
-            stdout,
-            stderr,
-        } = self.command(args).output().expect("running portwatch");
+        let Output { status, stdout, stderr } = self.command(args).output().expect("running portwatch");
         Ran {
             code: status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -88,11 +82,7 @@ impl Pw {
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let r = self.run(args);
-        assert_eq!(
-            r.code, 0,
-            "portwatch {args:?} failed ({}): {}",
-            r.code, r.stderr
-        );
+        assert_eq!(r.code, 0, "portwatch {args:?} failed ({}): {}", r.code, r.stderr);
         r.stdout
     }
 
@@ -109,9 +99,7 @@ impl Pw {
     pub fn counters(&self) -> BTreeMap<CounterKey, Counters> {
         let pinned = self.pinned();
         let generation = pinned.config().unwrap().get(&0, 0).unwrap().generation;
-        crate::real_counters(
-            &portwatch::maps::read_counters(&pinned.counters(generation).unwrap()).unwrap(),
-        )
+        crate::real_counters(&portwatch::maps::read_counters(&pinned.counters(generation).unwrap()).unwrap())
     }
 
     /// Every path under the pin path, sorted (empty when nothing is pinned).

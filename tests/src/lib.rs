@@ -57,15 +57,10 @@ pub struct Run {
 
 impl Harness {
     pub fn new(max_entries: u32) -> Result<Self> {
-        let mut ebpf =
-            portwatch::object::load(max_entries).context("loading the embedded object")?;
+        let mut ebpf = portwatch::object::load(max_entries).context("loading the embedded object")?;
         for name in [program_names::INGRESS, program_names::EGRESS] {
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .context("program missing")?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("loading {name} into the kernel"))?;
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+            prog.load().with_context(|| format!("loading {name} into the kernel"))?;
         }
         let mut h = Harness { ebpf };
         for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
@@ -75,10 +70,7 @@ impl Harness {
         Ok(h)
     }
 
-    fn counters_map(
-        &mut self,
-        name: &str,
-    ) -> Result<PerCpuHashMap<&mut aya::maps::MapData, CounterKey, Counters>> {
+    fn counters_map(&mut self, name: &str) -> Result<PerCpuHashMap<&mut aya::maps::MapData, CounterKey, Counters>> {
         Ok(PerCpuHashMap::try_from(
             self.ebpf.map_mut(name).context("map missing")?,
         )?)
@@ -86,20 +78,12 @@ impl Harness {
 
     /// Watches `port` for the protocols in `flags` (`PROTO_TCP | PROTO_UDP`; 0 unwatches).
     pub fn watch(&mut self, port: u16, flags: u8) -> Result<()> {
-        let mut ports: Array<_, u8> =
-            Array::try_from(self.ebpf.map_mut(map_names::WATCHED_PORTS).unwrap())?;
+        let mut ports: Array<_, u8> = Array::try_from(self.ebpf.map_mut(map_names::WATCHED_PORTS).unwrap())?;
         portwatch::maps::set_port(&mut ports, port, flags)
     }
 
     /// Runs the program of `direction` once on `frame`, with `gso_segs`/`gso_size` in the skb.
-    pub fn run_gso(
-        &mut self,
-        direction: u8,
-        frame: &[u8],
-        gso_segs: u32,
-        gso_size: u32,
-        repeat: u32,
-    ) -> Result<Run> {
+    pub fn run_gso(&mut self, direction: u8, frame: &[u8], gso_segs: u32, gso_size: u32, repeat: u32) -> Result<Run> {
         let name = if direction == DIRECTION_INGRESS {
             program_names::INGRESS
         } else {
@@ -140,8 +124,7 @@ impl Harness {
     }
 
     pub fn stats(&mut self) -> Result<Stats> {
-        let map: PerCpuArray<_, Stats> =
-            PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
+        let map: PerCpuArray<_, Stats> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
         portwatch::maps::read_stats(&map)
     }
 
@@ -154,20 +137,15 @@ impl Harness {
             (program_names::EGRESS, TcAttachType::Egress),
         ] {
             let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into()?;
-            prog.attach_with_options(
-                iface,
-                attach,
-                TcAttachOptions::TcxOrder(LinkOrder::default()),
-            )
-            .with_context(|| format!("attaching {name} to {iface}"))?;
+            prog.attach_with_options(iface, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .with_context(|| format!("attaching {name} to {iface}"))?;
         }
         Ok(())
     }
 
     /// Switches the generation the program writes to.
     pub fn set_generation(&mut self, generation: u32) -> Result<()> {
-        let mut config: Array<_, ctl_common::Config> =
-            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
+        let mut config: Array<_, ctl_common::Config> = Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
         config.set(
             0,
             ctl_common::Config {

@@ -21,10 +21,7 @@ pub fn sh(args: &[&str]) -> Result<String> {
         .output()
         .with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -66,10 +63,8 @@ impl Netns {
     /// Runs `f` on this thread inside the namespace, then returns the thread to where it was.
     /// Sockets, netlink and interface names used inside `f` are the namespace's.
     pub fn enter<R>(&self, f: impl FnOnce() -> R) -> Result<R> {
-        let original =
-            File::open("/proc/thread-self/ns/net").context("opening the current netns")?;
-        let target =
-            File::open(format!("/run/netns/{}", self.name)).context("opening the test netns")?;
+        let original = File::open("/proc/thread-self/ns/net").context("opening the current netns")?;
+        let target = File::open(format!("/run/netns/{}", self.name)).context("opening the test netns")?;
         setns(target.as_fd(), CloneFlags::CLONE_NEWNET).context("setns into the test netns")?;
         let result = f();
         setns(original.as_fd(), CloneFlags::CLONE_NEWNET).context("setns back")?;
@@ -79,9 +74,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -124,36 +117,18 @@ impl Bed {
             &client.name,
         ])?;
         server.ip(&["addr", "add", &format!("{SERVER_V4}/24"), "dev", &server_if])?;
-        server.ip(&[
-            "addr",
-            "add",
-            &format!("{SERVER_V6}/64"),
-            "dev",
-            &server_if,
-            "nodad",
-        ])?;
+        server.ip(&["addr", "add", &format!("{SERVER_V6}/64"), "dev", &server_if, "nodad"])?;
         for a in CLIENT_V4 {
             client.ip(&["addr", "add", &format!("{a}/24"), "dev", &client_if])?;
         }
         for a in CLIENT_V6 {
-            client.ip(&[
-                "addr",
-                "add",
-                &format!("{a}/64"),
-                "dev",
-                &client_if,
-                "nodad",
-            ])?;
+            client.ip(&["addr", "add", &format!("{a}/64"), "dev", &client_if, "nodad"])?;
         }
         server.ip(&["link", "set", &server_if, "up"])?;
         client.ip(&["link", "set", &client_if, "up"])?;
         if !offloads {
-            server.exec(&[
-                "ethtool", "-K", &server_if, "tso", "off", "gso", "off", "gro", "off",
-            ])?;
-            client.exec(&[
-                "ethtool", "-K", &client_if, "tso", "off", "gso", "off", "gro", "off",
-            ])?;
+            server.exec(&["ethtool", "-K", &server_if, "tso", "off", "gso", "off", "gro", "off"])?;
+            client.exec(&["ethtool", "-K", &client_if, "tso", "off", "gso", "off", "gro", "off"])?;
         }
         let bed = Bed {
             server,
@@ -197,14 +172,7 @@ impl Bed {
 
     /// Sends `count` UDP datagrams of `size` payload bytes from `src` (a client address) to
     /// `dst:port` (a server address). Returns the L3 bytes sent.
-    pub fn send_udp(
-        &self,
-        src: &str,
-        dst: &str,
-        port: u16,
-        count: usize,
-        size: usize,
-    ) -> Result<u64> {
+    pub fn send_udp(&self, src: &str, dst: &str, port: u16, count: usize, size: usize) -> Result<u64> {
         let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
         let dst: SocketAddr = SocketAddr::new(dst.parse()?, port);
         self.client.enter(|| -> Result<()> {
@@ -230,13 +198,7 @@ impl Bed {
     /// Opens a TCP listener on the server side, connects from `src`, sends `bytes` bytes, waits for
     /// the server to read them all and closes both ends. Returns what the client's TCP counted
     /// (`TCP_INFO`): the wire segments it sent and received, GSO super-packets counted per segment.
-    pub fn tcp_transfer(
-        &self,
-        src: &str,
-        dst: &str,
-        port: u16,
-        bytes: usize,
-    ) -> Result<TcpSegments> {
+    pub fn tcp_transfer(&self, src: &str, dst: &str, port: u16, bytes: usize) -> Result<TcpSegments> {
         let listen: SocketAddr = SocketAddr::new(dst.parse()?, port);
         let listener = self.server.enter(|| TcpListener::bind(listen))??;
         let server = std::thread::spawn(move || -> Result<usize> {
@@ -317,22 +279,14 @@ fn tcp_segments(conn: &TcpStream) -> Result<TcpSegments> {
 
 /// A TCP connection from a chosen local address (std's TcpStream cannot bind before connecting).
 fn nix_tcp_socket(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
-    use nix::sys::socket::{
-        bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
-    };
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
     let family = if src.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(src),
-    )?;
-    connect(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(dst),
-    )?;
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(src))?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(dst))?;
     Ok(TcpStream::from(fd))
 }

@@ -187,13 +187,7 @@ impl Packet {
     pub fn l3_len(&self) -> usize {
         let l3 = match self.ip {
             Ip::V4 { .. } => 20 + self.ipv4_options.len(),
-            Ip::V6 { .. } => {
-                40 + self
-                    .ipv6_ext
-                    .iter()
-                    .map(|e| e.body.len() + 2)
-                    .sum::<usize>()
-            }
+            Ip::V6 { .. } => 40 + self.ipv6_ext.iter().map(|e| e.body.len() + 2).sum::<usize>(),
         };
         l3 + self.l4_header_len() + self.payload_len
     }
@@ -219,9 +213,7 @@ impl Packet {
         let l3_len = self.l3_len();
         match &self.ip {
             Ip::V4 { src, dst } => {
-                let ihl = self
-                    .ipv4_ihl
-                    .unwrap_or(((20 + self.ipv4_options.len()) / 4) as u8);
+                let ihl = self.ipv4_ihl.unwrap_or(((20 + self.ipv4_options.len()) / 4) as u8);
                 f.push(0x40 | ihl);
                 f.push(0);
                 f.extend_from_slice(&(l3_len as u16).to_be_bytes());
@@ -243,11 +235,7 @@ impl Packet {
                 f.extend_from_slice(&src.octets());
                 f.extend_from_slice(&dst.octets());
                 for (i, ext) in self.ipv6_ext.iter().enumerate() {
-                    let next = self
-                        .ipv6_ext
-                        .get(i + 1)
-                        .map(|e| e.kind)
-                        .unwrap_or(self.proto);
+                    let next = self.ipv6_ext.get(i + 1).map(|e| e.kind).unwrap_or(self.proto);
                     let total = ext.body.len() + 2;
                     let len_field = match ext.kind {
                         44 => 0,

@@ -3,8 +3,8 @@
 //! (or that it landed in none) and the exact statistics.
 
 use ctl_common::{
-    Counters, Stats, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP,
-    IPPROTO_UDP as UDP, PROTO_ALL, PROTO_TCP, PROTO_UDP,
+    Counters, Stats, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP,
+    PROTO_ALL, PROTO_TCP, PROTO_UDP,
 };
 use portwatch_tests::{
     kernel_available, key,
@@ -76,12 +76,7 @@ struct Case {
     expect: Expect,
 }
 
-fn case(
-    name: &'static str,
-    direction: u8,
-    packet: Packet,
-    expect: impl FnOnce(&Packet) -> Expect,
-) -> Case {
+fn case(name: &'static str, direction: u8, packet: Packet, expect: impl FnOnce(&Packet) -> Expect) -> Case {
     let expect = expect(&packet);
     Case {
         name,
@@ -99,18 +94,10 @@ fn cases() -> Vec<Case> {
     let udp6 = || Packet::udp6(C6, 40000, S6, 53);
     let mut v = vec![
         // Plain IPv4 and IPv6, TCP and UDP, both directions.
-        case("ipv4 tcp ingress", IN, tcp4(), |p| {
-            counted_in(p, C4, 443, TCP)
-        }),
-        case("ipv4 udp ingress", IN, udp4(), |p| {
-            counted_in(p, C4, 53, UDP)
-        }),
-        case("ipv6 tcp ingress", IN, tcp6(), |p| {
-            counted_in(p, C6, 443, TCP)
-        }),
-        case("ipv6 udp ingress", IN, udp6(), |p| {
-            counted_in(p, C6, 53, UDP)
-        }),
+        case("ipv4 tcp ingress", IN, tcp4(), |p| counted_in(p, C4, 443, TCP)),
+        case("ipv4 udp ingress", IN, udp4(), |p| counted_in(p, C4, 53, UDP)),
+        case("ipv6 tcp ingress", IN, tcp6(), |p| counted_in(p, C6, 443, TCP)),
+        case("ipv6 udp ingress", IN, udp6(), |p| counted_in(p, C6, 53, UDP)),
         case("ipv4 tcp empty payload", IN, tcp4().payload(0), |p| {
             counted_in(p, C4, 443, TCP)
         }),
@@ -165,29 +152,18 @@ fn cases() -> Vec<Case> {
         case(
             "three VLAN tags",
             IN,
-            tcp4()
-                .vlan(ETH_P_8021AD)
-                .vlan(ETH_P_8021Q)
-                .vlan(ETH_P_8021Q),
+            tcp4().vlan(ETH_P_8021AD).vlan(ETH_P_8021Q).vlan(ETH_P_8021Q),
             |_| NotCounted(header_limit),
         ),
         // IPv4 options: L4 found after IHL*4 bytes.
-        case(
-            "ipv4 with 8 bytes of options",
-            IN,
-            tcp4().ipv4_options(8),
-            |p| counted_in(p, C4, 443, TCP),
-        ),
-        case(
-            "ipv4 with 40 bytes of options",
-            IN,
-            udp4().ipv4_options(40),
-            |p| counted_in(p, C4, 53, UDP),
-        ),
-        // IPv6 extension headers.
-        case("ipv6 hop-by-hop", IN, tcp6().ext(0, 1), |p| {
-            counted_in(p, C6, 443, TCP)
+        case("ipv4 with 8 bytes of options", IN, tcp4().ipv4_options(8), |p| {
+            counted_in(p, C4, 443, TCP)
         }),
+        case("ipv4 with 40 bytes of options", IN, udp4().ipv4_options(40), |p| {
+            counted_in(p, C4, 53, UDP)
+        }),
+        // IPv6 extension headers.
+        case("ipv6 hop-by-hop", IN, tcp6().ext(0, 1), |p| counted_in(p, C6, 443, TCP)),
         case(
             "ipv6 hop-by-hop, routing, destination options",
             IN,
@@ -234,30 +210,21 @@ fn cases() -> Vec<Case> {
             tcp4().payload(1000).ipv4_fragment(0, true),
             |p| counted_in(p, C4, 443, TCP),
         ),
-        case(
-            "ipv4 non-first fragment",
-            IN,
-            tcp4().ipv4_fragment(185, true),
-            |_| NotCounted(fragment),
-        ),
-        case(
-            "ipv4 last fragment",
-            IN,
-            udp4().ipv4_fragment(185, false),
-            |_| NotCounted(fragment),
-        ),
+        case("ipv4 non-first fragment", IN, tcp4().ipv4_fragment(185, true), |_| {
+            NotCounted(fragment)
+        }),
+        case("ipv4 last fragment", IN, udp4().ipv4_fragment(185, false), |_| {
+            NotCounted(fragment)
+        }),
         case(
             "ipv6 first fragment",
             IN,
             udp6().payload(1000).ipv6_fragment(0, true),
             |p| counted_in(p, C6, 53, UDP),
         ),
-        case(
-            "ipv6 non-first fragment",
-            IN,
-            udp6().ipv6_fragment(150, false),
-            |_| NotCounted(fragment),
-        ),
+        case("ipv6 non-first fragment", IN, udp6().ipv6_fragment(150, false), |_| {
+            NotCounted(fragment)
+        }),
         case(
             "ipv6 fragment after hop-by-hop",
             IN,
@@ -265,12 +232,9 @@ fn cases() -> Vec<Case> {
             |_| NotCounted(fragment),
         ),
         // Truncated at every layer.
-        case(
-            "truncated VLAN tag",
-            IN,
-            tcp4().vlan(ETH_P_8021Q).truncate(15),
-            |_| NotCounted(truncated),
-        ),
+        case("truncated VLAN tag", IN, tcp4().vlan(ETH_P_8021Q).truncate(15), |_| {
+            NotCounted(truncated)
+        }),
         // BPF_PROG_TEST_RUN refuses an untagged frame whose IP header is short (it checks the header
         // of skb->protocol), so the short IP headers ride behind a VLAN tag.
         case(
@@ -316,46 +280,26 @@ fn cases() -> Vec<Case> {
             |_| NotCounted(truncated),
         ),
         // Malformed.
-        case("ipv4 IHL 4", IN, tcp4().ipv4_ihl(4), |_| {
-            NotCounted(malformed)
-        }),
-        case("ipv4 IHL 0", IN, udp4().ipv4_ihl(0), |_| {
-            NotCounted(malformed)
-        }),
-        case("tcp data offset 4", IN, tcp4().tcp_doff(4), |_| {
-            NotCounted(malformed)
-        }),
+        case("ipv4 IHL 4", IN, tcp4().ipv4_ihl(4), |_| NotCounted(malformed)),
+        case("ipv4 IHL 0", IN, udp4().ipv4_ihl(0), |_| NotCounted(malformed)),
+        case("tcp data offset 4", IN, tcp4().tcp_doff(4), |_| NotCounted(malformed)),
         // Not watched.
-        case(
-            "port not watched",
-            IN,
-            Packet::tcp4(C4, 40000, S4, 80),
-            |_| NotCounted(unwatched),
-        ),
-        case(
-            "udp to a tcp-only port",
-            IN,
-            Packet::udp4(C4, 40000, S4, 8080),
-            |_| NotCounted(unwatched),
-        ),
-        case(
-            "tcp to a udp-only port",
-            IN,
-            Packet::tcp6(C6, 40000, S6, 53),
-            |_| NotCounted(unwatched),
-        ),
-        case(
-            "tcp to a tcp-only port",
-            IN,
-            Packet::tcp4(C4, 40000, S4, 8080),
-            |p| counted_in(p, C4, 8080, TCP),
-        ),
+        case("port not watched", IN, Packet::tcp4(C4, 40000, S4, 80), |_| {
+            NotCounted(unwatched)
+        }),
+        case("udp to a tcp-only port", IN, Packet::udp4(C4, 40000, S4, 8080), |_| {
+            NotCounted(unwatched)
+        }),
+        case("tcp to a udp-only port", IN, Packet::tcp6(C6, 40000, S6, 53), |_| {
+            NotCounted(unwatched)
+        }),
+        case("tcp to a tcp-only port", IN, Packet::tcp4(C4, 40000, S4, 8080), |p| {
+            counted_in(p, C4, 8080, TCP)
+        }),
         // Unknown protocols.
         case("ipv4 icmp", IN, tcp4().proto(1), |_| NotCounted(unknown_l4)),
         case("ipv6 esp", IN, tcp6().proto(50), |_| NotCounted(unknown_l4)),
-        case("ipv6 no next header", IN, tcp6().proto(59), |_| {
-            NotCounted(unknown_l4)
-        }),
+        case("ipv6 no next header", IN, tcp6().proto(59), |_| NotCounted(unknown_l4)),
     ];
 
     // GSO super-packets: max(gso_segs, 1) packets; each segment repeats the L3 and L4 headers.
@@ -367,11 +311,7 @@ fn cases() -> Vec<Case> {
             tcp6().ext(60, 1).payload(3 * 1000),
             3,
         ),
-        (
-            "gso ipv4 udp (UDP_SEGMENT), 3 segments",
-            udp4().payload(3 * 1000),
-            3,
-        ),
+        ("gso ipv4 udp (UDP_SEGMENT), 3 segments", udp4().payload(3 * 1000), 3),
     ] {
         let expect_ip = match p.ip {
             portwatch_tests::packet::Ip::V4 { .. } => C4,
@@ -438,10 +378,7 @@ fn every_packet_lands_in_exactly_one_place() {
             } => {
                 expected_stats.matched_packets = packets;
                 expected_stats.matched_bytes = bytes;
-                vec![(
-                    key(ip, port, proto, case.direction),
-                    Counters { bytes, packets },
-                )]
+                vec![(key(ip, port, proto, case.direction), Counters { bytes, packets })]
             }
             NotCounted(field) => {
                 *field(&mut expected_stats) = 1;
@@ -459,16 +396,10 @@ fn every_packet_lands_in_exactly_one_place() {
             failures.push(format!("{}: the program changed the packet", case.name));
         }
         if got != expected_counters {
-            failures.push(format!(
-                "{}: counters {got:?}, want {expected_counters:?}",
-                case.name
-            ));
+            failures.push(format!("{}: counters {got:?}, want {expected_counters:?}", case.name));
         }
         if stats != expected_stats {
-            failures.push(format!(
-                "{}: stats {stats:?}, want {expected_stats:?}",
-                case.name
-            ));
+            failures.push(format!("{}: stats {stats:?}, want {expected_stats:?}", case.name));
         }
         // Nothing lands in the other generation.
         assert!(
@@ -573,15 +504,11 @@ fn the_generation_bit_selects_the_counter_map() {
         packets: 2,
     };
     assert_eq!(
-        real_counters(&h.counters(1).unwrap())
-            .into_iter()
-            .collect::<Vec<_>>(),
+        real_counters(&h.counters(1).unwrap()).into_iter().collect::<Vec<_>>(),
         vec![(key(C4, 443, TCP, IN), one)]
     );
     assert_eq!(
-        real_counters(&h.counters(0).unwrap())
-            .into_iter()
-            .collect::<Vec<_>>(),
+        real_counters(&h.counters(0).unwrap()).into_iter().collect::<Vec<_>>(),
         vec![(key(C4, 443, TCP, IN), two)]
     );
 }
@@ -639,15 +566,9 @@ fn a_full_map_sends_new_keys_to_overflow() {
     assert_eq!(all[&ctl_common::CounterKey::overflow(IN)], overflow_in);
     assert_eq!(all[&ctl_common::CounterKey::overflow(EG)], overflow_eg);
     let total = portwatch::maps::sum(&all.values().copied().collect::<Vec<_>>());
-    assert_eq!(
-        total, sent,
-        "counters plus overflow equal all matched traffic"
-    );
+    assert_eq!(total, sent, "counters plus overflow equal all matched traffic");
     let stats = h.stats().unwrap();
-    assert_eq!(
-        (stats.matched_packets, stats.matched_bytes),
-        (sent.packets, sent.bytes)
-    );
+    assert_eq!((stats.matched_packets, stats.matched_bytes), (sent.packets, sent.bytes));
     let overflowed = Counters {
         bytes: overflow_in.bytes + overflow_eg.bytes,
         packets: overflow_in.packets + overflow_eg.packets,

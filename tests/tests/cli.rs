@@ -3,10 +3,7 @@
 //! checked directly. Nothing stays resident: counting goes on in the kernel after `load` exits.
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use ctl_common::{
-    Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP,
-    IPPROTO_UDP as UDP,
-};
+use ctl_common::{Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
 use portwatch_tests::{
     cli::Pw,
     kernel_available, key,
@@ -35,8 +32,7 @@ fn tc_filters(ns: &Netns, iface: &str) -> usize {
             let out = ns
                 .exec(&["tc", "-j", "filter", "show", "dev", iface, d])
                 .unwrap_or_else(|_| "[]".into());
-            let v: serde_json::Value =
-                serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
+            let v: serde_json::Value = serde_json::from_str(if out.trim().is_empty() { "[]" } else { &out }).unwrap();
             v.as_array()
                 .unwrap()
                 .iter()
@@ -53,11 +49,7 @@ fn assert_nothing_attached(bed: &Bed, ifaces: &[&str]) {
             Vec::<u32>::new(),
             "TCX programs left on {iface}"
         );
-        assert_eq!(
-            tc_filters(&bed.server, iface),
-            0,
-            "tc filters left on {iface}"
-        );
+        assert_eq!(tc_filters(&bed.server, iface), 0, "tc filters left on {iface}");
     }
 }
 
@@ -92,18 +84,10 @@ fn lifecycle(mode: &str) {
         assert_eq!(a["mode"], mode);
     }
     // The load process has exited: everything from here on is the kernel's doing.
-    let udp4 = bed
-        .send_udp(CLIENT_V4[1], SERVER_V4, 7002, 100, 700)
-        .unwrap();
-    let udp6 = bed
-        .send_udp(CLIENT_V6[1], SERVER_V6, 7002, 100, 700)
-        .unwrap();
-    let tcp4 = bed
-        .tcp_transfer(CLIENT_V4[0], SERVER_V4, 7001, 500_000)
-        .unwrap();
-    let tcp6 = bed
-        .tcp_transfer(CLIENT_V6[0], SERVER_V6, 7001, 500_000)
-        .unwrap();
+    let udp4 = bed.send_udp(CLIENT_V4[1], SERVER_V4, 7002, 100, 700).unwrap();
+    let udp6 = bed.send_udp(CLIENT_V6[1], SERVER_V6, 7002, 100, 700).unwrap();
+    let tcp4 = bed.tcp_transfer(CLIENT_V4[0], SERVER_V4, 7001, 500_000).unwrap();
+    let tcp6 = bed.tcp_transfer(CLIENT_V6[0], SERVER_V6, 7001, 500_000).unwrap();
 
     let got = pw.counters();
     assert_eq!(
@@ -127,22 +111,10 @@ fn lifecycle(mode: &str) {
         bytes: segments * (ip_header + 32) + 8 + payload,
         packets: segments,
     };
-    assert_eq!(
-        got[&key(CLIENT_V4[0], 7001, TCP, IN)],
-        tcp(tcp4.sent, 20, 500_000)
-    );
-    assert_eq!(
-        got[&key(CLIENT_V4[0], 7001, TCP, EG)],
-        tcp(tcp4.received, 20, 4)
-    );
-    assert_eq!(
-        got[&key(CLIENT_V6[0], 7001, TCP, IN)],
-        tcp(tcp6.sent, 40, 500_000)
-    );
-    assert_eq!(
-        got[&key(CLIENT_V6[0], 7001, TCP, EG)],
-        tcp(tcp6.received, 40, 4)
-    );
+    assert_eq!(got[&key(CLIENT_V4[0], 7001, TCP, IN)], tcp(tcp4.sent, 20, 500_000));
+    assert_eq!(got[&key(CLIENT_V4[0], 7001, TCP, EG)], tcp(tcp4.received, 20, 4));
+    assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, IN)], tcp(tcp6.sent, 40, 500_000));
+    assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, EG)], tcp(tcp6.received, 40, 4));
     assert_eq!(got.len(), 6, "{got:#?}");
     let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
     let status = pw.status();
@@ -209,8 +181,7 @@ fn port_changes_apply_live_without_reload() {
     // `set` replaces the whole set; `list` folds it into ranges and prints SPECs.
     pw.ok(&["ports", "set", "8000-8100/tcp", "53/udp", "https"]);
     assert_eq!(pw.ok(&["ports", "list"]), "53/udp\n443\n8000-8100/tcp\n");
-    let listed: serde_json::Value =
-        serde_json::from_str(&pw.ok(&["ports", "list", "--json"])).unwrap();
+    let listed: serde_json::Value = serde_json::from_str(&pw.ok(&["ports", "list", "--json"])).unwrap();
     assert_eq!(
         listed["ports"][2],
         serde_json::json!({"spec": "8000-8100/tcp", "first": 8000, "last": 8100, "protocols": ["tcp"]})
@@ -227,28 +198,20 @@ fn detach_one_interface_keeps_the_other_counting() {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
     let pw = Pw::new(Some(&bed.server));
-    pw.ok(&[
-        "load", "--iface", "pw0", "--iface", "pw2", "--port", "7002/udp",
-    ]);
+    pw.ok(&["load", "--iface", "pw0", "--iface", "pw2", "--port", "7002/udp"]);
     assert_eq!(pw.status()["attachments"].as_array().unwrap().len(), 4);
-    let a = bed
-        .send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100)
-        .unwrap();
+    let a = bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100).unwrap();
     let b = bed.send_udp(CLIENT2_V4, SERVER2_V4, 7002, 10, 100).unwrap();
     assert_eq!(
         pw.counters()[&key(CLIENT2_V4, 7002, UDP, IN)],
-        Counters {
-            bytes: b,
-            packets: 10
-        }
+        Counters { bytes: b, packets: 10 }
     );
 
     let out = pw.ok(&["detach", "pw2"]);
     assert!(out.contains("detached from pw2 ingress"), "{out}");
     assert_nothing_attached(&bed, &["pw2"]);
     assert_eq!(tcx_programs(&bed.server, "pw0").len(), 2);
-    bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100)
-        .unwrap();
+    bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100).unwrap();
     bed.send_udp(CLIENT2_V4, SERVER2_V4, 7002, 10, 100).unwrap();
     let got = pw.counters();
     assert_eq!(
@@ -261,10 +224,7 @@ fn detach_one_interface_keeps_the_other_counting() {
     );
     assert_eq!(
         got[&key(CLIENT2_V4, 7002, UDP, IN)],
-        Counters {
-            bytes: b,
-            packets: 10
-        },
+        Counters { bytes: b, packets: 10 },
         "pw2 no longer counts"
     );
 
@@ -272,8 +232,7 @@ fn detach_one_interface_keeps_the_other_counting() {
     pw.ok(&["attach", "pw2"]);
     let out = pw.ok(&["load", "--iface", "pw2", "--iface", "pw0"]);
     assert!(
-        out.contains("already attached to pw2 ingress")
-            && out.contains("already attached to pw0 egress"),
+        out.contains("already attached to pw2 ingress") && out.contains("already attached to pw0 egress"),
         "{out}"
     );
     assert_eq!(tcx_programs(&bed.server, "pw2").len(), 2);
@@ -312,11 +271,7 @@ fn a_vanished_interface_is_reported_and_removable() {
     assert!(gone.iter().all(|a| a["interface"] == "pw2"));
     assert!(pw.ok(&["status"]).contains("interface vanished"));
     pw.ok(&["detach", "pw2"]);
-    let links: Vec<_> = pw
-        .tree()
-        .into_iter()
-        .filter(|p| p.contains("/links/"))
-        .collect();
+    let links: Vec<_> = pw.tree().into_iter().filter(|p| p.contains("/links/")).collect();
     assert_eq!(links.len(), 2, "only pw0's two links remain: {links:?}");
     pw.ok(&["unload"]);
     assert!(!pw.pin.exists());
@@ -330,9 +285,7 @@ fn a_failed_load_leaves_nothing_behind() {
     }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
-    let r = pw.run(&[
-        "load", "--iface", "pw0", "--iface", "nosuch0", "--port", "443",
-    ]);
+    let r = pw.run(&["load", "--iface", "pw0", "--iface", "nosuch0", "--port", "443"]);
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("nosuch0"), "{}", r.stderr);
     assert!(!pw.pin.exists(), "{:?}", pw.tree());
@@ -364,10 +317,7 @@ fn a_failed_load_leaves_nothing_behind() {
     assert!(r.stderr.contains("counters_0"), "{}", r.stderr);
     assert_eq!(
         pw.tree(),
-        vec![
-            pw.pin.join("maps").display().to_string(),
-            foreign.display().to_string()
-        ]
+        vec![pw.pin.join("maps").display().to_string(), foreign.display().to_string()]
     );
     assert_nothing_attached(&bed, &["pw0"]);
     std::fs::remove_dir_all(&pw.pin).unwrap();
@@ -376,11 +326,7 @@ fn a_failed_load_leaves_nothing_behind() {
 /// The state an error must not change: every pin, the attachments and the watched ports.
 fn snapshot(pw: &Pw) -> (Vec<String>, serde_json::Value, serde_json::Value) {
     let s = pw.status();
-    (
-        pw.tree(),
-        s["attachments"].clone(),
-        s["watched_ports"].clone(),
-    )
+    (pw.tree(), s["attachments"].clone(), s["watched_ports"].clone())
 }
 
 /// Each documented error: its exit code, a one-line message naming the problem, and the pinned
@@ -409,15 +355,7 @@ fn errors_say_what_to_do_and_change_nothing() {
         assert!(!pw.pin.exists());
     }
 
-    pw.ok(&[
-        "load",
-        "--iface",
-        "pw0",
-        "--port",
-        "443",
-        "--max-entries",
-        "1000",
-    ]);
+    pw.ok(&["load", "--iface", "pw0", "--port", "443", "--max-entries", "1000"]);
     let before = snapshot(&pw);
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (vec!["ports", "add", "0"], 2, "port 0"),
@@ -428,11 +366,7 @@ fn errors_say_what_to_do_and_change_nothing() {
         (vec!["ports", "add", "80/icmp"], 2, "tcp or udp"),
         (vec!["ports", "add"], 2, "<SPEC>"),
         (vec!["ports", "set", ""], 2, "empty port SPEC"),
-        (
-            vec!["load", "--iface", "pw0", "--max-entries", "0"],
-            2,
-            "at least 1",
-        ),
+        (vec!["load", "--iface", "pw0", "--max-entries", "0"], 2, "at least 1"),
         (
             vec!["load", "--iface", "pw0", "--max-entries", "5000"],
             5,
@@ -451,17 +385,8 @@ fn errors_say_what_to_do_and_change_nothing() {
     for (args, code, says) in cases {
         let r = pw.run(&args);
         assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
-        assert_eq!(
-            r.stderr.lines().count(),
-            1,
-            "{args:?}: one line, got {:?}",
-            r.stderr
-        );
-        assert!(
-            r.stderr.contains(says),
-            "{args:?}: {:?} lacks {says:?}",
-            r.stderr
-        );
+        assert_eq!(r.stderr.lines().count(), 1, "{args:?}: one line, got {:?}", r.stderr);
+        assert!(r.stderr.contains(says), "{args:?}: {:?} lacks {says:?}", r.stderr);
         assert!(!r.stderr.contains("panicked") && !r.stderr.contains("backtrace"));
         assert_eq!(snapshot(&pw), before, "{args:?} changed the pinned state");
     }
@@ -568,10 +493,7 @@ fn changes_wait_for_the_lock() {
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(200)); // let the holder take the lock first
     pw.ok(&["ports", "add", "80"]);
-    assert!(
-        marker.exists(),
-        "ports add ran while another process held the lock"
-    );
+    assert!(marker.exists(), "ports add ran while another process held the lock");
     let mut holder = holder;
     holder.wait().unwrap();
     let _ = std::fs::remove_file(&marker);
@@ -589,10 +511,7 @@ fn bpffs_is_mounted_when_missing() {
     let out = sh(&["unshare", "-m", "--propagation", "private", "sh", "-c", &format!(
         "umount /sys/fs/bpf && {bin} --pin-path /sys/fs/bpf/pwt-mount status && mountpoint -q /sys/fs/bpf && echo mounted"
     )]).unwrap();
-    assert!(
-        out.contains("not loaded") && out.contains("mounted"),
-        "{out}"
-    );
+    assert!(out.contains("not loaded") && out.contains("mounted"), "{out}");
     let r = std::process::Command::new("unshare")
         .args(["-m", "--propagation", "private", "sh", "-c", &format!(
             "umount /sys/fs/bpf && exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {bin} --pin-path /sys/fs/bpf/pwt-mount status"

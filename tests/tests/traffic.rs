@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use ctl_common::{
-    Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP,
-    IPPROTO_UDP as UDP, PROTO_ALL, PROTO_UDP,
+    Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, PROTO_ALL,
+    PROTO_UDP,
 };
 use portwatch_tests::{
     kernel_available, key,
@@ -72,39 +72,22 @@ fn counters_equal_the_l3_bytes_and_packets_that_crossed() {
     let mut h = Harness::new(4096).unwrap();
     h.watch(TCP_PORT, PROTO_ALL).unwrap();
     h.watch(UDP_PORT, PROTO_UDP).unwrap();
-    bed.server
-        .enter(|| h.attach_tcx(&bed.server_if))
-        .unwrap()
-        .unwrap();
+    bed.server.enter(|| h.attach_tcx(&bed.server_if)).unwrap().unwrap();
     let nft = tempfile_with(NFT_RULES);
     bed.server.exec(&["nft", "-f", &nft]).unwrap();
 
     // UDP: 300 datagrams of 1000 bytes from one address, 200 of 1200 from another, per family.
-    let udp4_a = bed
-        .send_udp(CLIENT_V4[1], SERVER_V4, UDP_PORT, 300, 1000)
-        .unwrap();
-    let udp4_b = bed
-        .send_udp(CLIENT_V4[2], SERVER_V4, UDP_PORT, 200, 1200)
-        .unwrap();
-    let udp6_a = bed
-        .send_udp(CLIENT_V6[1], SERVER_V6, UDP_PORT, 300, 1000)
-        .unwrap();
-    let udp6_b = bed
-        .send_udp(CLIENT_V6[2], SERVER_V6, UDP_PORT, 200, 1200)
-        .unwrap();
+    let udp4_a = bed.send_udp(CLIENT_V4[1], SERVER_V4, UDP_PORT, 300, 1000).unwrap();
+    let udp4_b = bed.send_udp(CLIENT_V4[2], SERVER_V4, UDP_PORT, 200, 1200).unwrap();
+    let udp6_a = bed.send_udp(CLIENT_V6[1], SERVER_V6, UDP_PORT, 300, 1000).unwrap();
+    let udp6_b = bed.send_udp(CLIENT_V6[2], SERVER_V6, UDP_PORT, 200, 1200).unwrap();
     // TCP: 2 MB each way of family, from the primary addresses.
-    bed.tcp_transfer(CLIENT_V4[0], SERVER_V4, TCP_PORT, 2_000_000)
-        .unwrap();
-    bed.tcp_transfer(CLIENT_V6[0], SERVER_V6, TCP_PORT, 2_000_000)
-        .unwrap();
+    bed.tcp_transfer(CLIENT_V4[0], SERVER_V4, TCP_PORT, 2_000_000).unwrap();
+    bed.tcp_transfer(CLIENT_V6[0], SERVER_V6, TCP_PORT, 2_000_000).unwrap();
 
     let got = real_counters(&h.counters(0).unwrap());
     let nft = nft_counters(&bed);
-    let c = |ip: &str, port, proto, dir| {
-        got.get(&key(ip, port, proto, dir))
-            .copied()
-            .unwrap_or_default()
-    };
+    let c = |ip: &str, port, proto, dir| got.get(&key(ip, port, proto, dir)).copied().unwrap_or_default();
 
     // UDP, from first principles: IP header + 8 + payload per datagram.
     assert_eq!(
@@ -152,10 +135,7 @@ fn counters_equal_the_l3_bytes_and_packets_that_crossed() {
     );
 
     // TCP, both directions, against nftables.
-    assert!(
-        nft["tcp4_in"].bytes > 2_000_000,
-        "the transfer crossed the veth"
-    );
+    assert!(nft["tcp4_in"].bytes > 2_000_000, "the transfer crossed the veth");
     assert_eq!(c(CLIENT_V4[0], TCP_PORT, TCP, IN), nft["tcp4_in"]);
     assert_eq!(c(CLIENT_V4[0], TCP_PORT, TCP, EG), nft["tcp4_out"]);
     assert_eq!(c(CLIENT_V6[0], TCP_PORT, TCP, IN), nft["tcp6_in"]);
@@ -189,16 +169,10 @@ fn gso_super_packets_count_as_their_wire_segments() {
     let bed = Bed::new(true).unwrap();
     let mut h = Harness::new(4096).unwrap();
     h.watch(TCP_PORT, PROTO_ALL).unwrap();
-    bed.server
-        .enter(|| h.attach_tcx(&bed.server_if))
-        .unwrap()
-        .unwrap();
+    bed.server.enter(|| h.attach_tcx(&bed.server_if)).unwrap().unwrap();
     // A GSO super-packet is only made when TSO is on at the sender.
     let features = bed.client.exec(&["ethtool", "-k", &bed.client_if]).unwrap();
-    assert!(
-        features.contains("tcp-segmentation-offload: on"),
-        "{features}"
-    );
+    assert!(features.contains("tcp-segmentation-offload: on"), "{features}");
 
     const PAYLOAD: u64 = 4_000_000;
     let segments = bed

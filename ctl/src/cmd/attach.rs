@@ -30,8 +30,7 @@ pub fn attach(pin: &PinPath, iface: &str, direction: Option<Direction>, mode: Mo
             println!("already attached to {} {}", iface.name, direction_name(d));
             continue;
         }
-        let mut prog =
-            SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
+        let mut prog = SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
         match attach::attach(&mut prog, pin, &mut records, &iface, d, mode) {
             Ok((key, record)) => {
                 println!(
@@ -66,9 +65,7 @@ pub fn detach(pin: &PinPath, iface: &str) -> Result<()> {
         .filter_map(|r| r.ok())
         .filter(|(key, record)| match index {
             Some(index) => key.ifindex == index,
-            None => {
-                attach::recorded_name(record) == iface && attach::ifname_of(key.ifindex).is_none()
-            }
+            None => attach::recorded_name(record) == iface && attach::ifname_of(key.ifindex).is_none(),
         })
         .collect();
     if matching.is_empty() {
@@ -79,9 +76,7 @@ pub fn detach(pin: &PinPath, iface: &str) -> Result<()> {
     }
     for (key, record) in matching {
         attach::detach(pin, key, &record)?;
-        records
-            .remove(&key)
-            .context("removing the attachment record")?;
+        records.remove(&key).context("removing the attachment record")?;
         println!("detached from {iface} {}", direction_name(key.direction));
     }
     Ok(())

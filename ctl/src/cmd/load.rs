@@ -10,8 +10,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use ctl_common::{
-    map_names, program_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta,
-    DIRECTION_EGRESS, DIRECTION_INGRESS, LAYOUT_VERSION,
+    map_names, program_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, DIRECTION_EGRESS,
+    DIRECTION_INGRESS, LAYOUT_VERSION,
 };
 
 use crate::{
@@ -19,9 +19,7 @@ use crate::{
     cli::{Direction, LoadArgs},
     error::Error,
     maps,
-    pinned::{
-        check_privileges, direction_name, directions_from_bits, ensure_bpffs, Lock, PinPath, Pinned,
-    },
+    pinned::{check_privileges, direction_name, directions_from_bits, ensure_bpffs, Lock, PinPath, Pinned},
     ports::PortSpec,
 };
 
@@ -108,12 +106,7 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
         ebpf.map(name)
             .with_context(|| format!("map {name} missing from the object"))?
             .pin(&path)
-            .with_context(|| {
-                format!(
-                    "pinning {} (is something else pinned there?)",
-                    path.display()
-                )
-            })?;
+            .with_context(|| format!("pinning {} (is something else pinned there?)", path.display()))?;
         undo.files.push(path);
     }
 
@@ -124,11 +117,7 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
         _reserved: [0; 7],
     };
     Array::<_, Meta>::try_from(ebpf.map_mut(map_names::META).unwrap())?.set(0, meta, 0)?;
-    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(
-        0,
-        Config::default(),
-        0,
-    )?;
+    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, Config::default(), 0)?;
     for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
         let mut counters: PerCpuHashMap<_, CounterKey, Counters> =
             PerCpuHashMap::try_from(ebpf.map_mut(name).unwrap())?;
@@ -140,15 +129,11 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
     undo.dir(pin.progs_dir())?;
     for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
         let name = program_name(d);
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .context("program missing")?
-            .try_into()?;
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
         prog.load()
             .with_context(|| format!("the kernel's verifier refused {name}"))?;
         let path = pin.prog(d);
-        prog.pin(&path)
-            .with_context(|| format!("pinning {}", path.display()))?;
+        prog.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
         undo.files.push(path);
     }
 
@@ -161,8 +146,7 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
     );
     for iface in ifaces {
         for d in directions_from_bits(direction.bits()) {
-            let prog: &mut SchedClassifier =
-                ebpf.program_mut(program_name(d)).unwrap().try_into()?;
+            let prog: &mut SchedClassifier = ebpf.program_mut(program_name(d)).unwrap().try_into()?;
             let (key, record) = attach::attach(prog, pin, &mut records, iface, d, args.mode)?;
             undo.attachments.push((key, record));
             println!(
@@ -215,8 +199,7 @@ fn add_to_loaded(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], _lock: Lock) 
                 println!("already attached to {} {}", iface.name, direction_name(d));
                 continue;
             }
-            let mut prog =
-                SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
+            let mut prog = SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
             let (key, record) = attach::attach(&mut prog, pin, &mut records, iface, d, args.mode)?;
             undo.attachments.push((key, record));
             println!(
@@ -242,10 +225,7 @@ fn program_name(direction: u8) -> &'static str {
 }
 
 /// Adds the protocols of `specs` to the port map (existing flags are kept).
-pub fn add_ports<T: std::borrow::BorrowMut<MapData>>(
-    ports: &mut Array<T, u8>,
-    specs: &[PortSpec],
-) -> Result<()> {
+pub fn add_ports<T: std::borrow::BorrowMut<MapData>>(ports: &mut Array<T, u8>, specs: &[PortSpec]) -> Result<()> {
     for spec in specs {
         for port in spec.ports() {
             let current = ports.get(&(port as u32), 0)?;

@@ -41,7 +41,8 @@ fn collect(pinned: &Pinned) -> Result<Value> {
     for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
         let prog = SchedClassifier::from_pin(pin.prog(d)).context("opening a pinned program")?;
         let info = prog.info()?;
-        programs.push(json!({ "direction": direction_name(d), "id": info.id(), "tag": format!("{:016x}", info.tag()) }));
+        programs
+            .push(json!({ "direction": direction_name(d), "id": info.id(), "tag": format!("{:016x}", info.tag()) }));
     }
     let mut attachments = vec![];
     for entry in pinned.attachments()?.iter() {
@@ -71,7 +72,7 @@ fn collect(pinned: &Pinned) -> Result<Value> {
     attachments.sort_by_key(|a| {
         (
             a["interface"].as_str().unwrap_or("").to_string(),
-            a["direction"].to_string(),
+            a["direction"] != "ingress",
         )
     });
 
@@ -79,10 +80,7 @@ fn collect(pinned: &Pinned) -> Result<Value> {
     for (port, flags) in pinned.watched_ports()?.iter().enumerate() {
         table[port] = flags?;
     }
-    let watched: Vec<Value> = ports::fold(&table)
-        .iter()
-        .map(super::ports::spec_json)
-        .collect();
+    let watched: Vec<Value> = ports::fold(&table).iter().map(super::ports::spec_json).collect();
 
     let generation = pinned.config()?.get(&0, 0)?.generation & 1;
     let counters = maps::read_counters(&pinned.counters(generation)?)?;

@@ -31,8 +31,7 @@ pub fn run(pin: &PinPath) -> Result<()> {
         if dir.exists() {
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {}", path.display()))?;
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             }
             std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }

@@ -16,10 +16,7 @@ use portwatch_tests::{packet::Packet, Harness};
 
 fn load_single(path: &str, program: &str) -> Result<Ebpf> {
     let mut ebpf = Ebpf::load_file(path).with_context(|| format!("loading {path}"))?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(program)
-        .context("program missing")?
-        .try_into()?;
+    let prog: &mut SchedClassifier = ebpf.program_mut(program).context("program missing")?.try_into()?;
     prog.load()?;
     Ok(ebpf)
 }
@@ -37,11 +34,7 @@ fn run_single(ebpf: &mut Ebpf, program: &str, frame: &[u8], repeat: u32) -> Resu
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(15);
-    let repeat: u32 = args
-        .next()
-        .map(|a| a.parse())
-        .transpose()?
-        .unwrap_or(1_000_000);
+    let repeat: u32 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000_000);
 
     let mut noop = load_single(portwatch::object::NOOP_OBJECT_PATH, "noop")?;
     let mut count_only = load_single(portwatch::object::COUNT_ONLY_OBJECT_PATH, "count_only")?;
@@ -53,9 +46,7 @@ fn main() -> Result<()> {
     let udp6 = Packet::udp6("2001:db8:9::9", 40000, "2001:db8::1", 443)
         .payload(100)
         .build();
-    let unwatched = Packet::tcp4("198.18.9.9", 40000, "198.18.0.1", 80)
-        .payload(100)
-        .build();
+    let unwatched = Packet::tcp4("198.18.9.9", 40000, "198.18.0.1", 80).payload(100).build();
 
     let kinds = [
         "do-nothing TC program (the floor)",
@@ -69,11 +60,7 @@ fn main() -> Result<()> {
         samples[0].push(run_single(&mut noop, "noop", &tcp4, repeat)?);
         samples[1].push(run_single(&mut count_only, "count_only", &tcp4, repeat)?);
         for (i, frame) in [&tcp4, &udp6, &unwatched].into_iter().enumerate() {
-            samples[i + 2].push(
-                h.run_gso(DIRECTION_INGRESS, frame, 0, 0, repeat)?
-                    .duration
-                    .as_nanos() as f64,
-            );
+            samples[i + 2].push(h.run_gso(DIRECTION_INGRESS, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
         }
     }
     let median = |v: &mut Vec<f64>| {
