@@ -201,7 +201,8 @@ impl Bed {
     pub fn tcp_transfer(&self, src: &str, dst: &str, port: u16, bytes: usize) -> Result<TcpSegments> {
         let listen: SocketAddr = SocketAddr::new(dst.parse()?, port);
         let listener = self.server.enter(|| TcpListener::bind(listen))??;
-        let server = std::thread::spawn(move || -> Result<usize> {
+        let (client_done, wait_for_client) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || -> Result<(usize, u64)> {
             let (mut conn, _) = listener.accept()?;
             let mut total = 0;
             let mut buf = vec![0u8; 65536];
@@ -213,7 +214,10 @@ impl Bed {
                 total += n;
             }
             conn.write_all(b"done")?;
-            Ok(total)
+            conn.shutdown(std::net::Shutdown::Write)?;
+            // Keep the socket until the client has seen everything, so its count is final.
+            let _ = wait_for_client.recv_timeout(Duration::from_secs(10));
+            Ok((total, tcp_info(&conn)?.tcpi_bytes_sent))
         });
         let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
         let segments = self.client.enter(|| -> Result<TcpSegments> {
@@ -235,26 +239,40 @@ impl Bed {
             // The server's FIN has arrived (read_to_end returned); give the ACK of it time to leave,
             // then this socket sends nothing more (close from FIN_WAIT_2/TIME_WAIT is silent).
             std::thread::sleep(Duration::from_millis(100));
-            tcp_segments(&conn)
-        })??;
-        let received = server.join().expect("server thread panicked")?;
+            let info = tcp_info(&conn)?;
+            Ok(TcpSegments {
+                sent: info.tcpi_segs_out as u64,
+                received: info.tcpi_segs_in as u64,
+                client_payload: info.tcpi_bytes_sent,
+                server_payload: 0,
+            })
+        });
+        let _ = client_done.send(());
+        let mut segments = segments??;
+        let (received, server_payload) = server.join().expect("server thread panicked")?;
         if received != bytes {
             bail!("server read {received} bytes, {bytes} were sent");
         }
+        segments.server_payload = server_payload;
         // Let the last FIN/ACK exchange finish before anyone reads counters.
         std::thread::sleep(Duration::from_millis(200));
         Ok(segments)
     }
 }
 
-/// Segment counts of one TCP connection, from `TCP_INFO`.
+/// What the client's TCP counted for one connection (`TCP_INFO`): wire segments each way (GSO
+/// super-packets counted per segment) and payload bytes put on the wire, retransmissions included.
 #[derive(Clone, Copy, Debug)]
 pub struct TcpSegments {
     pub sent: u64,
     pub received: u64,
+    /// Payload bytes the client sent (`tcpi_bytes_sent`: retransmitted bytes count again).
+    pub client_payload: u64,
+    /// Payload bytes the server sent.
+    pub server_payload: u64,
 }
 
-fn tcp_segments(conn: &TcpStream) -> Result<TcpSegments> {
+fn tcp_info(conn: &TcpStream) -> Result<libc::tcp_info> {
     use std::os::fd::AsRawFd;
     // SAFETY: getsockopt writes at most `len` bytes into a zeroed tcp_info.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -271,10 +289,7 @@ fn tcp_segments(conn: &TcpStream) -> Result<TcpSegments> {
     if rc != 0 {
         bail!("getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
     }
-    Ok(TcpSegments {
-        sent: info.tcpi_segs_out as u64,
-        received: info.tcpi_segs_in as u64,
-    })
+    Ok(info)
 }
 
 /// A TCP connection from a chosen local address (std's TcpStream cannot bind before connecting).

@@ -105,16 +105,28 @@ fn lifecycle(mode: &str) {
         }
     );
     // TCP: every segment the client's TCP sent and received, each with its IP header and a
-    // 32-byte TCP header (timestamps), but SYN and SYN-ACK whose options make 40; the payload is
-    // 500000 bytes one way and "done" the other.
+    // 32-byte TCP header (timestamps), but SYN and SYN-ACK whose options make 40, plus the payload
+    // each side put on the wire (retransmissions included).
     let tcp = |segments: u64, ip_header: u64, payload: u64| Counters {
         bytes: segments * (ip_header + 32) + 8 + payload,
         packets: segments,
     };
-    assert_eq!(got[&key(CLIENT_V4[0], 7001, TCP, IN)], tcp(tcp4.sent, 20, 500_000));
-    assert_eq!(got[&key(CLIENT_V4[0], 7001, TCP, EG)], tcp(tcp4.received, 20, 4));
-    assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, IN)], tcp(tcp6.sent, 40, 500_000));
-    assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, EG)], tcp(tcp6.received, 40, 4));
+    assert_eq!(
+        got[&key(CLIENT_V4[0], 7001, TCP, IN)],
+        tcp(tcp4.sent, 20, tcp4.client_payload)
+    );
+    assert_eq!(
+        got[&key(CLIENT_V4[0], 7001, TCP, EG)],
+        tcp(tcp4.received, 20, tcp4.server_payload)
+    );
+    assert_eq!(
+        got[&key(CLIENT_V6[0], 7001, TCP, IN)],
+        tcp(tcp6.sent, 40, tcp6.client_payload)
+    );
+    assert_eq!(
+        got[&key(CLIENT_V6[0], 7001, TCP, EG)],
+        tcp(tcp6.received, 40, tcp6.server_payload)
+    );
     assert_eq!(got.len(), 6, "{got:#?}");
     let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
     let status = pw.status();

@@ -189,7 +189,9 @@ fn gso_super_packets_count_as_their_wire_segments() {
         egress.packets, segments.received,
         "packets to the client = segments its TCP received"
     );
-    let expected_bytes = segments.sent * (20 + 32) + 8 + PAYLOAD;
+    // tcpi_bytes_sent: the payload put on the wire, retransmissions included.
+    assert!(segments.client_payload >= PAYLOAD);
+    let expected_bytes = segments.sent * (20 + 32) + 8 + segments.client_payload;
     assert_eq!(
         ingress.bytes, expected_bytes,
         "L3 bytes of {} segments carrying {PAYLOAD} bytes",
