@@ -27,6 +27,11 @@ pub mod map_names {
     /// by the program.
     pub const ATTACHMENTS: &str = "attachments";
 
+    /// `ARRAY_OF_MAPS[1]`, created and pinned by userspace (not in the object) and never read by
+    /// the program: updating it makes the kernel wait for running programs (see "Reset").
+    pub const BARRIER: &str = "barrier";
+
+    /// The maps of the object (the barrier is created by `load`).
     pub const ALL: [&str; 7] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META, ATTACHMENTS];
 }
 

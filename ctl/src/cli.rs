@@ -4,7 +4,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{attach::Mode, pinned::DEFAULT_PIN_PATH, ports::PortSpec};
+use crate::{
+    attach::Mode,
+    generations::Cidr,
+    pinned::DEFAULT_PIN_PATH,
+    ports::PortSpec,
+    report::{By, SortBy},
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -13,6 +19,8 @@ Examples:
   portwatch ports add 8080                      watch 8080 too, from the next packet on
   portwatch ports del 443/udp
   portwatch status                              what is loaded, attached, watched, counted
+  portwatch top                                 the top 10 remote IPs by bytes
+  portwatch reset --json >> /var/log/portwatch.jsonl    zero, printing exactly what was zeroed
   portwatch detach eth0                         stop counting on eth0, keep the rest
   portwatch unload                              remove everything portwatch attached and pinned
 
@@ -76,6 +84,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the top talkers: remote IPs by bytes (or packets) since the last reset
+    #[command(after_help = TOP_EXAMPLES)]
+    Top(TopArgs),
+    /// Zero the counters (all, or those selected) and print exactly what was zeroed
+    #[command(after_help = RESET_EXAMPLES)]
+    Reset(ResetArgs),
     /// Detach everywhere and remove every pin; afterwards nothing of portwatch is left
     Unload,
     /// Load the embedded program through the verifier, report, and unload it; changes nothing
@@ -101,6 +115,99 @@ pub struct LoadArgs {
     /// How to attach: TCX links, falling back to clsact when refused (auto), or force one
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
+}
+
+const TOP_EXAMPLES: &str = "\
+Examples:
+  portwatch top                          top 10 remote IPs by bytes, all watched ports
+  portwatch top -n 20 --by ip-port       per IP, port, protocol and direction
+  portwatch top --by cidr --prefix4 16   per /16 (IPv4) and /64 (IPv6)
+  portwatch top --port 443 --direction ingress --interval 5    with rates over 5 s
+  portwatch top --watch                  a live view, redrawn every second; q quits
+  portwatch top --json | jq '.rows[0]'
+
+Counters run from the last `portwatch reset`. The totals line adds every row the filters keep
+(not only the rows shown) and the overflow entry's traffic (remote IPs that found the counter
+map full), unless --port is given: overflow traffic has no known port.";
+
+const RESET_EXAMPLES: &str = "\
+Examples:
+  portwatch reset                                   zero everything, print what was zeroed
+  portwatch reset --json >> /var/log/portwatch.jsonl
+  */5 * * * * portwatch reset --json --output /var/log/portwatch.jsonl    (crontab)
+  portwatch reset --port 443 --ip 198.18.0.0/15     zero only those counters
+
+Lossless: every byte the kernel counts lands in exactly one reset's output or in the counters
+still in place, even under full-rate traffic (see bpffs-layout.md, \"Reset\"). If the output cannot
+be written, the drained counts are put back and the reset fails.";
+
+#[derive(Args)]
+pub struct TopArgs {
+    /// Rows to show (0: all)
+    #[arg(short = 'n', long = "limit", value_name = "N", default_value_t = 10)]
+    pub limit: usize,
+    /// What a row is
+    #[arg(long, value_enum, default_value_t = By::Ip)]
+    pub by: By,
+    /// IPv4 prefix length for --by cidr
+    #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub prefix4: u8,
+    /// IPv6 prefix length for --by cidr
+    #[arg(long, value_name = "LEN", default_value_t = 64, value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub prefix6: u8,
+    /// Only these ports (SPEC as for `ports add`; repeat for more)
+    #[arg(long = "port", value_name = "SPEC", allow_hyphen_values = true, value_parser = parse_spec)]
+    pub ports: Vec<PortSpec>,
+    /// Only this direction
+    #[arg(long, value_enum)]
+    pub direction: Option<OneDirection>,
+    /// Order rows by bytes or packets (by their rate when --interval or --watch is given)
+    #[arg(long, value_enum, default_value_t = SortBy::Bytes)]
+    pub sort: SortBy,
+    /// Read twice, SECS apart, and add per-second rates
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    pub interval: Option<f64>,
+    /// Redraw the view every interval (default 1 s) as a live screen, until q or Ctrl-C
+    #[arg(long, conflicts_with_all = ["json", "csv"])]
+    pub watch: bool,
+    /// One JSON object on one line
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// A header line and one line per row
+    #[arg(long)]
+    pub csv: bool,
+    /// Exact byte counts instead of KiB/MiB/GiB
+    #[arg(long)]
+    pub exact: bool,
+}
+
+#[derive(Args)]
+pub struct ResetArgs {
+    /// Only counters of these ports (repeat for more)
+    #[arg(long = "port", value_name = "SPEC", allow_hyphen_values = true, value_parser = parse_spec)]
+    pub ports: Vec<PortSpec>,
+    /// Only counters of remote IPs in this CIDR, or this IP (repeat for more)
+    #[arg(long = "ip", value_name = "CIDR", value_parser = parse_cidr)]
+    pub cidrs: Vec<Cidr>,
+    /// What was zeroed as one JSON object on one line (the schema of `top --json`)
+    #[arg(long, conflicts_with = "csv")]
+    pub json: bool,
+    /// What was zeroed as CSV
+    #[arg(long)]
+    pub csv: bool,
+    /// Append what was zeroed to FILE (created if missing) instead of stdout
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Exact byte counts instead of KiB/MiB/GiB
+    #[arg(long)]
+    pub exact: bool,
+}
+
+/// One direction, for filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OneDirection {
+    Ingress,
+    Egress,
 }
 
 #[derive(Subcommand)]
@@ -157,6 +264,19 @@ impl Direction {
 
 fn parse_spec(s: &str) -> Result<PortSpec, String> {
     s.parse()
+}
+
+fn parse_cidr(s: &str) -> Result<Cidr, String> {
+    s.parse()
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?}: the interval is a number of seconds above 0, at most 3600"
+        )),
+    }
 }
 
 fn parse_max_entries(s: &str) -> Result<u32, String> {

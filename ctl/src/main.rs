@@ -41,6 +41,8 @@ fn main() -> ExitCode {
         Command::Detach { iface } => cmd::attach::detach(&pin, iface),
         Command::Ports(command) => cmd::ports::run(&pin, command),
         Command::Status { json } => cmd::status::run(&pin, *json),
+        Command::Top(args) => cmd::top::run(&pin, args),
+        Command::Reset(args) => cmd::reset::run(&pin, args),
         Command::Unload => cmd::unload::run(&pin),
         Command::Check => cmd::check::run(),
     };

@@ -3,6 +3,7 @@
 use std::{
     borrow::{Borrow, BorrowMut},
     collections::BTreeMap,
+    os::fd::AsFd,
 };
 
 use anyhow::{Context, Result};
@@ -60,4 +61,43 @@ pub fn set_port<T: BorrowMut<MapData>>(ports: &mut Array<T, u8>, port: u16, flag
     ports
         .set(port as u32, flags, 0)
         .with_context(|| format!("writing port {port} to the port map"))
+}
+
+/// Entries per batch syscall when reading a counter map.
+const BATCH_CHUNK: usize = 16384;
+
+/// Every entry of one counter generation (overflow keys included), summed over CPUs: one
+/// `BPF_MAP_LOOKUP_BATCH` per 16384 entries, or a key-at-a-time walk where the kernel has no
+/// batch operations for the map.
+pub fn read_generation(pinned: &crate::pinned::Pinned, generation: u32) -> Result<Vec<(CounterKey, Counters)>> {
+    let map = pinned.counters_data(generation)?;
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    let key_size = std::mem::size_of::<CounterKey>();
+    // Per-CPU values come as one 8-byte-aligned slot per possible CPU.
+    let slot = std::mem::size_of::<Counters>().next_multiple_of(8);
+    match crate::sys::lookup_batch(map.fd().as_fd(), key_size, slot * cpus, false, BATCH_CHUNK) {
+        Ok((keys, values)) => Ok(decode(&keys, &values, cpus, slot)),
+        Err(e) if crate::sys::batch_unsupported(&e) => {
+            Ok(read_counters(&pinned.counters(generation)?)?.into_iter().collect())
+        }
+        Err(e) => Err(e).context("BPF_MAP_LOOKUP_BATCH on a counter map"),
+    }
+}
+
+fn decode(keys: &[u8], values: &[u8], cpus: usize, slot: usize) -> Vec<(CounterKey, Counters)> {
+    let key_size = std::mem::size_of::<CounterKey>();
+    let n = keys.len() / key_size;
+    (0..n)
+        .map(|i| {
+            // SAFETY: CounterKey and Counters are plain integers (Pod); the buffers hold whole
+            // entries as the kernel wrote them, read unaligned.
+            let key: CounterKey = unsafe { std::ptr::read_unaligned(keys[i * key_size..].as_ptr().cast()) };
+            let mut total = Counters::default();
+            for cpu in 0..cpus {
+                let at = (i * cpus + cpu) * slot;
+                total += unsafe { std::ptr::read_unaligned::<Counters>(values[at..].as_ptr().cast()) };
+            }
+            (key, total)
+        })
+        .collect()
 }

@@ -191,6 +191,18 @@ impl Pinned {
         Ok(Pinned { pin: pin.clone(), meta })
     }
 
+    /// A pinned map, untyped (for batch syscalls on its fd).
+    pub fn map_data(&self, name: &str) -> Result<MapData> {
+        let path = self.pin.map(name);
+        MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
+    }
+    pub fn counters_data(&self, generation: u32) -> Result<MapData> {
+        self.map_data(if generation & 1 == 0 {
+            map_names::COUNTERS_0
+        } else {
+            map_names::COUNTERS_1
+        })
+    }
     pub fn watched_ports(&self) -> Result<Array<MapData, u8>> {
         Ok(Array::try_from(open_map(&self.pin, map_names::WATCHED_PORTS)?)?)
     }

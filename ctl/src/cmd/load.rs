@@ -110,6 +110,10 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
         undo.files.push(path);
     }
 
+    let barrier = pin.map(map_names::BARRIER);
+    crate::sys::create_barrier(&barrier).with_context(|| format!("creating {}", barrier.display()))?;
+    undo.files.push(barrier);
+
     let meta = Meta {
         layout_version: LAYOUT_VERSION,
         max_entries,

@@ -5,7 +5,10 @@ pub mod attach;
 pub mod check;
 pub mod load;
 pub mod ports;
+pub mod reset;
 pub mod status;
+pub mod top;
+pub mod top_watch;
 pub mod unload;
 
 use anyhow::Result;

@@ -83,8 +83,10 @@ fn collect(pinned: &Pinned) -> Result<Value> {
     let watched: Vec<Value> = ports::fold(&table).iter().map(super::ports::spec_json).collect();
 
     let generation = pinned.config()?.get(&0, 0)?.generation & 1;
-    let counters = maps::read_counters(&pinned.counters(generation)?)?;
-    let used = counters.keys().filter(|k| !k.is_overflow()).count();
+    let used = maps::read_generation(pinned, generation)?
+        .iter()
+        .filter(|(k, _)| !k.is_overflow())
+        .count();
     let stats: Stats = maps::read_stats(&pinned.stats()?)?;
     Ok(json!({
         "loaded": true,
