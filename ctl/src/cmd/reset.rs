@@ -38,14 +38,14 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
         limit: 0,
     };
     let report = Report::new(&view, &view.group_all(&drained.entries), None);
-    let text = if args.json {
-        let extra = [("time", unix_time()), ("reset", json!(true))];
-        format!("{}\n", report.to_json(&extra))
+    let mut text = Vec::new();
+    if args.json {
+        report.write_json(&mut text, &[("time", unix_time()), ("reset", json!(true))])?;
     } else if args.csv {
-        report.to_csv()
+        text = report.to_csv().into_bytes();
     } else {
-        report.to_table(args.exact)
-    };
+        text = report.to_table(args.exact).into_bytes();
+    }
     match write_out(args, &text) {
         Ok(()) => Ok(()),
         Err(e) => {
@@ -56,7 +56,8 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
     }
 }
 
-fn write_out(args: &ResetArgs, text: &str) -> Result<()> {
+/// Writes the whole snapshot or nothing: a file that fails midway is cut back to its old length.
+fn write_out(args: &ResetArgs, text: &[u8]) -> Result<()> {
     match &args.output {
         Some(path) => {
             let mut f = std::fs::OpenOptions::new()
@@ -64,13 +65,18 @@ fn write_out(args: &ResetArgs, text: &str) -> Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            f.write_all(text.as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
-            f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+            let old_len = f.metadata().map(|m| m.len()).ok();
+            let written = f.write_all(text).and_then(|()| f.sync_all());
+            if let Err(e) = written {
+                if let Some(len) = old_len {
+                    let _ = f.set_len(len);
+                }
+                return Err(e).with_context(|| format!("writing {}", path.display()));
+            }
         }
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(text.as_bytes()).context("writing to stdout")?;
+            out.write_all(text).context("writing to stdout")?;
             out.flush().context("writing to stdout")?;
         }
     }
