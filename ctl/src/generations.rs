@@ -15,7 +15,7 @@
 //! Every byte the program counts is in exactly one place: a map entry still in place (readers sum
 //! both generations), or one reset's snapshot.
 
-use std::{collections::BTreeMap, os::fd::AsFd};
+use std::os::fd::AsFd;
 
 use anyhow::{Context, Result};
 use aya::maps::PerCpuValues;
@@ -23,15 +23,13 @@ use ctl_common::{map_names, Config, CounterKey, Counters};
 
 use crate::{maps, pinned::Pinned, ports::PortSpec};
 
-/// Both generations summed per key: the counters since the last reset.
-pub fn read_all(pinned: &Pinned) -> Result<BTreeMap<CounterKey, Counters>> {
-    let mut all = BTreeMap::new();
+/// Hands every entry of both generations to `each`: summed per key, they are the counters since
+/// the last reset (a key can be in both).
+pub fn for_each(pinned: &Pinned, mut each: impl FnMut(CounterKey, Counters)) -> Result<()> {
     for generation in [0, 1] {
-        for (key, value) in maps::read_generation(pinned, generation)? {
-            *all.entry(key).or_default() += value;
-        }
+        maps::for_each_in_generation(pinned, generation, &mut each)?;
     }
-    Ok(all)
+    Ok(())
 }
 
 /// An IPv4 or IPv6 prefix, stored as an IPv6 prefix (IPv4 mapped), as keys store addresses.
@@ -155,9 +153,9 @@ impl Drop for HoldSignals {
     }
 }
 
-/// What a reset took out of the maps, per key, before it is reported.
+/// What a reset took out of the maps, per key (sorted by key), before it is reported.
 pub struct Drained {
-    pub entries: BTreeMap<CounterKey, Counters>,
+    pub entries: Vec<(CounterKey, Counters)>,
     /// Held until the snapshot is written; `restore` puts it back if writing fails.
     _signals: HoldSignals,
 }
@@ -179,19 +177,14 @@ fn set_generation(pinned: &Pinned, generation: u32) -> Result<()> {
 }
 
 /// Reads and removes the selected entries of a generation the program no longer writes.
-fn drain(
-    pinned: &Pinned,
-    generation: u32,
-    selector: &Selector,
-    into: &mut BTreeMap<CounterKey, Counters>,
-) -> Result<()> {
+fn drain(pinned: &Pinned, generation: u32, selector: &Selector, into: &mut Vec<(CounterKey, Counters)>) -> Result<()> {
     let entries = maps::read_generation(pinned, generation)?;
     let mut counters = pinned.counters(generation)?;
     let selected: Vec<_> = entries.into_iter().filter(|(k, _)| selector.selects(k)).collect();
     let mut to_delete = Vec::with_capacity(selected.len() * std::mem::size_of::<CounterKey>());
     let mut delete_count = 0;
     for (key, value) in &selected {
-        *into.entry(*key).or_default() += *value;
+        into.push((*key, *value));
         if key.is_overflow() {
             // The overflow keys stay (the program needs them when the map is full): zeroed.
             let zero = PerCpuValues::try_from(vec![Counters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
@@ -229,11 +222,13 @@ pub fn reset(pinned: &Pinned, selector: &Selector) -> Result<Drained> {
     for generation in [0, 1] {
         maps::ensure_overflow_keys(&mut pinned.counters(generation)?)?;
     }
-    let mut entries = BTreeMap::new();
+    let mut entries = Vec::new();
     set_generation(pinned, other)?;
     drain(pinned, active, selector, &mut entries)?;
     set_generation(pinned, active)?;
     drain(pinned, other, selector, &mut entries)?;
+    // A key drained from both generations is one row.
+    maps::sum_sorted(&mut entries);
     Ok(Drained {
         entries,
         _signals: signals,

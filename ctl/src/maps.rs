@@ -51,6 +51,19 @@ pub fn sum<V: Copy + Default + std::ops::AddAssign>(values: &[V]) -> V {
     })
 }
 
+/// Sorts entries by key and sums those with the same key into one. A stable sort: it finds an
+/// already sorted prefix and merges into it instead of sorting it again.
+pub fn sum_sorted<K: Ord + Copy>(entries: &mut Vec<(K, Counters)>) {
+    entries.sort_by_key(|(k, _)| *k);
+    entries.dedup_by(|(k2, v2), (k1, v1)| {
+        let same = k1 == k2;
+        if same {
+            *v1 += *v2;
+        }
+        same
+    });
+}
+
 /// The global statistics, summed over CPUs.
 pub fn read_stats<T: Borrow<MapData>>(stats: &PerCpuArray<T, Stats>) -> Result<Stats> {
     Ok(sum(&stats.get(&0, 0).context("reading the stats map")?))
@@ -66,38 +79,69 @@ pub fn set_port<T: BorrowMut<MapData>>(ports: &mut Array<T, u8>, port: u16, flag
 /// Entries per batch syscall when reading a counter map.
 const BATCH_CHUNK: usize = 16384;
 
-/// Every entry of one counter generation (overflow keys included), summed over CPUs: one
-/// `BPF_MAP_LOOKUP_BATCH` per 16384 entries, or a key-at-a-time walk where the kernel has no
-/// batch operations for the map.
-pub fn read_generation(pinned: &crate::pinned::Pinned, generation: u32) -> Result<Vec<(CounterKey, Counters)>> {
+/// Every entry of one counter generation (overflow keys included), summed over CPUs, handed to
+/// `each`: one `BPF_MAP_LOOKUP_BATCH` per 16384 entries, or a key-at-a-time walk where the kernel
+/// has no batch operations for the map. Holds a few chunks at a time, not the map.
+///
+/// The kernel's copy-out and `each` (grouping a million keys into a hash table) cost about the
+/// same: a reader thread makes the syscalls and decodes while the calling thread runs `each`, so
+/// on two cores a pass takes the longer of the two rather than their sum.
+pub fn for_each_in_generation(
+    pinned: &crate::pinned::Pinned,
+    generation: u32,
+    mut each: impl FnMut(CounterKey, Counters),
+) -> Result<()> {
     let map = pinned.counters_data(generation)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     let key_size = std::mem::size_of::<CounterKey>();
     // Per-CPU values come as one 8-byte-aligned slot per possible CPU.
     let slot = std::mem::size_of::<Counters>().next_multiple_of(8);
-    match crate::sys::lookup_batch(map.fd().as_fd(), key_size, slot * cpus, false, BATCH_CHUNK) {
-        Ok((keys, values)) => Ok(decode(&keys, &values, cpus, slot)),
+    let decode = |keys: &[u8], values: &[u8], n: usize| -> Vec<(CounterKey, Counters)> {
+        (0..n)
+            .map(|i| {
+                // SAFETY: CounterKey and Counters are plain integers (Pod); the buffers hold whole
+                // entries as the kernel wrote them, read unaligned.
+                let key: CounterKey = unsafe { std::ptr::read_unaligned(keys[i * key_size..].as_ptr().cast()) };
+                let mut total = Counters::default();
+                for cpu in 0..cpus {
+                    let at = (i * cpus + cpu) * slot;
+                    total += unsafe { std::ptr::read_unaligned::<Counters>(values[at..].as_ptr().cast()) };
+                }
+                (key, total)
+            })
+            .collect()
+    };
+    let fd = map.fd().as_fd();
+    let batched = std::thread::scope(|scope| {
+        let (send, receive) = std::sync::mpsc::sync_channel::<Vec<(CounterKey, Counters)>>(4);
+        let reader = scope.spawn(move || {
+            crate::sys::lookup_batch(fd, key_size, slot * cpus, false, BATCH_CHUNK, |k, v, n| {
+                // The receiver only goes away if the caller panicked; the rest is not needed then.
+                let _ = send.send(decode(k, v, n));
+            })
+        });
+        for chunk in receive {
+            for (key, value) in chunk {
+                each(key, value);
+            }
+        }
+        reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    });
+    match batched {
+        Ok(()) => Ok(()),
         Err(e) if crate::sys::batch_unsupported(&e) => {
-            Ok(read_counters(&pinned.counters(generation)?)?.into_iter().collect())
+            for (key, value) in read_counters(&pinned.counters(generation)?)? {
+                each(key, value);
+            }
+            Ok(())
         }
         Err(e) => Err(e).context("BPF_MAP_LOOKUP_BATCH on a counter map"),
     }
 }
 
-fn decode(keys: &[u8], values: &[u8], cpus: usize, slot: usize) -> Vec<(CounterKey, Counters)> {
-    let key_size = std::mem::size_of::<CounterKey>();
-    let n = keys.len() / key_size;
-    (0..n)
-        .map(|i| {
-            // SAFETY: CounterKey and Counters are plain integers (Pod); the buffers hold whole
-            // entries as the kernel wrote them, read unaligned.
-            let key: CounterKey = unsafe { std::ptr::read_unaligned(keys[i * key_size..].as_ptr().cast()) };
-            let mut total = Counters::default();
-            for cpu in 0..cpus {
-                let at = (i * cpus + cpu) * slot;
-                total += unsafe { std::ptr::read_unaligned::<Counters>(values[at..].as_ptr().cast()) };
-            }
-            (key, total)
-        })
-        .collect()
+/// Every entry of one counter generation, collected.
+pub fn read_generation(pinned: &crate::pinned::Pinned, generation: u32) -> Result<Vec<(CounterKey, Counters)>> {
+    let mut out = Vec::new();
+    for_each_in_generation(pinned, generation, |k, v| out.push((k, v)))?;
+    Ok(out)
 }

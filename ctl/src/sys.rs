@@ -116,49 +116,50 @@ pub fn batch_unsupported(e: &io::Error) -> bool {
 }
 
 /// Every (key, value) of a hash map through `BPF_MAP_LOOKUP_BATCH` (or `..._AND_DELETE_BATCH`),
-/// `chunk` entries per call. `value_size` is the bytes of one value as the syscall returns it (for
-/// per-CPU maps: the 8-byte-rounded value times the possible CPUs). Keys and values come back
-/// concatenated.
+/// `chunk` entries per call, handed to `each` one call's worth at a time (keys and values
+/// concatenated, and how many), so that reading a large map holds one chunk, not the map.
+/// `value_size` is the bytes of one value as the syscall returns it (for per-CPU maps: the
+/// 8-byte-rounded value times the possible CPUs).
 pub fn lookup_batch(
     map: BorrowedFd,
     key_size: usize,
     value_size: usize,
     delete: bool,
     chunk: usize,
-) -> io::Result<(Vec<u8>, Vec<u8>)> {
+    mut each: impl FnMut(&[u8], &[u8], usize),
+) -> io::Result<()> {
     let cmd = if delete {
         BPF_MAP_LOOKUP_AND_DELETE_BATCH
     } else {
         BPF_MAP_LOOKUP_BATCH
     };
-    let mut keys = Vec::new();
-    let mut values = Vec::new();
     let mut chunk = chunk.max(1);
+    let mut keys = vec![0u8; chunk * key_size];
+    let mut values = vec![0u8; chunk * value_size];
     let mut token = [0u64; 1];
     let mut first = true;
     loop {
-        let start_k = keys.len();
-        let start_v = values.len();
-        keys.resize(start_k + chunk * key_size, 0);
-        values.resize(start_v + chunk * value_size, 0);
         let mut out_token = [0u64; 1];
         let mut attr = Attr::new();
         attr.u64(0, if first { 0 } else { token.as_ptr() as u64 })
             .u64(8, out_token.as_mut_ptr() as u64)
-            .u64(16, keys[start_k..].as_mut_ptr() as u64)
-            .u64(24, values[start_v..].as_mut_ptr() as u64)
+            .u64(16, keys.as_mut_ptr() as u64)
+            .u64(24, values.as_mut_ptr() as u64)
             .u32(32, chunk as u32)
             .u32(36, map.as_raw_fd() as u32);
         let result = bpf(cmd, &mut attr);
         let got = attr.get_u32(32) as usize;
-        keys.truncate(start_k + got * key_size);
-        values.truncate(start_v + got * value_size);
         match result {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok((keys, values)),
+            Ok(_) => each(&keys[..got * key_size], &values[..got * value_size], got),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                each(&keys[..got * key_size], &values[..got * value_size], got);
+                return Ok(());
+            }
             // A bucket holds more entries than the buffer: retry the same position with more room.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
                 chunk *= 2;
+                keys.resize(chunk * key_size, 0);
+                values.resize(chunk * value_size, 0);
                 continue;
             }
             Err(e) => return Err(e),

@@ -197,3 +197,23 @@ pub fn fill_counters(pin: &std::path::Path, generation: u32, entries: &[(Counter
     }
     Ok(())
 }
+
+/// `n` distinct remote IPs (2001:db8::<i>) on port 443/tcp ingress, with bytes a permutation of
+/// 0..n (7919 is prime and coprime to the powers of ten used), one packet each.
+pub fn synthetic_entries(n: u64) -> Vec<(CounterKey, Counters)> {
+    (0..n)
+        .map(|i| {
+            let mut ip = [0u8; 16];
+            ip[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+            ip[12..].copy_from_slice(&(i as u32).to_be_bytes());
+            let key = CounterKey::with_octets(ip, 443, ctl_common::IPPROTO_TCP, DIRECTION_INGRESS);
+            (
+                key,
+                Counters {
+                    bytes: (i * 7919) % n,
+                    packets: 1,
+                },
+            )
+        })
+        .collect()
+}

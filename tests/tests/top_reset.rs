@@ -402,18 +402,7 @@ fn top_over_a_million_entries() {
     pw.ok(&["load", "--iface", "lo", "--port", "443", "--max-entries", "1000000"]);
     // Entry i: remote 2001:db8::<i>, bytes a permutation of 0..N so that the top ten are known.
     const N: u64 = 1_000_000;
-    let entries: Vec<(CounterKey, Counters)> = (0..N)
-        .map(|i| {
-            let mut ip = [0u8; 16];
-            ip[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
-            ip[12..].copy_from_slice(&(i as u32).to_be_bytes());
-            let bytes = (i * 7919) % N; // 7919 is prime and coprime to 10^6: a permutation
-            (
-                CounterKey::with_octets(ip, 443, IPPROTO_TCP, IN),
-                Counters { bytes, packets: 1 },
-            )
-        })
-        .collect();
+    let entries = portwatch_tests::synthetic_entries(N);
     fill_counters(&pw.pin, 0, &entries).unwrap();
     let mut expected: Vec<_> = entries.iter().map(|(k, c)| (c.bytes, k.remote_ip_octets())).collect();
     expected.sort_unstable_by(|a, b| b.cmp(a));

@@ -23,8 +23,11 @@ pub fn view(args: &TopArgs) -> View {
     }
 }
 
-fn read(pinned: &Pinned, view: &View) -> Result<Grouped> {
-    Ok(view.group_all(&generations::read_all(pinned)?))
+/// Both generations, grouped as the view says, in one pass.
+pub fn read(pinned: &Pinned, view: &View) -> Result<Grouped> {
+    let mut grouped = Grouped::default();
+    generations::for_each(pinned, |key, value| view.add(&mut grouped, &key, value))?;
+    Ok(grouped.finish())
 }
 
 pub fn run(pin: &PinPath, args: &TopArgs) -> Result<()> {
@@ -46,7 +49,9 @@ pub fn run(pin: &PinPath, args: &TopArgs) -> Result<()> {
         }
     };
     if args.json {
-        println!("{}", report.to_json(&[("time", super::reset::unix_time())]));
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        report.write_json(&mut out, &[("time", super::reset::unix_time())])?;
+        std::io::Write::flush(&mut out)?;
     } else if args.csv {
         print!("{}", report.to_csv());
     } else {

@@ -12,16 +12,12 @@ use ratatui::{
     widgets::{Paragraph, Row as TableRow, Table},
 };
 
+use super::top::read;
 use crate::{
-    generations,
     output::human_bytes,
     pinned::Pinned,
-    report::{Grouped, Report, View},
+    report::{Report, View},
 };
-
-fn read(pinned: &Pinned, view: &View) -> Result<Grouped> {
-    Ok(view.group_all(&generations::read_all(pinned)?))
-}
 
 pub fn run(pinned: &Pinned, view: &View, interval: f64, exact: bool) -> Result<()> {
     // ratatui::init enters raw mode and the alternate screen, and installs a panic hook that
