@@ -1,0 +1,113 @@
+//! Wall time and peak memory of `portwatch top -n 10 --json` and `portwatch reset --json` over
+//! counter maps of 10k, 100k and 1M entries, next to `bpftool map dump pinned` of the same map,
+//! all in one run, interleaved round by round; the median round is reported.
+//!
+//!     cargo build --release -p ctl -p portwatch-tests
+//!     target/release/bench-read [ROUNDS]
+//!
+//! Each command runs as its own process (as an operator runs it); peak memory is the child's
+//! maximum resident set size from wait4(2).
+
+use std::{
+    os::fd::AsFd,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{bail, Result};
+use ctl_common::{CounterKey, Counters};
+use portwatch_tests::{cli::Pw, fill_counters, netns::Netns, synthetic_entries};
+
+/// Runs `cmd` with stdout to /dev/null; returns (seconds, peak RSS in MiB).
+fn measure(mut cmd: Command) -> Result<(f64, f64)> {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let started = Instant::now();
+    let child = cmd.spawn()?;
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
+        bail!("wait4: {}", std::io::Error::last_os_error());
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        bail!("{cmd:?} failed with status {status}");
+    }
+    Ok((secs, usage.ru_maxrss as f64 / 1024.0))
+}
+
+/// The floor under `top`: the kernel's BPF_MAP_LOOKUP_BATCH over both generations, in this
+/// process, with nothing done to the entries.
+fn batch_read_alone(pin: &std::path::Path) -> Result<f64> {
+    let pinned = portwatch::pinned::Pinned::open(&portwatch::pinned::PinPath::new(pin))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let started = Instant::now();
+    let mut got = 0;
+    for generation in [0, 1] {
+        let map = pinned.counters_data(generation)?;
+        let value_size = std::mem::size_of::<Counters>() * cpus;
+        let key_size = std::mem::size_of::<CounterKey>();
+        portwatch::sys::lookup_batch(map.fd().as_fd(), key_size, value_size, false, 16384, |_, _, n| got += n)?;
+    }
+    std::hint::black_box(got);
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() -> Result<()> {
+    let rounds: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(5);
+    println!("{rounds} rounds, median; wall time in seconds, peak RSS in MiB");
+    println!(
+        "| entries | portwatch top -n 10 --json | portwatch reset --json | bpftool map dump pinned | batch read alone |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for n in [10_000u64, 100_000, 1_000_000] {
+        let ns = Netns::new("bench")?;
+        let pw = Pw::new(Some(&ns));
+        pw.ok(&[
+            "load",
+            "--iface",
+            "lo",
+            "--port",
+            "443",
+            "--max-entries",
+            &n.to_string(),
+        ]);
+        let data = synthetic_entries(n);
+        let dump_path = pw.pin.join("maps/counters_0");
+        let (mut top_t, mut top_m, mut reset_t, mut reset_m, mut dump_t, mut dump_m, mut floor_t) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            // reset drains the map: fill it again every round (not timed).
+            fill_counters(&pw.pin, 0, &data)?;
+            let (t, m) = measure(pw.command(&["top", "-n", "10", "--json"]))?;
+            top_t.push(t);
+            top_m.push(m);
+            floor_t.push(batch_read_alone(&pw.pin)?);
+            let mut dump = Command::new("bpftool");
+            dump.args(["map", "dump", "pinned"]).arg(&dump_path);
+            let (t, m) = measure(dump)?;
+            dump_t.push(t);
+            dump_m.push(m);
+            let (t, m) = measure(pw.command(&["reset", "--json"]))?;
+            reset_t.push(t);
+            reset_m.push(m);
+        }
+        println!(
+            "| {n} | {:.3} s, {:.0} MiB | {:.3} s, {:.0} MiB | {:.3} s, {:.0} MiB | {:.3} s |",
+            median(&mut top_t),
+            median(&mut top_m),
+            median(&mut reset_t),
+            median(&mut reset_m),
+            median(&mut dump_t),
+            median(&mut dump_m),
+            median(&mut floor_t)
+        );
+    }
+    Ok(())
+}
