@@ -46,6 +46,8 @@ pub struct Packet {
     pub trailer: usize,
     /// Cut the frame to this many bytes.
     pub truncate: Option<usize>,
+    /// Overrides the innermost EtherType (to build a frame that is not IP).
+    pub ethertype: Option<u16>,
 }
 
 impl Packet {
@@ -64,6 +66,7 @@ impl Packet {
             tcp_doff: None,
             trailer: 0,
             truncate: None,
+            ethertype: None,
         }
     }
     pub fn tcp4(src: &str, src_port: u16, dst: &str, dst_port: u16) -> Self {
@@ -165,6 +168,10 @@ impl Packet {
         self.trailer = len;
         self
     }
+    pub fn ethertype(mut self, ethertype: u16) -> Self {
+        self.ethertype = Some(ethertype);
+        self
+    }
     pub fn truncate(mut self, len: usize) -> Self {
         self.truncate = Some(len);
         self
@@ -201,10 +208,10 @@ impl Packet {
         let mut f = Vec::new();
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // dst MAC (locally administered)
         f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // src MAC
-        let ethertype = match self.ip {
+        let ethertype = self.ethertype.unwrap_or(match self.ip {
             Ip::V4 { .. } => ETH_P_IP,
             Ip::V6 { .. } => ETH_P_IPV6,
-        };
+        });
         for (i, tpid) in self.vlan_tpids.iter().enumerate() {
             f.extend_from_slice(&tpid.to_be_bytes());
             f.extend_from_slice(&(100 + i as u16).to_be_bytes()); // TCI: VLAN id

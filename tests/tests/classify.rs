@@ -8,7 +8,7 @@ use ctl_common::{
 };
 use portwatch_tests::{
     kernel_available, key,
-    packet::{Packet, ETH_P_8021AD, ETH_P_8021Q},
+    packet::{Packet, ETH_P_8021AD, ETH_P_8021Q, ETH_P_ARP},
     real_counters, Harness,
 };
 
@@ -296,6 +296,15 @@ fn cases() -> Vec<Case> {
         case("tcp to a tcp-only port", IN, Packet::tcp4(C4, 40000, S4, 8080), |p| {
             counted_in(p, C4, 8080, TCP)
         }),
+        // Not IP at all: an ARP frame (its bytes are whatever follows the EtherType), and an IP
+        // packet behind a VLAN tag whose inner EtherType is ARP.
+        case("arp frame", IN, tcp4().ethertype(ETH_P_ARP), |_| NotCounted(non_ip)),
+        case(
+            "arp inside a vlan tag",
+            IN,
+            tcp4().vlan(ETH_P_8021Q).ethertype(ETH_P_ARP),
+            |_| NotCounted(non_ip),
+        ),
         // Unknown protocols.
         case("ipv4 icmp", IN, tcp4().proto(1), |_| NotCounted(unknown_l4)),
         case("ipv6 esp", IN, tcp6().proto(50), |_| NotCounted(unknown_l4)),
