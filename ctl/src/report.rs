@@ -444,6 +444,8 @@ impl Report {
         }
         let shown = if self.total_rows > self.rows.len() {
             format!("top {} of {} rows", self.rows.len(), self.total_rows)
+        } else if self.total_rows == 1 {
+            "1 row".to_string()
         } else {
             format!("{} rows", self.total_rows)
         };

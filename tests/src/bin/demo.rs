@@ -1,6 +1,7 @@
 //! portwatch's demo: two throwaway network namespaces joined by a veth pair, `portwatch load` on
 //! the server's end, real TCP and UDP traffic from three client addresses over IPv4 and IPv6, a
-//! live `ports add`, then what portwatch counted. Each portwatch command is printed as it runs;
+//! live `ports add`, then what portwatch counted (`top`), a `reset` that prints what it zeroed, and
+//! what is counted after it. Each portwatch command is printed as it runs;
 //! every one is a separate process that exits (counting goes on in the kernel). Everything the
 //! demo creates is removed when it exits.
 //!
@@ -56,30 +57,12 @@ fn main() -> Result<()> {
     bed.send_udp(CLIENT_V4[2], SERVER_V4, 8080, 50, 1200)?;
 
     step(&pw, &["status"])?;
-    println!("\ncounters per remote IP, read from the pinned maps:");
-    let mut rows: Vec<_> = pw.counters().into_iter().collect();
-    rows.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes));
-    println!(
-        "{:<16} {:>5} {:<5} {:<8} {:>12} {:>9}",
-        "REMOTE IP", "PORT", "PROTO", "DIR", "BYTES", "PACKETS"
-    );
-    for (k, c) in rows {
-        let ip = std::net::Ipv6Addr::from(k.remote_ip_octets());
-        let ip = ip
-            .to_ipv4_mapped()
-            .map(|v4| v4.to_string())
-            .unwrap_or_else(|| ip.to_string());
-        let proto = if k.proto == ctl_common::IPPROTO_TCP {
-            "tcp"
-        } else {
-            "udp"
-        };
-        let dir = portwatch::pinned::direction_name(k.direction);
-        println!(
-            "{ip:<16} {:>5} {proto:<5} {dir:<8} {:>12} {:>9}",
-            k.port, c.bytes, c.packets
-        );
-    }
+    step(&pw, &["top"])?;
+    step(&pw, &["top", "--by", "ip-port", "--exact"])?;
+    step(&pw, &["reset", "--json"])?;
+    println!("\n(traffic: 500 kB tcp/443 from {} after the reset)", CLIENT_V4[1]);
+    bed.tcp_transfer(CLIENT_V4[1], SERVER_V4, 443, 500_000)?;
+    step(&pw, &["top", "--by", "port"])?;
     step(&pw, &["unload"])?;
     Ok(())
 }
