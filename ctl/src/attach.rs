@@ -27,6 +27,44 @@ pub enum Mode {
     Tc,
 }
 
+/// Says what was attached, as `load` and `attach` print it.
+pub fn announce(iface: &Iface, direction: u8, record: &Attachment) {
+    println!(
+        "attached to {} {} ({})",
+        iface.name,
+        crate::pinned::direction_name(direction),
+        mode_name(record.mode)
+    );
+}
+
+/// Attaches the pinned program of `direction` to `iface` and says so; when the records show it
+/// attached there already, says that instead and returns `None` (never attaches twice).
+pub fn attach_pinned(
+    pin: &PinPath,
+    records: &mut HashMap<MapData, AttachKey, Attachment>,
+    iface: &Iface,
+    direction: u8,
+    mode: Mode,
+) -> Result<Option<(AttachKey, Attachment)>> {
+    let key = AttachKey {
+        ifindex: iface.index,
+        direction,
+        _reserved: [0; 3],
+    };
+    if records.get(&key, 0).is_ok() {
+        println!(
+            "already attached to {} {}",
+            iface.name,
+            crate::pinned::direction_name(direction)
+        );
+        return Ok(None);
+    }
+    let mut prog = SchedClassifier::from_pin(pin.prog(direction)).context("opening the pinned program")?;
+    let (key, record) = attach(&mut prog, pin, records, iface, direction, mode)?;
+    announce(iface, direction, &record);
+    Ok(Some((key, record)))
+}
+
 pub fn mode_name(mode: u8) -> &'static str {
     match mode {
         ATTACH_MODE_TCX => "tcx",

@@ -2,8 +2,6 @@
 //! counting.
 
 use anyhow::{Context, Result};
-use aya::programs::SchedClassifier;
-use ctl_common::AttachKey;
 
 use crate::{
     attach::{self, Iface, Mode},
@@ -21,24 +19,9 @@ pub fn attach(pin: &PinPath, iface: &str, direction: Option<Direction>, mode: Mo
     let mut records = pinned.attachments()?;
     let mut done = vec![];
     for d in directions {
-        let key = AttachKey {
-            ifindex: iface.index,
-            direction: d,
-            _reserved: [0; 3],
-        };
-        if records.get(&key, 0).is_ok() {
-            println!("already attached to {} {}", iface.name, direction_name(d));
-            continue;
-        }
-        let mut prog = SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
-        match attach::attach(&mut prog, pin, &mut records, &iface, d, mode) {
-            Ok((key, record)) => {
-                println!(
-                    "attached to {} {} ({})",
-                    iface.name,
-                    direction_name(d),
-                    attach::mode_name(record.mode)
-                );
+        match attach::attach_pinned(pin, &mut records, &iface, d, mode) {
+            Ok(None) => {}
+            Ok(Some((key, record))) => {
                 done.push((key, record));
             }
             Err(e) => {

@@ -19,7 +19,7 @@ use crate::{
     cli::{Direction, LoadArgs},
     error::Error,
     maps,
-    pinned::{check_privileges, direction_name, directions_from_bits, ensure_bpffs, Lock, PinPath, Pinned},
+    pinned::{check_privileges, directions_from_bits, ensure_bpffs, Lock, PinPath, Pinned},
     ports::PortSpec,
 };
 
@@ -153,12 +153,7 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
             let prog: &mut SchedClassifier = ebpf.program_mut(program_name(d)).unwrap().try_into()?;
             let (key, record) = attach::attach(prog, pin, &mut records, iface, d, args.mode)?;
             undo.attachments.push((key, record));
-            println!(
-                "attached to {} {} ({})",
-                iface.name,
-                direction_name(d),
-                attach::mode_name(record.mode)
-            );
+            attach::announce(iface, d, &record);
         }
     }
     report_ports(&args.ports);
@@ -194,24 +189,9 @@ fn add_to_loaded(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], _lock: Lock) 
     let mut undo = Undo::new(pin);
     for iface in ifaces {
         for d in pinned.directions() {
-            let key = AttachKey {
-                ifindex: iface.index,
-                direction: d,
-                _reserved: [0; 3],
-            };
-            if records.get(&key, 0).is_ok() {
-                println!("already attached to {} {}", iface.name, direction_name(d));
-                continue;
+            if let Some(attached) = attach::attach_pinned(pin, &mut records, iface, d, args.mode)? {
+                undo.attachments.push(attached);
             }
-            let mut prog = SchedClassifier::from_pin(pin.prog(d)).context("opening the pinned program")?;
-            let (key, record) = attach::attach(&mut prog, pin, &mut records, iface, d, args.mode)?;
-            undo.attachments.push((key, record));
-            println!(
-                "attached to {} {} ({})",
-                iface.name,
-                direction_name(d),
-                attach::mode_name(record.mode)
-            );
         }
     }
     add_ports(&mut pinned.watched_ports()?, &args.ports)?;
