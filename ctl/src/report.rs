@@ -442,6 +442,15 @@ impl Report {
         if self.rows.is_empty() {
             let _ = writeln!(out, "(no traffic counted)");
         }
+        let _ = writeln!(out, "{}", self.summary());
+        out
+    }
+}
+
+impl Report {
+    /// The line under a table (and over the live screen): totals with exact bytes, how many rows,
+    /// and the overflow traffic.
+    pub fn summary(&self) -> String {
         let shown = if self.total_rows > self.rows.len() {
             format!("top {} of {} rows", self.rows.len(), self.total_rows)
         } else if self.total_rows == 1 {
@@ -449,8 +458,7 @@ impl Report {
         } else {
             format!("{} rows", self.total_rows)
         };
-        let _ = writeln!(
-            out,
+        format!(
             "total: {} ({} bytes), {} packets; {shown}; overflow (map full): {} ({} bytes), {} packets",
             human_bytes(self.totals.bytes),
             self.totals.bytes,
@@ -458,8 +466,7 @@ impl Report {
             human_bytes(self.overflow.bytes),
             self.overflow.bytes,
             self.overflow.packets
-        );
-        out
+        )
     }
 }
 

@@ -9,7 +9,7 @@ use ratatui::{
     layout::{Constraint, Layout},
     style::{Modifier, Style},
     text::Line,
-    widgets::{Paragraph, Row as TableRow, Table},
+    widgets::{Paragraph, Row as TableRow, Table, Wrap},
 };
 
 use super::top::read;
@@ -67,17 +67,9 @@ fn draw(frame: &mut ratatui::Frame, report: &Report, pinned: &Pinned, interval: 
             "portwatch top: {}  every {interval} s  (q to quit)",
             pinned.pin.root.display()
         )),
-        Line::from(format!(
-            "total {} ({} bytes), {} packets   overflow (map full) {} ({} packets)   {} rows",
-            bytes(report.totals.bytes),
-            report.totals.bytes,
-            report.totals.packets,
-            bytes(report.overflow.bytes),
-            report.overflow.packets,
-            report.total_rows
-        )),
+        Line::from(report.summary()),
     ];
-    frame.render_widget(Paragraph::new(header), head);
+    frame.render_widget(Paragraph::new(header).wrap(Wrap { trim: true }), head);
 
     let json = report.to_json(&[]);
     let rows = json["rows"].as_array().cloned().unwrap_or_default();
