@@ -253,6 +253,7 @@ fn resets_under_traffic_lose_and_double_count_nothing() {
         (CLIENT_V6[0], SERVER_V6),
         (CLIENT_V6[1], SERVER_V6),
     ];
+    let sender_done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
         let bed = bed.clone();
         std::thread::spawn(move || {
@@ -270,11 +271,23 @@ fn resets_under_traffic_lose_and_double_count_nothing() {
             sent
         })
     };
-    let mut snapshots = vec![];
-    while !sender.is_finished() {
-        snapshots.push(json(&pw, &["reset", "--json"]));
-    }
+    // Two reset loops at once (cron and a person): the lock serializes them.
+    let pw = std::sync::Arc::new(pw);
+    let resetters: Vec<_> = (0..2)
+        .map(|_| {
+            let (pw, sender_done) = (pw.clone(), sender_done.clone());
+            std::thread::spawn(move || {
+                let mut snapshots = vec![];
+                while !sender_done.load(std::sync::atomic::Ordering::SeqCst) {
+                    snapshots.push(json(&pw, &["reset", "--json"]));
+                }
+                snapshots
+            })
+        })
+        .collect();
     let sent = sender.join().unwrap();
+    sender_done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let snapshots: Vec<Value> = resetters.into_iter().flat_map(|r| r.join().unwrap()).collect();
     std::thread::sleep(std::time::Duration::from_millis(200));
     let last = json(&pw, &["top", "--by", "ip-port", "-n", "0", "--json"]);
     assert!(
