@@ -176,45 +176,61 @@ fn set_generation(pinned: &Pinned, generation: u32) -> Result<()> {
     crate::sys::wait_for_running_programs(barrier.fd().as_fd()).context("waiting for running programs")
 }
 
-/// Reads and removes the selected entries of a generation the program no longer writes.
+/// Reads and removes the selected entries of a generation the program no longer writes, adding
+/// them to `into`. If removing fails midway, `into` still gets exactly what was removed (found by
+/// reading the map again: nothing else writes it), so that the caller can put it back.
 fn drain(pinned: &Pinned, generation: u32, selector: &Selector, into: &mut Vec<(CounterKey, Counters)>) -> Result<()> {
-    let entries = maps::read_generation(pinned, generation)?;
+    let selected: Vec<_> = maps::read_generation(pinned, generation)?
+        .into_iter()
+        .filter(|(k, _)| selector.selects(k))
+        .collect();
     let mut counters = pinned.counters(generation)?;
-    let selected: Vec<_> = entries.into_iter().filter(|(k, _)| selector.selects(k)).collect();
-    let mut to_delete = Vec::with_capacity(selected.len() * std::mem::size_of::<CounterKey>());
-    let mut delete_count = 0;
-    for (key, value) in &selected {
-        into.push((*key, *value));
-        if key.is_overflow() {
-            // The overflow keys stay (the program needs them when the map is full): zeroed.
-            let zero = PerCpuValues::try_from(vec![Counters::default(); aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
-            counters.insert(key, zero, 0).context("zeroing an overflow key")?;
-        } else {
-            // SAFETY: CounterKey is plain bytes (Pod).
-            to_delete.extend_from_slice(unsafe {
-                std::slice::from_raw_parts(
-                    (key as *const CounterKey).cast::<u8>(),
-                    std::mem::size_of::<CounterKey>(),
-                )
-            });
-            delete_count += 1;
-        }
+    let (overflow, removable): (Vec<_>, Vec<_>) = selected.into_iter().partition(|(k, _)| k.is_overflow());
+    // The overflow keys stay (the program needs them when the map is full): zeroed.
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    for (key, value) in overflow {
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
+        counters.insert(key, zero, 0).context("zeroing an overflow key")?;
+        into.push((key, value));
+    }
+    let mut keys = Vec::with_capacity(removable.len() * std::mem::size_of::<CounterKey>());
+    for (key, _) in &removable {
+        // SAFETY: CounterKey is plain bytes (Pod).
+        keys.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(
+                (key as *const CounterKey).cast::<u8>(),
+                std::mem::size_of::<CounterKey>(),
+            )
+        });
     }
     let data = pinned.counters_data(generation)?;
-    match crate::sys::delete_batch(data.fd().as_fd(), &to_delete, delete_count) {
+    let removed = match crate::sys::delete_batch(data.fd().as_fd(), &keys, removable.len()) {
         Ok(()) => Ok(()),
-        Err(e) if crate::sys::batch_unsupported(&e) => {
-            for (key, _) in selected.iter().filter(|(k, _)| !k.is_overflow()) {
-                counters.remove(key).context("deleting a drained counter")?;
-            }
+        Err(e) if crate::sys::batch_unsupported(&e) => removable
+            .iter()
+            .try_for_each(|(key, _)| counters.remove(key))
+            .context("deleting a drained counter"),
+        Err(e) => Err(e).context("BPF_MAP_DELETE_BATCH on a drained counter map"),
+    };
+    match removed {
+        Ok(()) => {
+            into.extend(removable);
             Ok(())
         }
-        Err(e) => Err(e).context("BPF_MAP_DELETE_BATCH on a drained counter map"),
+        Err(e) => {
+            let left: std::collections::HashSet<CounterKey> = maps::read_generation(pinned, generation)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            into.extend(removable.into_iter().filter(|(k, _)| !left.contains(k)));
+            Err(e)
+        }
     }
 }
 
 /// The reset protocol (see the module's documentation). The caller holds the pin path's lock,
-/// writes the snapshot, and calls `restore` if it could not.
+/// writes the snapshot, and calls `restore` if it could not. If a step fails, what was already
+/// drained is put back before the error returns: a failed reset zeroes nothing.
 pub fn reset(pinned: &Pinned, selector: &Selector) -> Result<Drained> {
     let signals = HoldSignals::new()?;
     let active = pinned.config()?.get(&0, 0)?.generation & 1;
@@ -223,10 +239,21 @@ pub fn reset(pinned: &Pinned, selector: &Selector) -> Result<Drained> {
         maps::ensure_overflow_keys(&mut pinned.counters(generation)?)?;
     }
     let mut entries = Vec::new();
-    set_generation(pinned, other)?;
-    drain(pinned, active, selector, &mut entries)?;
-    set_generation(pinned, active)?;
-    drain(pinned, other, selector, &mut entries)?;
+    let steps = (|| {
+        set_generation(pinned, other)?;
+        drain(pinned, active, selector, &mut entries)?;
+        set_generation(pinned, active)?;
+        drain(pinned, other, selector, &mut entries)
+    })();
+    if let Err(e) = steps {
+        return match put_back(pinned, &entries) {
+            Ok(()) => Err(e.context("the reset failed; nothing was zeroed")),
+            Err(lost) => Err(e.context(format!(
+                "the reset failed, and {} drained counters could not be put back ({lost:#})",
+                entries.len()
+            ))),
+        };
+    }
     // A key drained from both generations is one row.
     maps::sum_sorted(&mut entries);
     Ok(Drained {
@@ -238,15 +265,27 @@ pub fn reset(pinned: &Pinned, selector: &Selector) -> Result<Drained> {
 /// Puts drained counts back into the generation the program does not write (adding to what is
 /// there), so that a snapshot that could not be written is not lost.
 pub fn restore(pinned: &Pinned, drained: Drained) -> Result<()> {
+    put_back(pinned, &drained.entries)
+}
+
+fn put_back(pinned: &Pinned, entries: &[(CounterKey, Counters)]) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    // After a failure between a flip and its wait, a program may still write the map that is idle
+    // now: wait again first (if even that fails, putting the counts back is still better than not).
+    let _ = pinned
+        .map_data(map_names::BARRIER)
+        .map(|barrier| crate::sys::wait_for_running_programs(barrier.fd().as_fd()));
     let idle = (pinned.config()?.get(&0, 0)?.generation & 1) ^ 1;
     let mut counters = pinned.counters(idle)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-    for (key, value) in drained.entries {
+    for (key, value) in entries {
         let mut per_cpu = counters
-            .get(&key, 0)
+            .get(key, 0)
             .map(|v| v.to_vec())
             .unwrap_or_else(|_| vec![Counters::default(); cpus]);
-        per_cpu[0] += value;
+        per_cpu[0] += *value;
         counters
             .insert(key, PerCpuValues::try_from(per_cpu)?, 0)
             .context("restoring a drained counter")?;

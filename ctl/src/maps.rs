@@ -120,22 +120,27 @@ pub fn for_each_in_generation(
                 let _ = send.send(decode(k, v, n));
             })
         });
+        let mut delivered = false;
         for chunk in receive {
+            delivered = true;
             for (key, value) in chunk {
                 each(key, value);
             }
         }
-        reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        let result = reader.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (result, delivered)
     });
     match batched {
-        Ok(()) => Ok(()),
-        Err(e) if crate::sys::batch_unsupported(&e) => {
+        (Ok(()), _) => Ok(()),
+        // The fallback reads the whole map: only when nothing was handed out yet (the kernel
+        // refuses batch operations on the first call), or entries would be handed out twice.
+        (Err(e), false) if crate::sys::batch_unsupported(&e) => {
             for (key, value) in read_counters(&pinned.counters(generation)?)? {
                 each(key, value);
             }
             Ok(())
         }
-        Err(e) => Err(e).context("BPF_MAP_LOOKUP_BATCH on a counter map"),
+        (Err(e), _) => Err(e).context("BPF_MAP_LOOKUP_BATCH on a counter map"),
     }
 }
 
