@@ -322,7 +322,7 @@ fn counters_json(c: Counters) -> Value {
 impl Report {
     /// One JSON object on one line (so `>> file.jsonl` keeps one record per line), written as it
     /// goes: a million-row reset needs no document in memory.
-    pub fn write_json(&self, w: &mut impl io::Write, extra: &[(&str, Value)]) -> io::Result<()> {
+    pub fn write_json(&self, w: &mut (impl io::Write + ?Sized), extra: &[(&str, Value)]) -> io::Result<()> {
         w.write_all(b"{")?;
         for (k, v) in extra {
             write!(w, "{}:{},", json!(k), v)?;

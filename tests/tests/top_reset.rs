@@ -639,3 +639,74 @@ fn batch_and_key_by_key_reads_agree() {
     );
     assert_eq!(batched.len(), 40_000 + 2);
 }
+
+/// A reset whose output fails leaves the counters as they were and the log as it was: a path that
+/// cannot be opened fails before anything is zeroed; a full disk midway through the snapshot cuts
+/// the file back to its old length and puts the counts back; so does a stdout that fails.
+#[test]
+fn a_reset_that_cannot_write_changes_nothing() {
+    if !kernel_available("a_reset_that_cannot_write_changes_nothing") {
+        return;
+    }
+    let ns = portwatch_tests::netns::Netns::new("full").unwrap();
+    let pw = Pw::new(Some(&ns));
+    pw.ok(&["load", "--iface", "lo", "--port", "443"]);
+    // 3,000 rows: a JSON snapshot of about 300 kB.
+    let entries = portwatch_tests::synthetic_entries(3000);
+    fill_counters(&pw.pin, 0, &entries).unwrap();
+    let all = Counters {
+        bytes: entries.iter().map(|(_, c)| c.bytes).sum(),
+        packets: 3000,
+    };
+    let totals = |pw: &Pw| counters_of(&json(pw, &["top", "--json"])["totals"]);
+    assert_eq!(totals(&pw), all);
+
+    let r = pw.run(&["reset", "--json", "--output", "/nonexistent-pwt/reset.jsonl"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("opening /nonexistent-pwt/reset.jsonl"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(totals(&pw), all);
+
+    // A 64 KiB tmpfs that the test mounts, and unmounts even if it fails.
+    struct Tmpfs(std::path::PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount(&self.0);
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let dir = Tmpfs(std::env::temp_dir().join(format!("pwt-full-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &dir.0,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )
+    .unwrap();
+    let log = dir.0.join("reset.jsonl");
+    std::fs::write(&log, "{\"earlier\":true}\n").unwrap();
+    let r = pw.run(&["reset", "--json", "--output", log.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("put back"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"earlier\":true}\n");
+    assert_eq!(totals(&pw), all);
+
+    let mut to_full = pw.command(&["reset", "--json"]);
+    to_full.stdout(std::fs::File::create("/dev/full").unwrap());
+    let out = to_full.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("put back"), "{stderr}");
+    assert_eq!(totals(&pw), all);
+
+    // And a reset that can write takes it all, once.
+    let zeroed = json(&pw, &["reset", "--json"]);
+    assert_eq!(counters_of(&zeroed["totals"]), all);
+    assert_eq!(zeroed["rows"].as_array().unwrap().len(), 3000);
+    assert_eq!(totals(&pw), Counters::default());
+}

@@ -22,6 +22,17 @@ pub fn unix_time() -> Value {
 
 pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
     let (_lock, pinned) = super::open_for_change(pin)?;
+    // Opened before anything is zeroed: a path that cannot be written fails with nothing touched.
+    let output = match &args.output {
+        Some(path) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?,
+        ),
+        None => None,
+    };
     let selector = Selector {
         ports: args.ports.clone(),
         cidrs: args.cidrs.clone(),
@@ -38,15 +49,20 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
         limit: 0,
     };
     let report = Report::new(&view, &view.group_all(&drained.entries), None);
-    let mut text = Vec::new();
-    if args.json {
-        report.write_json(&mut text, &[("time", unix_time()), ("reset", json!(true))])?;
-    } else if args.csv {
-        text = report.to_csv().into_bytes();
-    } else {
-        text = report.to_table(args.exact).into_bytes();
-    }
-    match write_out(args, &text) {
+    let written = match &output {
+        Some(file) => append_all_or_nothing(file, |w| render(&report, args, w))
+            .with_context(|| format!("writing {}", args.output.as_ref().unwrap().display())),
+        None => {
+            // Rendered whole first, so that a failure while rendering prints nothing.
+            let mut text = Vec::new();
+            render(&report, args, &mut text).context("rendering the snapshot")?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&text)
+                .and_then(|()| out.flush())
+                .context("writing to stdout")
+        }
+    };
+    match written {
         Ok(()) => Ok(()),
         Err(e) => {
             // Nothing may be lost: put the counts back where the program does not write.
@@ -56,29 +72,31 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
     }
 }
 
-/// Writes the whole snapshot or nothing: a file that fails midway is cut back to its old length.
-fn write_out(args: &ResetArgs, text: &[u8]) -> Result<()> {
-    match &args.output {
-        Some(path) => {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            let old_len = f.metadata().map(|m| m.len()).ok();
-            let written = f.write_all(text).and_then(|()| f.sync_all());
-            if let Err(e) = written {
-                if let Some(len) = old_len {
-                    let _ = f.set_len(len);
-                }
-                return Err(e).with_context(|| format!("writing {}", path.display()));
-            }
-        }
-        None => {
-            let mut out = std::io::stdout().lock();
-            out.write_all(text).context("writing to stdout")?;
-            out.flush().context("writing to stdout")?;
-        }
+/// The snapshot as `--json`, `--csv` or a table.
+fn render(report: &Report, args: &ResetArgs, w: &mut dyn Write) -> std::io::Result<()> {
+    if args.json {
+        report.write_json(w, &[("time", unix_time()), ("reset", json!(true))])
+    } else if args.csv {
+        w.write_all(report.to_csv().as_bytes())
+    } else {
+        w.write_all(report.to_table(args.exact).as_bytes())
     }
-    Ok(())
+}
+
+/// Appends what `write` writes to `file` and syncs it, streaming (a million-row snapshot is not
+/// held in memory); if anything fails, the file is cut back to its old length: whole or nothing.
+fn append_all_or_nothing(
+    file: &std::fs::File,
+    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let old_len = file.metadata()?.len();
+    let mut buffered = std::io::BufWriter::with_capacity(1 << 20, file);
+    let result = write(&mut buffered)
+        .and_then(|()| buffered.flush())
+        .and_then(|()| file.sync_all());
+    if result.is_err() {
+        drop(buffered.into_parts());
+        let _ = file.set_len(old_len);
+    }
+    result
 }
