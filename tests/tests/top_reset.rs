@@ -642,7 +642,8 @@ fn batch_and_key_by_key_reads_agree() {
 
 /// A reset whose output fails leaves the counters as they were and the log as it was: a path that
 /// cannot be opened fails before anything is zeroed; a full disk midway through the snapshot cuts
-/// the file back to its old length and puts the counts back; so does a stdout that fails.
+/// the file back to its old length and puts the counts back, with `--output FILE` and with
+/// `>> FILE`; a stdout that fails puts the counts back too.
 #[test]
 fn a_reset_that_cannot_write_changes_nothing() {
     if !kernel_available("a_reset_that_cannot_write_changes_nothing") {
@@ -693,6 +694,16 @@ fn a_reset_that_cannot_write_changes_nothing() {
     let r = pw.run(&["reset", "--json", "--output", log.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("put back"), "{}", r.stderr);
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"earlier\":true}\n");
+    assert_eq!(totals(&pw), all);
+
+    // The same with `>> log` (stdout appending to the file).
+    let mut appending = pw.command(&["reset", "--json"]);
+    appending.stdout(std::fs::OpenOptions::new().append(true).open(&log).unwrap());
+    let out = appending.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("put back"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"earlier\":true}\n");
     assert_eq!(totals(&pw), all);
 

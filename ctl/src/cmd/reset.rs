@@ -1,7 +1,10 @@
 //! `portwatch reset`: zero the selected counters and print exactly what was zeroed, losing
 //! nothing (see `generations` for the protocol).
 
-use std::io::Write;
+use std::{
+    io::Write,
+    os::fd::{AsFd, AsRawFd},
+};
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
@@ -52,6 +55,15 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
     let written = match &output {
         Some(file) => append_all_or_nothing(file, |w| render(&report, args, w))
             .with_context(|| format!("writing {}", args.output.as_ref().unwrap().display())),
+        // `>> file.jsonl`: the same streaming and cutting back, on stdout's file.
+        None if stdout_appends_to_a_file() => {
+            let stdout = std::io::stdout()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating stdout")?;
+            append_all_or_nothing(&std::fs::File::from(stdout), |w| render(&report, args, w))
+                .context("writing to stdout")
+        }
         None => {
             // Rendered whole first, so that a failure while rendering prints nothing.
             let mut text = Vec::new();
@@ -69,6 +81,22 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
             generations::restore(&pinned, drained).context("putting the drained counters back")?;
             Err(e.context("the reset's output could not be written; the counters were put back"))
         }
+    }
+}
+
+/// Whether stdout is a regular file written at its end (`>> log`, or `> log`): then cutting it
+/// back to its old length undoes a partial write.
+fn stdout_appends_to_a_file() -> bool {
+    use std::io::Seek;
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let mut file = std::fs::File::from(fd);
+    // SAFETY: F_GETFL on an fd we own.
+    let appends = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) } & libc::O_APPEND != 0;
+    match (file.metadata(), file.stream_position()) {
+        (Ok(m), Ok(at)) => m.file_type().is_file() && (appends || at == m.len()),
+        _ => false,
     }
 }
 
