@@ -18,9 +18,9 @@ use anyhow::{bail, Result};
 use ctl_common::{CounterKey, Counters};
 use portwatch_tests::{cli::Pw, fill_counters, netns::Netns, synthetic_entries};
 
-/// Runs `cmd` with stdout to /dev/null; returns (seconds, peak RSS in MiB).
-fn measure(mut cmd: Command) -> Result<(f64, f64)> {
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+/// Runs `cmd` with stdout to `out`; returns (seconds, peak RSS in MiB).
+fn measure(mut cmd: Command, out: Stdio) -> Result<(f64, f64)> {
+    cmd.stdout(out).stderr(Stdio::piped());
     let started = Instant::now();
     let child = cmd.spawn()?;
     let pid = child.id() as libc::pid_t;
@@ -85,16 +85,22 @@ fn main() -> Result<()> {
         for _ in 0..rounds {
             // reset drains the map: fill it again every round (not timed).
             fill_counters(&pw.pin, 0, &data)?;
-            let (t, m) = measure(pw.command(&["top", "-n", "10", "--json"]))?;
+            let (t, m) = measure(pw.command(&["top", "-n", "10", "--json"]), Stdio::null())?;
             top_t.push(t);
             top_m.push(m);
             floor_t.push(batch_read_alone(&pw.pin)?);
             let mut dump = Command::new("bpftool");
             dump.args(["map", "dump", "pinned"]).arg(&dump_path);
-            let (t, m) = measure(dump)?;
+            let (t, m) = measure(dump, Stdio::null())?;
             dump_t.push(t);
             dump_m.push(m);
-            let (t, m) = measure(pw.command(&["reset", "--json"]))?;
+            // As cron runs it: `portwatch reset --json >> log`.
+            let log = std::env::temp_dir().join(format!("pw-bench-reset-{}.jsonl", std::process::id()));
+            let reset = pw.command(&["reset", "--json"]);
+            let appending = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+            let measured = measure(reset, appending.into());
+            std::fs::remove_file(&log)?;
+            let (t, m) = measured?;
             reset_t.push(t);
             reset_m.push(m);
         }
