@@ -17,6 +17,23 @@ fn json(pw: &Pw, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// portwatch loaded on the loopback of a namespace of the test's own, watching 443 (no traffic:
+/// these tests fill the counter maps themselves).
+struct OnLoopback {
+    /// Declared first, so dropped (unloaded) before the namespace goes.
+    pw: Pw,
+    _ns: portwatch_tests::netns::Netns,
+}
+
+fn loaded_on_lo(name: &str, load_args: &[&str]) -> OnLoopback {
+    let ns = portwatch_tests::netns::Netns::new(name).unwrap();
+    let pw = Pw::new(Some(&ns));
+    let mut args = vec!["load", "--iface", "lo", "--port", "443"];
+    args.extend_from_slice(load_args);
+    pw.ok(&args);
+    OnLoopback { pw, _ns: ns }
+}
+
 fn row_ips(v: &Value) -> Vec<String> {
     v["rows"]
         .as_array()
@@ -410,9 +427,8 @@ fn top_over_a_million_entries() {
     if !kernel_available("top_over_a_million_entries") {
         return;
     }
-    let ns = portwatch_tests::netns::Netns::new("big").unwrap();
-    let pw = Pw::new(Some(&ns));
-    pw.ok(&["load", "--iface", "lo", "--port", "443", "--max-entries", "1000000"]);
+    let lo = loaded_on_lo("big", &["--max-entries", "1000000"]);
+    let pw = &lo.pw;
     // Entry i: remote 2001:db8::<i>, bytes a permutation of 0..N so that the top ten are known.
     const N: u64 = 1_000_000;
     let entries = portwatch_tests::synthetic_entries(N);
@@ -528,9 +544,8 @@ fn top_watch_draws_a_live_screen_and_restores_the_terminal() {
     if !kernel_available("top_watch_draws_a_live_screen_and_restores_the_terminal") {
         return;
     }
-    let ns = portwatch_tests::netns::Netns::new("watch").unwrap();
-    let pw = Pw::new(Some(&ns));
-    pw.ok(&["load", "--iface", "lo", "--port", "443"]);
+    let lo = loaded_on_lo("watch", &[]);
+    let pw = &lo.pw;
     let entries = [
         (
             key("198.18.0.9", 443, IPPROTO_TCP, IN),
@@ -584,9 +599,8 @@ fn batch_and_key_by_key_reads_agree() {
     if !kernel_available("batch_and_key_by_key_reads_agree") {
         return;
     }
-    let ns = portwatch_tests::netns::Netns::new("batch").unwrap();
-    let pw = Pw::new(Some(&ns));
-    pw.ok(&["load", "--iface", "lo", "--port", "443"]);
+    let lo = loaded_on_lo("batch", &[]);
+    let pw = &lo.pw;
     let entries = portwatch_tests::synthetic_entries(40_000);
     fill_counters(&pw.pin, 0, &entries).unwrap();
     // Generation 1 holds every third key again, with other values.
@@ -649,9 +663,8 @@ fn a_reset_that_cannot_write_changes_nothing() {
     if !kernel_available("a_reset_that_cannot_write_changes_nothing") {
         return;
     }
-    let ns = portwatch_tests::netns::Netns::new("full").unwrap();
-    let pw = Pw::new(Some(&ns));
-    pw.ok(&["load", "--iface", "lo", "--port", "443"]);
+    let lo = loaded_on_lo("full", &[]);
+    let pw = &lo.pw;
     // 3,000 rows: a JSON snapshot of about 300 kB.
     let entries = portwatch_tests::synthetic_entries(3000);
     fill_counters(&pw.pin, 0, &entries).unwrap();
