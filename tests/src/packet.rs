@@ -126,7 +126,7 @@ impl Packet {
         self
     }
     pub fn ipv4_options(mut self, len: usize) -> Self {
-        assert!(len % 4 == 0);
+        assert!(len.is_multiple_of(4));
         // NOP options followed by end-of-list.
         self.ipv4_options = vec![1; len];
         if len > 0 {

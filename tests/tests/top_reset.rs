@@ -440,7 +440,7 @@ fn top_over_a_million_entries() {
         .map(|(b, ip)| (std::net::Ipv6Addr::from(*ip).to_string(), *b))
         .collect();
 
-    let top = json(&pw, &["top", "-n", "10", "--json"]);
+    let top = json(pw, &["top", "-n", "10", "--json"]);
     let got: Vec<(String, u64)> = top["rows"]
         .as_array()
         .unwrap()
@@ -569,7 +569,7 @@ fn top_watch_draws_a_live_screen_and_restores_the_terminal() {
     // `q` quits; so does Ctrl-C, which arrives as a key in raw mode.
     for (key, name) in [(&b"q"[..], "q"), (&b"\x03"[..], "Ctrl-C")] {
         // The second reading adds rates (nothing flows: 0 B/s).
-        let (status, screen) = watch_on_a_terminal(&pw, key, "0 B/s");
+        let (status, screen) = watch_on_a_terminal(pw, key, "0 B/s");
         assert!(status.success(), "{name}: exit {status:?}; screen: {screen:?}");
         let text = plain(&screen);
         for shown in [
@@ -673,7 +673,7 @@ fn a_reset_that_cannot_write_changes_nothing() {
         packets: 3000,
     };
     let totals = |pw: &Pw| counters_of(&json(pw, &["top", "--json"])["totals"]);
-    assert_eq!(totals(&pw), all);
+    assert_eq!(totals(pw), all);
 
     let r = pw.run(&["reset", "--json", "--output", "/nonexistent-pwt/reset.jsonl"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
@@ -682,7 +682,7 @@ fn a_reset_that_cannot_write_changes_nothing() {
         "{}",
         r.stderr
     );
-    assert_eq!(totals(&pw), all);
+    assert_eq!(totals(pw), all);
 
     // A 64 KiB tmpfs that the test mounts, and unmounts even if it fails.
     struct Tmpfs(std::path::PathBuf);
@@ -708,7 +708,7 @@ fn a_reset_that_cannot_write_changes_nothing() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("put back"), "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"earlier\":true}\n");
-    assert_eq!(totals(&pw), all);
+    assert_eq!(totals(pw), all);
 
     // The same with `>> log` (stdout appending to the file).
     let mut appending = pw.command(&["reset", "--json"]);
@@ -718,7 +718,7 @@ fn a_reset_that_cannot_write_changes_nothing() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("put back"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"earlier\":true}\n");
-    assert_eq!(totals(&pw), all);
+    assert_eq!(totals(pw), all);
 
     let mut to_full = pw.command(&["reset", "--json"]);
     to_full.stdout(std::fs::File::create("/dev/full").unwrap());
@@ -726,11 +726,11 @@ fn a_reset_that_cannot_write_changes_nothing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("put back"), "{stderr}");
-    assert_eq!(totals(&pw), all);
+    assert_eq!(totals(pw), all);
 
     // And a reset that can write takes it all, once.
-    let zeroed = json(&pw, &["reset", "--json"]);
+    let zeroed = json(pw, &["reset", "--json"]);
     assert_eq!(counters_of(&zeroed["totals"]), all);
     assert_eq!(zeroed["rows"].as_array().unwrap().len(), 3000);
-    assert_eq!(totals(&pw), Counters::default());
+    assert_eq!(totals(pw), Counters::default());
 }
