@@ -202,13 +202,18 @@ pub struct AttachKey {
 pub const ATTACH_MODE_TCX: u8 = 1;
 pub const ATTACH_MODE_TC: u8 = 2;
 
-/// An attachment. Bytes 0 `mode` (`ATTACH_MODE_*`), 1 reserved, 2..4 `priority` and 4..8 `handle`
-/// of a tc filter (0 for TCX), 8..24 `ifname`: the interface's name when attached, NUL-padded.
+/// `Attachment::flags`: portwatch added the interface's clsact qdisc (mode tc), so the last
+/// detach removes it again when no filter is left on it.
+pub const ATTACH_FLAG_OWN_QDISC: u8 = 1 << 0;
+
+/// An attachment. Bytes 0 `mode` (`ATTACH_MODE_*`), 1 `flags` (`ATTACH_FLAG_*`), 2..4 `priority`
+/// and 4..8 `handle` of a tc filter (0 for TCX), 8..24 `ifname`: the interface's name when
+/// attached, NUL-padded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Attachment {
     pub mode: u8,
-    pub _reserved: u8,
+    pub flags: u8,
     pub priority: u16,
     pub handle: u32,
     pub ifname: [u8; 16],

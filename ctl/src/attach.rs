@@ -13,7 +13,7 @@ use aya::{
         LinkOrder, SchedClassifier, TcAttachType,
     },
 };
-use ctl_common::{AttachKey, Attachment, ATTACH_MODE_TC, ATTACH_MODE_TCX, DIRECTION_INGRESS};
+use ctl_common::{AttachKey, Attachment, ATTACH_FLAG_OWN_QDISC, ATTACH_MODE_TC, ATTACH_MODE_TCX, DIRECTION_INGRESS};
 
 use crate::{error::Error, pinned::PinPath};
 
@@ -170,20 +170,38 @@ pub fn attach(
             record.mode = ATTACH_MODE_TCX;
         }
         None => {
-            if let Err(e) = tc::qdisc_add_clsact(&iface.name) {
+            let added = match tc::qdisc_add_clsact(&iface.name) {
+                Ok(()) => true,
                 // EEXIST: the interface already has a clsact qdisc (ours or someone else's); use it.
-                if !matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) {
-                    return Err(e).with_context(|| format!("adding the clsact qdisc to {}", iface.name));
-                }
+                Err(tc::TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST) => false,
+                Err(e) => return Err(e).with_context(|| format!("adding the clsact qdisc to {}", iface.name)),
+            };
+            // Ours if added now, or if portwatch added it for the other direction.
+            let other = AttachKey {
+                direction: direction ^ 1,
+                ..key
+            };
+            let ours = added
+                || records
+                    .get(&other, 0)
+                    .is_ok_and(|r| r.mode == ATTACH_MODE_TC && r.flags & ATTACH_FLAG_OWN_QDISC != 0);
+            if ours {
+                record.flags |= ATTACH_FLAG_OWN_QDISC;
             }
             let options = NlOptions {
                 priority: 0,
                 handle: TcHandle::AUTO_ASSIGN,
                 ..Default::default()
             };
-            let id = prog
-                .attach_with_options(&iface.name, attach_type, TcAttachOptions::Netlink(options))
-                .with_context(|| format!("attaching a tc filter to {} {dir}", iface.name))?;
+            let id = match prog.attach_with_options(&iface.name, attach_type, TcAttachOptions::Netlink(options)) {
+                Ok(id) => id,
+                Err(e) => {
+                    if added {
+                        remove_own_clsact(iface.index);
+                    }
+                    return Err(e).with_context(|| format!("attaching a tc filter to {} {dir}", iface.name));
+                }
+            };
             let link = prog.take_link(id)?;
             record.mode = ATTACH_MODE_TC;
             record.priority = link.priority()?;
@@ -231,11 +249,27 @@ pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> 
                     Err(e) if is_not_found(&e) => {}
                     Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
                 }
+                if record.flags & ATTACH_FLAG_OWN_QDISC != 0 {
+                    remove_own_clsact(key.ifindex);
+                }
             }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Deletes the clsact qdisc portwatch added to `ifindex` once no filter is left on it: while the
+/// other direction's filter, or another tool's, is there, it stays. Best effort: a qdisc that
+/// cannot be removed is an empty qdisc, harmless, and `tc qdisc del dev IF clsact` removes it.
+fn remove_own_clsact(ifindex: u32) {
+    if crate::netlink::clsact_filter_count(ifindex).is_ok_and(|n| n == 0) {
+        if let Err(e) = crate::netlink::delete_clsact(ifindex) {
+            if e.raw_os_error() != Some(libc::ENOENT) && e.raw_os_error() != Some(libc::EINVAL) {
+                eprintln!("portwatch: could not remove the clsact qdisc it added to interface {ifindex}: {e}");
+            }
+        }
+    }
 }
 
 fn is_not_found(e: &aya::programs::ProgramError) -> bool {

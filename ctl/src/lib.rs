@@ -7,6 +7,7 @@ pub mod cmd;
 pub mod error;
 pub mod generations;
 pub mod maps;
+pub mod netlink;
 pub mod object;
 pub mod output;
 pub mod pinned;

@@ -42,6 +42,15 @@ fn tc_filters(ns: &Netns, iface: &str) -> usize {
         .sum()
 }
 
+/// Whether `iface` in `ns` has a clsact qdisc.
+fn has_clsact(ns: &Netns, iface: &str) -> bool {
+    let out = ns.exec(&["tc", "-j", "qdisc", "show", "dev", iface]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array().unwrap().iter().any(|q| q["kind"] == "clsact")
+}
+
+/// No TCX program, no tc filter, and no clsact qdisc (the tests never add one of their own here:
+/// one left is portwatch's).
 fn assert_nothing_attached(bed: &Bed, ifaces: &[&str]) {
     for iface in ifaces {
         assert_eq!(
@@ -50,7 +59,66 @@ fn assert_nothing_attached(bed: &Bed, ifaces: &[&str]) {
             "TCX programs left on {iface}"
         );
         assert_eq!(tc_filters(&bed.server, iface), 0, "tc filters left on {iface}");
+        assert!(!has_clsact(&bed.server, iface), "a clsact qdisc left on {iface}");
     }
+}
+
+/// portwatch removes only a clsact qdisc it added itself, and only once nothing is attached to
+/// it: a qdisc that was there before stays, and so does one that another tool's filter now uses.
+#[test]
+fn unload_removes_only_its_own_empty_clsact_qdisc() {
+    if !kernel_available("unload_removes_only_its_own_empty_clsact_qdisc") {
+        return;
+    }
+    let bed = Bed::new(false).unwrap();
+    bed.add_second_link().unwrap();
+    let foreign = ["protocol", "all", "prio", "49000", "u32", "match", "u32", "0", "0"];
+    // pw0: a clsact qdisc that was there before portwatch (empty).
+    bed.server
+        .exec(&["tc", "qdisc", "add", "dev", "pw0", "clsact"])
+        .unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    pw.ok(&[
+        "load", "--iface", "pw0", "--iface", "pw2", "--port", "443", "--mode", "tc",
+    ]);
+    assert!(has_clsact(&bed.server, "pw2"), "load --mode tc adds a clsact qdisc");
+    // pw2: portwatch added the qdisc, then another tool put a filter on it.
+    let mut add = vec!["tc", "filter", "add", "dev", "pw2", "ingress"];
+    add.extend_from_slice(&foreign);
+    bed.server.exec(&add).unwrap();
+    // tc lists a u32 filter as more than one entry: count what the other tool added.
+    let theirs = tc_filters(&bed.server, "pw2") - 2;
+    assert!(theirs > 0);
+
+    // Detaching one interface at a time: pw0's qdisc was not portwatch's.
+    pw.ok(&["detach", "pw0"]);
+    assert_eq!(tc_filters(&bed.server, "pw0"), 0);
+    assert!(
+        has_clsact(&bed.server, "pw0"),
+        "the clsact qdisc that was there before is kept"
+    );
+    pw.ok(&["unload"]);
+    assert_eq!(
+        tc_filters(&bed.server, "pw2"),
+        theirs,
+        "the other tool's filter is untouched"
+    );
+    assert!(has_clsact(&bed.server, "pw2"), "a qdisc another tool uses is kept");
+
+    // Without the other tool's filter, portwatch's qdisc goes with the last detach.
+    let mut del = vec!["tc", "filter", "del", "dev", "pw2", "ingress"];
+    del.extend_from_slice(&foreign[..4]);
+    bed.server.exec(&del).unwrap();
+    bed.server
+        .exec(&["tc", "qdisc", "del", "dev", "pw2", "clsact"])
+        .unwrap();
+    pw.ok(&["load", "--iface", "pw2", "--port", "443", "--mode", "tc"]);
+    pw.ok(&["detach", "pw2"]);
+    assert!(
+        !has_clsact(&bed.server, "pw2"),
+        "portwatch's own empty clsact qdisc is removed"
+    );
+    pw.ok(&["unload"]);
 }
 
 fn program_ids(status: &serde_json::Value) -> Vec<u64> {

@@ -1,0 +1,148 @@
+//! The two rtnetlink requests aya does not offer: whether an interface's clsact qdisc still holds
+//! any filter, and deleting that qdisc. `unload` uses them to take away a clsact qdisc that
+//! portwatch itself added, once nothing (of portwatch's or anyone's) is attached to it.
+
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+const RTM_DELQDISC: u16 = 37;
+const RTM_NEWTFILTER: u16 = 44;
+const RTM_GETTFILTER: u16 = 46;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const TCA_KIND: u16 = 1;
+/// `TC_H_CLSACT` (the same value as `TC_H_INGRESS`): the clsact qdisc's parent.
+const TC_H_CLSACT: u32 = 0xffff_fff1;
+/// The clsact qdisc's own handle, `ffff:`.
+const CLSACT_HANDLE: u32 = 0xffff_0000;
+/// `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)` and `..._EGRESS`: the two filter lists.
+const CLSACT_INGRESS: u32 = 0xffff_fff2;
+const CLSACT_EGRESS: u32 = 0xffff_fff3;
+const NLMSG_HDRLEN: usize = 16;
+
+struct Socket(OwnedFd);
+
+impl Socket {
+    fn open() -> io::Result<Socket> {
+        // SAFETY: plain socket(2); the fd is owned from here on.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Socket(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn send(&self, msg: &[u8]) -> io::Result<()> {
+        // SAFETY: the buffer is valid for its length; the kernel is the default destination.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Reads replies to request `seq`, handing each message's type and payload to `each`, until
+    /// `NLMSG_DONE` or an `NLMSG_ERROR` (an error code of 0 is the acknowledgement).
+    fn replies(&self, seq: u32, mut each: impl FnMut(u16)) -> io::Result<()> {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            // SAFETY: recv into a buffer we own, within its length.
+            let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut at = 0;
+            let n = n as usize;
+            while at + NLMSG_HDRLEN <= n {
+                let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+                let msg_seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap());
+                if len < NLMSG_HDRLEN || at + len > n {
+                    return Err(io::Error::other("a truncated netlink message"));
+                }
+                if msg_seq == seq {
+                    match kind {
+                        NLMSG_DONE => return Ok(()),
+                        NLMSG_ERROR => {
+                            let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap());
+                            return if code == 0 {
+                                Ok(())
+                            } else {
+                                Err(io::Error::from_raw_os_error(-code))
+                            };
+                        }
+                        _ => each(kind),
+                    }
+                }
+                at += len.next_multiple_of(4);
+            }
+        }
+    }
+}
+
+/// A netlink header and a `tcmsg`, with room for attributes after it.
+fn tc_request(kind: u16, flags: u16, seq: u32, ifindex: u32, handle: u32, parent: u32) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // length, set by `finish`
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    msg.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]); // family, padding
+    msg.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    msg.extend_from_slice(&handle.to_ne_bytes());
+    msg.extend_from_slice(&parent.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // info
+    msg
+}
+
+fn finish(mut msg: Vec<u8>) -> Vec<u8> {
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+    msg
+}
+
+/// How many filters the clsact qdisc of `ifindex` holds, ingress and egress together (0 when the
+/// interface has no clsact qdisc).
+pub fn clsact_filter_count(ifindex: u32) -> io::Result<usize> {
+    let socket = Socket::open()?;
+    let mut count = 0;
+    for (seq, parent) in [(1, CLSACT_INGRESS), (2, CLSACT_EGRESS)] {
+        socket.send(&finish(tc_request(RTM_GETTFILTER, NLM_F_DUMP, seq, ifindex, 0, parent)))?;
+        match socket.replies(seq, |kind| count += usize::from(kind == RTM_NEWTFILTER)) {
+            Ok(()) => {}
+            // No clsact qdisc (or no interface): no filters.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::ENOENT) | Some(libc::ENODEV)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(count)
+}
+
+/// Deletes the clsact qdisc of `ifindex` (and only a clsact one: the kernel checks the kind).
+pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
+    let socket = Socket::open()?;
+    let mut msg = tc_request(RTM_DELQDISC, NLM_F_ACK, 1, ifindex, CLSACT_HANDLE, TC_H_CLSACT);
+    let kind = b"clsact\0";
+    msg.extend_from_slice(&((4 + kind.len()) as u16).to_ne_bytes());
+    msg.extend_from_slice(&TCA_KIND.to_ne_bytes());
+    msg.extend_from_slice(kind);
+    msg.resize(msg.len().next_multiple_of(4), 0);
+    socket.send(&finish(msg))?;
+    socket.replies(1, |_| {})
+}
