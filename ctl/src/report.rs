@@ -61,19 +61,30 @@ pub enum Group {
 ///
 /// Entries are appended, then sorted and summed per group: a million groups cost a sort of a
 /// flat array rather than a million scattered hash-table inserts (a third of the time, a third of
-/// the memory). The array is merged whenever it doubles, so few groups stay few entries.
+/// the memory). Every `RUN` appended entries are sorted as they come, and the array is merged
+/// whenever it has grown by a quarter (at least 64k entries): that work overlaps the kernel copying
+/// out the next chunks, a merge finds sorted runs and only merges them, and what is left after the
+/// last chunk is small. Few groups stay few entries.
 #[derive(Clone, Debug, Default)]
 pub struct Grouped {
-    /// Sorted by group with one entry per group up to `merged`; appended entries after it.
+    /// Sorted by group with one entry per group up to `merged`; then sorted runs up to `run`;
+    /// then appended entries.
     groups: Vec<(Group, Counters)>,
     merged: usize,
+    run: usize,
     pub overflow: Counters,
 }
 
 impl Grouped {
+    const RUN: usize = 8192;
+
     fn push(&mut self, group: Group, value: Counters) {
         self.groups.push((group, value));
-        if self.groups.len() >= (2 * self.merged).max(1 << 16) {
+        if self.groups.len() - self.run >= Self::RUN {
+            self.groups[self.run..].sort_unstable_by_key(|(g, _)| *g);
+            self.run = self.groups.len();
+        }
+        if self.groups.len() - self.merged >= (self.merged / 4).max(1 << 16) {
             self.merge();
         }
     }
@@ -81,6 +92,7 @@ impl Grouped {
     fn merge(&mut self) {
         crate::maps::sum_sorted(&mut self.groups);
         self.merged = self.groups.len();
+        self.run = self.merged;
     }
 
     /// Merges what was appended; the reading methods below need it done.
