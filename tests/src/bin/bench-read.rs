@@ -63,7 +63,7 @@ fn main() -> Result<()> {
     let rounds: usize = std::env::args().nth(1).map(|a| a.parse()).transpose()?.unwrap_or(5);
     println!("{rounds} rounds, median; wall time in seconds, peak RSS in MiB");
     println!(
-        "| entries | portwatch top -n 10 --json | portwatch reset --json | bpftool map dump pinned | batch read alone |"
+        "| entries | portwatch top -n 10 --json | portwatch reset --json >> FILE | bpftool map dump pinned | batch read alone |"
     );
     println!("|---:|---:|---:|---:|---:|");
     for n in [10_000u64, 100_000, 1_000_000] {
