@@ -170,11 +170,72 @@ impl Bed {
         Ok(())
     }
 
+    /// The sum of the named counters of the server namespace's `/proc/net/snmp` (`"Udp:NoPorts"`,
+    /// `"Tcp:InSegs"`) and `/proc/net/snmp6` (`"Udp6NoPorts"`).
+    fn server_snmp(&self, wanted: &[&str]) -> Result<u64> {
+        self.server.enter(|| -> Result<u64> {
+            let mut total = 0;
+            let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let lines: Vec<&str> = snmp.lines().collect();
+            // Pairs of lines: "Udp: Name Name ..." then "Udp: 1 2 ...".
+            for pair in lines.chunks(2) {
+                let [names, values] = pair else { continue };
+                let mut names = names.split_whitespace();
+                let table = names.next().unwrap_or("");
+                for (name, value) in names.zip(values.split_whitespace().skip(1)) {
+                    if wanted.contains(&format!("{table}{name}").as_str()) {
+                        total += value.parse::<u64>()?;
+                    }
+                }
+            }
+            for line in std::fs::read_to_string("/proc/thread-self/net/snmp6")?.lines() {
+                let mut fields = line.split_whitespace();
+                if let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    if wanted.contains(&name) {
+                        total += value.parse::<u64>()?;
+                    }
+                }
+            }
+            Ok(total)
+        })?
+    }
+
+    /// UDP datagrams the server's stack has taken in (IPv4 and IPv6: delivered, to no socket, or
+    /// in error): each one has passed the interface's TC ingress hook.
+    fn udp_received(&self) -> Result<u64> {
+        self.server_snmp(&[
+            "Udp:InDatagrams",
+            "Udp:NoPorts",
+            "Udp:InErrors",
+            "Udp6InDatagrams",
+            "Udp6NoPorts",
+            "Udp6InErrors",
+        ])
+    }
+
+    /// Waits until `what` has grown by `count` since `before` (bounded: 5 s).
+    fn wait_for(&self, what: impl Fn() -> Result<u64>, before: u64, count: u64, label: &str) -> Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            let arrived = what()? - before;
+            if arrived >= count {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!("only {arrived} of {count} {label} reached the server in 5 s");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Sends `count` UDP datagrams of `size` payload bytes from `src` (a client address) to
-    /// `dst:port` (a server address). Returns the L3 bytes sent.
+    /// `dst:port` (a server address), and returns once the server's stack has taken them all in
+    /// (a busy machine may process a veth's backlog after `sendto` returns; bounded: 5 s). Returns
+    /// the L3 bytes sent.
     pub fn send_udp(&self, src: &str, dst: &str, port: u16, count: usize, size: usize) -> Result<u64> {
         let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
         let dst: SocketAddr = SocketAddr::new(dst.parse()?, port);
+        let before = self.udp_received()?;
         self.client.enter(|| -> Result<()> {
             let sock = UdpSocket::bind(src)?;
             let buf = vec![0x5a; size];
@@ -191,6 +252,12 @@ impl Bed {
             }
             Ok(())
         })??;
+        self.wait_for(
+            || self.udp_received(),
+            before,
+            count as u64,
+            &format!("datagrams to {dst}"),
+        )?;
         let ip_header = if dst.is_ipv4() { 20 } else { 40 };
         Ok((count * (ip_header + 8 + size)) as u64)
     }
@@ -201,7 +268,8 @@ impl Bed {
     pub fn tcp_transfer(&self, src: &str, dst: &str, port: u16, bytes: usize) -> Result<TcpSegments> {
         let listen: SocketAddr = SocketAddr::new(dst.parse()?, port);
         let listener = self.server.enter(|| TcpListener::bind(listen))??;
-        let (client_done, wait_for_client) = std::sync::mpsc::channel::<()>();
+        // The client tells the server how many segments it sent.
+        let (client_done, wait_for_client) = std::sync::mpsc::channel::<u64>();
         let server = std::thread::spawn(move || -> Result<(usize, u64)> {
             let (mut conn, _) = listener.accept()?;
             let mut total = 0;
@@ -215,8 +283,21 @@ impl Bed {
             }
             conn.write_all(b"done")?;
             conn.shutdown(std::net::Shutdown::Write)?;
-            // Keep the socket until the client has seen everything, so its count is final.
-            let _ = wait_for_client.recv_timeout(Duration::from_secs(10));
+            // Keep the socket until the client has seen everything, so its count is final, then
+            // until this socket has taken in every segment the client sent (so each has passed the
+            // TC ingress hook before anyone reads counters; a busy machine may process the veth's
+            // backlog late). `tcpi_segs_in` counts a GRO packet per segment. Bounded: 5 s.
+            let sent = wait_for_client.recv_timeout(Duration::from_secs(10)).unwrap_or(0);
+            let started = std::time::Instant::now();
+            while u64::from(tcp_info(&conn)?.tcpi_segs_in) < sent {
+                if started.elapsed() > Duration::from_secs(5) {
+                    bail!(
+                        "the server took in {} of {sent} client segments in 5 s",
+                        tcp_info(&conn)?.tcpi_segs_in
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
             Ok((total, tcp_info(&conn)?.tcpi_bytes_sent))
         });
         let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
@@ -247,15 +328,14 @@ impl Bed {
                 server_payload: 0,
             })
         });
-        let _ = client_done.send(());
-        let mut segments = segments??;
+        let segments = segments.and_then(|s| s);
+        let _ = client_done.send(segments.as_ref().map(|s| s.sent).unwrap_or(0));
+        let mut segments = segments?;
         let (received, server_payload) = server.join().expect("server thread panicked")?;
         if received != bytes {
             bail!("server read {received} bytes, {bytes} were sent");
         }
         segments.server_payload = server_payload;
-        // Let the last FIN/ACK exchange finish before anyone reads counters.
-        std::thread::sleep(Duration::from_millis(200));
         Ok(segments)
     }
 }
