@@ -16,17 +16,48 @@ use crate::netns::Netns;
 
 /// `target/<profile>/portwatch`, which cargo builds before any test runs (ctl has integration
 /// tests of its own): beside a binary of this crate, or one level up from a test in `deps/`.
+/// `cargo test -p portwatch-tests` alone does not rebuild it: a binary older than the sources it
+/// is built from is refused rather than tested.
 pub fn portwatch_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(find_portwatch_bin).clone()
+}
+
+fn find_portwatch_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap();
     let candidates = [dir.join("portwatch"), dir.parent().unwrap().join("portwatch")];
     let found = candidates.iter().find(|p| p.is_file());
-    found.cloned().unwrap_or_else(|| {
+    let bin = found.cloned().unwrap_or_else(|| {
         panic!(
             "{} is missing: build it with `cargo build -p ctl` (tests/run.sh does)",
             candidates[1].display()
         )
-    })
+    });
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    if let Some(newer) = ["ctl/src", "ctl/build.rs", "ctl-common/src", "ctl-ebpf/src"]
+        .iter()
+        .flat_map(|p| files_under(&root.join(p)))
+        .find(|f| std::fs::metadata(f).and_then(|m| m.modified()).is_ok_and(|t| t > built))
+    {
+        panic!(
+            "{} is older than {}: rebuild it with `cargo build -p ctl` (or run tests/run.sh)",
+            bin.display(),
+            newer.display()
+        );
+    }
+    bin
+}
+
+fn files_under(path: &Path) -> Vec<PathBuf> {
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .flat_map(|e| files_under(&e.path()))
+            .collect(),
+        Err(_) => vec![path.to_path_buf()],
+    }
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
