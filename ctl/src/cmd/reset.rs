@@ -26,15 +26,17 @@ pub fn unix_time() -> Value {
 pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
     let (_lock, pinned) = super::open_for_change(pin)?;
     // Opened before anything is zeroed: a path that cannot be written fails with nothing touched.
-    let output = match &args.output {
-        Some(path) => Some(
+    // `>> file.jsonl` (stdout a regular file written at its end) is treated the same way.
+    let file = match &args.output {
+        Some(path) => Some((
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .with_context(|| format!("opening {}", path.display()))?,
-        ),
-        None => None,
+            format!("writing {}", path.display()),
+        )),
+        None => stdout_appending_file().map(|f| (f, "writing to stdout".to_string())),
     };
     let selector = Selector {
         ports: args.ports.clone(),
@@ -52,25 +54,18 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
         limit: 0,
     };
     let report = Report::new(&view, &view.group_all(&drained.entries), None);
-    let written = match &output {
-        Some(file) => append_all_or_nothing(file, |w| render(&report, args, w))
-            .with_context(|| format!("writing {}", args.output.as_ref().unwrap().display())),
-        // `>> file.jsonl`: the same streaming and cutting back, on stdout's file.
-        None if stdout_appends_to_a_file() => {
-            let stdout = std::io::stdout()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("duplicating stdout")?;
-            append_all_or_nothing(&std::fs::File::from(stdout), |w| render(&report, args, w))
-                .context("writing to stdout")
-        }
+    let written = match &file {
+        Some((file, what)) => append_all_or_nothing(file, |w| render(&report, args, w)).context(what.clone()),
         None => {
-            // Rendered whole first, so that a failure while rendering prints nothing.
+            // Rendered whole first, so that a failure while rendering prints nothing (and, like
+            // any failure here, puts the counts back below).
             let mut text = Vec::new();
-            render(&report, args, &mut text).context("rendering the snapshot")?;
-            let mut out = std::io::stdout().lock();
-            out.write_all(&text)
-                .and_then(|()| out.flush())
+            render(&report, args, &mut text)
+                .and_then(|()| {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&text)?;
+                    out.flush()
+                })
                 .context("writing to stdout")
         }
     };
@@ -84,20 +79,16 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
     }
 }
 
-/// Whether stdout is a regular file written at its end (`>> log`, or `> log`): then cutting it
-/// back to its old length undoes a partial write.
-fn stdout_appends_to_a_file() -> bool {
+/// Stdout as a file, when it is a regular file written at its end (`>> log`, or `> log`): then
+/// cutting it back to its old length undoes a partial write.
+fn stdout_appending_file() -> Option<std::fs::File> {
     use std::io::Seek;
-    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
-        return false;
-    };
-    let mut file = std::fs::File::from(fd);
+    let mut file = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().ok()?);
     // SAFETY: F_GETFL on an fd we own.
     let appends = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) } & libc::O_APPEND != 0;
-    match (file.metadata(), file.stream_position()) {
-        (Ok(m), Ok(at)) => m.file_type().is_file() && (appends || at == m.len()),
-        _ => false,
-    }
+    let len = file.metadata().ok().filter(|m| m.file_type().is_file())?.len();
+    let at = file.stream_position().ok()?;
+    (appends || at == len).then_some(file)
 }
 
 /// The snapshot as `--json`, `--csv` or a table.
