@@ -83,9 +83,9 @@ const BATCH_CHUNK: usize = 16384;
 /// `each`: one `BPF_MAP_LOOKUP_BATCH` per 16384 entries, or a key-at-a-time walk where the kernel
 /// has no batch operations for the map. Holds a few chunks at a time, not the map.
 ///
-/// The kernel's copy-out and `each` (grouping a million keys into a hash table) cost about the
-/// same: a reader thread makes the syscalls and decodes while the calling thread runs `each`, so
-/// on two cores a pass takes the longer of the two rather than their sum.
+/// The kernel's copy-out and `each` (grouping a million keys) both take a good part of a pass: a
+/// reader thread makes the syscalls and decodes while the calling thread runs `each`, so on two
+/// cores a pass takes the longer of the two rather than their sum.
 pub fn for_each_in_generation(
     pinned: &crate::pinned::Pinned,
     generation: u32,
