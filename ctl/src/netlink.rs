@@ -52,7 +52,7 @@ impl Socket {
         Ok(())
     }
 
-    /// Reads replies to request `seq`, handing each message's type and payload to `each`, until
+    /// Reads replies to request `seq`, handing each message's type to `each`, until
     /// `NLMSG_DONE` or an `NLMSG_ERROR` (an error code of 0 is the acknowledgement).
     fn replies(&self, seq: u32, mut each: impl FnMut(u16)) -> io::Result<()> {
         let mut buf = vec![0u8; 32 * 1024];
