@@ -43,7 +43,7 @@ pub fn detach(pin: &PinPath, iface: &str) -> Result<()> {
     let index = nix::net::if_::if_nametoindex(iface).ok();
     // By the interface's index while it exists; by the name recorded at attach time when it has
     // vanished (its pins and records are still ours to remove).
-    let matching: Vec<_> = records
+    let mut matching: Vec<_> = records
         .iter()
         .filter_map(|r| r.ok())
         .filter(|(key, record)| match index {
@@ -51,6 +51,8 @@ pub fn detach(pin: &PinPath, iface: &str) -> Result<()> {
             None => attach::recorded_name(record) == iface && attach::ifname_of(key.ifindex).is_none(),
         })
         .collect();
+    // The map's iteration order is the kernel's hash order: report in a fixed one.
+    matching.sort_by_key(|(key, _)| key.direction);
     if matching.is_empty() {
         return Err(Error::Interface(format!(
             "portwatch is not attached to {iface:?} (see `portwatch status`)"

@@ -18,7 +18,9 @@ pub fn run(pin: &PinPath) -> Result<()> {
     let _lock = Lock::acquire(pin)?;
     let pinned = Pinned::open(pin)?;
     let mut records = pinned.attachments()?;
-    let all: Vec<_> = records.iter().filter_map(|r| r.ok()).collect();
+    let mut all: Vec<_> = records.iter().filter_map(|r| r.ok()).collect();
+    // The map's iteration order is the kernel's hash order: detach in a fixed one.
+    all.sort_by_key(|(key, _)| (key.ifindex, key.direction));
     for (key, record) in all {
         attach::detach(pin, key, &record)?;
         records.remove(&key)?;
