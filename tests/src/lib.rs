@@ -217,3 +217,15 @@ pub fn synthetic_entries(n: u64) -> Vec<(CounterKey, Counters)> {
         })
         .collect()
 }
+
+/// Sets the global statistics of a pinned portwatch to `stats` (all on CPU 0, zero elsewhere).
+pub fn set_stats(pin: &std::path::Path, stats: Stats) -> Result<()> {
+    let pinned = portwatch::pinned::Pinned::open(&portwatch::pinned::PinPath::new(pin))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let mut values = vec![Stats::default(); cpus];
+    values[0] = stats;
+    pinned
+        .stats()?
+        .set(0, aya::maps::PerCpuValues::try_from(values)?, 0)?;
+    Ok(())
+}
