@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .ci/bootstrap
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
-cargo build --quiet --release --locked -p ctl -p portwatch-tests
+cargo build --quiet --release --locked -p portwatch -p portwatch-tests
 exec target/release/demo

@@ -14,7 +14,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
-use ctl_common::{
+use portwatch_common::{
     AttachKey, Attachment, MAX_ATTACHMENTS, Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP,
     PORT_COUNT, PROTO_TCP, PROTO_UDP, RESERVED_ENTRIES,
 };

@@ -47,7 +47,7 @@ const NEXTHDR_FRAGMENT: u8 = 44;
 const NEXTHDR_AUTH: u8 = 51;
 const NEXTHDR_DEST: u8 = 60;
 
-use ctl_common::{IPPROTO_TCP, IPPROTO_UDP, IPV4_MAPPED_WORD};
+use portwatch_common::{IPPROTO_TCP, IPPROTO_UDP, IPV4_MAPPED_WORD};
 
 /// Reads a `T` at `offset` from the start of the frame. Headers in the linear part of the skb (the
 /// usual case) are read directly; one that is not is copied with `bpf_skb_load_bytes`, which also

@@ -13,7 +13,7 @@ use aya::{
         LinkOrder, SchedClassifier, TcAttachType,
     },
 };
-use ctl_common::{AttachKey, Attachment, ATTACH_FLAG_OWN_QDISC, ATTACH_MODE_TC, ATTACH_MODE_TCX, DIRECTION_INGRESS};
+use portwatch_common::{AttachKey, Attachment, ATTACH_FLAG_OWN_QDISC, ATTACH_MODE_TC, ATTACH_MODE_TCX, DIRECTION_INGRESS};
 
 use crate::{error::Error, pinned::PinPath};
 

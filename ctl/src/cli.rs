@@ -248,15 +248,15 @@ pub enum Direction {
 impl Direction {
     pub fn bits(self) -> u8 {
         match self {
-            Direction::Ingress => ctl_common::META_DIRECTION_INGRESS,
-            Direction::Egress => ctl_common::META_DIRECTION_EGRESS,
-            Direction::Both => ctl_common::META_DIRECTION_INGRESS | ctl_common::META_DIRECTION_EGRESS,
+            Direction::Ingress => portwatch_common::META_DIRECTION_INGRESS,
+            Direction::Egress => portwatch_common::META_DIRECTION_EGRESS,
+            Direction::Both => portwatch_common::META_DIRECTION_INGRESS | portwatch_common::META_DIRECTION_EGRESS,
         }
     }
     pub fn from_bits(bits: u8) -> &'static str {
         match bits {
-            ctl_common::META_DIRECTION_INGRESS => "ingress",
-            ctl_common::META_DIRECTION_EGRESS => "egress",
+            portwatch_common::META_DIRECTION_INGRESS => "ingress",
+            portwatch_common::META_DIRECTION_EGRESS => "egress",
             _ => "both",
         }
     }

@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 
 use anyhow::{Context, Result};
 use aya::maps::PerCpuValues;
-use ctl_common::{map_names, Config, CounterKey, Counters};
+use portwatch_common::{map_names, Config, CounterKey, Counters};
 
 use crate::{maps, pinned::Pinned, ports::PortSpec};
 
@@ -109,10 +109,10 @@ impl Selector {
         if key.is_overflow() {
             return self.is_everything();
         }
-        let bit = if key.proto == ctl_common::IPPROTO_TCP {
-            ctl_common::PROTO_TCP
+        let bit = if key.proto == portwatch_common::IPPROTO_TCP {
+            portwatch_common::PROTO_TCP
         } else {
-            ctl_common::PROTO_UDP
+            portwatch_common::PROTO_UDP
         };
         let port_ok = self.ports.is_empty()
             || self

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use ctl_common::{CounterKey, Counters, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS};
+use portwatch_common::{CounterKey, Counters, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS};
 
 /// `BPF_NOEXIST` from `linux/bpf.h`: create only.
 const BPF_NOEXIST: u64 = 1;

@@ -1,10 +1,10 @@
 //! The kernel program, built by `build.rs` from `ctl-ebpf` and embedded in the binary.
 
 use aya::{Ebpf, EbpfLoader};
-use ctl_common::{map_names, RESERVED_ENTRIES};
+use portwatch_common::{map_names, RESERVED_ENTRIES};
 
 /// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
-/// `ctl_common::map_names`).
+/// `portwatch_common::map_names`).
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portwatch.bpf.o"));
 
 /// Path of a do-nothing TC program built beside `OBJECT`, for benchmarks (not embedded).

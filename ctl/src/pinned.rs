@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
-use ctl_common::{
+use portwatch_common::{
     map_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS,
     LAYOUT_VERSION,
 };
@@ -231,10 +231,10 @@ impl Pinned {
 
 pub fn directions_from_bits(bits: u8) -> Vec<u8> {
     let mut v = vec![];
-    if bits & ctl_common::META_DIRECTION_INGRESS != 0 {
+    if bits & portwatch_common::META_DIRECTION_INGRESS != 0 {
         v.push(DIRECTION_INGRESS);
     }
-    if bits & ctl_common::META_DIRECTION_EGRESS != 0 {
+    if bits & portwatch_common::META_DIRECTION_EGRESS != 0 {
         v.push(DIRECTION_EGRESS);
     }
     v

@@ -2,7 +2,7 @@
 
 use std::{fmt, str::FromStr};
 
-use ctl_common::{PROTO_ALL, PROTO_TCP, PROTO_UDP};
+use portwatch_common::{PROTO_ALL, PROTO_TCP, PROTO_UDP};
 
 /// A range of ports and the protocols watched on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, io, net::Ipv6Addr};
 
-use ctl_common::{CounterKey, Counters, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP, PROTO_TCP, PROTO_UDP};
+use portwatch_common::{CounterKey, Counters, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP, PROTO_TCP, PROTO_UDP};
 use serde_json::{json, Value};
 
 use crate::{output::human_bytes, pinned::direction_name, ports::PortSpec};
@@ -493,7 +493,7 @@ pub fn direction_value(direction: crate::cli::OneDirection) -> u8 {
 mod tests {
     use std::collections::BTreeMap;
 
-    use ctl_common::IPPROTO_UDP;
+    use portwatch_common::IPPROTO_UDP;
 
     use super::*;
 

@@ -9,12 +9,12 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use ctl_common::{CounterKey, Counters};
+use portwatch_common::{CounterKey, Counters};
 use portwatch::pinned::{PinPath, Pinned};
 
 use crate::netns::Netns;
 
-/// `target/<profile>/portwatch`, which cargo builds before any test runs (ctl has integration
+/// `target/<profile>/portwatch`, which cargo builds before any test runs (portwatch has integration
 /// tests of its own): beside a binary of this crate, or one level up from a test in `deps/`.
 /// `cargo test -p portwatch-tests` alone does not rebuild it: a binary older than the sources it
 /// is built from is refused rather than tested.
@@ -30,7 +30,7 @@ fn find_portwatch_bin() -> PathBuf {
     let found = candidates.iter().find(|p| p.is_file());
     let bin = found.cloned().unwrap_or_else(|| {
         panic!(
-            "{} is missing: build it with `cargo build -p ctl` (tests/run.sh does)",
+            "{} is missing: build it with `cargo build -p portwatch` (tests/run.sh does)",
             candidates[1].display()
         )
     });
@@ -42,7 +42,7 @@ fn find_portwatch_bin() -> PathBuf {
         .find(|f| std::fs::metadata(f).and_then(|m| m.modified()).is_ok_and(|t| t > built))
     {
         panic!(
-            "{} is older than {}: rebuild it with `cargo build -p ctl` (or run tests/run.sh)",
+            "{} is older than {}: rebuild it with `cargo build -p portwatch` (or run tests/run.sh)",
             bin.display(),
             newer.display()
         );

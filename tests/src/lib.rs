@@ -14,7 +14,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use ctl_common::{map_names, program_names, CounterKey, Counters, Stats, DIRECTION_INGRESS};
+use portwatch_common::{map_names, program_names, CounterKey, Counters, Stats, DIRECTION_INGRESS};
 
 /// Kernel tests need root and a BPF-capable kernel. Outside CI a machine without them skips the
 /// test with a message; under `CI=true` it fails, so nothing skips silently.
@@ -145,10 +145,10 @@ impl Harness {
 
     /// Switches the generation the program writes to.
     pub fn set_generation(&mut self, generation: u32) -> Result<()> {
-        let mut config: Array<_, ctl_common::Config> = Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
+        let mut config: Array<_, portwatch_common::Config> = Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
         config.set(
             0,
-            ctl_common::Config {
+            portwatch_common::Config {
                 generation,
                 _reserved: 0,
             },
@@ -206,7 +206,7 @@ pub fn synthetic_entries(n: u64) -> Vec<(CounterKey, Counters)> {
             let mut ip = [0u8; 16];
             ip[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
             ip[12..].copy_from_slice(&(i as u32).to_be_bytes());
-            let key = CounterKey::with_octets(ip, 443, ctl_common::IPPROTO_TCP, DIRECTION_INGRESS);
+            let key = CounterKey::with_octets(ip, 443, portwatch_common::IPPROTO_TCP, DIRECTION_INGRESS);
             (
                 key,
                 Counters {

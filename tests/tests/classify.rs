@@ -2,7 +2,7 @@
 //! return code (`TC_ACT_UNSPEC`), that the packet left unchanged, the exact counter it landed in
 //! (or that it landed in none) and the exact statistics.
 
-use ctl_common::{
+use portwatch_common::{
     Counters, Stats, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP,
     PROTO_ALL, PROTO_TCP, PROTO_UDP,
 };
@@ -572,8 +572,8 @@ fn a_full_map_sends_new_keys_to_overflow() {
         MAX as usize + 2,
         "the map holds MAX keys plus the two overflow keys"
     );
-    assert_eq!(all[&ctl_common::CounterKey::overflow(IN)], overflow_in);
-    assert_eq!(all[&ctl_common::CounterKey::overflow(EG)], overflow_eg);
+    assert_eq!(all[&portwatch_common::CounterKey::overflow(IN)], overflow_in);
+    assert_eq!(all[&portwatch_common::CounterKey::overflow(EG)], overflow_eg);
     let total = portwatch::maps::sum(&all.values().copied().collect::<Vec<_>>());
     assert_eq!(total, sent, "counters plus overflow equal all matched traffic");
     let stats = h.stats().unwrap();

@@ -3,7 +3,7 @@
 //! checked directly. Nothing stays resident: counting goes on in the kernel after `load` exits.
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use ctl_common::{Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
+use portwatch_common::{Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
 use portwatch_tests::{
     cli::Pw,
     kernel_available, key,
@@ -551,7 +551,7 @@ fn another_layout_version_is_refused() {
         assert_eq!(pw.tree(), tree);
     }
     assert_eq!(tcx_programs(&bed.server, "pw0").len(), 2, "still attached");
-    set_version(ctl_common::LAYOUT_VERSION);
+    set_version(portwatch_common::LAYOUT_VERSION);
     pw.ok(&["unload"]);
 }
 

@@ -10,7 +10,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use ctl_common::{CounterKey, Counters, Stats, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_common::{CounterKey, Counters, Stats, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{cli::Pw, fill_counters, kernel_available, key, netns::Netns};
 
 /// The counters of both generations: IPv4 and IPv6, every port kind, both directions and

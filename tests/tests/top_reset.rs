@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use ctl_common::{CounterKey, Counters, DIRECTION_INGRESS as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_common::{CounterKey, Counters, DIRECTION_INGRESS as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
     cli::Pw,
     fill_counters, kernel_available, key,

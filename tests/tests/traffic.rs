@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use ctl_common::{
+use portwatch_common::{
     Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, PROTO_ALL,
     PROTO_UDP,
 };

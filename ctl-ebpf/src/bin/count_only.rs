@@ -10,7 +10,7 @@ use aya_ebpf::{
     maps::PerCpuHashMap,
     programs::TcContext,
 };
-use ctl_common::{CounterKey, Counters};
+use portwatch_common::{CounterKey, Counters};
 
 #[map(name = "counters")]
 static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_entries(65538, 0);

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use aya::programs::SchedClassifier;
-use ctl_common::{program_names, LAYOUT_VERSION};
+use portwatch_common::{program_names, LAYOUT_VERSION};
 
 pub fn run() -> Result<()> {
     crate::pinned::check_privileges()?;

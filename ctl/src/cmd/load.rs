@@ -9,7 +9,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuHashMap},
     programs::SchedClassifier,
 };
-use ctl_common::{
+use portwatch_common::{
     map_names, program_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, DIRECTION_EGRESS,
     DIRECTION_INGRESS, LAYOUT_VERSION,
 };

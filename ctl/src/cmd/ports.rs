@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use aya::maps::{Array, MapData};
-use ctl_common::PORT_COUNT;
+use portwatch_common::PORT_COUNT;
 use serde_json::json;
 
 use crate::{cli::PortsCommand, maps, output, pinned::PinPath, ports};

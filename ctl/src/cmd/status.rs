@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use aya::programs::{links::PinnedLink, SchedClassifier};
-use ctl_common::{Stats, ATTACH_MODE_TCX, DIRECTION_EGRESS, DIRECTION_INGRESS, LAYOUT_VERSION};
+use portwatch_common::{Stats, ATTACH_MODE_TCX, DIRECTION_EGRESS, DIRECTION_INGRESS, LAYOUT_VERSION};
 use serde_json::{json, Value};
 
 use crate::{
@@ -76,7 +76,7 @@ fn collect(pinned: &Pinned) -> Result<Value> {
         )
     });
 
-    let mut table = vec![0u8; ctl_common::PORT_COUNT as usize];
+    let mut table = vec![0u8; portwatch_common::PORT_COUNT as usize];
     for (port, flags) in pinned.watched_ports()?.iter().enumerate() {
         table[port] = flags?;
     }

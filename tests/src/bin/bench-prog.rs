@@ -11,7 +11,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use ctl_common::{DIRECTION_INGRESS, PROTO_ALL};
+use portwatch_common::{DIRECTION_INGRESS, PROTO_ALL};
 use portwatch_tests::{packet::Packet, Harness};
 
 fn load_single(path: &str, program: &str) -> Result<Ebpf> {

@@ -2,7 +2,7 @@
 //! counter maps of 10k, 100k and 1M entries, next to `bpftool map dump pinned` of the same map,
 //! all in one run, interleaved round by round; the median round is reported.
 //!
-//!     cargo build --release -p ctl -p portwatch-tests
+//!     cargo build --release -p portwatch -p portwatch-tests
 //!     target/release/bench-read [ROUNDS]
 //!
 //! Each command runs as its own process (as an operator runs it); peak memory is the child's
@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use ctl_common::{CounterKey, Counters};
+use portwatch_common::{CounterKey, Counters};
 use portwatch_tests::{cli::Pw, fill_counters, netns::Netns, synthetic_entries};
 
 /// Runs `cmd` with stdout to `out`; returns (seconds, peak RSS in MiB).
