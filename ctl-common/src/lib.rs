@@ -35,10 +35,13 @@ pub mod map_names {
     pub const ALL: [&str; 7] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META, ATTACHMENTS];
 }
 
-/// Program (function) names in the object file.
-pub mod program_names {
-    pub const INGRESS: &str = "portwatch_ingress";
-    pub const EGRESS: &str = "portwatch_egress";
+/// The counter map of a generation (`Config::generation`): only its bit 0 counts.
+pub const fn counters_map(generation: u32) -> &'static str {
+    if generation & 1 == 0 {
+        map_names::COUNTERS_0
+    } else {
+        map_names::COUNTERS_1
+    }
 }
 
 /// Bits of a `watched_ports` entry.
@@ -50,12 +53,114 @@ pub const PROTO_ALL: u8 = PROTO_TCP | PROTO_UDP;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// `CounterKey::direction`.
-pub const DIRECTION_INGRESS: u8 = 0;
-pub const DIRECTION_EGRESS: u8 = 1;
+/// The `watched_ports` bit of an IANA protocol number (`PROTO_UDP` for anything but TCP: the
+/// program only hands TCP and UDP on).
+pub const fn proto_bit(ip_proto: u8) -> u8 {
+    if ip_proto == IPPROTO_TCP {
+        PROTO_TCP
+    } else {
+        PROTO_UDP
+    }
+}
+
+/// Which way a packet crossed the interface, seen from the watched local port: `Ingress`, from a
+/// remote IP to the port; `Egress`, the port's replies to it. Stored as one byte (`as u8`: 0
+/// ingress, 1 egress) in `CounterKey::direction` and `AttachKey::direction`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Direction {
+    Ingress = 0,
+    Egress = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    /// The byte stored in keys: 0 is ingress, anything else egress (the program writes 0 and 1).
+    pub const fn from_u8(byte: u8) -> Direction {
+        if byte == Direction::Ingress as u8 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        }
+    }
+
+    /// As the CLI, the pin names and the outputs spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
+    /// The program (function) that counts this direction, in the object file.
+    pub const fn program_name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "portwatch_ingress",
+            Direction::Egress => "portwatch_egress",
+        }
+    }
+
+    /// Its bit in a `Directions` set (`Meta::directions`).
+    pub const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
+    pub const fn other(self) -> Direction {
+        match self {
+            Direction::Ingress => Direction::Egress,
+            Direction::Egress => Direction::Ingress,
+        }
+    }
+}
+
+/// A set of directions, as `Meta::directions` stores it: bit 0 ingress, bit 1 egress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Directions(u8);
+
+impl Directions {
+    pub const BOTH: Directions = Directions(Direction::Ingress.bit() | Direction::Egress.bit());
+
+    pub const fn from_bits(bits: u8) -> Directions {
+        Directions(bits & Directions::BOTH.0)
+    }
+
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    pub const fn contains(self, direction: Direction) -> bool {
+        self.0 & direction.bit() != 0
+    }
+
+    /// Its directions, ingress first.
+    pub fn iter(self) -> impl Iterator<Item = Direction> {
+        Direction::ALL.into_iter().filter(move |d| self.contains(*d))
+    }
+
+    /// As `load --direction` spells it: `ingress`, `egress` or `both`.
+    pub const fn name(self) -> &'static str {
+        if self.0 == Direction::Ingress.bit() {
+            "ingress"
+        } else if self.0 == Direction::Egress.bit() {
+            "egress"
+        } else {
+            "both"
+        }
+    }
+}
+
+impl From<Direction> for Directions {
+    fn from(direction: Direction) -> Directions {
+        Directions(direction.bit())
+    }
+}
 
 /// Number of entries of `watched_ports`: one per port number.
 pub const PORT_COUNT: u32 = 65536;
+
+/// Remote-IP keys a counter map holds when `load` is not given `--max-entries`.
+pub const DEFAULT_MAX_ENTRIES: u32 = 65536;
 
 /// Entries each counter map holds beyond the user's `--max-entries`: one overflow key per direction,
 /// inserted by userspace before the program can run, so a full map always has them.
@@ -82,7 +187,7 @@ pub struct CounterKey {
 pub const IPV4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 impl CounterKey {
-    pub fn with_octets(octets: [u8; 16], port: u16, proto: u8, direction: u8) -> Self {
+    pub fn with_octets(octets: [u8; 16], port: u16, proto: u8, direction: Direction) -> Self {
         let mut remote_ip = [0u32; 4];
         for (i, w) in remote_ip.iter_mut().enumerate() {
             *w = u32::from_ne_bytes([octets[4 * i], octets[4 * i + 1], octets[4 * i + 2], octets[4 * i + 3]]);
@@ -91,8 +196,12 @@ impl CounterKey {
             remote_ip,
             port,
             proto,
-            direction,
+            direction: direction as u8,
         }
+    }
+
+    pub const fn direction(&self) -> Direction {
+        Direction::from_u8(self.direction)
     }
 
     /// The remote address as 16 bytes in network order (IPv4 as `::ffff:a.b.c.d`).
@@ -107,12 +216,12 @@ impl CounterKey {
     /// The reserved key that collects traffic the counter map had no room for: the unspecified
     /// address `::`, port 0 and protocol 0, which no real packet can produce (port 0 cannot be
     /// watched). One per direction.
-    pub const fn overflow(direction: u8) -> Self {
+    pub const fn overflow(direction: Direction) -> Self {
         CounterKey {
             remote_ip: [0; 4],
             port: 0,
             proto: 0,
-            direction,
+            direction: direction as u8,
         }
     }
 
@@ -139,10 +248,71 @@ pub struct Config {
     pub _reserved: u32,
 }
 
+impl Config {
+    /// The generation the program writes: 0 or 1 (see `counters_map`).
+    pub const fn active_generation(&self) -> u32 {
+        self.generation & 1
+    }
+}
+
+/// Why the program saw a packet but counted it under no port: each reason has its `Stats` field.
+/// (A TCP or UDP packet of a port that is not watched is `Stats::unwatched_packets`, not one of
+/// these: it was understood, just not asked for.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotCounted {
+    /// Neither IPv4 nor IPv6 (ARP, LLDP...), after VLAN tags.
+    NonIp,
+    /// IP, but the L4 protocol is not TCP or UDP (ICMP, ESP, no next header...).
+    UnknownL4,
+    /// A non-first fragment: no L4 header, so no port.
+    Fragment,
+    /// A header cut short by the end of the packet.
+    Truncated,
+    /// A header with impossible fields.
+    Malformed,
+    /// More IPv6 extension headers (or VLAN tags) than the program walks.
+    HeaderLimit,
+}
+
+impl NotCounted {
+    pub const ALL: [NotCounted; 6] = [
+        NotCounted::NonIp,
+        NotCounted::UnknownL4,
+        NotCounted::Fragment,
+        NotCounted::Truncated,
+        NotCounted::Malformed,
+        NotCounted::HeaderLimit,
+    ];
+
+    /// Its name in `status --json` (`stats.not_counted.<name>`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            NotCounted::NonIp => "non_ip",
+            NotCounted::UnknownL4 => "unknown_l4",
+            NotCounted::Fragment => "fragment",
+            NotCounted::Truncated => "truncated",
+            NotCounted::Malformed => "malformed",
+            NotCounted::HeaderLimit => "header_limit",
+        }
+    }
+
+    /// As `status` says it to a person.
+    pub const fn description(self) -> &'static str {
+        match self {
+            NotCounted::NonIp => "non-IP",
+            NotCounted::UnknownL4 => "other protocol",
+            NotCounted::Fragment => "non-first fragment",
+            NotCounted::Truncated => "truncated",
+            NotCounted::Malformed => "malformed",
+            NotCounted::HeaderLimit => "too many headers",
+        }
+    }
+}
+
 /// Global statistics, one copy per CPU. Every field is a native-endian `u64`, in this order.
 /// `matched_*` is all traffic counted in the counter maps (overflow included); every other packet the
-/// program saw is in exactly one of `unwatched`, `non_ip`, `unknown_l4`, `fragment`, `truncated`,
-/// `malformed` or `ext_header_limit`.
+/// program saw is in exactly one of `unwatched` or a `NotCounted` reason's field (`non_ip`,
+/// `unknown_l4`, `fragment`, `truncated`, `malformed`, `ext_header_limit`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Stats {
@@ -174,9 +344,45 @@ pub struct Stats {
     pub overflow_missing_packets: u64,
 }
 
+impl Stats {
+    /// The packets not counted for `reason`.
+    pub const fn not_counted(&self, reason: NotCounted) -> u64 {
+        match reason {
+            NotCounted::NonIp => self.non_ip_packets,
+            NotCounted::UnknownL4 => self.unknown_l4_packets,
+            NotCounted::Fragment => self.fragment_packets,
+            NotCounted::Truncated => self.truncated_packets,
+            NotCounted::Malformed => self.malformed_packets,
+            NotCounted::HeaderLimit => self.ext_header_limit_packets,
+        }
+    }
+
+    /// The field that counts packets not counted for `reason`.
+    #[inline(always)]
+    pub fn not_counted_mut(&mut self, reason: NotCounted) -> &mut u64 {
+        match reason {
+            NotCounted::NonIp => &mut self.non_ip_packets,
+            NotCounted::UnknownL4 => &mut self.unknown_l4_packets,
+            NotCounted::Fragment => &mut self.fragment_packets,
+            NotCounted::Truncated => &mut self.truncated_packets,
+            NotCounted::Malformed => &mut self.malformed_packets,
+            NotCounted::HeaderLimit => &mut self.ext_header_limit_packets,
+        }
+    }
+
+    /// Every field, in declaration order.
+    fn fields_mut(&mut self) -> &mut [u64; STATS_FIELDS] {
+        // SAFETY: `Stats` is #[repr(C)] and made of STATS_FIELDS u64s only (asserted below), so it
+        // has the layout of an array of them.
+        unsafe { &mut *(self as *mut Stats).cast::<[u64; STATS_FIELDS]>() }
+    }
+}
+
+const STATS_FIELDS: usize = 12;
+
 /// Pinned metadata, written once by `load`. Bytes 0..4 `layout_version`, 4..8 `max_entries` (the
-/// user's figure, without `RESERVED_ENTRIES`), 8 `directions` (bit 0 ingress, bit 1 egress),
-/// 9..16 reserved (zero).
+/// user's figure, without `RESERVED_ENTRIES`), 8 `directions` (a `Directions`: bit 0 ingress, bit 1
+/// egress), 9..16 reserved (zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Meta {
@@ -186,16 +392,38 @@ pub struct Meta {
     pub _reserved: [u8; 7],
 }
 
+impl Meta {
+    /// The directions `load` was given.
+    pub const fn directions(&self) -> Directions {
+        Directions::from_bits(self.directions)
+    }
+}
+
 /// Entries of the `attachments` map: interfaces times two directions.
 pub const MAX_ATTACHMENTS: u32 = 1024;
 
-/// Key of an attachment. Bytes 0..4 `ifindex`, 4 `direction` (`DIRECTION_*`), 5..8 reserved (zero).
+/// Key of an attachment. Bytes 0..4 `ifindex`, 4 `direction` (`Direction as u8`), 5..8 reserved
+/// (zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct AttachKey {
     pub ifindex: u32,
     pub direction: u8,
     pub _reserved: [u8; 3],
+}
+
+impl AttachKey {
+    pub const fn new(ifindex: u32, direction: Direction) -> AttachKey {
+        AttachKey {
+            ifindex,
+            direction: direction as u8,
+            _reserved: [0; 3],
+        }
+    }
+
+    pub const fn direction(&self) -> Direction {
+        Direction::from_u8(self.direction)
+    }
 }
 
 /// How an attachment was made: a pinned TCX link, or a classic clsact/cls_bpf filter.
@@ -219,9 +447,6 @@ pub struct Attachment {
     pub ifname: [u8; 16],
 }
 
-pub const META_DIRECTION_INGRESS: u8 = 1 << 0;
-pub const META_DIRECTION_EGRESS: u8 = 1 << 1;
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], made of integers only, with no implicit padding.
@@ -240,7 +465,7 @@ const _: () = {
     assert!(core::mem::align_of::<CounterKey>() == 4);
     assert!(core::mem::size_of::<Counters>() == 16);
     assert!(core::mem::size_of::<Config>() == 8);
-    assert!(core::mem::size_of::<Stats>() == 12 * 8);
+    assert!(core::mem::size_of::<Stats>() == STATS_FIELDS * 8);
     assert!(core::mem::size_of::<Meta>() == 16);
     assert!(core::mem::size_of::<AttachKey>() == 8);
     assert!(core::mem::size_of::<Attachment>() == 24);
@@ -254,18 +479,9 @@ impl core::ops::AddAssign for Counters {
 }
 
 impl core::ops::AddAssign for Stats {
-    fn add_assign(&mut self, o: Self) {
-        self.matched_packets += o.matched_packets;
-        self.matched_bytes += o.matched_bytes;
-        self.unwatched_packets += o.unwatched_packets;
-        self.non_ip_packets += o.non_ip_packets;
-        self.unknown_l4_packets += o.unknown_l4_packets;
-        self.fragment_packets += o.fragment_packets;
-        self.truncated_packets += o.truncated_packets;
-        self.malformed_packets += o.malformed_packets;
-        self.ext_header_limit_packets += o.ext_header_limit_packets;
-        self.map_full_packets += o.map_full_packets;
-        self.map_full_bytes += o.map_full_bytes;
-        self.overflow_missing_packets += o.overflow_missing_packets;
+    fn add_assign(&mut self, mut other: Self) {
+        for (mine, theirs) in self.fields_mut().iter_mut().zip(other.fields_mut().iter()) {
+            *mine += *theirs;
+        }
     }
 }

@@ -14,14 +14,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
+use parse::Flow;
 use portwatch_common::{
-    AttachKey, Attachment, MAX_ATTACHMENTS, Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP,
-    PORT_COUNT, PROTO_TCP, PROTO_UDP, RESERVED_ENTRIES,
+    proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta, Stats, DEFAULT_MAX_ENTRIES,
+    MAX_ATTACHMENTS, PORT_COUNT, RESERVED_ENTRIES,
 };
-use parse::{Flow, Reason};
 
-/// The object's default; `portwatch load --max-entries` sets the real size at load time.
-const DEFAULT_MAX_ENTRIES: u32 = 65536 + RESERVED_ENTRIES;
+/// The object's size; `portwatch load --max-entries` sets the real one at load time.
+const COUNTER_ENTRIES: u32 = DEFAULT_MAX_ENTRIES + RESERVED_ENTRIES;
 const EEXIST: i32 = 17;
 
 #[map(name = "watched_ports")]
@@ -29,11 +29,11 @@ static WATCHED_PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
 
 #[map(name = "counters_0")]
 static COUNTERS_0: PerCpuHashMap<CounterKey, Counters> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+    PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
 
 #[map(name = "counters_1")]
 static COUNTERS_1: PerCpuHashMap<CounterKey, Counters> =
-    PerCpuHashMap::with_max_entries(DEFAULT_MAX_ENTRIES, 0);
+    PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
 
 #[map(name = "config")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -48,18 +48,20 @@ static META: Array<Meta> = Array::with_max_entries(1, 0);
 #[map(name = "attachments")]
 static ATTACHMENTS: HashMap<AttachKey, Attachment> = HashMap::with_max_entries(MAX_ATTACHMENTS, 0);
 
+// The program names are `Direction::program_name`.
 #[classifier]
 pub fn portwatch_ingress(ctx: TcContext) -> i32 {
-    observe::<DIRECTION_INGRESS>(&ctx);
+    observe::<{ Direction::Ingress as u8 }>(&ctx);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn portwatch_egress(ctx: TcContext) -> i32 {
-    observe::<DIRECTION_EGRESS>(&ctx);
+    observe::<{ Direction::Egress as u8 }>(&ctx);
     TC_ACT_UNSPEC
 }
 
+/// `DIRECTION` is a `Direction as u8`: a constant per program, so each is compiled for its own.
 #[inline(always)]
 fn observe<const DIRECTION: u8>(ctx: &TcContext) {
     let Some(stats) = STATS.get_ptr_mut(0) else { return };
@@ -68,19 +70,7 @@ fn observe<const DIRECTION: u8>(ctx: &TcContext) {
     let stats = unsafe { &mut *stats };
     match parse::parse(ctx) {
         Ok(flow) => count::<DIRECTION>(&flow, stats),
-        Err(reason) => *reason_counter(stats, reason) += 1,
-    }
-}
-
-#[inline(always)]
-fn reason_counter(stats: &mut Stats, reason: Reason) -> &mut u64 {
-    match reason {
-        Reason::NonIp => &mut stats.non_ip_packets,
-        Reason::UnknownL4 => &mut stats.unknown_l4_packets,
-        Reason::Fragment => &mut stats.fragment_packets,
-        Reason::Truncated => &mut stats.truncated_packets,
-        Reason::Malformed => &mut stats.malformed_packets,
-        Reason::HeaderLimit => &mut stats.ext_header_limit_packets,
+        Err(reason) => *stats.not_counted_mut(reason) += 1,
     }
 }
 
@@ -88,12 +78,12 @@ fn reason_counter(stats: &mut Stats, reason: Reason) -> &mut u64 {
 /// a watched local port under their destination. Either way the key holds the remote IP.
 #[inline(always)]
 fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
-    let (local_port, remote_ip) = if DIRECTION == DIRECTION_INGRESS {
+    let (local_port, remote_ip) = if Direction::from_u8(DIRECTION) == Direction::Ingress {
         (flow.dst_port, flow.src)
     } else {
         (flow.src_port, flow.dst)
     };
-    let proto_bit = if flow.proto == IPPROTO_TCP { PROTO_TCP } else { PROTO_UDP };
+    let proto_bit = proto_bit(flow.proto);
     let watched = WATCHED_PORTS.get(local_port as u32).copied().unwrap_or(0);
     if watched & proto_bit == 0 {
         stats.unwatched_packets += 1;
@@ -103,7 +93,7 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
     stats.matched_bytes += flow.bytes;
 
     let key = CounterKey { remote_ip, port: local_port, proto: flow.proto, direction: DIRECTION };
-    let generation = CONFIG.get(0).map(|c| c.generation & 1).unwrap_or(0);
+    let generation = CONFIG.get(0).map(Config::active_generation).unwrap_or(0);
     // Two call sites, one map each: the verifier can then inline each map's lookup.
     let counted = if generation == 0 {
         add::<DIRECTION>(&COUNTERS_0, &key, flow)
@@ -152,7 +142,7 @@ fn add<const DIRECTION: u8>(
     }
     // Full (E2BIG). Userspace inserts the overflow keys before the program runs and keeps them, so
     // the sum of all counters still equals all matched traffic.
-    let overflow_missing = !increment(counters, &CounterKey::overflow(DIRECTION), flow);
+    let overflow_missing = !increment(counters, &CounterKey::overflow(Direction::from_u8(DIRECTION)), flow);
     Added::Full { overflow_missing }
 }
 

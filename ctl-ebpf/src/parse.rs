@@ -4,17 +4,7 @@
 //! non-linear part of an skb, so a header split across fragments is read, not misclassified.
 
 use aya_ebpf::programs::TcContext;
-
-/// Why a packet was seen but not counted as port traffic (each maps to one `Stats` field).
-#[derive(Clone, Copy)]
-pub enum Reason {
-    NonIp,
-    UnknownL4,
-    Fragment,
-    Truncated,
-    Malformed,
-    HeaderLimit,
-}
+use portwatch_common::NotCounted as Reason;
 
 /// A TCP or UDP packet, reduced to what accounting needs.
 pub struct Flow {

@@ -5,17 +5,19 @@
 use std::io;
 
 use anyhow::{Context, Result};
-use aya::{
-    maps::{HashMap, MapData},
-    programs::{
-        links::{FdLink, PinnedLink},
-        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
-        LinkOrder, SchedClassifier, TcAttachType,
-    },
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
+    LinkOrder, SchedClassifier, TcAttachType,
 };
-use portwatch_common::{AttachKey, Attachment, ATTACH_FLAG_OWN_QDISC, ATTACH_MODE_TC, ATTACH_MODE_TCX, DIRECTION_INGRESS};
+use portwatch_common::{
+    AttachKey, Attachment, Direction, Directions, ATTACH_FLAG_OWN_QDISC, ATTACH_MODE_TC, ATTACH_MODE_TCX,
+};
 
-use crate::{error::Error, pinned::PinPath};
+use crate::{
+    error::Error,
+    pinned::{PinPath, Pinned},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -28,44 +30,71 @@ pub enum Mode {
 }
 
 /// Says what was attached, as `load` and `attach` print it.
-pub fn announce(iface: &Iface, direction: u8, record: &Attachment) {
+fn announce(iface: &Iface, direction: Direction, record: &Attachment) {
     println!(
         "attached to {} {} ({})",
         iface.name,
-        crate::pinned::direction_name(direction),
+        direction.name(),
         mode_name(record.mode)
     );
 }
 
-/// Attaches the pinned program of `direction` to `iface` and says so; when the records show it
-/// attached there already, says that instead and returns `None` (never attaches twice).
-pub fn attach_pinned(
-    pin: &PinPath,
-    records: &mut HashMap<MapData, AttachKey, Attachment>,
+/// Attaches the pinned program of `direction` to `iface`, records it and says so; when the
+/// records show it attached there already, says that instead and returns `None` (never attaches
+/// twice). The key and record returned let a caller undo it with `detach`.
+fn attach_pinned(
+    pinned: &mut Pinned,
     iface: &Iface,
-    direction: u8,
+    direction: Direction,
     mode: Mode,
 ) -> Result<Option<(AttachKey, Attachment)>> {
-    let key = AttachKey {
-        ifindex: iface.index,
-        direction,
-        _reserved: [0; 3],
-    };
+    let key = AttachKey::new(iface.index, direction);
+    let records = pinned.attachments()?;
     if records.get(&key, 0).is_ok() {
-        println!(
-            "already attached to {} {}",
-            iface.name,
-            crate::pinned::direction_name(direction)
-        );
+        println!("already attached to {} {}", iface.name, direction.name());
         return Ok(None);
     }
-    let mut prog = SchedClassifier::from_pin(pin.prog(direction)).context("opening the pinned program")?;
-    let (key, record) = attach(&mut prog, pin, records, iface, direction, mode)?;
+    // A clsact qdisc that portwatch added for the other direction is portwatch's here too.
+    let other = AttachKey::new(iface.index, direction.other());
+    let own_qdisc = records
+        .get(&other, 0)
+        .is_ok_and(|r| r.mode == ATTACH_MODE_TC && r.flags & ATTACH_FLAG_OWN_QDISC != 0);
+    let pin = pinned.pin.clone();
+    let record = attach(pinned.program(direction)?, &pin, iface, direction, mode, own_qdisc)?;
+    if let Err(e) = pinned.attachments()?.insert(key, record, 0) {
+        let _ = detach(&pin, key, &record);
+        return Err(e).context("recording the attachment");
+    }
     announce(iface, direction, &record);
     Ok(Some((key, record)))
 }
 
-pub fn mode_name(mode: u8) -> &'static str {
+/// Attaches the pinned programs to every interface of `ifaces` in `directions` (skipping what is
+/// attached already), all or nothing: if one fails, those attached before it are detached and
+/// their records removed.
+pub(crate) fn attach_all(pinned: &mut Pinned, ifaces: &[Iface], directions: Directions, mode: Mode) -> Result<()> {
+    let mut done = vec![];
+    for iface in ifaces {
+        for direction in directions.iter() {
+            match attach_pinned(pinned, iface, direction, mode) {
+                Ok(None) => {}
+                Ok(Some(attached)) => done.push(attached),
+                Err(e) => {
+                    for (key, record) in done.iter().rev() {
+                        if let Err(e) = detach(&pinned.pin, *key, record) {
+                            eprintln!("portwatch: while undoing: {e:#}");
+                        }
+                        let _ = pinned.attachments().map(|records| records.remove(key));
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn mode_name(mode: u8) -> &'static str {
     match mode {
         ATTACH_MODE_TCX => "tcx",
         ATTACH_MODE_TC => "tc",
@@ -75,13 +104,13 @@ pub fn mode_name(mode: u8) -> &'static str {
 
 /// An interface by name and index.
 #[derive(Clone, Debug)]
-pub struct Iface {
+pub(crate) struct Iface {
     pub name: String,
     pub index: u32,
 }
 
 impl Iface {
-    pub fn resolve(name: &str) -> Result<Iface> {
+    pub(crate) fn resolve(name: &str) -> Result<Iface> {
         match nix::net::if_::if_nametoindex(name) {
             Ok(index) => Ok(Iface {
                 name: name.to_string(),
@@ -93,7 +122,7 @@ impl Iface {
 }
 
 /// The current name of the interface with this index, if it still exists.
-pub fn ifname_of(index: u32) -> Option<String> {
+pub(crate) fn ifname_of(index: u32) -> Option<String> {
     let mut buf = [0u8; libc::IF_NAMESIZE];
     // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
     let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
@@ -104,39 +133,33 @@ pub fn ifname_of(index: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..len]).into_owned())
 }
 
-pub fn recorded_name(a: &Attachment) -> String {
+pub(crate) fn recorded_name(a: &Attachment) -> String {
     let len = a.ifname.iter().position(|&b| b == 0).unwrap_or(a.ifname.len());
     String::from_utf8_lossy(&a.ifname[..len]).into_owned()
 }
 
-fn tc_attach_type(direction: u8) -> TcAttachType {
-    if direction == DIRECTION_INGRESS {
-        TcAttachType::Ingress
-    } else {
-        TcAttachType::Egress
+fn tc_attach_type(direction: Direction) -> TcAttachType {
+    match direction {
+        Direction::Ingress => TcAttachType::Ingress,
+        Direction::Egress => TcAttachType::Egress,
     }
 }
 
-/// Attaches `prog` to `iface` in `direction`, pins (TCX) and records the attachment. Returns its
-/// key and record, so a caller can undo it with `detach`.
-pub fn attach(
+/// Attaches `prog` to `iface` in `direction` and pins the link (TCX). Returns the record of the
+/// attachment (`own_qdisc`: the interface's clsact qdisc is one portwatch added).
+fn attach(
     prog: &mut SchedClassifier,
     pin: &PinPath,
-    records: &mut HashMap<MapData, AttachKey, Attachment>,
     iface: &Iface,
-    direction: u8,
+    direction: Direction,
     mode: Mode,
-) -> Result<(AttachKey, Attachment)> {
-    let key = AttachKey {
-        ifindex: iface.index,
-        direction,
-        _reserved: [0; 3],
-    };
+    own_qdisc: bool,
+) -> Result<Attachment> {
     let mut record = Attachment::default();
     let name = iface.name.as_bytes();
     record.ifname[..name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
     let attach_type = tc_attach_type(direction);
-    let dir = crate::pinned::direction_name(direction);
+    let dir = direction.name();
 
     let tcx = match mode {
         Mode::Tc => None,
@@ -177,15 +200,7 @@ pub fn attach(
                 Err(e) => return Err(e).with_context(|| format!("adding the clsact qdisc to {}", iface.name)),
             };
             // Ours if added now, or if portwatch added it for the other direction.
-            let other = AttachKey {
-                direction: direction ^ 1,
-                ..key
-            };
-            let ours = added
-                || records
-                    .get(&other, 0)
-                    .is_ok_and(|r| r.mode == ATTACH_MODE_TC && r.flags & ATTACH_FLAG_OWN_QDISC != 0);
-            if ours {
+            if added || own_qdisc {
                 record.flags |= ATTACH_FLAG_OWN_QDISC;
             }
             let options = NlOptions {
@@ -211,11 +226,7 @@ pub fn attach(
             std::mem::forget(link);
         }
     }
-    if let Err(e) = records.insert(key, record, 0) {
-        let _ = detach(pin, key, &record);
-        return Err(e).context("recording the attachment");
-    }
-    Ok((key, record))
+    Ok(record)
 }
 
 fn log_fallback(iface: &str, e: &aya::programs::ProgramError) {
@@ -224,10 +235,10 @@ fn log_fallback(iface: &str, e: &aya::programs::ProgramError) {
 
 /// Removes one attachment: unpins (and so detaches) a TCX link, or deletes the exact tc filter
 /// recorded. An interface that no longer exists took its attachments with it; its pin is removed.
-pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> {
+pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> {
     match record.mode {
         ATTACH_MODE_TCX => {
-            let path = pin.link(key.ifindex, key.direction);
+            let path = pin.link(key.ifindex, key.direction());
             match PinnedLink::from_pin(&path) {
                 Ok(link) => drop(link.unpin().with_context(|| format!("removing {}", path.display()))?),
                 Err(_) if !path.exists() => {}
@@ -238,7 +249,7 @@ pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> 
             if let Some(name) = ifname_of(key.ifindex) {
                 let link = SchedClassifierLink::attached(
                     &name,
-                    tc_attach_type(key.direction),
+                    tc_attach_type(key.direction()),
                     record.priority,
                     TcHandle::from(record.handle),
                     None,
@@ -263,8 +274,8 @@ pub fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> 
 /// other direction's filter, or another tool's, is there, it stays. Best effort: a qdisc that
 /// cannot be removed is an empty qdisc, harmless, and `tc qdisc del dev IF clsact` removes it.
 fn remove_own_clsact(ifindex: u32) {
-    if crate::netlink::clsact_filter_count(ifindex).is_ok_and(|n| n == 0) {
-        if let Err(e) = crate::netlink::delete_clsact(ifindex) {
+    if crate::sys::netlink::clsact_filter_count(ifindex).is_ok_and(|n| n == 0) {
+        if let Err(e) = crate::sys::netlink::delete_clsact(ifindex) {
             if e.raw_os_error() != Some(libc::ENOENT) && e.raw_os_error() != Some(libc::EINVAL) {
                 eprintln!("portwatch: could not remove the clsact qdisc it added to interface {ifindex}: {e}");
             }

@@ -1,15 +1,18 @@
-//! The command line: definitions only. Each verb's work lives in `cmd::<verb>`.
+//! The command line: its definitions, and the conversions of what clap parsed into the domain's
+//! types (`Direction`, `Directions`, `View`, `Filter`). Only this module knows clap's own types;
+//! each verb's work lives in `cmd::<verb>`.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use portwatch_common::{Direction, Directions, DEFAULT_MAX_ENTRIES};
 
 use crate::{
     attach::Mode,
-    generations::Cidr,
+    filter::{Cidr, Filter},
     pinned::DEFAULT_PIN_PATH,
     ports::PortSpec,
-    report::{By, SortBy},
+    report::{By, SortBy, View},
 };
 
 const EXAMPLES: &str = "\
@@ -64,7 +67,7 @@ pub enum Command {
         iface: String,
         /// Directions to count on it (default: those `load` was given)
         #[arg(long, value_enum)]
-        direction: Option<Direction>,
+        direction: Option<DirectionArg>,
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
     },
@@ -107,10 +110,11 @@ pub struct LoadArgs {
     /// Which traffic to count: to the watched ports (ingress), their replies (egress), or both
     /// [default: both]
     #[arg(long, value_enum)]
-    pub direction: Option<Direction>,
-    /// Remote-IP keys the counter map holds; past it, new remote IPs go to an overflow entry
-    /// [default: 65536]
-    #[arg(long, value_name = "N", value_parser = parse_max_entries)]
+    pub direction: Option<DirectionArg>,
+    #[arg(long, value_name = "N", value_parser = parse_max_entries, help = format!(
+        "Remote-IP keys the counter map holds; past it, new remote IPs go to an overflow entry \
+         [default: {DEFAULT_MAX_ENTRIES}]"
+    ))]
     pub max_entries: Option<u32>,
     /// How to attach: TCX links, falling back to clsact when refused (auto), or force one
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
@@ -203,11 +207,47 @@ pub struct ResetArgs {
     pub exact: bool,
 }
 
+impl From<&TopArgs> for View {
+    fn from(args: &TopArgs) -> View {
+        View {
+            by: args.by,
+            prefix4: args.prefix4,
+            prefix6: args.prefix6,
+            filter: Filter {
+                ports: args.ports.clone(),
+                cidrs: vec![],
+                direction: args.direction.map(Direction::from),
+            },
+            sort: args.sort,
+            limit: args.limit,
+        }
+    }
+}
+
+impl From<&ResetArgs> for Filter {
+    fn from(args: &ResetArgs) -> Filter {
+        Filter {
+            ports: args.ports.clone(),
+            cidrs: args.cidrs.clone(),
+            direction: None,
+        }
+    }
+}
+
 /// One direction, for filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OneDirection {
     Ingress,
     Egress,
+}
+
+impl From<OneDirection> for Direction {
+    fn from(d: OneDirection) -> Direction {
+        match d {
+            OneDirection::Ingress => Direction::Ingress,
+            OneDirection::Egress => Direction::Egress,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -238,26 +278,20 @@ pub enum PortsCommand {
     },
 }
 
+/// Directions to count, for `load` and `attach`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Direction {
+pub enum DirectionArg {
     Ingress,
     Egress,
     Both,
 }
 
-impl Direction {
-    pub fn bits(self) -> u8 {
-        match self {
-            Direction::Ingress => portwatch_common::META_DIRECTION_INGRESS,
-            Direction::Egress => portwatch_common::META_DIRECTION_EGRESS,
-            Direction::Both => portwatch_common::META_DIRECTION_INGRESS | portwatch_common::META_DIRECTION_EGRESS,
-        }
-    }
-    pub fn from_bits(bits: u8) -> &'static str {
-        match bits {
-            portwatch_common::META_DIRECTION_INGRESS => "ingress",
-            portwatch_common::META_DIRECTION_EGRESS => "egress",
-            _ => "both",
+impl From<DirectionArg> for Directions {
+    fn from(d: DirectionArg) -> Directions {
+        match d {
+            DirectionArg::Ingress => Direction::Ingress.into(),
+            DirectionArg::Egress => Direction::Egress.into(),
+            DirectionArg::Both => Directions::BOTH,
         }
     }
 }

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 /// Exit codes, documented in `portwatch --help`.
 pub mod exit {
-    pub const OK: u8 = 0;
     /// A failure not listed below (a syscall the kernel refused, I/O...).
     pub const FAILURE: u8 = 1;
     /// Bad arguments: an unknown flag, a bad port SPEC, `--max-entries 0`...
@@ -24,8 +23,6 @@ pub mod exit {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{0}")]
-    Usage(String),
     #[error(
         "permission denied: portwatch needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
          (missing: {missing}); run it with sudo"
@@ -44,7 +41,6 @@ pub enum Error {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Usage(_) => exit::USAGE,
             Error::Permission { .. } => exit::PERMISSION,
             Error::NotLoaded(_) => exit::NOT_LOADED,
             Error::Conflict(_) => exit::CONFLICT,

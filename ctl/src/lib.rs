@@ -1,16 +1,57 @@
 //! portwatch's userspace: the embedded kernel object, the pinned layout, map access, attaching,
-//! and one module per CLI verb.
+//! and one module per CLI verb. `main.rs` only calls `main` here.
+//!
+//! The modules the test crate and the benchmarks use are public; the rest is the binary's.
 
-pub mod attach;
-pub mod cli;
-pub mod cmd;
-pub mod error;
+pub(crate) mod attach;
+pub(crate) mod cli;
+pub(crate) mod cmd;
+pub(crate) mod error;
+pub(crate) mod filter;
 pub mod generations;
 pub mod maps;
-pub mod netlink;
 pub mod object;
-pub mod output;
+pub(crate) mod output;
 pub mod pinned;
-pub mod ports;
-pub mod report;
+pub(crate) mod ports;
+pub(crate) mod report;
 pub mod sys;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Parses the command line, runs its verb, and turns the outcome into the documented exit code
+/// (every failure one line on stderr).
+pub fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other failure: clap's first line without its "error: ".
+            let text = e.render().to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let message = message.join(" ");
+            eprintln!(
+                "portwatch: {} (see `portwatch --help`)",
+                message.trim_start_matches("error: ")
+            );
+            return ExitCode::from(error::exit::USAGE);
+        }
+    };
+    match cmd::run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portwatch: {e:#}");
+            ExitCode::from(error::exit_code(&e))
+        }
+    }
+}

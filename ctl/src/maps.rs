@@ -7,8 +7,10 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use portwatch_common::{CounterKey, Counters, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS};
+use aya::maps::{Array, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use portwatch_common::{CounterKey, Counters, Direction, Stats, PORT_COUNT};
+
+use crate::pinned::Pinned;
 
 /// `BPF_NOEXIST` from `linux/bpf.h`: create only.
 const BPF_NOEXIST: u64 = 1;
@@ -20,7 +22,7 @@ pub fn ensure_overflow_keys<T: BorrowMut<MapData>>(
     counters: &mut PerCpuHashMap<T, CounterKey, Counters>,
 ) -> Result<()> {
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
-    for direction in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
+    for direction in Direction::ALL {
         let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
         match counters.insert(CounterKey::overflow(direction), zero, BPF_NOEXIST) {
             Ok(()) => {}
@@ -76,6 +78,32 @@ pub fn set_port<T: BorrowMut<MapData>>(ports: &mut Array<T, u8>, port: u16, flag
         .with_context(|| format!("writing port {port} to the port map"))
 }
 
+/// The whole port map: the flags of every port, indexed by port number.
+pub fn port_table<T: Borrow<MapData>>(ports: &Array<T, u8>) -> Result<Vec<u8>> {
+    let mut table = vec![0u8; PORT_COUNT as usize];
+    for (port, flags) in ports.iter().enumerate() {
+        table[port] = flags.context("reading the port map")?;
+    }
+    Ok(table)
+}
+
+/// Writes the ports whose flags differ between `before` (the map's content) and `after`; returns
+/// how many it wrote.
+pub fn write_port_changes<T: BorrowMut<MapData>>(
+    ports: &mut Array<T, u8>,
+    before: &[u8],
+    after: &[u8],
+) -> Result<usize> {
+    let mut changed = 0;
+    for (port, (&old, &new)) in before.iter().zip(after).enumerate() {
+        if old != new {
+            set_port(ports, port as u16, new)?;
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
 /// Entries per batch syscall when reading a counter map.
 const BATCH_CHUNK: usize = 16384;
 
@@ -87,11 +115,11 @@ const BATCH_CHUNK: usize = 16384;
 /// reader thread makes the syscalls and decodes while the calling thread runs `each`, so on two
 /// cores a pass takes the longer of the two rather than their sum.
 pub fn for_each_in_generation(
-    pinned: &crate::pinned::Pinned,
+    pinned: &mut Pinned,
     generation: u32,
     mut each: impl FnMut(CounterKey, Counters),
 ) -> Result<()> {
-    let map = pinned.counters_data(generation)?;
+    let counters = pinned.counters(generation)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     let key_size = std::mem::size_of::<CounterKey>();
     // Per-CPU values come as one 8-byte-aligned slot per possible CPU.
@@ -111,11 +139,11 @@ pub fn for_each_in_generation(
             })
             .collect()
     };
-    let fd = map.fd().as_fd();
+    let fd = counters.map().fd().as_fd();
     let batched = std::thread::scope(|scope| {
         let (send, receive) = std::sync::mpsc::sync_channel::<Vec<(CounterKey, Counters)>>(4);
         let reader = scope.spawn(move || {
-            crate::sys::lookup_batch(fd, key_size, slot * cpus, false, BATCH_CHUNK, |k, v, n| {
+            crate::sys::bpf::lookup_batch(fd, key_size, slot * cpus, BATCH_CHUNK, |k, v, n| {
                 // The receiver only goes away if the caller panicked; the rest is not needed then.
                 let _ = send.send(decode(k, v, n));
             })
@@ -134,8 +162,8 @@ pub fn for_each_in_generation(
         (Ok(()), _) => Ok(()),
         // The fallback reads the whole map: only when nothing was handed out yet (the kernel
         // refuses batch operations on the first call), or entries would be handed out twice.
-        (Err(e), false) if crate::sys::batch_unsupported(&e) => {
-            for (key, value) in read_counters(&pinned.counters(generation)?)? {
+        (Err(e), false) if crate::sys::bpf::batch_unsupported(&e) => {
+            for (key, value) in read_counters(counters)? {
                 each(key, value);
             }
             Ok(())
@@ -145,7 +173,7 @@ pub fn for_each_in_generation(
 }
 
 /// Every entry of one counter generation, collected.
-pub fn read_generation(pinned: &crate::pinned::Pinned, generation: u32) -> Result<Vec<(CounterKey, Counters)>> {
+pub fn read_generation(pinned: &mut Pinned, generation: u32) -> Result<Vec<(CounterKey, Counters)>> {
     let mut out = Vec::new();
     for_each_in_generation(pinned, generation, |k, v| out.push((k, v)))?;
     Ok(out)

@@ -1,7 +1,16 @@
-//! Shared output helpers: human units next to exact figures, and JSON on stdout.
+//! The printers. Every output is typed data first (a `Report`, a `Serialize` struct); this module
+//! turns it into text: a report row becomes typed cells once (`cells`), and the table, the CSV, the
+//! JSON line and the live screen each format those cells their way.
+
+use std::{fmt::Write as _, io, net::Ipv6Addr};
+
+use portwatch_common::{Counters, IPPROTO_TCP};
+use serde::{Serialize, Serializer};
+
+use crate::report::{By, Group, Report, Row};
 
 /// `1.5 MiB` style, binary units; exact figures are printed beside it where it matters.
-pub fn human_bytes(bytes: u64) -> String {
+pub(crate) fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     if bytes < 1024 {
         return format!("{bytes} B");
@@ -15,11 +24,314 @@ pub fn human_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-pub fn print_json(value: &serde_json::Value) {
+/// A document on stdout, pretty-printed (`status --json`, `ports list --json`).
+pub(crate) fn print_json(value: &impl Serialize) {
     println!(
         "{}",
-        serde_json::to_string_pretty(value).expect("JSON values always serialize")
+        serde_json::to_string_pretty(value).expect("portwatch's outputs always serialize")
     );
+}
+
+/// Seconds since the Unix epoch, for the `time` of a JSON report.
+pub(crate) fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+pub(crate) fn format_ip(ip: &[u8; 16]) -> String {
+    let v6 = Ipv6Addr::from(*ip);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => v4.to_string(),
+        None => v6.to_string(),
+    }
+}
+
+fn proto_name(proto: u8) -> &'static str {
+    if proto == IPPROTO_TCP {
+        "tcp"
+    } else {
+        "udp"
+    }
+}
+
+/// A column of a report: its JSON field and CSV header (`key`), its table title.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Column {
+    Ip,
+    Cidr,
+    Port,
+    Proto,
+    Direction,
+    Bytes,
+    Packets,
+    BytesPerSec,
+    PacketsPerSec,
+}
+
+impl Column {
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Column::Ip => "ip",
+            Column::Cidr => "cidr",
+            Column::Port => "port",
+            Column::Proto => "proto",
+            Column::Direction => "direction",
+            Column::Bytes => "bytes",
+            Column::Packets => "packets",
+            Column::BytesPerSec => "bytes_per_sec",
+            Column::PacketsPerSec => "packets_per_sec",
+        }
+    }
+
+    pub(crate) fn title(self) -> &'static str {
+        match self {
+            Column::Ip => "IP",
+            Column::Cidr => "CIDR",
+            Column::Port => "PORT",
+            Column::Proto => "PROTO",
+            Column::Direction => "DIRECTION",
+            Column::Bytes => "BYTES",
+            Column::Packets => "PACKETS",
+            Column::BytesPerSec => "BYTES/S",
+            Column::PacketsPerSec => "PKTS/S",
+        }
+    }
+
+    /// What a row is (left-aligned), as opposed to its figures (right-aligned).
+    pub(crate) fn identifies(self) -> bool {
+        matches!(
+            self,
+            Column::Ip | Column::Cidr | Column::Port | Column::Proto | Column::Direction
+        )
+    }
+
+    /// Its width on the live screen: the longest value it can hold.
+    pub(crate) fn screen_width(self) -> u16 {
+        match self {
+            Column::Ip => 39,
+            Column::Cidr => 43,
+            Column::Port | Column::Proto => 6,
+            Column::Direction => 10,
+            Column::Bytes | Column::BytesPerSec => 14,
+            Column::Packets => 12,
+            Column::PacketsPerSec => 10,
+        }
+    }
+}
+
+/// The columns of a report grouped `by`, with the rate columns when `rates`.
+pub(crate) fn columns(by: By, rates: bool) -> Vec<Column> {
+    let mut columns = match by {
+        By::Ip => vec![Column::Ip],
+        By::IpPort => vec![Column::Ip, Column::Port, Column::Proto, Column::Direction],
+        By::Port => vec![Column::Port],
+        By::Cidr => vec![Column::Cidr],
+    };
+    columns.extend([Column::Bytes, Column::Packets]);
+    if rates {
+        columns.extend([Column::BytesPerSec, Column::PacketsPerSec]);
+    }
+    columns
+}
+
+/// One row's value in one column, typed: each printer formats it its way.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Cell {
+    Text(String),
+    Port(u16),
+    Bytes(u64),
+    Packets(u64),
+    /// Bytes per second; `None` before a second reading (the live screen's first).
+    ByteRate(Option<f64>),
+    PacketRate(Option<f64>),
+}
+
+/// The one way a row becomes cells, for every printer.
+pub(crate) fn cells(row: &Row, columns: &[Column]) -> Vec<Cell> {
+    columns.iter().map(|c| cell(row, *c)).collect()
+}
+
+fn cell(row: &Row, column: Column) -> Cell {
+    let text = |s: String| Cell::Text(s);
+    match (column, &row.group) {
+        (Column::Ip, Group::Ip(ip) | Group::IpPort { ip, .. }) => text(format_ip(ip)),
+        (Column::Cidr, Group::Cidr(cidr)) => text(cidr.to_string()),
+        (Column::Port, Group::IpPort { port, .. } | Group::Port(port)) => Cell::Port(*port),
+        (Column::Proto, Group::IpPort { proto, .. }) => text(proto_name(*proto).to_string()),
+        (Column::Direction, Group::IpPort { direction, .. }) => text(direction.name().to_string()),
+        (Column::Bytes, _) => Cell::Bytes(row.counters.bytes),
+        (Column::Packets, _) => Cell::Packets(row.counters.packets),
+        (Column::BytesPerSec, _) => Cell::ByteRate(row.rate.map(|r| r.bytes)),
+        (Column::PacketsPerSec, _) => Cell::PacketRate(row.rate.map(|r| r.packets)),
+        (column, group) => unreachable!("no {column:?} column in a row of {group:?}"),
+    }
+}
+
+impl Cell {
+    /// As the table and the live screen show it: human units unless `exact`, `-` for a rate not
+    /// measured yet.
+    pub(crate) fn text(&self, exact: bool) -> String {
+        let bytes = |b: u64| if exact { b.to_string() } else { human_bytes(b) };
+        match self {
+            Cell::Text(s) => s.clone(),
+            Cell::Port(p) => p.to_string(),
+            Cell::Bytes(b) => bytes(*b),
+            Cell::Packets(p) => p.to_string(),
+            Cell::ByteRate(Some(b)) if exact => format!("{b:.0}/s"),
+            Cell::ByteRate(Some(b)) => format!("{}/s", human_bytes(*b as u64)),
+            Cell::PacketRate(Some(p)) => format!("{p:.0}"),
+            Cell::ByteRate(None) | Cell::PacketRate(None) => "-".into(),
+        }
+    }
+
+    /// As CSV holds it: exact figures, rates to a tenth.
+    fn csv(&self) -> String {
+        match self {
+            Cell::Text(s) => s.clone(),
+            Cell::Port(p) => p.to_string(),
+            Cell::Bytes(n) | Cell::Packets(n) => n.to_string(),
+            Cell::ByteRate(Some(r)) | Cell::PacketRate(Some(r)) => format!("{r:.1}"),
+            Cell::ByteRate(None) | Cell::PacketRate(None) => String::new(),
+        }
+    }
+}
+
+/// As JSON holds it: strings, exact integers, rates as numbers (`null` if not measured).
+impl Serialize for Cell {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Cell::Text(s) => serializer.serialize_str(s),
+            Cell::Port(p) => serializer.serialize_u16(*p),
+            Cell::Bytes(n) | Cell::Packets(n) => serializer.serialize_u64(*n),
+            Cell::ByteRate(r) | Cell::PacketRate(r) => r.serialize(serializer),
+        }
+    }
+}
+
+/// Bytes and packets as JSON objects hold them.
+#[derive(Serialize)]
+struct Figures {
+    bytes: u64,
+    packets: u64,
+}
+
+impl From<Counters> for Figures {
+    fn from(c: Counters) -> Figures {
+        Figures {
+            bytes: c.bytes,
+            packets: c.packets,
+        }
+    }
+}
+
+/// What a JSON report says about itself before its rows.
+pub(crate) struct Envelope {
+    /// Unix time of the output.
+    pub time: u64,
+    /// Whether the rows are what a reset zeroed.
+    pub reset: bool,
+}
+
+fn json(w: &mut (impl io::Write + ?Sized), value: &impl Serialize) -> io::Result<()> {
+    serde_json::to_writer(w, value).map_err(io::Error::from)
+}
+
+/// One JSON object on one line (so `>> file.jsonl` keeps one record per line), written as it goes:
+/// a million-row reset needs no document in memory.
+pub(crate) fn write_json(report: &Report, envelope: &Envelope, w: &mut (impl io::Write + ?Sized)) -> io::Result<()> {
+    write!(w, "{{\"time\":{},", envelope.time)?;
+    if envelope.reset {
+        w.write_all(b"\"reset\":true,")?;
+    }
+    w.write_all(b"\"rows\":[")?;
+    let columns = columns(report.by, report.interval.is_some());
+    for (i, row) in report.rows.iter().enumerate() {
+        w.write_all(if i == 0 { b"{" } else { b",{" })?;
+        for (j, (column, cell)) in columns.iter().zip(cells(row, &columns)).enumerate() {
+            if j > 0 {
+                w.write_all(b",")?;
+            }
+            write!(w, "\"{}\":", column.key())?;
+            json(w, &cell)?;
+        }
+        w.write_all(b"}")?;
+    }
+    w.write_all(b"],\"totals\":")?;
+    json(w, &Figures::from(report.totals))?;
+    w.write_all(b",\"overflow\":")?;
+    json(w, &Figures::from(report.overflow))?;
+    if let Some(secs) = report.interval {
+        w.write_all(b",\"interval_secs\":")?;
+        json(w, &secs)?;
+    }
+    w.write_all(b"}\n")
+}
+
+/// A header line and one line per row, the same columns as the JSON rows.
+pub(crate) fn csv(report: &Report) -> String {
+    let columns = columns(report.by, report.interval.is_some());
+    let mut out = columns.iter().map(|c| c.key()).collect::<Vec<_>>().join(",") + "\n";
+    for row in &report.rows {
+        let fields: Vec<String> = cells(row, &columns).iter().map(Cell::csv).collect();
+        out += &(fields.join(",") + "\n");
+    }
+    out
+}
+
+/// An aligned table with human units (exact bytes with `exact`) and the summary line.
+pub(crate) fn table(report: &Report, exact: bool) -> String {
+    let columns = columns(report.by, report.interval.is_some());
+    let mut lines: Vec<Vec<String>> = vec![columns.iter().map(|c| c.title().to_string()).collect()];
+    for row in &report.rows {
+        lines.push(cells(row, &columns).iter().map(|c| c.text(exact)).collect());
+    }
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for line in &lines {
+        let aligned: Vec<String> = line
+            .iter()
+            .zip(&columns)
+            .zip(&widths)
+            .map(|((text, column), &w)| {
+                if column.identifies() {
+                    format!("{text:<w$}")
+                } else {
+                    format!("{text:>w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", aligned.join("  ").trim_end());
+    }
+    if report.rows.is_empty() {
+        let _ = writeln!(out, "(no traffic counted)");
+    }
+    let _ = writeln!(out, "{}", summary(report));
+    out
+}
+
+/// The line under a table (and over the live screen): totals with exact bytes, how many rows,
+/// and the overflow traffic.
+pub(crate) fn summary(report: &Report) -> String {
+    let shown = if report.total_rows > report.rows.len() {
+        format!("top {} of {} rows", report.rows.len(), report.total_rows)
+    } else if report.total_rows == 1 {
+        "1 row".to_string()
+    } else {
+        format!("{} rows", report.total_rows)
+    };
+    format!(
+        "total: {} ({} bytes), {} packets; {shown}; overflow (map full): {} ({} bytes), {} packets",
+        human_bytes(report.totals.bytes),
+        report.totals.bytes,
+        report.totals.packets,
+        human_bytes(report.overflow.bytes),
+        report.overflow.bytes,
+        report.overflow.packets
+    )
 }
 
 #[cfg(test)]

@@ -1,12 +1,23 @@
-//! The one module that knows the pinned layout (see `bpffs-layout.md`): paths, bpffs, privileges,
-//! the lock, the version check, and opening each pinned map with its type.
+//! The one module that knows the pinned layout (see `bpffs-layout.md`) and the one way to open it:
+//! paths, bpffs, privileges, the lock, the version check, and each pinned map and program with
+//! its type, opened at most once per command.
 //!
 //! ```text
-//! PIN_PATH/maps/<map name>             every map of the object
+//! PIN_PATH/maps/<map name>             every map of the object, and the barrier
 //! PIN_PATH/progs/ingress, progs/egress the two programs
 //! PIN_PATH/links/<ifindex>-<direction> TCX links (classic tc filters are recorded in maps/attachments)
 //! ```
 //! Names derive from the interface index: bpffs refuses names with a dot (`eth0.100`).
+//!
+//! Every verb opens the state the same way, by what it does with it:
+//!
+//! | verb does | call | lock | nothing loaded |
+//! |---|---|---|---|
+//! | reads (`status`, `top`, `ports list`) | `Pinned::open(pin, Access::Read)` / `probe` | none | `NotLoaded` / `None` |
+//! | changes (`attach`, `ports add`, `reset`, `unload`...) | `Pinned::open(pin, Access::Change)` / `probe` | exclusive | `NotLoaded` / `None` |
+//! | creates (`load`) | `Pinned::create(pin)` | exclusive, taken first | `Creating::Empty` |
+//!
+//! The environment (privileges, bpffs) is checked once, by the dispatcher, before any of these.
 
 use std::{
     fs::File,
@@ -15,9 +26,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    programs::SchedClassifier,
+};
 use portwatch_common::{
-    map_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, Stats, DIRECTION_EGRESS, DIRECTION_INGRESS,
+    counters_map, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta, Stats,
     LAYOUT_VERSION,
 };
 
@@ -33,14 +47,6 @@ pub struct PinPath {
     pub root: PathBuf,
 }
 
-pub fn direction_name(direction: u8) -> &'static str {
-    if direction == DIRECTION_INGRESS {
-        "ingress"
-    } else {
-        "egress"
-    }
-}
-
 impl PinPath {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         PinPath { root: root.into() }
@@ -54,15 +60,14 @@ impl PinPath {
     pub fn progs_dir(&self) -> PathBuf {
         self.root.join("progs")
     }
-    pub fn prog(&self, direction: u8) -> PathBuf {
-        self.progs_dir().join(direction_name(direction))
+    pub fn prog(&self, direction: Direction) -> PathBuf {
+        self.progs_dir().join(direction.name())
     }
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
-    pub fn link(&self, ifindex: u32, direction: u8) -> PathBuf {
-        self.links_dir()
-            .join(format!("{ifindex}-{}", direction_name(direction)))
+    pub fn link(&self, ifindex: u32, direction: Direction) -> PathBuf {
+        self.links_dir().join(format!("{ifindex}-{}", direction.name()))
     }
     /// Whether anything of portwatch is pinned here.
     pub fn is_loaded(&self) -> bool {
@@ -72,7 +77,7 @@ impl PinPath {
 
 /// Fails unless this process may use bpf(2) and change network configuration: root, or CAP_BPF
 /// (or CAP_SYS_ADMIN) together with CAP_NET_ADMIN.
-pub fn check_privileges() -> Result<()> {
+pub(crate) fn check_privileges() -> Result<()> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
@@ -100,6 +105,8 @@ pub fn check_privileges() -> Result<()> {
     }
 }
 
+// `f_type` is an i64 here and an i32 on some 32-bit targets.
+#[allow(clippy::unnecessary_cast)]
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
@@ -108,7 +115,7 @@ fn is_bpffs(path: &Path) -> bool {
 
 /// Makes sure the pin path can live on bpffs: mounts bpffs at /sys/fs/bpf when it is not mounted
 /// (these machines do not mount it at boot), and refuses a pin path outside bpffs.
-pub fn ensure_bpffs(pin: &PinPath) -> Result<()> {
+pub(crate) fn ensure_bpffs(pin: &PinPath) -> Result<()> {
     let bpffs_root = Path::new(BPFFS_ROOT);
     if pin.root.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
         nix::mount::mount(
@@ -143,7 +150,7 @@ pub struct Lock {
 }
 
 impl Lock {
-    pub fn acquire(pin: &PinPath) -> Result<Lock> {
+    fn acquire(pin: &PinPath) -> Result<Lock> {
         std::fs::create_dir_all(&pin.root).with_context(|| format!("creating {}", pin.root.display()))?;
         let dir = File::open(&pin.root).with_context(|| format!("opening {}", pin.root.display()))?;
         // SAFETY: flock on a valid fd we own.
@@ -154,10 +161,33 @@ impl Lock {
     }
 }
 
-/// The pinned state, opened and version-checked.
+/// What a verb does with the pinned state: `Change` takes the exclusive lock, `Read` none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Change,
+}
+
+/// What `Pinned::create` found: the loaded state, or nothing (then the lock is held while `load`
+/// creates it).
+pub(crate) enum Creating {
+    Loaded(Box<Pinned>),
+    Empty(Lock),
+}
+
+/// The pinned state, version-checked; each map and program is opened on first use and kept.
 pub struct Pinned {
     pub pin: PinPath,
     pub meta: Meta,
+    /// Held as long as the state is, when opened to change it.
+    lock: Option<Lock>,
+    watched_ports: Option<Array<MapData, u8>>,
+    counters: [Option<PerCpuHashMap<MapData, CounterKey, Counters>>; 2],
+    config: Option<Array<MapData, Config>>,
+    stats: Option<PerCpuArray<MapData, Stats>>,
+    attachments: Option<HashMap<MapData, AttachKey, Attachment>>,
+    barrier: Option<MapData>,
+    programs: [Option<SchedClassifier>; 2],
 }
 
 fn open_map(pin: &PinPath, name: &str) -> Result<Map> {
@@ -166,13 +196,55 @@ fn open_map(pin: &PinPath, name: &str) -> Result<Map> {
     Ok(Map::from_map_data(data)?)
 }
 
+/// The map in `slot`, opened from its pin (with its type checked) the first time.
+fn open_once<'a, T>(slot: &'a mut Option<T>, pin: &PinPath, name: &str) -> Result<&'a mut T>
+where
+    T: TryFrom<Map, Error = aya::maps::MapError>,
+{
+    if slot.is_none() {
+        let map = T::try_from(open_map(pin, name)?).with_context(|| format!("pinned map {name} has another type"))?;
+        *slot = Some(map);
+    }
+    Ok(slot.as_mut().expect("just set"))
+}
+
 impl Pinned {
-    /// Opens the pinned state at `pin`, or fails with `NotLoaded`; refuses another layout version
-    /// before reading anything else.
-    pub fn open(pin: &PinPath) -> Result<Pinned> {
+    /// The pinned state at `pin`, or `NotLoaded`.
+    pub fn open(pin: &PinPath, access: Access) -> Result<Pinned> {
+        Pinned::probe(pin, access)?.ok_or_else(|| Error::NotLoaded(pin.root.clone()).into())
+    }
+
+    /// The pinned state at `pin`, or `None` when nothing is loaded there.
+    pub fn probe(pin: &PinPath, access: Access) -> Result<Option<Pinned>> {
+        // Checked before the lock, which would create the pin directory.
         if !pin.is_loaded() {
-            return Err(Error::NotLoaded(pin.root.clone()).into());
+            return Ok(None);
         }
+        let lock = match access {
+            Access::Read => None,
+            Access::Change => Some(Lock::acquire(pin)?),
+        };
+        Pinned::with_lock(pin, lock).map(Some)
+    }
+
+    /// For `load`: the exclusive lock first (creating the pin directory), then the state if one
+    /// is loaded.
+    pub(crate) fn create(pin: &PinPath) -> Result<Creating> {
+        let lock = Lock::acquire(pin)?;
+        if pin.is_loaded() {
+            Ok(Creating::Loaded(Box::new(Pinned::with_lock(pin, Some(lock))?)))
+        } else {
+            Ok(Creating::Empty(lock))
+        }
+    }
+
+    /// Opens what `load` has just pinned, under the lock it holds.
+    pub(crate) fn created(pin: &PinPath, lock: Lock) -> Result<Pinned> {
+        Pinned::with_lock(pin, Some(lock))
+    }
+
+    /// Refuses another layout version before reading anything else.
+    fn with_lock(pin: &PinPath, lock: Option<Lock>) -> Result<Pinned> {
         let wrong_layout = |found: String| {
             Error::Conflict(format!(
                 "the state pinned at {} has layout {found}, this portwatch reads layout {LAYOUT_VERSION}: \
@@ -188,54 +260,78 @@ impl Pinned {
         if meta.layout_version != LAYOUT_VERSION {
             return Err(wrong_layout(format!("version {}", meta.layout_version)).into());
         }
-        Ok(Pinned { pin: pin.clone(), meta })
-    }
-
-    /// A pinned map, untyped (for batch syscalls on its fd).
-    pub fn map_data(&self, name: &str) -> Result<MapData> {
-        let path = self.pin.map(name);
-        MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))
-    }
-    pub fn counters_data(&self, generation: u32) -> Result<MapData> {
-        self.map_data(if generation & 1 == 0 {
-            map_names::COUNTERS_0
-        } else {
-            map_names::COUNTERS_1
+        Ok(Pinned {
+            pin: pin.clone(),
+            meta,
+            lock,
+            watched_ports: None,
+            counters: [None, None],
+            config: None,
+            stats: None,
+            attachments: None,
+            barrier: None,
+            programs: [None, None],
         })
     }
-    pub fn watched_ports(&self) -> Result<Array<MapData, u8>> {
-        Ok(Array::try_from(open_map(&self.pin, map_names::WATCHED_PORTS)?)?)
-    }
-    pub fn counters(&self, generation: u32) -> Result<PerCpuHashMap<MapData, CounterKey, Counters>> {
-        let name = if generation & 1 == 0 {
-            map_names::COUNTERS_0
-        } else {
-            map_names::COUNTERS_1
-        };
-        Ok(PerCpuHashMap::try_from(open_map(&self.pin, name)?)?)
-    }
-    pub fn config(&self) -> Result<Array<MapData, Config>> {
-        Ok(Array::try_from(open_map(&self.pin, map_names::CONFIG)?)?)
-    }
-    pub fn stats(&self) -> Result<PerCpuArray<MapData, Stats>> {
-        Ok(PerCpuArray::try_from(open_map(&self.pin, map_names::STATS)?)?)
-    }
-    pub fn attachments(&self) -> Result<HashMap<MapData, AttachKey, Attachment>> {
-        Ok(HashMap::try_from(open_map(&self.pin, map_names::ATTACHMENTS)?)?)
-    }
-    /// The directions `load` was given.
-    pub fn directions(&self) -> Vec<u8> {
-        directions_from_bits(self.meta.directions)
-    }
-}
 
-pub fn directions_from_bits(bits: u8) -> Vec<u8> {
-    let mut v = vec![];
-    if bits & portwatch_common::META_DIRECTION_INGRESS != 0 {
-        v.push(DIRECTION_INGRESS);
+    /// Whether this process holds the pin path's lock (opened with `Access::Change`).
+    pub fn is_locked(&self) -> bool {
+        self.lock.is_some()
     }
-    if bits & portwatch_common::META_DIRECTION_EGRESS != 0 {
-        v.push(DIRECTION_EGRESS);
+
+    pub fn watched_ports(&mut self) -> Result<&mut Array<MapData, u8>> {
+        open_once(&mut self.watched_ports, &self.pin, map_names::WATCHED_PORTS)
     }
-    v
+
+    /// The counter map of `generation` (only its bit 0 counts).
+    pub fn counters(&mut self, generation: u32) -> Result<&mut PerCpuHashMap<MapData, CounterKey, Counters>> {
+        open_once(
+            &mut self.counters[(generation & 1) as usize],
+            &self.pin,
+            counters_map(generation),
+        )
+    }
+
+    pub fn config(&mut self) -> Result<&mut Array<MapData, Config>> {
+        open_once(&mut self.config, &self.pin, map_names::CONFIG)
+    }
+
+    pub fn stats(&mut self) -> Result<&mut PerCpuArray<MapData, Stats>> {
+        open_once(&mut self.stats, &self.pin, map_names::STATS)
+    }
+
+    pub fn attachments(&mut self) -> Result<&mut HashMap<MapData, AttachKey, Attachment>> {
+        open_once(&mut self.attachments, &self.pin, map_names::ATTACHMENTS)
+    }
+
+    /// The barrier map (see `sys::wait_for_running_programs`), untyped.
+    pub fn barrier(&mut self) -> Result<&MapData> {
+        if self.barrier.is_none() {
+            let path = self.pin.map(map_names::BARRIER);
+            let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
+            self.barrier = Some(data);
+        }
+        Ok(self.barrier.as_ref().expect("just set"))
+    }
+
+    /// The pinned program of `direction`.
+    pub fn program(&mut self, direction: Direction) -> Result<&mut SchedClassifier> {
+        let slot = &mut self.programs[direction as usize];
+        if slot.is_none() {
+            let path = self.pin.prog(direction);
+            let program = SchedClassifier::from_pin(&path)
+                .with_context(|| format!("opening the pinned program {}", path.display()))?;
+            *slot = Some(program);
+        }
+        Ok(slot.as_mut().expect("just set"))
+    }
+
+    /// The generation the program writes now: 0 or 1.
+    pub fn active_generation(&mut self) -> Result<u32> {
+        Ok(self
+            .config()?
+            .get(&0, 0)
+            .context("reading the config map")?
+            .active_generation())
+    }
 }

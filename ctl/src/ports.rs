@@ -1,8 +1,10 @@
-//! Port SPECs (`443`, `443/tcp`, `8000-8100/udp`, `https`) and the port set as ranges.
+//! Port SPECs (`443`, `443/tcp`, `8000-8100/udp`, `https`), the port set as a table (one flags
+//! byte per port, as the `watched_ports` map holds it) and as ranges.
 
 use std::{fmt, str::FromStr};
 
 use portwatch_common::{PROTO_ALL, PROTO_TCP, PROTO_UDP};
+use serde::ser::{Serialize, SerializeStruct, Serializer};
 
 /// A range of ports and the protocols watched on them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +29,19 @@ impl PortSpec {
             v.push("udp");
         }
         v
+    }
+}
+
+/// `{"first":..,"last":..,"protocols":[..],"spec":".."}`, as `ports list --json` and `status
+/// --json` print each range.
+impl Serialize for PortSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut s = serializer.serialize_struct("PortSpec", 4)?;
+        s.serialize_field("first", &self.first)?;
+        s.serialize_field("last", &self.last)?;
+        s.serialize_field("protocols", &self.protocol_names())?;
+        s.serialize_field("spec", &self.to_string())?;
+        s.end()
     }
 }
 
@@ -146,6 +161,26 @@ fn lookup_service(name: &str, services: Option<&str>) -> Option<(u16, u8)> {
     found.filter(|(port, _)| *port != 0)
 }
 
+/// Watches the protocols of `specs` too (`ports add`, `load --port`).
+pub fn add(table: &mut [u8], specs: &[PortSpec]) {
+    for s in specs {
+        s.ports().for_each(|p| table[p as usize] |= s.protocols);
+    }
+}
+
+/// Stops watching the protocols of `specs` (`ports del`).
+pub fn del(table: &mut [u8], specs: &[PortSpec]) {
+    for s in specs {
+        s.ports().for_each(|p| table[p as usize] &= !s.protocols);
+    }
+}
+
+/// Watches exactly `specs` (`ports set`).
+pub fn set(table: &mut [u8], specs: &[PortSpec]) {
+    table.fill(0);
+    add(table, specs);
+}
+
 /// The port set (one flags byte per port) as maximal runs of equal flags, in port order.
 pub fn fold(table: &[u8]) -> Vec<PortSpec> {
     let mut out: Vec<PortSpec> = vec![];
@@ -259,9 +294,7 @@ mod tests {
         let mut t = vec![0u8; 65536];
         t[53] = PROTO_UDP;
         t[443] = PROTO_ALL;
-        for port in 8000..=8100 {
-            t[port] = PROTO_TCP;
-        }
+        t[8000..=8100].fill(PROTO_TCP);
         t[8101] = PROTO_ALL;
         t[65535] = PROTO_UDP;
         let folded: Vec<String> = fold(&t).iter().map(|s| s.to_string()).collect();

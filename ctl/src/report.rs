@@ -1,12 +1,13 @@
-//! Counters to rows: grouping (`--by`), filtering, sorting, rates, and the three printers (table,
-//! JSON, CSV) that `top` and `reset` share.
+//! Counters to rows: grouping (`--by`), filtering, ranking (`--sort`, `-n`) and rates, which
+//! `top` and `reset` share. Printing the rows is `output`'s.
 
-use std::{fmt::Write as _, io, net::Ipv6Addr};
+use anyhow::Result;
+use portwatch_common::{CounterKey, Counters, Direction};
 
-use portwatch_common::{CounterKey, Counters, DIRECTION_EGRESS, DIRECTION_INGRESS, IPPROTO_TCP, PROTO_TCP, PROTO_UDP};
-use serde_json::{json, Value};
-
-use crate::{output::human_bytes, pinned::direction_name, ports::PortSpec};
+use crate::{
+    filter::{Cidr, Filter},
+    pinned::Pinned,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum By {
@@ -32,9 +33,7 @@ pub struct View {
     pub by: By,
     pub prefix4: u8,
     pub prefix6: u8,
-    pub ports: Vec<PortSpec>,
-    /// `Some(DIRECTION_*)` keeps one direction.
-    pub direction: Option<u8>,
+    pub filter: Filter,
     pub sort: SortBy,
     /// Rows shown; 0 shows all.
     pub limit: usize,
@@ -48,13 +47,10 @@ pub enum Group {
         ip: [u8; 16],
         port: u16,
         proto: u8,
-        direction: u8,
+        direction: Direction,
     },
     Port(u16),
-    Cidr {
-        addr: [u8; 16],
-        len: u8,
-    },
+    Cidr(Cidr),
 }
 
 /// Counters grouped under a view, and the overflow traffic it cannot attribute.
@@ -115,10 +111,6 @@ impl Grouped {
         self.merged().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     pub fn get(&self, group: &Group) -> Option<Counters> {
         let groups = self.merged();
         groups.binary_search_by(|(g, _)| g.cmp(group)).ok().map(|i| groups[i].1)
@@ -126,17 +118,16 @@ impl Grouped {
 }
 
 impl View {
-    fn keeps(&self, key: &CounterKey) -> bool {
-        if self.direction.is_some_and(|d| d != key.direction) {
-            return false;
+    /// Every key a row of its own, nothing filtered, all rows: how `reset` reports what it zeroed.
+    pub fn every_key() -> View {
+        View {
+            by: By::IpPort,
+            prefix4: 32,
+            prefix6: 128,
+            filter: Filter::default(),
+            sort: SortBy::Bytes,
+            limit: 0,
         }
-        if self.ports.is_empty() {
-            return true;
-        }
-        let bit = if key.proto == IPPROTO_TCP { PROTO_TCP } else { PROTO_UDP };
-        self.ports
-            .iter()
-            .any(|s| s.ports().contains(&key.port) && s.protocols & bit != 0)
     }
 
     fn group(&self, key: &CounterKey) -> Group {
@@ -147,34 +138,30 @@ impl View {
                 ip,
                 port: key.port,
                 proto: key.proto,
-                direction: key.direction,
+                direction: key.direction(),
             },
             By::Port => Group::Port(key.port),
-            By::Cidr => {
-                let len = if Ipv6Addr::from(ip).to_ipv4_mapped().is_some() {
-                    96 + self.prefix4
-                } else {
-                    self.prefix6
-                };
-                let mut addr = ip;
-                for (i, b) in addr.iter_mut().enumerate() {
-                    let bits = (len as i32 - 8 * i as i32).clamp(0, 8) as u32;
-                    *b &= if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
-                }
-                Group::Cidr { addr, len }
-            }
+            By::Cidr => Group::Cidr(Cidr::of(ip, self.prefix4, self.prefix6)),
         }
     }
 
-    /// Adds one counter; overflow entries are kept apart (they have no IP, port or protocol).
+    /// Adds one counter; overflow entries are kept apart (they have no IP, port or protocol), for
+    /// the view's direction whatever its other conditions.
     pub fn add(&self, grouped: &mut Grouped, key: &CounterKey, value: Counters) {
         if key.is_overflow() {
-            if self.direction.is_none_or(|d| d == key.direction) {
+            if self.filter.matches_direction(key.direction()) {
                 grouped.overflow += value;
             }
-        } else if self.keeps(key) {
+        } else if self.filter.matches(key) {
             grouped.push(self.group(key), value);
         }
+    }
+
+    /// Both generations of the pinned counters, grouped, in one pass.
+    pub fn read(&self, pinned: &mut Pinned) -> Result<Grouped> {
+        let mut grouped = Grouped::default();
+        crate::generations::for_each(pinned, |key, value| self.add(&mut grouped, &key, value))?;
+        Ok(grouped.finish())
     }
 
     pub fn group_all<'a>(&self, counters: impl IntoIterator<Item = &'a (CounterKey, Counters)>) -> Grouped {
@@ -261,7 +248,8 @@ impl Report {
         }
         rows.sort_unstable_by(order);
         rows.truncate(keep);
-        if view.ports.is_empty() {
+        // Overflow traffic has no port: it belongs to the totals unless a port filter excludes it.
+        if view.filter.ports.is_empty() {
             totals += now.overflow;
         }
         Report {
@@ -275,225 +263,11 @@ impl Report {
     }
 }
 
-pub fn format_ip(ip: &[u8; 16]) -> String {
-    let v6 = Ipv6Addr::from(*ip);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => v4.to_string(),
-        None => v6.to_string(),
-    }
-}
-
-fn proto_name(proto: u8) -> &'static str {
-    if proto == IPPROTO_TCP {
-        "tcp"
-    } else {
-        "udp"
-    }
-}
-
-/// The identifying columns of a row, as (name, JSON value).
-fn identity(group: &Group) -> Vec<(&'static str, Value)> {
-    match group {
-        Group::Ip(ip) => vec![("ip", json!(format_ip(ip)))],
-        Group::IpPort {
-            ip,
-            port,
-            proto,
-            direction,
-        } => vec![
-            ("ip", json!(format_ip(ip))),
-            ("port", json!(port)),
-            ("proto", json!(proto_name(*proto))),
-            ("direction", json!(direction_name(*direction))),
-        ],
-        Group::Port(port) => vec![("port", json!(port))],
-        Group::Cidr { addr, len } => {
-            let v6 = Ipv6Addr::from(*addr);
-            let cidr = match v6.to_ipv4_mapped() {
-                Some(v4) => format!("{v4}/{}", len - 96),
-                None => format!("{v6}/{len}"),
-            };
-            vec![("cidr", json!(cidr))]
-        }
-    }
-}
-
-fn identity_columns(by: By) -> &'static [&'static str] {
-    match by {
-        By::Ip => &["ip"],
-        By::IpPort => &["ip", "port", "proto", "direction"],
-        By::Port => &["port"],
-        By::Cidr => &["cidr"],
-    }
-}
-
-fn counters_json(c: Counters) -> Value {
-    json!({ "bytes": c.bytes, "packets": c.packets })
-}
-
-impl Report {
-    /// One JSON object on one line (so `>> file.jsonl` keeps one record per line), written as it
-    /// goes: a million-row reset needs no document in memory.
-    pub fn write_json(&self, w: &mut (impl io::Write + ?Sized), extra: &[(&str, Value)]) -> io::Result<()> {
-        w.write_all(b"{")?;
-        for (k, v) in extra {
-            write!(w, "{}:{},", json!(k), v)?;
-        }
-        w.write_all(b"\"rows\":[")?;
-        for (i, r) in self.rows.iter().enumerate() {
-            if i > 0 {
-                w.write_all(b",")?;
-            }
-            w.write_all(b"{")?;
-            for (k, v) in identity(&r.group) {
-                write!(w, "\"{k}\":{v},")?;
-            }
-            write!(w, "\"bytes\":{},\"packets\":{}", r.counters.bytes, r.counters.packets)?;
-            if let Some(rate) = r.rate {
-                write!(
-                    w,
-                    ",\"bytes_per_sec\":{},\"packets_per_sec\":{}",
-                    json!(rate.bytes),
-                    json!(rate.packets)
-                )?;
-            }
-            w.write_all(b"}")?;
-        }
-        write!(
-            w,
-            "],\"totals\":{},\"overflow\":{}",
-            counters_json(self.totals),
-            counters_json(self.overflow)
-        )?;
-        if let Some(secs) = self.interval {
-            write!(w, ",\"interval_secs\":{}", json!(secs))?;
-        }
-        w.write_all(b"}\n")
-    }
-
-    /// The same object as `write_json`, as a value.
-    pub fn to_json(&self, extra: &[(&str, Value)]) -> Value {
-        let mut buf = Vec::new();
-        self.write_json(&mut buf, extra).expect("writing to a Vec");
-        serde_json::from_slice(&buf).expect("write_json writes JSON")
-    }
-
-    /// A header line and one line per row, the same columns as the JSON rows.
-    pub fn to_csv(&self) -> String {
-        let mut cols: Vec<&str> = identity_columns(self.by).to_vec();
-        cols.extend(["bytes", "packets"]);
-        if self.interval.is_some() {
-            cols.extend(["bytes_per_sec", "packets_per_sec"]);
-        }
-        let mut out = cols.join(",") + "\n";
-        for r in &self.rows {
-            let mut fields: Vec<String> = identity(&r.group)
-                .into_iter()
-                .map(|(_, v)| v.as_str().map(String::from).unwrap_or(v.to_string()))
-                .collect();
-            fields.push(r.counters.bytes.to_string());
-            fields.push(r.counters.packets.to_string());
-            if let Some(rate) = r.rate {
-                fields.push(format!("{:.1}", rate.bytes));
-                fields.push(format!("{:.1}", rate.packets));
-            }
-            out += &(fields.join(",") + "\n");
-        }
-        out
-    }
-
-    /// An aligned table with human units (exact bytes with `exact`) and a totals line.
-    pub fn to_table(&self, exact: bool) -> String {
-        let bytes = |b: u64| if exact { b.to_string() } else { human_bytes(b) };
-        let mut header: Vec<String> = identity_columns(self.by).iter().map(|c| c.to_uppercase()).collect();
-        header.extend(["BYTES".into(), "PACKETS".into()]);
-        if self.interval.is_some() {
-            header.extend(["BYTES/S".into(), "PKTS/S".into()]);
-        }
-        let mut lines: Vec<Vec<String>> = vec![header];
-        for r in &self.rows {
-            let mut line: Vec<String> = identity(&r.group)
-                .into_iter()
-                .map(|(_, v)| v.as_str().map(String::from).unwrap_or(v.to_string()))
-                .collect();
-            line.push(bytes(r.counters.bytes));
-            line.push(r.counters.packets.to_string());
-            if let Some(rate) = r.rate {
-                line.push(format!(
-                    "{}/s",
-                    if exact {
-                        format!("{:.0}", rate.bytes)
-                    } else {
-                        human_bytes(rate.bytes as u64)
-                    }
-                ));
-                line.push(format!("{:.0}", rate.packets));
-            }
-            lines.push(line);
-        }
-        let ncols = lines[0].len();
-        let widths: Vec<usize> = (0..ncols)
-            .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
-            .collect();
-        let idcols = identity_columns(self.by).len();
-        let mut out = String::new();
-        for l in &lines {
-            let cells: Vec<String> = l
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    if i < idcols {
-                        format!("{c:<w$}", w = widths[i])
-                    } else {
-                        format!("{c:>w$}", w = widths[i])
-                    }
-                })
-                .collect();
-            let _ = writeln!(out, "{}", cells.join("  ").trim_end());
-        }
-        if self.rows.is_empty() {
-            let _ = writeln!(out, "(no traffic counted)");
-        }
-        let _ = writeln!(out, "{}", self.summary());
-        out
-    }
-}
-
-impl Report {
-    /// The line under a table (and over the live screen): totals with exact bytes, how many rows,
-    /// and the overflow traffic.
-    pub fn summary(&self) -> String {
-        let shown = if self.total_rows > self.rows.len() {
-            format!("top {} of {} rows", self.rows.len(), self.total_rows)
-        } else if self.total_rows == 1 {
-            "1 row".to_string()
-        } else {
-            format!("{} rows", self.total_rows)
-        };
-        format!(
-            "total: {} ({} bytes), {} packets; {shown}; overflow (map full): {} ({} bytes), {} packets",
-            human_bytes(self.totals.bytes),
-            self.totals.bytes,
-            self.totals.packets,
-            human_bytes(self.overflow.bytes),
-            self.overflow.bytes,
-            self.overflow.packets
-        )
-    }
-}
-
-pub fn direction_value(direction: crate::cli::OneDirection) -> u8 {
-    match direction {
-        crate::cli::OneDirection::Ingress => DIRECTION_INGRESS,
-        crate::cli::OneDirection::Egress => DIRECTION_EGRESS,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
-    use portwatch_common::IPPROTO_UDP;
+    use portwatch_common::{IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
 
@@ -502,8 +276,7 @@ mod tests {
             by,
             prefix4: 24,
             prefix6: 64,
-            ports: Vec::new(),
-            direction: None,
+            filter: Filter::default(),
             sort: SortBy::Bytes,
             limit,
         }
@@ -519,7 +292,8 @@ mod tests {
                 octets[14..].copy_from_slice(&(ip as u16).to_be_bytes());
                 octets[13] += (ip >> 16) as u8;
                 let proto = if i % 3 == 0 { IPPROTO_UDP } else { IPPROTO_TCP };
-                let key = CounterKey::with_octets(octets, 80 + (i % 5) as u16, proto, (i % 2) as u8);
+                let direction = Direction::from_u8((i % 2) as u8);
+                let key = CounterKey::with_octets(octets, 80 + (i % 5) as u16, proto, direction);
                 (
                     key,
                     Counters {

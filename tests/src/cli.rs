@@ -9,8 +9,8 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use portwatch::pinned::{Access, PinPath, Pinned};
 use portwatch_common::{CounterKey, Counters};
-use portwatch::pinned::{PinPath, Pinned};
 
 use crate::netns::Netns;
 
@@ -88,6 +88,23 @@ impl Pw {
         }
     }
 
+    /// `portwatch load --iface IFACE --port SPEC...` in `netns`, which must succeed.
+    pub fn load(netns: &Netns, iface: &str, ports: &[&str]) -> Pw {
+        Pw::load_with(netns, iface, ports, &[])
+    }
+
+    /// `load` as `Pw::load`, with more arguments (`--mode tc`, `--max-entries N`...).
+    pub fn load_with(netns: &Netns, iface: &str, ports: &[&str], more: &[&str]) -> Pw {
+        let pw = Pw::new(Some(netns));
+        let mut args = vec!["load", "--iface", iface];
+        for port in ports {
+            args.extend(["--port", port]);
+        }
+        args.extend_from_slice(more);
+        pw.ok(&args);
+        pw
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -121,16 +138,17 @@ impl Pw {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
     }
 
-    /// The pinned state, opened from this (test) process: pins are not bound to a namespace.
+    /// The pinned state, opened from this (test) process as a reader (no lock): pins are not bound
+    /// to a namespace.
     pub fn pinned(&self) -> Pinned {
-        Pinned::open(&PinPath::new(&self.pin)).expect("opening the pinned state")
+        Pinned::open(&PinPath::new(&self.pin), Access::Read).expect("opening the pinned state")
     }
 
     /// The active generation's counters, without the overflow keys.
     pub fn counters(&self) -> BTreeMap<CounterKey, Counters> {
-        let pinned = self.pinned();
-        let generation = pinned.config().unwrap().get(&0, 0).unwrap().generation;
-        crate::real_counters(&portwatch::maps::read_counters(&pinned.counters(generation).unwrap()).unwrap())
+        let mut pinned = self.pinned();
+        let generation = pinned.active_generation().unwrap();
+        crate::real_counters(&portwatch::maps::read_counters(pinned.counters(generation).unwrap()).unwrap())
     }
 
     /// Every path under the pin path, sorted (empty when nothing is pinned).

@@ -6,18 +6,22 @@ pub mod cli;
 pub mod netns;
 pub mod packet;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, os::fd::AsFd};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, PerCpuArray, PerCpuHashMap},
+    maps::{Array, IterableMap, PerCpuArray, PerCpuHashMap},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use portwatch_common::{map_names, program_names, CounterKey, Counters, Stats, DIRECTION_INGRESS};
+use portwatch::pinned::{Access, PinPath, Pinned};
+use portwatch_common::{counters_map, map_names, CounterKey, Counters, Direction, Stats};
+/// `#[kernel_test]`: a `#[test]` that first asks `kernel_available` with its own name.
+pub use portwatch_test_macros::kernel_test;
 
 /// Kernel tests need root and a BPF-capable kernel. Outside CI a machine without them skips the
-/// test with a message; under `CI=true` it fails, so nothing skips silently.
+/// test with a message; under `CI=true` it fails, so nothing skips silently. `#[kernel_test]`
+/// calls it at the start of every kernel test.
 pub fn kernel_available(test: &str) -> bool {
     let reason = if !nix::unistd::geteuid().is_root() {
         Some("not running as root")
@@ -58,7 +62,8 @@ pub struct Run {
 impl Harness {
     pub fn new(max_entries: u32) -> Result<Self> {
         let mut ebpf = portwatch::object::load(max_entries).context("loading the embedded object")?;
-        for name in [program_names::INGRESS, program_names::EGRESS] {
+        for direction in Direction::ALL {
+            let name = direction.program_name();
             let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
             prog.load().with_context(|| format!("loading {name} into the kernel"))?;
         }
@@ -83,13 +88,15 @@ impl Harness {
     }
 
     /// Runs the program of `direction` once on `frame`, with `gso_segs`/`gso_size` in the skb.
-    pub fn run_gso(&mut self, direction: u8, frame: &[u8], gso_segs: u32, gso_size: u32, repeat: u32) -> Result<Run> {
-        let name = if direction == DIRECTION_INGRESS {
-            program_names::INGRESS
-        } else {
-            program_names::EGRESS
-        };
-        let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into()?;
+    pub fn run_gso(
+        &mut self,
+        direction: Direction,
+        frame: &[u8],
+        gso_segs: u32,
+        gso_size: u32,
+        repeat: u32,
+    ) -> Result<Run> {
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(direction.program_name()).unwrap().try_into()?;
         let mut ctx = [0u8; SKB_CTX_SIZE];
         ctx[SKB_GSO_SEGS..SKB_GSO_SEGS + 4].copy_from_slice(&gso_segs.to_ne_bytes());
         ctx[SKB_GSO_SIZE..SKB_GSO_SIZE + 4].copy_from_slice(&gso_size.to_ne_bytes());
@@ -109,18 +116,13 @@ impl Harness {
         })
     }
 
-    pub fn run(&mut self, direction: u8, frame: &[u8]) -> Result<Run> {
+    pub fn run(&mut self, direction: Direction, frame: &[u8]) -> Result<Run> {
         self.run_gso(direction, frame, 0, 0, 1)
     }
 
     /// Counters of generation `generation` (0 or 1), summed over CPUs, overflow keys included.
     pub fn counters(&mut self, generation: u32) -> Result<BTreeMap<CounterKey, Counters>> {
-        let name = if generation == 0 {
-            map_names::COUNTERS_0
-        } else {
-            map_names::COUNTERS_1
-        };
-        portwatch::maps::read_counters(&self.counters_map(name)?)
+        portwatch::maps::read_counters(&self.counters_map(counters_map(generation))?)
     }
 
     pub fn stats(&mut self) -> Result<Stats> {
@@ -132,10 +134,11 @@ impl Harness {
     /// live as long as the harness.
     pub fn attach_tcx(&mut self, iface: &str) -> Result<()> {
         use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
-        for (name, attach) in [
-            (program_names::INGRESS, TcAttachType::Ingress),
-            (program_names::EGRESS, TcAttachType::Egress),
+        for (direction, attach) in [
+            (Direction::Ingress, TcAttachType::Ingress),
+            (Direction::Egress, TcAttachType::Egress),
         ] {
+            let name = direction.program_name();
             let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into()?;
             prog.attach_with_options(iface, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
                 .with_context(|| format!("attaching {name} to {iface}"))?;
@@ -145,7 +148,8 @@ impl Harness {
 
     /// Switches the generation the program writes to.
     pub fn set_generation(&mut self, generation: u32) -> Result<()> {
-        let mut config: Array<_, portwatch_common::Config> = Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
+        let mut config: Array<_, portwatch_common::Config> =
+            Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
         config.set(
             0,
             portwatch_common::Config {
@@ -159,7 +163,7 @@ impl Harness {
 }
 
 /// The counter key of an IP address as the program stores it (IPv4 mapped into IPv6).
-pub fn key(ip: &str, port: u16, proto: u8, direction: u8) -> CounterKey {
+pub fn key(ip: &str, port: u16, proto: u8, direction: Direction) -> CounterKey {
     let ip: std::net::IpAddr = ip.parse().unwrap();
     let remote_ip = match ip {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
@@ -179,9 +183,8 @@ pub fn real_counters(all: &BTreeMap<CounterKey, Counters>) -> BTreeMap<CounterKe
 /// Writes `entries` into counter generation `generation` of a pinned portwatch, all of each value
 /// on CPU 0, with `BPF_MAP_UPDATE_BATCH` (a million entries take about a second).
 pub fn fill_counters(pin: &std::path::Path, generation: u32, entries: &[(CounterKey, Counters)]) -> Result<()> {
-    use std::os::fd::AsFd;
-    let pinned = portwatch::pinned::Pinned::open(&portwatch::pinned::PinPath::new(pin))?;
-    let map = pinned.counters_data(generation)?;
+    let mut pinned = Pinned::open(&PinPath::new(pin), Access::Read)?;
+    let map = pinned.counters(generation)?.map();
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     for chunk in entries.chunks(65536) {
         let mut keys = Vec::with_capacity(chunk.len() * 20);
@@ -193,7 +196,7 @@ pub fn fill_counters(pin: &std::path::Path, generation: u32, entries: &[(Counter
             values[at..at + 8].copy_from_slice(&v.bytes.to_ne_bytes());
             values[at + 8..at + 16].copy_from_slice(&v.packets.to_ne_bytes());
         }
-        portwatch::sys::update_batch(map.fd().as_fd(), &keys, &values, chunk.len())?;
+        portwatch::sys::bpf::update_batch(map.fd().as_fd(), &keys, &values, chunk.len())?;
     }
     Ok(())
 }
@@ -206,7 +209,7 @@ pub fn synthetic_entries(n: u64) -> Vec<(CounterKey, Counters)> {
             let mut ip = [0u8; 16];
             ip[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
             ip[12..].copy_from_slice(&(i as u32).to_be_bytes());
-            let key = CounterKey::with_octets(ip, 443, portwatch_common::IPPROTO_TCP, DIRECTION_INGRESS);
+            let key = CounterKey::with_octets(ip, 443, portwatch_common::IPPROTO_TCP, Direction::Ingress);
             (
                 key,
                 Counters {
@@ -220,12 +223,10 @@ pub fn synthetic_entries(n: u64) -> Vec<(CounterKey, Counters)> {
 
 /// Sets the global statistics of a pinned portwatch to `stats` (all on CPU 0, zero elsewhere).
 pub fn set_stats(pin: &std::path::Path, stats: Stats) -> Result<()> {
-    let pinned = portwatch::pinned::Pinned::open(&portwatch::pinned::PinPath::new(pin))?;
+    let mut pinned = Pinned::open(&PinPath::new(pin), Access::Read)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let mut values = vec![Stats::default(); cpus];
     values[0] = stats;
-    pinned
-        .stats()?
-        .set(0, aya::maps::PerCpuValues::try_from(values)?, 0)?;
+    pinned.stats()?.set(0, aya::maps::PerCpuValues::try_from(values)?, 0)?;
     Ok(())
 }

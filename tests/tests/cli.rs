@@ -3,10 +3,14 @@
 //! checked directly. Nothing stays resident: counting goes on in the kernel after `load` exits.
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use portwatch_common::{Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP};
+use portwatch_common::{
+    Counters,
+    Direction::{Egress as EG, Ingress as IN},
+    IPPROTO_TCP as TCP, IPPROTO_UDP as UDP,
+};
 use portwatch_tests::{
     cli::Pw,
-    kernel_available, key,
+    kernel_test, key,
     netns::{sh, Bed, Netns, CLIENT2_V4, CLIENT_V4, CLIENT_V6, SERVER2_V4, SERVER_V4, SERVER_V6},
 };
 
@@ -65,11 +69,8 @@ fn assert_nothing_attached(bed: &Bed, ifaces: &[&str]) {
 
 /// portwatch removes only a clsact qdisc it added itself, and only once nothing is attached to
 /// it: a qdisc that was there before stays, and so does one that another tool's filter now uses.
-#[test]
+#[kernel_test]
 fn unload_removes_only_its_own_empty_clsact_qdisc() {
-    if !kernel_available("unload_removes_only_its_own_empty_clsact_qdisc") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
     let foreign = ["protocol", "all", "prio", "49000", "u32", "match", "u32", "0", "0"];
@@ -207,27 +208,20 @@ fn lifecycle(mode: &str) {
     assert_nothing_attached(&bed, &[&bed.server_if]);
 }
 
-#[test]
+#[kernel_test]
 fn lifecycle_with_tcx_links() {
-    if kernel_available("lifecycle_with_tcx_links") {
-        lifecycle("tcx");
-    }
+    lifecycle("tcx");
 }
 
-#[test]
+#[kernel_test]
 fn lifecycle_with_classic_tc() {
-    if kernel_available("lifecycle_with_classic_tc") {
-        lifecycle("tc");
-    }
+    lifecycle("tc");
 }
 
 /// `ports add` while traffic flows counts from then on; `ports del` stops it; the program is never
 /// reloaded (its id stays the same).
-#[test]
+#[kernel_test]
 fn port_changes_apply_live_without_reload() {
-    if !kernel_available("port_changes_apply_live_without_reload") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     pw.ok(&["load", "--iface", &bed.server_if, "--port", "7001"]);
@@ -270,11 +264,8 @@ fn port_changes_apply_live_without_reload() {
 
 /// `detach` of one of two interfaces keeps the other counting; `unload` then leaves no pin and no
 /// attachment anywhere.
-#[test]
+#[kernel_test]
 fn detach_one_interface_keeps_the_other_counting() {
-    if !kernel_available("detach_one_interface_keeps_the_other_counting") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
     let pw = Pw::new(Some(&bed.server));
@@ -330,11 +321,8 @@ fn detach_one_interface_keeps_the_other_counting() {
 }
 
 /// An interface that vanishes leaves pins that `status` reports and `detach` removes.
-#[test]
+#[kernel_test]
 fn a_vanished_interface_is_reported_and_removable() {
-    if !kernel_available("a_vanished_interface_is_reported_and_removable") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
     let pw = Pw::new(Some(&bed.server));
@@ -358,11 +346,8 @@ fn a_vanished_interface_is_reported_and_removable() {
 }
 
 /// A failed `load` leaves nothing pinned or attached.
-#[test]
+#[kernel_test]
 fn a_failed_load_leaves_nothing_behind() {
-    if !kernel_available("a_failed_load_leaves_nothing_behind") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     let r = pw.run(&["load", "--iface", "pw0", "--iface", "nosuch0", "--port", "443"]);
@@ -411,11 +396,8 @@ fn snapshot(pw: &Pw) -> (Vec<String>, serde_json::Value, serde_json::Value) {
 
 /// Each documented error: its exit code, a one-line message naming the problem, and the pinned
 /// state unchanged.
-#[test]
+#[kernel_test]
 fn errors_say_what_to_do_and_change_nothing() {
-    if !kernel_available("errors_say_what_to_do_and_change_nothing") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     // Nothing loaded yet.
@@ -501,11 +483,8 @@ fn errors_say_what_to_do_and_change_nothing() {
 }
 
 /// Pinned state of another layout version is refused by every command, and never misread.
-#[test]
+#[kernel_test]
 fn another_layout_version_is_refused() {
-    if !kernel_available("another_layout_version_is_refused") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     pw.ok(&["load", "--iface", "pw0", "--port", "443"]);
@@ -556,11 +535,8 @@ fn another_layout_version_is_refused() {
 }
 
 /// Commands that change state take the lock: one waits for the other.
-#[test]
+#[kernel_test]
 fn changes_wait_for_the_lock() {
-    if !kernel_available("changes_wait_for_the_lock") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     pw.ok(&["load", "--iface", "pw0"]);
@@ -580,11 +556,8 @@ fn changes_wait_for_the_lock() {
 }
 
 /// bpffs not mounted: portwatch mounts it; not mountable (no CAP_SYS_ADMIN): a clear error.
-#[test]
+#[kernel_test]
 fn bpffs_is_mounted_when_missing() {
-    if !kernel_available("bpffs_is_mounted_when_missing") {
-        return;
-    }
     let bin = portwatch_tests::cli::portwatch_bin();
     let bin = bin.to_str().unwrap();
     // A private mount namespace without /sys/fs/bpf mounted.

@@ -10,8 +10,12 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use portwatch_common::{CounterKey, Counters, Stats, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP, IPPROTO_UDP};
-use portwatch_tests::{cli::Pw, fill_counters, kernel_available, key, netns::Netns};
+use portwatch_common::{
+    CounterKey, Counters,
+    Direction::{Egress as EG, Ingress as IN},
+    Stats, IPPROTO_TCP, IPPROTO_UDP,
+};
+use portwatch_tests::{cli::Pw, fill_counters, kernel_test, key, netns::Netns};
 
 /// The counters of both generations: IPv4 and IPv6, every port kind, both directions and
 /// protocols, a key in both generations, ties in bytes (broken by the key), overflow traffic.
@@ -90,16 +94,14 @@ fn normalize(text: &str, pin: &Path) -> String {
     })
 }
 
-#[test]
+#[kernel_test]
 fn outputs_stay_the_same() {
-    if !kernel_available("outputs_stay_the_same") {
-        return;
-    }
     let ns = Netns::new("golden").unwrap();
     // Interfaces kept down: nothing sends, so the statistics are the test's own figures.
     for iface in ["pwg0", "pwg1"] {
         let peer = format!("{iface}p");
-        ns.ip(&["link", "add", iface, "type", "veth", "peer", "name", &peer]).unwrap();
+        ns.ip(&["link", "add", iface, "type", "veth", "peer", "name", &peer])
+            .unwrap();
     }
     let pw = Pw::new(Some(&ns));
     let mut t = String::new();
@@ -125,16 +127,38 @@ fn outputs_stay_the_same() {
     }
 
     // Nothing loaded.
-    for args in [&["status"][..], &["status", "--json"], &["unload"], &["ports", "list"], &["top"]] {
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["unload"],
+        &["ports", "list"],
+        &["top"],
+    ] {
         run(&pw, &mut t, args);
     }
 
     run(
         &pw,
         &mut t,
-        &["load", "--iface", "lo", "--port", "443", "--port", "53/udp", "--port", "8000-8100/tcp", "--mode", "tcx"],
+        &[
+            "load",
+            "--iface",
+            "lo",
+            "--port",
+            "443",
+            "--port",
+            "53/udp",
+            "--port",
+            "8000-8100/tcp",
+            "--mode",
+            "tcx",
+        ],
     );
-    run(&pw, &mut t, &["attach", "pwg0", "--mode", "tc", "--direction", "ingress"]);
+    run(
+        &pw,
+        &mut t,
+        &["attach", "pwg0", "--mode", "tc", "--direction", "ingress"],
+    );
     run(&pw, &mut t, &["ports", "add", "8080/tcp"]);
     run(&pw, &mut t, &["ports", "del", "8050-8060"]);
     run(&pw, &mut t, &["ports", "list"]);
@@ -159,7 +183,16 @@ fn outputs_stay_the_same() {
         &["top", "--sort", "packets", "--by", "ip-port"],
         &["top", "--port", "443", "--json"],
         &["top", "--port", "53/udp", "--by", "ip-port"],
-        &["top", "--port", "8000-8100", "--port", "443/udp", "--by", "ip-port", "--csv"],
+        &[
+            "top",
+            "--port",
+            "8000-8100",
+            "--port",
+            "443/udp",
+            "--by",
+            "ip-port",
+            "--csv",
+        ],
         &["top", "--direction", "egress", "--by", "ip-port", "--csv"],
         &["top", "--direction", "ingress", "--json"],
         &["top", "--by", "cidr", "--prefix4", "16", "--prefix6", "32"],
@@ -173,7 +206,11 @@ fn outputs_stay_the_same() {
     }
 
     // Resets: selective, then everything, in each format (the maps filled again before each).
-    run(&pw, &mut t, &["reset", "--port", "443", "--ip", "198.18.0.0/16", "--json"]);
+    run(
+        &pw,
+        &mut t,
+        &["reset", "--port", "443", "--ip", "198.18.0.0/16", "--json"],
+    );
     run(&pw, &mut t, &["top", "--by", "ip-port", "--json"]);
     run(&pw, &mut t, &["reset", "--ip", "2001:db8::/48", "--csv"]);
     run(&pw, &mut t, &["reset", "--csv"]);

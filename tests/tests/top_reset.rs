@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use portwatch_common::{CounterKey, Counters, DIRECTION_INGRESS as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_common::{CounterKey, Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
     cli::Pw,
-    fill_counters, kernel_available, key,
+    fill_counters, kernel_test, key,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
 };
 use serde_json::Value;
@@ -55,11 +55,8 @@ fn udp_bytes(ip: &str, count: u64, payload: u64) -> u64 {
     count * (if ip.contains(':') { 40 } else { 20 } + 8 + payload)
 }
 
-#[test]
+#[kernel_test]
 fn top_shows_exact_figures_in_every_view() {
-    if !kernel_available("top_shows_exact_figures_in_every_view") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     pw.ok(&[
@@ -248,11 +245,8 @@ fn top_shows_exact_figures_in_every_view() {
 /// The conservation test: while a sender in the client namespace sends a known number of bytes to
 /// two watched ports from four addresses, `portwatch reset --json` runs in a loop. Every snapshot
 /// plus the final `top --json` adds up, per key and in total, to exactly what was sent.
-#[test]
+#[kernel_test]
 fn resets_under_traffic_lose_and_double_count_nothing() {
-    if !kernel_available("resets_under_traffic_lose_and_double_count_nothing") {
-        return;
-    }
     let bed = std::sync::Arc::new(Bed::new(false).unwrap());
     let pw = Pw::new(Some(&bed.server));
     pw.ok(&[
@@ -340,11 +334,8 @@ fn resets_under_traffic_lose_and_double_count_nothing() {
 }
 
 /// A selective reset zeroes only what it selects, reports exactly that, and keeps the rest.
-#[test]
+#[kernel_test]
 fn a_selective_reset_keeps_what_it_does_not_select() {
-    if !kernel_available("a_selective_reset_keeps_what_it_does_not_select") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     pw.ok(&[
@@ -422,11 +413,8 @@ fn a_selective_reset_keeps_what_it_does_not_select() {
 }
 
 /// A counter map of 1,000,000 entries: `top -n 10 --json` returns the right ten.
-#[test]
+#[kernel_test]
 fn top_over_a_million_entries() {
-    if !kernel_available("top_over_a_million_entries") {
-        return;
-    }
     let lo = loaded_on_lo("big", &["--max-entries", "1000000"]);
     let pw = &lo.pw;
     // Entry i: remote 2001:db8::<i>, bytes a permutation of 0..N so that the top ten are known.
@@ -539,11 +527,8 @@ fn watch_on_a_terminal(pw: &Pw, key: &[u8], until: &str) -> (std::process::ExitS
     (status, text(&screen))
 }
 
-#[test]
+#[kernel_test]
 fn top_watch_draws_a_live_screen_and_restores_the_terminal() {
-    if !kernel_available("top_watch_draws_a_live_screen_and_restores_the_terminal") {
-        return;
-    }
     let lo = loaded_on_lo("watch", &[]);
     let pw = &lo.pw;
     let entries = [
@@ -594,11 +579,8 @@ fn top_watch_draws_a_live_screen_and_restores_the_terminal() {
 /// The batch read `top` and `reset` use (`BPF_MAP_LOOKUP_BATCH`, 16384 entries a call, a reader
 /// thread) and the key-at-a-time walk that is its fallback on kernels without batch operations see
 /// the same entries and values, over both generations, with more entries than one batch holds.
-#[test]
+#[kernel_test]
 fn batch_and_key_by_key_reads_agree() {
-    if !kernel_available("batch_and_key_by_key_reads_agree") {
-        return;
-    }
     let lo = loaded_on_lo("batch", &[]);
     let pw = &lo.pw;
     let entries = portwatch_tests::synthetic_entries(40_000);
@@ -619,12 +601,12 @@ fn batch_and_key_by_key_reads_agree() {
         .collect();
     fill_counters(&pw.pin, 1, &again).unwrap();
 
-    let pinned = pw.pinned();
+    let mut pinned = pw.pinned();
     let mut walked: BTreeMap<CounterKey, Counters> = BTreeMap::new();
     let mut batched: BTreeMap<CounterKey, Counters> = BTreeMap::new();
     for generation in [0, 1] {
-        let by_key = portwatch::maps::read_counters(&pinned.counters(generation).unwrap()).unwrap();
-        let by_batch = portwatch::maps::read_generation(&pinned, generation).unwrap();
+        let by_key = portwatch::maps::read_counters(pinned.counters(generation).unwrap()).unwrap();
+        let by_batch = portwatch::maps::read_generation(&mut pinned, generation).unwrap();
         assert_eq!(by_batch.len(), by_key.len(), "generation {generation}");
         assert_eq!(
             by_batch.into_iter().collect::<BTreeMap<_, _>>(),
@@ -635,7 +617,7 @@ fn batch_and_key_by_key_reads_agree() {
             *walked.entry(k).or_default() += c;
         }
     }
-    portwatch::generations::for_each(&pinned, |k, c| *batched.entry(k).or_default() += c).unwrap();
+    portwatch::generations::for_each(&mut pinned, |k, c| *batched.entry(k).or_default() += c).unwrap();
     assert_eq!(batched, walked);
     // Known figures, not only agreement: 40,000 keys plus the two overflow keys per generation.
     let total = batched.values().fold(Counters::default(), |mut a, c| {
@@ -658,11 +640,8 @@ fn batch_and_key_by_key_reads_agree() {
 /// cannot be opened fails before anything is zeroed; a full disk midway through the snapshot cuts
 /// the file back to its old length and puts the counts back, with `--output FILE` and with
 /// `>> FILE`; a stdout that fails puts the counts back too.
-#[test]
+#[kernel_test]
 fn a_reset_that_cannot_write_changes_nothing() {
-    if !kernel_available("a_reset_that_cannot_write_changes_nothing") {
-        return;
-    }
     let lo = loaded_on_lo("full", &[]);
     let pw = &lo.pw;
     // 3,000 rows: a JSON snapshot of about 300 kB.

@@ -6,11 +6,12 @@
 use std::collections::BTreeMap;
 
 use portwatch_common::{
-    Counters, DIRECTION_EGRESS as EG, DIRECTION_INGRESS as IN, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, PROTO_ALL,
-    PROTO_UDP,
+    Counters,
+    Direction::{Egress as EG, Ingress as IN},
+    IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, PROTO_ALL, PROTO_UDP,
 };
 use portwatch_tests::{
-    kernel_available, key,
+    kernel_test, key,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     real_counters, Harness,
 };
@@ -63,11 +64,8 @@ fn nft_counters(bed: &Bed) -> BTreeMap<String, Counters> {
     out
 }
 
-#[test]
+#[kernel_test]
 fn counters_equal_the_l3_bytes_and_packets_that_crossed() {
-    if !kernel_available("counters_equal_the_l3_bytes_and_packets_that_crossed") {
-        return;
-    }
     let bed = Bed::new(false).unwrap();
     let mut h = Harness::new(4096).unwrap();
     h.watch(TCP_PORT, PROTO_ALL).unwrap();
@@ -161,11 +159,8 @@ fn tempfile_with(contents: &str) -> String {
 /// segments the wire would carry, with the headers each one repeats. The reference is the client's
 /// own TCP (`TCP_INFO` segment counts), and for bytes the segments' sizes: every client segment has
 /// a 20-byte IPv4 header and a 32-byte TCP header (timestamps), but the SYN, whose options make 40.
-#[test]
+#[kernel_test]
 fn gso_super_packets_count_as_their_wire_segments() {
-    if !kernel_available("gso_super_packets_count_as_their_wire_segments") {
-        return;
-    }
     let bed = Bed::new(true).unwrap();
     let mut h = Harness::new(4096).unwrap();
     h.watch(TCP_PORT, PROTO_ALL).unwrap();

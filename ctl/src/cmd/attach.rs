@@ -2,44 +2,25 @@
 //! counting.
 
 use anyhow::{Context, Result};
+use portwatch_common::Directions;
 
 use crate::{
     attach::{self, Iface, Mode},
-    cli::Direction,
     error::Error,
-    pinned::{direction_name, directions_from_bits, PinPath},
+    pinned::{Access, PinPath, Pinned},
 };
 
-pub fn attach(pin: &PinPath, iface: &str, direction: Option<Direction>, mode: Mode) -> Result<()> {
-    let (_lock, pinned) = super::open_for_change(pin)?;
+/// Attaches in `directions` (those `load` was given when `None`); all or nothing.
+pub(super) fn attach(pin: &PinPath, iface: &str, directions: Option<Directions>, mode: Mode) -> Result<()> {
+    let mut pinned = Pinned::open(pin, Access::Change)?;
     let iface = Iface::resolve(iface)?;
-    let directions = direction
-        .map(|d| directions_from_bits(d.bits()))
-        .unwrap_or_else(|| pinned.directions());
-    let mut records = pinned.attachments()?;
-    let mut done = vec![];
-    for d in directions {
-        match attach::attach_pinned(pin, &mut records, &iface, d, mode) {
-            Ok(None) => {}
-            Ok(Some((key, record))) => {
-                done.push((key, record));
-            }
-            Err(e) => {
-                // All or nothing: take back the direction attached just before.
-                for (key, record) in done {
-                    let _ = attach::detach(pin, key, &record);
-                    let _ = records.remove(&key);
-                }
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
+    let directions = directions.unwrap_or_else(|| pinned.meta.directions());
+    attach::attach_all(&mut pinned, &[iface], directions, mode)
 }
 
-pub fn detach(pin: &PinPath, iface: &str) -> Result<()> {
-    let (_lock, pinned) = super::open_for_change(pin)?;
-    let mut records = pinned.attachments()?;
+pub(super) fn detach(pin: &PinPath, iface: &str) -> Result<()> {
+    let mut pinned = Pinned::open(pin, Access::Change)?;
+    let records = pinned.attachments()?;
     let index = nix::net::if_::if_nametoindex(iface).ok();
     // By the interface's index while it exists; by the name recorded at attach time when it has
     // vanished (its pins and records are still ours to remove).
@@ -62,7 +43,7 @@ pub fn detach(pin: &PinPath, iface: &str) -> Result<()> {
     for (key, record) in matching {
         attach::detach(pin, key, &record)?;
         records.remove(&key).context("removing the attachment record")?;
-        println!("detached from {iface} {}", direction_name(key.direction));
+        println!("detached from {iface} {}", key.direction().name());
     }
     Ok(())
 }

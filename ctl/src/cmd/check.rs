@@ -3,12 +3,12 @@
 
 use anyhow::{Context, Result};
 use aya::programs::SchedClassifier;
-use portwatch_common::{program_names, LAYOUT_VERSION};
+use portwatch_common::{Direction, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
 
-pub fn run() -> Result<()> {
-    crate::pinned::check_privileges()?;
-    let mut ebpf = crate::object::load(65536).context("loading the embedded object")?;
-    for name in [program_names::INGRESS, program_names::EGRESS] {
+pub(super) fn run() -> Result<()> {
+    let mut ebpf = crate::object::load(DEFAULT_MAX_ENTRIES).context("loading the embedded object")?;
+    for direction in Direction::ALL {
+        let name = direction.program_name();
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
             .context("program missing from the object")?

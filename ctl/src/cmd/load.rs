@@ -6,44 +6,32 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuHashMap},
+    maps::{Array, PerCpuHashMap},
     programs::SchedClassifier,
 };
 use portwatch_common::{
-    map_names, program_names, AttachKey, Attachment, Config, CounterKey, Counters, Meta, DIRECTION_EGRESS,
-    DIRECTION_INGRESS, LAYOUT_VERSION,
+    map_names, Config, CounterKey, Counters, Direction, Directions, Meta, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION,
 };
 
 use crate::{
     attach::{self, Iface},
-    cli::{Direction, LoadArgs},
+    cli::LoadArgs,
     error::Error,
     maps,
-    pinned::{check_privileges, directions_from_bits, ensure_bpffs, Lock, PinPath, Pinned},
-    ports::PortSpec,
+    pinned::{Creating, Lock, PinPath, Pinned},
+    ports::{self, PortSpec},
 };
 
-pub const DEFAULT_MAX_ENTRIES: u32 = 65536;
-
-/// What a failed load must take back, in reverse order of doing.
+/// The pins and directories a failed first load must take back, in reverse order of creation;
+/// and the lock, released only after them (fields drop after `drop`) unless `Pinned` took it.
 struct Undo {
-    pin: PinPath,
-    attachments: Vec<(AttachKey, Attachment)>,
     files: Vec<PathBuf>,
     dirs: Vec<PathBuf>,
     armed: bool,
+    lock: Option<Lock>,
 }
 
 impl Undo {
-    fn new(pin: &PinPath) -> Self {
-        Undo {
-            pin: pin.clone(),
-            attachments: vec![],
-            files: vec![],
-            dirs: vec![],
-            armed: true,
-        }
-    }
     fn dir(&mut self, dir: PathBuf) -> Result<()> {
         if !dir.exists() {
             std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -58,11 +46,6 @@ impl Drop for Undo {
         if !self.armed {
             return;
         }
-        for (key, record) in self.attachments.iter().rev() {
-            if let Err(e) = attach::detach(&self.pin, *key, record) {
-                eprintln!("portwatch: while undoing: {e:#}");
-            }
-        }
         for f in self.files.iter().rev() {
             let _ = std::fs::remove_file(f);
         }
@@ -72,9 +55,7 @@ impl Drop for Undo {
     }
 }
 
-pub fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
-    check_privileges()?;
-    ensure_bpffs(pin)?;
+pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
     // Every interface must exist before anything is created.
     let ifaces = args
         .ifaces
@@ -82,22 +63,33 @@ pub fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
         .map(|n| Iface::resolve(n))
         .collect::<Result<Vec<_>>>()?;
     let root_existed = pin.root.exists();
-    let lock = Lock::acquire(pin)?;
-    if pin.is_loaded() {
-        return add_to_loaded(pin, args, &ifaces, lock);
+    let lock = match Pinned::create(pin)? {
+        Creating::Loaded(pinned) => return add_to_loaded(*pinned, args, &ifaces),
+        Creating::Empty(lock) => lock,
+    };
+    let mut undo = Undo {
+        files: vec![],
+        dirs: if root_existed { vec![] } else { vec![pin.root.clone()] },
+        armed: true,
+        lock: Some(lock),
+    };
+    let mut pinned = fresh_load(pin, args, &mut undo)?;
+    // Attachments are taken back by `attach_all` itself; the pins by `undo`, dropped first so
+    // that the lock (held by `pinned`) goes last.
+    let directions = pinned.meta.directions();
+    if let Err(e) = attach_and_watch(&mut pinned, &ifaces, directions, args) {
+        drop(undo);
+        return Err(e);
     }
-    let mut undo = Undo::new(pin);
-    if !root_existed {
-        undo.dirs.push(pin.root.clone());
-    }
-    fresh_load(pin, args, &ifaces, &mut undo)?;
     undo.armed = false;
+    println!("counting goes on in the kernel; see `portwatch status`");
     Ok(())
 }
 
-fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo) -> Result<()> {
+/// Creates and pins the maps and programs (nothing attached), then opens them as any verb does.
+fn fresh_load(pin: &PinPath, args: &LoadArgs, undo: &mut Undo) -> Result<Pinned> {
     let max_entries = args.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES);
-    let direction = args.direction.unwrap_or(Direction::Both);
+    let directions = args.direction.map(Directions::from).unwrap_or(Directions::BOTH);
     let mut ebpf = crate::object::load(max_entries).context("creating portwatch's maps")?;
 
     undo.dir(pin.maps_dir())?;
@@ -111,13 +103,13 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
     }
 
     let barrier = pin.map(map_names::BARRIER);
-    crate::sys::create_barrier(&barrier).with_context(|| format!("creating {}", barrier.display()))?;
+    crate::sys::bpf::create_barrier(&barrier).with_context(|| format!("creating {}", barrier.display()))?;
     undo.files.push(barrier);
 
     let meta = Meta {
         layout_version: LAYOUT_VERSION,
         max_entries,
-        directions: direction.bits(),
+        directions: directions.bits(),
         _reserved: [0; 7],
     };
     Array::<_, Meta>::try_from(ebpf.map_mut(map_names::META).unwrap())?.set(0, meta, 0)?;
@@ -127,42 +119,27 @@ fn fresh_load(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], undo: &mut Undo)
             PerCpuHashMap::try_from(ebpf.map_mut(name).unwrap())?;
         maps::ensure_overflow_keys(&mut counters)?;
     }
-    let mut ports: Array<_, u8> = Array::try_from(ebpf.map_mut(map_names::WATCHED_PORTS).unwrap())?;
-    add_ports(&mut ports, &args.ports)?;
 
     undo.dir(pin.progs_dir())?;
-    for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
-        let name = program_name(d);
+    for direction in Direction::ALL {
+        let name = direction.program_name();
         let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
         prog.load()
             .with_context(|| format!("the kernel's verifier refused {name}"))?;
-        let path = pin.prog(d);
+        let path = pin.prog(direction);
         prog.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
         undo.files.push(path);
     }
-
-    let mut records: HashMap<MapData, AttachKey, Attachment> =
-        HashMap::try_from(ebpf.take_map(map_names::ATTACHMENTS).unwrap())?;
     undo.dir(pin.links_dir())?;
     println!(
         "loaded portwatch at {} (layout {LAYOUT_VERSION}, {max_entries} counter entries)",
         pin.root.display()
     );
-    for iface in ifaces {
-        for d in directions_from_bits(direction.bits()) {
-            let prog: &mut SchedClassifier = ebpf.program_mut(program_name(d)).unwrap().try_into()?;
-            let (key, record) = attach::attach(prog, pin, &mut records, iface, d, args.mode)?;
-            undo.attachments.push((key, record));
-            attach::announce(iface, d, &record);
-        }
-    }
-    report_ports(&args.ports);
-    println!("counting goes on in the kernel; see `portwatch status`");
-    Ok(())
+    Pinned::created(pin, undo.lock.take().expect("the lock is taken once"))
 }
 
-fn add_to_loaded(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], _lock: Lock) -> Result<()> {
-    let pinned = Pinned::open(pin)?;
+fn add_to_loaded(mut pinned: Pinned, args: &LoadArgs, ifaces: &[Iface]) -> Result<()> {
+    let pin = &pinned.pin;
     if let Some(max) = args.max_entries {
         if max != pinned.meta.max_entries {
             return Err(Error::Conflict(format!(
@@ -175,49 +152,42 @@ fn add_to_loaded(pin: &PinPath, args: &LoadArgs, ifaces: &[Iface], _lock: Lock) 
         }
     }
     if let Some(direction) = args.direction {
-        if direction.bits() != pinned.meta.directions {
+        if Directions::from(direction) != pinned.meta.directions() {
             return Err(Error::Conflict(format!(
                 "portwatch is loaded at {} with --direction {}; to change it, run `portwatch unload` first, \
                  then load again (or attach one interface with `portwatch attach IF --direction ...`)",
                 pin.root.display(),
-                Direction::from_bits(pinned.meta.directions)
+                pinned.meta.directions().name()
             ))
             .into());
         }
     }
-    let mut records = pinned.attachments()?;
-    let mut undo = Undo::new(pin);
-    for iface in ifaces {
-        for d in pinned.directions() {
-            if let Some(attached) = attach::attach_pinned(pin, &mut records, iface, d, args.mode)? {
-                undo.attachments.push(attached);
-            }
-        }
+    let directions = pinned.meta.directions();
+    attach_and_watch(&mut pinned, ifaces, directions, args)
+}
+
+/// Watches the ports of `args` too and attaches to `ifaces` (what is not attached yet), all or
+/// nothing: if attaching fails, the ports are as they were.
+fn attach_and_watch(pinned: &mut Pinned, ifaces: &[Iface], directions: Directions, args: &LoadArgs) -> Result<()> {
+    let map = pinned.watched_ports()?;
+    let before = maps::port_table(map)?;
+    let mut after = before.clone();
+    ports::add(&mut after, &args.ports);
+    let undo_ports = |pinned: &mut Pinned| {
+        // Writes back every port that differs, whether or not it was written.
+        let _ = pinned
+            .watched_ports()
+            .and_then(|map| maps::write_port_changes(map, &after, &before));
+    };
+    if let Err(e) = maps::write_port_changes(map, &before, &after) {
+        undo_ports(pinned);
+        return Err(e);
     }
-    add_ports(&mut pinned.watched_ports()?, &args.ports)?;
-    undo.armed = false;
+    if let Err(e) = attach::attach_all(pinned, ifaces, directions, args.mode) {
+        undo_ports(pinned);
+        return Err(e);
+    }
     report_ports(&args.ports);
-    Ok(())
-}
-
-fn program_name(direction: u8) -> &'static str {
-    if direction == DIRECTION_INGRESS {
-        program_names::INGRESS
-    } else {
-        program_names::EGRESS
-    }
-}
-
-/// Adds the protocols of `specs` to the port map (existing flags are kept).
-pub fn add_ports<T: std::borrow::BorrowMut<MapData>>(ports: &mut Array<T, u8>, specs: &[PortSpec]) -> Result<()> {
-    for spec in specs {
-        for port in spec.ports() {
-            let current = ports.get(&(port as u32), 0)?;
-            if current | spec.protocols != current {
-                maps::set_port(ports, port, current | spec.protocols)?;
-            }
-        }
-    }
     Ok(())
 }
 

@@ -1,35 +1,42 @@
-//! One module per verb. Each takes what it needs (privileges, bpffs, the lock), opens the pinned
-//! state, does one thing and reports.
+//! One module per verb, all of the same shape: open the pinned state for what the verb does
+//! (`Pinned::open` / `probe` / `create`, see `pinned`), act, print, return (the lock goes with
+//! the state). The environment every verb needs (privileges, bpffs) is checked here, once, before
+//! any verb runs. No verb calls another verb: what two verbs share lives in the module of its
+//! concept (`attach`, `ports`, `report`, `output`, `generations`...).
 
-pub mod attach;
-pub mod check;
-pub mod load;
-pub mod ports;
-pub mod reset;
-pub mod status;
-pub mod top;
-pub mod top_watch;
-pub mod unload;
+mod attach;
+mod check;
+mod load;
+mod ports;
+mod reset;
+mod status;
+mod top;
+mod unload;
 
 use anyhow::Result;
 
-use crate::pinned::{check_privileges, ensure_bpffs, Lock, PinPath, Pinned};
+use crate::{
+    cli::{Cli, Command},
+    pinned::{check_privileges, ensure_bpffs, PinPath},
+};
 
-/// For verbs that change pinned state: privileges, bpffs, the exclusive lock, then the state.
-pub fn open_for_change(pin: &PinPath) -> Result<(Lock, Pinned)> {
+/// Runs the command line's verb.
+pub(crate) fn run(cli: &Cli) -> Result<()> {
+    let pin = PinPath::new(&cli.pin_path);
     check_privileges()?;
-    ensure_bpffs(pin)?;
-    if !pin.is_loaded() {
-        return Err(crate::error::Error::NotLoaded(pin.root.clone()).into());
+    // `check` pins nothing: it needs no bpffs.
+    if !matches!(cli.command, Command::Check) {
+        ensure_bpffs(&pin)?;
     }
-    let lock = Lock::acquire(pin)?;
-    let pinned = Pinned::open(pin)?;
-    Ok((lock, pinned))
-}
-
-/// For verbs that only read: privileges and bpffs; no lock.
-pub fn open_for_read(pin: &PinPath) -> Result<Pinned> {
-    check_privileges()?;
-    ensure_bpffs(pin)?;
-    Pinned::open(pin)
+    match &cli.command {
+        Command::Load(args) => load::run(&pin, args),
+        Command::Attach { iface, direction, mode } => attach::attach(&pin, iface, direction.map(Into::into), *mode),
+        Command::Detach { iface } => attach::detach(&pin, iface),
+        Command::Ports(command) => ports::run(&pin, command),
+        Command::Status { json } => status::run(&pin, *json),
+        Command::Top(args) => top::run(&pin, args),
+        Command::Reset(args) => reset::run(&pin, args),
+        Command::Unload => unload::run(&pin),
+        Command::Check => check::run(),
+    }
 }

@@ -7,24 +7,18 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
 
 use crate::{
     cli::ResetArgs,
-    generations::{self, Selector},
-    pinned::PinPath,
-    report::{By, Report, SortBy, View},
+    filter::Filter,
+    generations,
+    output::{self, Envelope},
+    pinned::{Access, PinPath, Pinned},
+    report::{Report, View},
 };
 
-pub fn unix_time() -> Value {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    json!(now.as_secs())
-}
-
-pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
-    let (_lock, pinned) = super::open_for_change(pin)?;
+pub(super) fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
+    let mut pinned = Pinned::open(pin, Access::Change)?;
     // Opened before anything is zeroed: a path that cannot be written fails with nothing touched.
     // `>> file.jsonl` (stdout a regular file written at its end) is treated the same way.
     let file = match &args.output {
@@ -38,21 +32,9 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
         )),
         None => stdout_appending_file().map(|f| (f, "writing to stdout".to_string())),
     };
-    let selector = Selector {
-        ports: args.ports.clone(),
-        cidrs: args.cidrs.clone(),
-    };
-    let drained = generations::reset(&pinned, &selector)?;
+    let drained = generations::reset(&mut pinned, &Filter::from(args))?;
     // Every drained key is a row: a reset reports at the finest grain.
-    let view = View {
-        by: By::IpPort,
-        prefix4: 32,
-        prefix6: 128,
-        ports: vec![],
-        direction: None,
-        sort: SortBy::Bytes,
-        limit: 0,
-    };
+    let view = View::every_key();
     let report = Report::new(&view, &view.group_all(&drained.entries), None);
     let written = match &file {
         Some((file, what)) => append_all_or_nothing(file, |w| render(&report, args, w)).context(what.clone()),
@@ -73,7 +55,7 @@ pub fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) => {
             // Nothing may be lost: put the counts back where the program does not write.
-            generations::restore(&pinned, drained).context("putting the drained counters back")?;
+            generations::restore(&mut pinned, drained).context("putting the drained counters back")?;
             Err(e.context("the reset's output could not be written; the counters were put back"))
         }
     }
@@ -94,11 +76,15 @@ fn stdout_appending_file() -> Option<std::fs::File> {
 /// The snapshot as `--json`, `--csv` or a table.
 fn render(report: &Report, args: &ResetArgs, w: &mut dyn Write) -> std::io::Result<()> {
     if args.json {
-        report.write_json(w, &[("time", unix_time()), ("reset", json!(true))])
+        let envelope = Envelope {
+            time: output::unix_time(),
+            reset: true,
+        };
+        output::write_json(report, &envelope, w)
     } else if args.csv {
-        w.write_all(report.to_csv().as_bytes())
+        w.write_all(output::csv(report).as_bytes())
     } else {
-        w.write_all(report.to_table(args.exact).as_bytes())
+        w.write_all(output::table(report, args.exact).as_bytes())
     }
 }
 

@@ -1,168 +1,227 @@
 //! `portwatch status`: loaded or not, the programs, each attachment, the watched ports, how full
-//! the counter map is, and the global statistics.
+//! the counter map is, and the global statistics. One typed `Status` is built, then printed as
+//! JSON or for a person.
 
-use anyhow::{Context, Result};
-use aya::programs::{links::PinnedLink, SchedClassifier};
-use portwatch_common::{Stats, ATTACH_MODE_TCX, DIRECTION_EGRESS, DIRECTION_INGRESS, LAYOUT_VERSION};
-use serde_json::{json, Value};
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::Result;
+use aya::programs::links::{FdLink, PinnedLink};
+use portwatch_common::{Direction, NotCounted, Stats, ATTACH_MODE_TCX, LAYOUT_VERSION};
+use serde::{Serialize, Serializer};
 
 use crate::{
-    attach,
-    cli::Direction,
-    maps, output,
-    pinned::{check_privileges, direction_name, ensure_bpffs, PinPath, Pinned},
-    ports,
+    attach, maps,
+    output::{self, human_bytes},
+    pinned::{Access, PinPath, Pinned},
+    ports::{self, PortSpec},
 };
 
-pub fn run(pin: &PinPath, as_json: bool) -> Result<()> {
-    check_privileges()?;
-    ensure_bpffs(pin)?;
-    if !pin.is_loaded() {
+// The fields of each struct are in alphabetical order: the order `status --json` has always
+// printed them in.
+
+/// `status --json` when nothing is loaded.
+#[derive(Serialize)]
+struct NotLoaded<'a> {
+    loaded: bool,
+    pin_path: &'a PathBuf,
+}
+
+#[derive(Serialize)]
+struct Status {
+    attachments: Vec<AttachmentStatus>,
+    counters: CounterUse,
+    /// The directions `load` was given: `ingress`, `egress` or `both`.
+    direction: &'static str,
+    layout_version: u32,
+    loaded: bool,
+    pin_path: PathBuf,
+    programs: Vec<ProgramStatus>,
+    stats: StatsStatus,
+    watched_ports: Vec<PortSpec>,
+}
+
+#[derive(Serialize)]
+struct AttachmentStatus {
+    direction: &'static str,
+    ifindex: u32,
+    /// Its name now, or the name recorded at attach time if it has vanished.
+    interface: String,
+    link_id: Option<u32>,
+    mode: &'static str,
+    /// Whether the interface still exists.
+    present: bool,
+    tc_handle: Option<String>,
+    tc_priority: Option<u16>,
+}
+
+#[derive(Serialize)]
+struct ProgramStatus {
+    direction: &'static str,
+    id: u32,
+    tag: String,
+}
+
+#[derive(Serialize)]
+struct CounterUse {
+    /// Remote-IP keys in the active generation (the overflow keys not included).
+    entries: usize,
+    generation: u32,
+    max_entries: u32,
+}
+
+#[derive(Serialize)]
+struct StatsStatus {
+    map_full_bytes: u64,
+    map_full_packets: u64,
+    matched_bytes: u64,
+    matched_packets: u64,
+    not_counted: NotCountedFigures,
+    overflow_missing_packets: u64,
+    unwatched_packets: u64,
+}
+
+/// The packets of each `NotCounted` reason: a JSON object keyed by the reasons' names.
+struct NotCountedFigures(Stats);
+
+impl Serialize for NotCountedFigures {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let by_name: BTreeMap<&str, u64> = NotCounted::ALL
+            .iter()
+            .map(|r| (r.name(), self.0.not_counted(*r)))
+            .collect();
+        by_name.serialize(serializer)
+    }
+}
+
+impl From<Stats> for StatsStatus {
+    fn from(s: Stats) -> StatsStatus {
+        StatsStatus {
+            map_full_bytes: s.map_full_bytes,
+            map_full_packets: s.map_full_packets,
+            matched_bytes: s.matched_bytes,
+            matched_packets: s.matched_packets,
+            not_counted: NotCountedFigures(s),
+            overflow_missing_packets: s.overflow_missing_packets,
+            unwatched_packets: s.unwatched_packets,
+        }
+    }
+}
+
+pub(super) fn run(pin: &PinPath, as_json: bool) -> Result<()> {
+    let Some(mut pinned) = Pinned::probe(pin, Access::Read)? else {
         if as_json {
-            output::print_json(&json!({ "loaded": false, "pin_path": pin.root }));
+            output::print_json(&NotLoaded {
+                loaded: false,
+                pin_path: &pin.root,
+            });
         } else {
             println!("portwatch is not loaded at {}", pin.root.display());
         }
         return Ok(());
-    }
-    let pinned = Pinned::open(pin)?;
-    let report = collect(&pinned)?;
+    };
+    let status = collect(&mut pinned)?;
     if as_json {
-        output::print_json(&report);
+        output::print_json(&status);
     } else {
-        print_human(&report);
+        print_human(&status);
     }
     Ok(())
 }
 
-fn collect(pinned: &Pinned) -> Result<Value> {
-    let pin = &pinned.pin;
+fn collect(pinned: &mut Pinned) -> Result<Status> {
+    let pin = pinned.pin.clone();
     let mut programs = vec![];
-    for d in [DIRECTION_INGRESS, DIRECTION_EGRESS] {
-        let prog = SchedClassifier::from_pin(pin.prog(d)).context("opening a pinned program")?;
-        let info = prog.info()?;
-        programs
-            .push(json!({ "direction": direction_name(d), "id": info.id(), "tag": format!("{:016x}", info.tag()) }));
+    for direction in Direction::ALL {
+        let info = pinned.program(direction)?.info()?;
+        programs.push(ProgramStatus {
+            direction: direction.name(),
+            id: info.id(),
+            tag: format!("{:016x}", info.tag()),
+        });
     }
     let mut attachments = vec![];
     for entry in pinned.attachments()?.iter() {
         let (key, record) = entry?;
         let current = attach::ifname_of(key.ifindex);
         let link_id = if record.mode == ATTACH_MODE_TCX {
-            PinnedLink::from_pin(pin.link(key.ifindex, key.direction))
+            PinnedLink::from_pin(pin.link(key.ifindex, key.direction()))
                 .ok()
-                .and_then(|l| {
-                    let fd: aya::programs::links::FdLink = l.into();
-                    fd.info().ok().map(|i| i.id())
-                })
+                .and_then(|l| FdLink::from(l).info().ok().map(|i| i.id()))
         } else {
             None
         };
-        attachments.push(json!({
-            "interface": current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
-            "ifindex": key.ifindex,
-            "present": current.is_some(),
-            "direction": direction_name(key.direction),
-            "mode": attach::mode_name(record.mode),
-            "link_id": link_id,
-            "tc_priority": (record.mode != ATTACH_MODE_TCX).then_some(record.priority),
-            "tc_handle": (record.mode != ATTACH_MODE_TCX).then(|| format!("{:x}", record.handle)),
-        }));
+        let tc = record.mode != ATTACH_MODE_TCX;
+        attachments.push(AttachmentStatus {
+            direction: key.direction().name(),
+            ifindex: key.ifindex,
+            interface: current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
+            link_id,
+            mode: attach::mode_name(record.mode),
+            present: current.is_some(),
+            tc_handle: tc.then(|| format!("{:x}", record.handle)),
+            tc_priority: tc.then_some(record.priority),
+        });
     }
-    attachments.sort_by_key(|a| {
-        (
-            a["interface"].as_str().unwrap_or("").to_string(),
-            a["direction"] != "ingress",
-        )
-    });
+    attachments.sort_by(|a, b| (&a.interface, a.direction != "ingress").cmp(&(&b.interface, b.direction != "ingress")));
 
-    let mut table = vec![0u8; portwatch_common::PORT_COUNT as usize];
-    for (port, flags) in pinned.watched_ports()?.iter().enumerate() {
-        table[port] = flags?;
-    }
-    let watched: Vec<Value> = ports::fold(&table).iter().map(super::ports::spec_json).collect();
-
-    let generation = pinned.config()?.get(&0, 0)?.generation & 1;
-    let used = maps::read_generation(pinned, generation)?
+    let watched_ports = ports::fold(&maps::port_table(pinned.watched_ports()?)?);
+    let generation = pinned.active_generation()?;
+    let entries = maps::read_generation(pinned, generation)?
         .iter()
         .filter(|(k, _)| !k.is_overflow())
         .count();
-    let stats: Stats = maps::read_stats(&pinned.stats()?)?;
-    Ok(json!({
-        "loaded": true,
-        "pin_path": pin.root,
-        "layout_version": LAYOUT_VERSION,
-        "direction": Direction::from_bits(pinned.meta.directions),
-        "programs": programs,
-        "attachments": attachments,
-        "watched_ports": watched,
-        "counters": { "generation": generation, "entries": used, "max_entries": pinned.meta.max_entries },
-        "stats": {
-            "matched_packets": stats.matched_packets,
-            "matched_bytes": stats.matched_bytes,
-            "unwatched_packets": stats.unwatched_packets,
-            "not_counted": {
-                "non_ip": stats.non_ip_packets,
-                "unknown_l4": stats.unknown_l4_packets,
-                "fragment": stats.fragment_packets,
-                "truncated": stats.truncated_packets,
-                "malformed": stats.malformed_packets,
-                "header_limit": stats.ext_header_limit_packets,
-            },
-            "map_full_packets": stats.map_full_packets,
-            "map_full_bytes": stats.map_full_bytes,
-            "overflow_missing_packets": stats.overflow_missing_packets,
+    let stats = maps::read_stats(pinned.stats()?)?;
+    Ok(Status {
+        attachments,
+        counters: CounterUse {
+            entries,
+            generation,
+            max_entries: pinned.meta.max_entries,
         },
-    }))
+        direction: pinned.meta.directions().name(),
+        layout_version: LAYOUT_VERSION,
+        loaded: true,
+        pin_path: pin.root,
+        programs,
+        stats: stats.into(),
+        watched_ports,
+    })
 }
 
-fn print_human(r: &Value) {
+fn print_human(status: &Status) {
     println!(
         "portwatch loaded at {} (layout {}, direction {})",
-        r["pin_path"].as_str().unwrap_or(""),
-        r["layout_version"],
-        r["direction"].as_str().unwrap_or("")
+        status.pin_path.display(),
+        status.layout_version,
+        status.direction
     );
-    for p in r["programs"].as_array().into_iter().flatten() {
-        println!(
-            "  program {:<8} id {} tag {}",
-            p["direction"].as_str().unwrap_or(""),
-            p["id"],
-            p["tag"].as_str().unwrap_or("")
-        );
+    for p in &status.programs {
+        println!("  program {:<8} id {} tag {}", p.direction, p.id, p.tag);
     }
-    let attachments = r["attachments"].as_array().cloned().unwrap_or_default();
-    if attachments.is_empty() {
+    if status.attachments.is_empty() {
         println!("attached nowhere (attach with `portwatch attach IF`)");
     }
-    for a in attachments {
-        let what = match a["link_id"].as_u64() {
-            Some(id) => format!("link {id}"),
-            None if a["mode"] == "tc" => format!(
+    for a in &status.attachments {
+        let what = match (a.link_id, a.mode) {
+            (Some(id), _) => format!("link {id}"),
+            (None, "tc") => format!(
                 "prio {} handle {}",
-                a["tc_priority"],
-                a["tc_handle"].as_str().unwrap_or("")
+                a.tc_priority.unwrap_or_default(),
+                a.tc_handle.as_deref().unwrap_or_default()
             ),
-            None => "link missing".into(),
+            (None, _) => "link missing".into(),
         };
-        let vanished = if a["present"] == false {
-            "  (interface vanished: `portwatch detach` removes this)"
-        } else {
+        let vanished = if a.present {
             ""
+        } else {
+            "  (interface vanished: `portwatch detach` removes this)"
         };
         println!(
             "attached {:<16} {:<8} {:<4} {what}{vanished}",
-            a["interface"].as_str().unwrap_or(""),
-            a["direction"].as_str().unwrap_or(""),
-            a["mode"].as_str().unwrap_or("")
+            a.interface, a.direction, a.mode
         );
     }
-    let ports: Vec<&str> = r["watched_ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["spec"].as_str())
-        .collect();
+    let ports: Vec<String> = status.watched_ports.iter().map(|p| p.to_string()).collect();
     println!(
         "watching {}",
         if ports.is_empty() {
@@ -171,29 +230,28 @@ fn print_human(r: &Value) {
             ports.join(", ")
         }
     );
-    let c = &r["counters"];
+    let c = &status.counters;
     println!(
         "counter entries {} of {} (generation {})",
-        c["entries"], c["max_entries"], c["generation"]
+        c.entries, c.max_entries, c.generation
     );
-    let s = &r["stats"];
-    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let s = &status.stats;
     println!(
         "matched {} packets, {} ({} bytes)",
-        n(&s["matched_packets"]),
-        output::human_bytes(n(&s["matched_bytes"])),
-        n(&s["matched_bytes"])
+        s.matched_packets,
+        human_bytes(s.matched_bytes),
+        s.matched_bytes
     );
-    println!("unwatched {} packets", n(&s["unwatched_packets"]));
-    let nc = &s["not_counted"];
-    println!(
-        "not counted: non-IP {}, other protocol {}, non-first fragment {}, truncated {}, malformed {}, too many headers {}",
-        n(&nc["non_ip"]), n(&nc["unknown_l4"]), n(&nc["fragment"]), n(&nc["truncated"]), n(&nc["malformed"]), n(&nc["header_limit"])
-    );
+    println!("unwatched {} packets", s.unwatched_packets);
+    let not_counted: Vec<String> = NotCounted::ALL
+        .iter()
+        .map(|r| format!("{} {}", r.description(), s.not_counted.0.not_counted(*r)))
+        .collect();
+    println!("not counted: {}", not_counted.join(", "));
     println!(
         "map full: {} packets, {} ({} bytes) in the overflow entry",
-        n(&s["map_full_packets"]),
-        output::human_bytes(n(&s["map_full_bytes"])),
-        n(&s["map_full_bytes"])
+        s.map_full_packets,
+        human_bytes(s.map_full_bytes),
+        s.map_full_bytes
     );
 }

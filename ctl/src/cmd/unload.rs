@@ -5,19 +5,15 @@ use anyhow::{Context, Result};
 
 use crate::{
     attach,
-    pinned::{check_privileges, direction_name, ensure_bpffs, Lock, PinPath, Pinned},
+    pinned::{Access, PinPath, Pinned},
 };
 
-pub fn run(pin: &PinPath) -> Result<()> {
-    check_privileges()?;
-    ensure_bpffs(pin)?;
-    if !pin.is_loaded() {
+pub(super) fn run(pin: &PinPath) -> Result<()> {
+    let Some(mut pinned) = Pinned::probe(pin, Access::Change)? else {
         println!("nothing is loaded at {}", pin.root.display());
         return Ok(());
-    }
-    let _lock = Lock::acquire(pin)?;
-    let pinned = Pinned::open(pin)?;
-    let mut records = pinned.attachments()?;
+    };
+    let records = pinned.attachments()?;
     let mut all: Vec<_> = records.iter().filter_map(|r| r.ok()).collect();
     // The map's iteration order is the kernel's hash order: detach in a fixed one.
     all.sort_by_key(|(key, _)| (key.ifindex, key.direction));
@@ -25,10 +21,10 @@ pub fn run(pin: &PinPath) -> Result<()> {
         attach::detach(pin, key, &record)?;
         records.remove(&key)?;
         let name = attach::ifname_of(key.ifindex).unwrap_or_else(|| attach::recorded_name(&record));
-        println!("detached from {name} {}", direction_name(key.direction));
+        println!("detached from {name} {}", key.direction().name());
     }
-    drop(records);
-    // Whatever is left under the pin path is ours: stale link pins, programs, maps.
+    // Whatever is left under the pin path is ours: stale link pins, programs, maps. The lock (on
+    // the pin directory) is held until the directory is gone.
     for dir in [pin.links_dir(), pin.progs_dir(), pin.maps_dir()] {
         if dir.exists() {
             for entry in std::fs::read_dir(&dir)? {

@@ -11,7 +11,7 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use portwatch_common::{DIRECTION_INGRESS, PROTO_ALL};
+use portwatch_common::{Direction, PROTO_ALL};
 use portwatch_tests::{packet::Packet, Harness};
 
 fn load_single(path: &str, program: &str) -> Result<Ebpf> {
@@ -60,7 +60,7 @@ fn main() -> Result<()> {
         samples[0].push(run_single(&mut noop, "noop", &tcp4, repeat)?);
         samples[1].push(run_single(&mut count_only, "count_only", &tcp4, repeat)?);
         for (i, frame) in [&tcp4, &udp6, &unwatched].into_iter().enumerate() {
-            samples[i + 2].push(h.run_gso(DIRECTION_INGRESS, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
+            samples[i + 2].push(h.run_gso(Direction::Ingress, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
         }
     }
     let median = |v: &mut Vec<f64>| {

@@ -15,6 +15,8 @@ use std::{
 };
 
 use anyhow::{bail, Result};
+use aya::maps::IterableMap;
+use portwatch::pinned::{Access, PinPath, Pinned};
 use portwatch_common::{CounterKey, Counters};
 use portwatch_tests::{cli::Pw, fill_counters, netns::Netns, synthetic_entries};
 
@@ -40,15 +42,15 @@ fn measure(mut cmd: Command, out: Stdio) -> Result<(f64, f64)> {
 /// The floor under `top`: the kernel's BPF_MAP_LOOKUP_BATCH over both generations, in this
 /// process, with nothing done to the entries.
 fn batch_read_alone(pin: &std::path::Path) -> Result<f64> {
-    let pinned = portwatch::pinned::Pinned::open(&portwatch::pinned::PinPath::new(pin))?;
+    let mut pinned = Pinned::open(&PinPath::new(pin), Access::Read)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     let started = Instant::now();
     let mut got = 0;
     for generation in [0, 1] {
-        let map = pinned.counters_data(generation)?;
+        let map = pinned.counters(generation)?.map();
         let value_size = std::mem::size_of::<Counters>() * cpus;
         let key_size = std::mem::size_of::<CounterKey>();
-        portwatch::sys::lookup_batch(map.fd().as_fd(), key_size, value_size, false, 16384, |_, _, n| got += n)?;
+        portwatch::sys::bpf::lookup_batch(map.fd().as_fd(), key_size, value_size, 16384, |_, _, n| got += n)?;
     }
     std::hint::black_box(got);
     Ok(started.elapsed().as_secs_f64())

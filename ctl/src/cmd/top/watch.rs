@@ -12,14 +12,13 @@ use ratatui::{
     widgets::{Paragraph, Row as TableRow, Table, Wrap},
 };
 
-use super::top::read;
 use crate::{
-    output::human_bytes,
+    output,
     pinned::Pinned,
     report::{Report, View},
 };
 
-pub fn run(pinned: &Pinned, view: &View, interval: f64, exact: bool) -> Result<()> {
+pub(super) fn run(pinned: &mut Pinned, view: &View, interval: f64, exact: bool) -> Result<()> {
     // ratatui::init enters raw mode and the alternate screen, and installs a panic hook that
     // restores the terminal; ratatui::restore undoes it on the normal path.
     let mut terminal = ratatui::init();
@@ -30,12 +29,12 @@ pub fn run(pinned: &Pinned, view: &View, interval: f64, exact: bool) -> Result<(
 
 fn watch_loop(
     terminal: &mut ratatui::DefaultTerminal,
-    pinned: &Pinned,
+    pinned: &mut Pinned,
     view: &View,
     interval: f64,
     exact: bool,
 ) -> Result<()> {
-    let mut before = read(pinned, view)?;
+    let mut before = view.read(pinned)?;
     let mut before_at = Instant::now();
     let mut report = Report::new(view, &before, None);
     loop {
@@ -51,7 +50,7 @@ fn watch_loop(
                 }
             }
         }
-        let now = read(pinned, view)?;
+        let now = view.read(pinned)?;
         let secs = before_at.elapsed().as_secs_f64();
         report = Report::new(view, &now, Some((&before, secs)));
         before = now;
@@ -60,66 +59,33 @@ fn watch_loop(
 }
 
 fn draw(frame: &mut ratatui::Frame, report: &Report, pinned: &Pinned, interval: f64, exact: bool) {
-    let bytes = |b: u64| if exact { b.to_string() } else { human_bytes(b) };
     let [head, body] = Layout::vertical([Constraint::Length(3), Constraint::Min(1)]).areas(frame.area());
     let header = vec![
         Line::from(format!(
             "portwatch top: {}  every {interval} s  (q to quit)",
             pinned.pin.root.display()
         )),
-        Line::from(report.summary()),
+        Line::from(output::summary(report)),
     ];
     frame.render_widget(Paragraph::new(header).wrap(Wrap { trim: true }), head);
 
-    let json = report.to_json(&[]);
-    let rows = json["rows"].as_array().cloned().unwrap_or_default();
-    let id_keys: Vec<&str> = ["ip", "cidr", "port", "proto", "direction"]
-        .into_iter()
-        .filter(|k| rows.first().is_some_and(|r| r.get(k).is_some()))
-        .collect();
-    let id_keys = if id_keys.is_empty() { vec!["ip"] } else { id_keys };
-    let mut titles: Vec<String> = id_keys.iter().map(|k| k.to_uppercase()).collect();
-    titles.extend(["BYTES", "PACKETS", "BYTES/S", "PKTS/S"].map(String::from));
-    let table_rows: Vec<TableRow> = rows
+    // The rate columns from the first screen on: `-` until there is a second reading.
+    let columns = output::columns(report.by, true);
+    let titles: Vec<&str> = columns.iter().map(|c| c.title()).collect();
+    let rows: Vec<TableRow> = report
+        .rows
         .iter()
-        .map(|r| {
-            let mut cells: Vec<String> = id_keys
-                .iter()
-                .map(|k| r[*k].as_str().map(String::from).unwrap_or(r[*k].to_string()))
-                .collect();
-            cells.push(bytes(r["bytes"].as_u64().unwrap_or(0)));
-            cells.push(r["packets"].to_string());
-            let bps = r["bytes_per_sec"].as_f64();
-            cells.push(
-                bps.map(|b| format!("{}/s", bytes(b as u64)))
-                    .unwrap_or_else(|| "-".into()),
-            );
-            cells.push(
-                r["packets_per_sec"]
-                    .as_f64()
-                    .map(|p| format!("{p:.0}"))
-                    .unwrap_or_else(|| "-".into()),
-            );
-            TableRow::new(cells)
+        .map(|row| {
+            TableRow::new(
+                output::cells(row, &columns)
+                    .iter()
+                    .map(|c| c.text(exact))
+                    .collect::<Vec<_>>(),
+            )
         })
         .collect();
-    let mut widths: Vec<Constraint> = id_keys
-        .iter()
-        .map(|k| match *k {
-            "ip" => Constraint::Length(39),
-            "cidr" => Constraint::Length(43),
-            "port" => Constraint::Length(6),
-            "proto" => Constraint::Length(6),
-            _ => Constraint::Length(10),
-        })
-        .collect();
-    widths.extend([
-        Constraint::Length(14),
-        Constraint::Length(12),
-        Constraint::Length(14),
-        Constraint::Length(10),
-    ]);
-    let table = Table::new(table_rows, widths)
+    let widths = columns.iter().map(|c| Constraint::Length(c.screen_width()));
+    let table = Table::new(rows, widths)
         .header(TableRow::new(titles).style(Style::default().add_modifier(Modifier::BOLD | Modifier::REVERSED)));
     frame.render_widget(table, body);
 }

@@ -1,4 +1,4 @@
-//! The few bpf(2) commands aya 0.14 does not offer: batch lookups and deletes, and the
+//! The few bpf(2) commands aya 0.14 does not offer: batch lookups, updates and deletes, and the
 //! map-in-map whose update makes the kernel wait for running programs (the reset's barrier).
 
 use std::{
@@ -12,7 +12,6 @@ const BPF_MAP_CREATE: u32 = 0;
 const BPF_MAP_UPDATE_ELEM: u32 = 2;
 const BPF_OBJ_PIN: u32 = 6;
 const BPF_MAP_LOOKUP_BATCH: u32 = 24;
-const BPF_MAP_LOOKUP_AND_DELETE_BATCH: u32 = 25;
 const BPF_MAP_UPDATE_BATCH: u32 = 26;
 const BPF_MAP_DELETE_BATCH: u32 = 27;
 
@@ -115,8 +114,7 @@ pub fn batch_unsupported(e: &io::Error) -> bool {
     )
 }
 
-/// Every (key, value) of a hash map through `BPF_MAP_LOOKUP_BATCH` (or `..._AND_DELETE_BATCH`),
-/// `chunk` entries per call, handed to `each` one call's worth at a time (keys and values
+/// Every (key, value) of a hash map through `BPF_MAP_LOOKUP_BATCH`, `chunk` entries per call, handed to `each` one call's worth at a time (keys and values
 /// concatenated, and how many), so that reading a large map holds one chunk, not the map.
 /// `value_size` is the bytes of one value as the syscall returns it (for per-CPU maps: the
 /// 8-byte-rounded value times the possible CPUs).
@@ -124,15 +122,9 @@ pub fn lookup_batch(
     map: BorrowedFd,
     key_size: usize,
     value_size: usize,
-    delete: bool,
     chunk: usize,
     mut each: impl FnMut(&[u8], &[u8], usize),
 ) -> io::Result<()> {
-    let cmd = if delete {
-        BPF_MAP_LOOKUP_AND_DELETE_BATCH
-    } else {
-        BPF_MAP_LOOKUP_BATCH
-    };
     let mut chunk = chunk.max(1);
     let mut keys = vec![0u8; chunk * key_size];
     let mut values = vec![0u8; chunk * value_size];
@@ -147,7 +139,7 @@ pub fn lookup_batch(
             .u64(24, values.as_mut_ptr() as u64)
             .u32(32, chunk as u32)
             .u32(36, map.as_raw_fd() as u32);
-        let result = bpf(cmd, &mut attr);
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let got = attr.get_u32(32) as usize;
         match result {
             Ok(_) => each(&keys[..got * key_size], &values[..got * value_size], got),
@@ -189,7 +181,7 @@ pub fn delete_batch(map: BorrowedFd, keys: &[u8], count: usize) -> io::Result<()
 }
 
 /// Writes `count` entries (keys and values concatenated, values as `lookup_batch` returns them)
-/// with `BPF_MAP_UPDATE_BATCH`.
+/// with `BPF_MAP_UPDATE_BATCH` (the tests and benchmarks fill counter maps with it).
 pub fn update_batch(map: BorrowedFd, keys: &[u8], values: &[u8], count: usize) -> io::Result<()> {
     if count == 0 {
         return Ok(());
