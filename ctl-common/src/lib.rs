@@ -35,9 +35,15 @@ pub mod map_names {
     pub const ALL: [&str; 7] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META, ATTACHMENTS];
 }
 
-/// The counter map of a generation (`Config::generation`): only its bit 0 counts.
+/// Which of the two counter generations `generation` (`Config::generation`) names: 0 or 1. Only
+/// its bit 0 counts.
+pub const fn generation_index(generation: u32) -> usize {
+    (generation & 1) as usize
+}
+
+/// The counter map of a generation.
 pub const fn counters_map(generation: u32) -> &'static str {
-    if generation & 1 == 0 {
+    if generation_index(generation) == 0 {
         map_names::COUNTERS_0
     } else {
         map_names::COUNTERS_1
@@ -251,7 +257,7 @@ pub struct Config {
 impl Config {
     /// The generation the program writes: 0 or 1 (see `counters_map`).
     pub const fn active_generation(&self) -> u32 {
-        self.generation & 1
+        generation_index(self.generation) as u32
     }
 }
 

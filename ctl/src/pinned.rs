@@ -31,8 +31,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use portwatch_common::{
-    counters_map, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta, Stats,
-    LAYOUT_VERSION,
+    counters_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta,
+    Stats, LAYOUT_VERSION,
 };
 
 use crate::error::Error;
@@ -286,7 +286,7 @@ impl Pinned {
     /// The counter map of `generation` (only its bit 0 counts).
     pub fn counters(&mut self, generation: u32) -> Result<&mut PerCpuHashMap<MapData, CounterKey, Counters>> {
         open_once(
-            &mut self.counters[(generation & 1) as usize],
+            &mut self.counters[generation_index(generation)],
             &self.pin,
             counters_map(generation),
         )

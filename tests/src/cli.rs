@@ -68,6 +68,21 @@ pub struct Pw {
     netns: Option<String>,
 }
 
+/// `Pw::on_loopback`: portwatch and the namespace whose loopback it is loaded on.
+pub struct OnLoopback {
+    /// Declared first, so dropped (unloaded) before the namespace goes.
+    pub pw: Pw,
+    _ns: Netns,
+}
+
+/// The `bytes` and `packets` of a JSON row, totals or overflow object.
+pub fn counters_of(v: &serde_json::Value) -> Counters {
+    Counters {
+        bytes: v["bytes"].as_u64().unwrap(),
+        packets: v["packets"].as_u64().unwrap(),
+    }
+}
+
 /// A finished command.
 pub struct Ran {
     pub code: i32,
@@ -136,6 +151,21 @@ impl Pw {
 
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
+    }
+
+    /// Runs a command with `--json` among `args`, which must succeed and print one JSON line.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ok(args);
+        assert_eq!(out.lines().count(), 1, "--json is one line: {out}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// portwatch loaded on the loopback of a namespace of its own, watching 443, with `more`
+    /// arguments to `load`: for tests that fill the counter maps themselves (no traffic).
+    pub fn on_loopback(role: &str, more: &[&str]) -> OnLoopback {
+        let ns = Netns::new(role).unwrap();
+        let pw = Pw::load_with(&ns, "lo", &["443"], more);
+        OnLoopback { pw, _ns: ns }
     }
 
     /// The pinned state, opened from this (test) process as a reader (no lock): pins are not bound

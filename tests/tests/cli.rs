@@ -78,10 +78,7 @@ fn unload_removes_only_its_own_empty_clsact_qdisc() {
     bed.server
         .exec(&["tc", "qdisc", "add", "dev", "pw0", "clsact"])
         .unwrap();
-    let pw = Pw::new(Some(&bed.server));
-    pw.ok(&[
-        "load", "--iface", "pw0", "--iface", "pw2", "--port", "443", "--mode", "tc",
-    ]);
+    let pw = Pw::load_with(&bed.server, "pw0", &["443"], &["--iface", "pw2", "--mode", "tc"]);
     assert!(has_clsact(&bed.server, "pw2"), "load --mode tc adds a clsact qdisc");
     // pw2: portwatch added the qdisc, then another tool put a filter on it.
     let mut add = vec!["tc", "filter", "add", "dev", "pw2", "ingress"];
@@ -223,8 +220,7 @@ fn lifecycle_with_classic_tc() {
 #[kernel_test]
 fn port_changes_apply_live_without_reload() {
     let bed = Bed::new(false).unwrap();
-    let pw = Pw::new(Some(&bed.server));
-    pw.ok(&["load", "--iface", &bed.server_if, "--port", "7001"]);
+    let pw = Pw::load(&bed.server, &bed.server_if, &["7001"]);
     let ids = program_ids(&pw.status());
     let src = CLIENT_V4[1];
     let k = key(src, 7003, UDP, IN);
@@ -268,8 +264,7 @@ fn port_changes_apply_live_without_reload() {
 fn detach_one_interface_keeps_the_other_counting() {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
-    let pw = Pw::new(Some(&bed.server));
-    pw.ok(&["load", "--iface", "pw0", "--iface", "pw2", "--port", "7002/udp"]);
+    let pw = Pw::load_with(&bed.server, "pw0", &["7002/udp"], &["--iface", "pw2"]);
     assert_eq!(pw.status()["attachments"].as_array().unwrap().len(), 4);
     let a = bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100).unwrap();
     let b = bed.send_udp(CLIENT2_V4, SERVER2_V4, 7002, 10, 100).unwrap();
@@ -325,8 +320,7 @@ fn detach_one_interface_keeps_the_other_counting() {
 fn a_vanished_interface_is_reported_and_removable() {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
-    let pw = Pw::new(Some(&bed.server));
-    pw.ok(&["load", "--iface", "pw0", "--iface", "pw2"]);
+    let pw = Pw::load_with(&bed.server, "pw0", &[], &["--iface", "pw2"]);
     bed.server.ip(&["link", "del", "pw2"]).unwrap();
     let status = pw.status();
     let gone: Vec<_> = status["attachments"]
@@ -486,8 +480,7 @@ fn errors_say_what_to_do_and_change_nothing() {
 #[kernel_test]
 fn another_layout_version_is_refused() {
     let bed = Bed::new(false).unwrap();
-    let pw = Pw::new(Some(&bed.server));
-    pw.ok(&["load", "--iface", "pw0", "--port", "443"]);
+    let pw = Pw::load(&bed.server, "pw0", &["443"]);
     let meta = pw.pin.join("maps/meta");
     let set_version = |v: u32| {
         let mut cmd = vec![
@@ -538,8 +531,7 @@ fn another_layout_version_is_refused() {
 #[kernel_test]
 fn changes_wait_for_the_lock() {
     let bed = Bed::new(false).unwrap();
-    let pw = Pw::new(Some(&bed.server));
-    pw.ok(&["load", "--iface", "pw0"]);
+    let pw = Pw::load(&bed.server, "pw0", &[]);
     let marker = std::env::temp_dir().join(format!("pwt-lock-{}", std::process::id()));
     let _ = std::fs::remove_file(&marker);
     let holder = std::process::Command::new("flock")

@@ -42,7 +42,8 @@ struct Status {
 
 #[derive(Serialize)]
 struct AttachmentStatus {
-    direction: &'static str,
+    #[serde(serialize_with = "direction_name")]
+    direction: Direction,
     ifindex: u32,
     /// Its name now, or the name recorded at attach time if it has vanished.
     interface: String,
@@ -56,7 +57,8 @@ struct AttachmentStatus {
 
 #[derive(Serialize)]
 struct ProgramStatus {
-    direction: &'static str,
+    #[serde(serialize_with = "direction_name")]
+    direction: Direction,
     id: u32,
     tag: String,
 }
@@ -78,6 +80,10 @@ struct StatsStatus {
     not_counted: NotCountedFigures,
     overflow_missing_packets: u64,
     unwatched_packets: u64,
+}
+
+fn direction_name<S: Serializer>(direction: &Direction, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(direction.name())
 }
 
 /// The packets of each `NotCounted` reason: a JSON object keyed by the reasons' names.
@@ -134,7 +140,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
     for direction in Direction::ALL {
         let info = pinned.program(direction)?.info()?;
         programs.push(ProgramStatus {
-            direction: direction.name(),
+            direction,
             id: info.id(),
             tag: format!("{:016x}", info.tag()),
         });
@@ -152,7 +158,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         };
         let tc = record.mode != ATTACH_MODE_TCX;
         attachments.push(AttachmentStatus {
-            direction: key.direction().name(),
+            direction: key.direction(),
             ifindex: key.ifindex,
             interface: current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
             link_id,
@@ -162,7 +168,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
             tc_priority: tc.then_some(record.priority),
         });
     }
-    attachments.sort_by(|a, b| (&a.interface, a.direction != "ingress").cmp(&(&b.interface, b.direction != "ingress")));
+    attachments.sort_by(|a, b| (&a.interface, a.direction).cmp(&(&b.interface, b.direction)));
 
     let watched_ports = ports::fold(&maps::port_table(pinned.watched_ports()?)?);
     let generation = pinned.active_generation()?;
@@ -196,7 +202,7 @@ fn print_human(status: &Status) {
         status.direction
     );
     for p in &status.programs {
-        println!("  program {:<8} id {} tag {}", p.direction, p.id, p.tag);
+        println!("  program {:<8} id {} tag {}", p.direction.name(), p.id, p.tag);
     }
     if status.attachments.is_empty() {
         println!("attached nowhere (attach with `portwatch attach IF`)");
@@ -218,7 +224,9 @@ fn print_human(status: &Status) {
         };
         println!(
             "attached {:<16} {:<8} {:<4} {what}{vanished}",
-            a.interface, a.direction, a.mode
+            a.interface,
+            a.direction.name(),
+            a.mode
         );
     }
     let ports: Vec<String> = status.watched_ports.iter().map(|p| p.to_string()).collect();
