@@ -163,40 +163,53 @@ pub fn lookup_batch(
 
 /// Deletes `count` keys (concatenated in `keys`) with `BPF_MAP_DELETE_BATCH`.
 pub fn delete_batch(map: BorrowedFd, keys: &[u8], count: usize) -> io::Result<()> {
-    if count == 0 {
-        return Ok(());
-    }
-    let mut attr = Attr::new();
-    attr.u64(16, keys.as_ptr() as u64)
-        .u32(32, count as u32)
-        .u32(36, map.as_raw_fd() as u32);
-    bpf(BPF_MAP_DELETE_BATCH, &mut attr)?;
-    let deleted = attr.get_u32(32) as usize;
-    if deleted != count {
-        return Err(io::Error::other(format!(
-            "BPF_MAP_DELETE_BATCH deleted {deleted} of {count} keys"
-        )));
-    }
-    Ok(())
+    write_batch(
+        BPF_MAP_DELETE_BATCH,
+        "BPF_MAP_DELETE_BATCH deleted",
+        map,
+        keys,
+        None,
+        count,
+    )
 }
 
 /// Writes `count` entries (keys and values concatenated, values as `lookup_batch` returns them)
 /// with `BPF_MAP_UPDATE_BATCH` (the tests and benchmarks fill counter maps with it).
 pub fn update_batch(map: BorrowedFd, keys: &[u8], values: &[u8], count: usize) -> io::Result<()> {
+    write_batch(
+        BPF_MAP_UPDATE_BATCH,
+        "BPF_MAP_UPDATE_BATCH wrote",
+        map,
+        keys,
+        Some(values),
+        count,
+    )
+}
+
+/// One batch command over `count` entries; fails unless the kernel did them all (`did` says what
+/// it did, for the error).
+fn write_batch(
+    cmd: u32,
+    did: &str,
+    map: BorrowedFd,
+    keys: &[u8],
+    values: Option<&[u8]>,
+    count: usize,
+) -> io::Result<()> {
     if count == 0 {
         return Ok(());
     }
     let mut attr = Attr::new();
     attr.u64(16, keys.as_ptr() as u64)
-        .u64(24, values.as_ptr() as u64)
         .u32(32, count as u32)
         .u32(36, map.as_raw_fd() as u32);
-    bpf(BPF_MAP_UPDATE_BATCH, &mut attr)?;
-    let updated = attr.get_u32(32) as usize;
-    if updated != count {
-        return Err(io::Error::other(format!(
-            "BPF_MAP_UPDATE_BATCH wrote {updated} of {count} entries"
-        )));
+    if let Some(values) = values {
+        attr.u64(24, values.as_ptr() as u64);
+    }
+    bpf(cmd, &mut attr)?;
+    let done = attr.get_u32(32) as usize;
+    if done != count {
+        return Err(io::Error::other(format!("{did} {done} of {count} entries")));
     }
     Ok(())
 }
