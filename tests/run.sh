@@ -11,6 +11,8 @@ trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
 # One closing line for the whole run, summed over every test binary.
+# A skip (a kernel feature missing, or no root outside CI) prints a SKIPPED line: they are counted.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     /^SKIPPED / { s++ }
+     END { printf "tests: %d passed, %d failed", p, f; if (s) printf ", %d of them skipped (SKIPPED lines above)", s; print "" }' "$log"
 exit "$status"

@@ -10,7 +10,7 @@ use std::{
 };
 
 use portwatch::pinned::{Access, PinPath, Pinned};
-use portwatch_common::{CounterKey, Counters};
+use portwatch_common::{CounterKey, Counters, Stats};
 
 use crate::netns::Netns;
 
@@ -179,6 +179,11 @@ impl Pw {
         let mut pinned = self.pinned();
         let generation = pinned.active_generation().unwrap();
         crate::real_counters(&portwatch::maps::read_counters(pinned.counters(generation).unwrap()).unwrap())
+    }
+
+    /// The global statistics, summed over CPUs.
+    pub fn stats(&self) -> Stats {
+        portwatch::maps::read_stats(self.pinned().stats().unwrap()).unwrap()
     }
 
     /// Every path under the pin path, sorted (empty when nothing is pinned).

@@ -36,10 +36,70 @@ pub fn kernel_available(test: &str) -> bool {
             panic!("{test}: kernel test cannot run under CI=true: {why}")
         }
         Some(why) => {
-            eprintln!("SKIPPED {test}: {why} (set CI=true to make this a failure)");
+            say_skipped(test, &format!("{why} (set CI=true to make this a failure)"));
             false
         }
     }
+}
+
+/// `SKIPPED <test>: <why>` on the process's stderr, past the test harness's capture (which only
+/// takes `print!`/`eprint!`), so that a skip shows in every run, passing or not.
+fn say_skipped(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("SKIPPED {test}: {why}\n").as_bytes());
+}
+
+/// Whether this kernel has TCX links (6.6 and later; Debian 12's 6.1 has none). Tests of TCX
+/// (`#[kernel_test(tcx)]`) ask it; without TCX they are skipped with a line saying so, under
+/// `CI=true` too: the one skip for a missing kernel feature, and their classic tc variants run.
+pub fn tcx_available(test: &str) -> bool {
+    static TCX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let available = *TCX.get_or_init(|| probe_tcx().unwrap_or_else(|e| panic!("probing the kernel for TCX: {e:#}")));
+    if !available {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let release = release.trim();
+        say_skipped(
+            test,
+            &format!("kernel {release} has no TCX (its classic tc variant runs)"),
+        );
+    }
+    available
+}
+
+/// Attaches portwatch's ingress program with a TCX link to the loopback of a namespace of its
+/// own. A kernel without TCX refuses the link with EINVAL; any other failure is an error.
+fn probe_tcx() -> Result<bool> {
+    use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
+    let ns = netns::Netns::new("tcx-probe")?;
+    let mut h = Harness::new(16)?;
+    let prog: &mut SchedClassifier = h
+        .ebpf
+        .program_mut(Direction::Ingress.program_name())
+        .unwrap()
+        .try_into()?;
+    let attached = ns.enter(|| {
+        prog.attach_with_options(
+            "lo",
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+    })?;
+    match attached {
+        Ok(_) => Ok(true),
+        Err(e) if has_errno(&e, libc::EINVAL) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn has_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().and_then(|io| io.raw_os_error()) == Some(errno) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// The embedded object, loaded into the kernel but attached nowhere, for `BPF_PROG_TEST_RUN`.
@@ -128,22 +188,6 @@ impl Harness {
     pub fn stats(&mut self) -> Result<Stats> {
         let map: PerCpuArray<_, Stats> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
         portwatch::maps::read_stats(&map)
-    }
-
-    /// Attaches both programs to `iface` (in the calling thread's netns) through TCX links that
-    /// live as long as the harness.
-    pub fn attach_tcx(&mut self, iface: &str) -> Result<()> {
-        use aya::programs::{tc::TcAttachOptions, LinkOrder, TcAttachType};
-        for (direction, attach) in [
-            (Direction::Ingress, TcAttachType::Ingress),
-            (Direction::Egress, TcAttachType::Egress),
-        ] {
-            let name = direction.program_name();
-            let prog: &mut SchedClassifier = self.ebpf.program_mut(name).unwrap().try_into()?;
-            prog.attach_with_options(iface, attach, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .with_context(|| format!("attaching {name} to {iface}"))?;
-        }
-        Ok(())
     }
 
     /// Switches the generation the program writes to.

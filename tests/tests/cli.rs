@@ -13,6 +13,7 @@ use portwatch_tests::{
     kernel_test, key,
     netns::{sh, Bed, Netns, CLIENT2_V4, CLIENT_V4, CLIENT_V6, SERVER2_V4, SERVER_V4, SERVER_V6},
 };
+use serde_json::json;
 
 /// TCX programs attached to `iface` in `ns`, both directions.
 fn tcx_programs(ns: &Netns, iface: &str) -> Vec<u32> {
@@ -44,6 +45,15 @@ fn tc_filters(ns: &Netns, iface: &str) -> usize {
                 .count()
         })
         .sum()
+}
+
+/// How many of its programs portwatch has attached to `iface` in `ns` in `mode` (`tcx`: TCX links;
+/// `tc`: cls_bpf filters on the clsact qdisc).
+fn attached(ns: &Netns, iface: &str, mode: &str) -> usize {
+    match mode {
+        "tcx" => tcx_programs(ns, iface).len(),
+        _ => tc_filters(ns, iface),
+    }
 }
 
 /// Whether `iface` in `ns` has a clsact qdisc.
@@ -205,7 +215,7 @@ fn lifecycle(mode: &str) {
     assert_nothing_attached(&bed, &[&bed.server_if]);
 }
 
-#[kernel_test]
+#[kernel_test(tcx)]
 fn lifecycle_with_tcx_links() {
     lifecycle("tcx");
 }
@@ -260,11 +270,10 @@ fn port_changes_apply_live_without_reload() {
 
 /// `detach` of one of two interfaces keeps the other counting; `unload` then leaves no pin and no
 /// attachment anywhere.
-#[kernel_test]
-fn detach_one_interface_keeps_the_other_counting() {
+fn detach_one_interface_keeps_the_other_counting(mode: &str) {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
-    let pw = Pw::load_with(&bed.server, "pw0", &["7002/udp"], &["--iface", "pw2"]);
+    let pw = Pw::load_with(&bed.server, "pw0", &["7002/udp"], &["--iface", "pw2", "--mode", mode]);
     assert_eq!(pw.status()["attachments"].as_array().unwrap().len(), 4);
     let a = bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100).unwrap();
     let b = bed.send_udp(CLIENT2_V4, SERVER2_V4, 7002, 10, 100).unwrap();
@@ -276,7 +285,7 @@ fn detach_one_interface_keeps_the_other_counting() {
     let out = pw.ok(&["detach", "pw2"]);
     assert!(out.contains("detached from pw2 ingress"), "{out}");
     assert_nothing_attached(&bed, &["pw2"]);
-    assert_eq!(tcx_programs(&bed.server, "pw0").len(), 2);
+    assert_eq!(attached(&bed.server, "pw0", mode), 2);
     bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100).unwrap();
     bed.send_udp(CLIENT2_V4, SERVER2_V4, 7002, 10, 100).unwrap();
     let got = pw.counters();
@@ -295,13 +304,13 @@ fn detach_one_interface_keeps_the_other_counting() {
     );
 
     // Attach it again, then a second load with the same interface never attaches twice.
-    pw.ok(&["attach", "pw2"]);
-    let out = pw.ok(&["load", "--iface", "pw2", "--iface", "pw0"]);
+    pw.ok(&["attach", "pw2", "--mode", mode]);
+    let out = pw.ok(&["load", "--iface", "pw2", "--iface", "pw0", "--mode", mode]);
     assert!(
         out.contains("already attached to pw2 ingress") && out.contains("already attached to pw0 egress"),
         "{out}"
     );
-    assert_eq!(tcx_programs(&bed.server, "pw2").len(), 2);
+    assert_eq!(attached(&bed.server, "pw2", mode), 2);
 
     pw.ok(&["unload"]);
     assert!(pw.tree().is_empty() && !pw.pin.exists());
@@ -315,12 +324,22 @@ fn detach_one_interface_keeps_the_other_counting() {
     );
 }
 
-/// An interface that vanishes leaves pins that `status` reports and `detach` removes.
+#[kernel_test(tcx)]
+fn detach_one_interface_keeps_the_other_counting_tcx() {
+    detach_one_interface_keeps_the_other_counting("tcx");
+}
+
 #[kernel_test]
-fn a_vanished_interface_is_reported_and_removable() {
+fn detach_one_interface_keeps_the_other_counting_tc() {
+    detach_one_interface_keeps_the_other_counting("tc");
+}
+
+/// An interface that vanishes leaves records (and, with TCX, link pins) that `status` reports and
+/// `detach` removes.
+fn a_vanished_interface_is_reported_and_removable(mode: &str) {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
-    let pw = Pw::load_with(&bed.server, "pw0", &[], &["--iface", "pw2"]);
+    let pw = Pw::load_with(&bed.server, "pw0", &[], &["--iface", "pw2", "--mode", mode]);
     bed.server.ip(&["link", "del", "pw2"]).unwrap();
     let status = pw.status();
     let gone: Vec<_> = status["attachments"]
@@ -333,10 +352,34 @@ fn a_vanished_interface_is_reported_and_removable() {
     assert!(gone.iter().all(|a| a["interface"] == "pw2"));
     assert!(pw.ok(&["status"]).contains("interface vanished"));
     pw.ok(&["detach", "pw2"]);
+    let left: Vec<_> = pw.status()["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["interface"].clone(), a["mode"].clone()))
+        .collect();
+    assert_eq!(
+        left,
+        vec![(json!("pw0"), json!(mode)); 2],
+        "only pw0's two attachments remain"
+    );
     let links: Vec<_> = pw.tree().into_iter().filter(|p| p.contains("/links/")).collect();
-    assert_eq!(links.len(), 2, "only pw0's two links remain: {links:?}");
+    let pinned_links = if mode == "tcx" { 2 } else { 0 };
+    assert_eq!(links.len(), pinned_links, "only pw0's links remain: {links:?}");
+    assert_eq!(attached(&bed.server, "pw0", mode), 2);
     pw.ok(&["unload"]);
     assert!(!pw.pin.exists());
+    assert_nothing_attached(&bed, &["pw0"]);
+}
+
+#[kernel_test(tcx)]
+fn a_vanished_interface_is_reported_and_removable_tcx() {
+    a_vanished_interface_is_reported_and_removable("tcx");
+}
+
+#[kernel_test]
+fn a_vanished_interface_is_reported_and_removable_tc() {
+    a_vanished_interface_is_reported_and_removable("tc");
 }
 
 /// A failed `load` leaves nothing pinned or attached.
@@ -477,10 +520,9 @@ fn errors_say_what_to_do_and_change_nothing() {
 }
 
 /// Pinned state of another layout version is refused by every command, and never misread.
-#[kernel_test]
-fn another_layout_version_is_refused() {
+fn another_layout_version_is_refused(mode: &str) {
     let bed = Bed::new(false).unwrap();
-    let pw = Pw::load(&bed.server, "pw0", &["443"]);
+    let pw = Pw::load_with(&bed.server, "pw0", &["443"], &["--mode", mode]);
     let meta = pw.pin.join("maps/meta");
     let set_version = |v: u32| {
         let mut cmd = vec![
@@ -522,9 +564,20 @@ fn another_layout_version_is_refused() {
         );
         assert_eq!(pw.tree(), tree);
     }
-    assert_eq!(tcx_programs(&bed.server, "pw0").len(), 2, "still attached");
+    assert_eq!(attached(&bed.server, "pw0", mode), 2, "still attached");
     set_version(portwatch_common::LAYOUT_VERSION);
     pw.ok(&["unload"]);
+    assert_nothing_attached(&bed, &["pw0"]);
+}
+
+#[kernel_test(tcx)]
+fn another_layout_version_is_refused_tcx() {
+    another_layout_version_is_refused("tcx");
+}
+
+#[kernel_test]
+fn another_layout_version_is_refused_tc() {
+    another_layout_version_is_refused("tc");
 }
 
 /// Commands that change state take the lock: one waits for the other.

@@ -1,19 +1,20 @@
-//! Real traffic: the program attached (TCX) to a veth in a namespace the test creates, real TCP and
-//! UDP sockets sending from a second namespace, over IPv4 and IPv6. The counters must equal, to the
-//! byte, the L3 bytes and packets that crossed: computed from first principles for UDP, and read
-//! from an nftables counter on the same traffic for TCP (whose segmentation the stack decides).
+//! Real traffic: `portwatch load` on a veth in a namespace the test creates (with TCX links where
+//! the kernel has them, and with the classic clsact qdisc everywhere), real TCP and UDP sockets
+//! sending from a second namespace, over IPv4 and IPv6. The counters must equal, to the byte, the
+//! L3 bytes and packets that crossed: computed from first principles for UDP, and read from an
+//! nftables counter on the same traffic for TCP (whose segmentation the stack decides).
 
 use std::collections::BTreeMap;
 
 use portwatch_common::{
     Counters,
     Direction::{Egress as EG, Ingress as IN},
-    IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, PROTO_ALL, PROTO_UDP,
+    IPPROTO_TCP as TCP, IPPROTO_UDP as UDP,
 };
 use portwatch_tests::{
+    cli::Pw,
     kernel_test, key,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
-    real_counters, Harness,
 };
 
 const TCP_PORT: u16 = 7001;
@@ -64,13 +65,36 @@ fn nft_counters(bed: &Bed) -> BTreeMap<String, Counters> {
     out
 }
 
+/// portwatch loaded in `mode` on the server's end of the bed, watching TCP and UDP on `TCP_PORT`
+/// and UDP on `UDP_PORT`.
+fn load(bed: &Bed, mode: &str) -> Pw {
+    let pw = Pw::load_with(
+        &bed.server,
+        &bed.server_if,
+        &[&TCP_PORT.to_string(), &format!("{UDP_PORT}/udp")],
+        &["--mode", mode, "--max-entries", "4096"],
+    );
+    assert!(pw.status()["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|a| a["mode"] == mode));
+    pw
+}
+
+#[kernel_test(tcx)]
+fn counters_equal_the_l3_bytes_and_packets_that_crossed_tcx() {
+    counters_equal_the_l3_bytes_and_packets_that_crossed("tcx");
+}
+
 #[kernel_test]
-fn counters_equal_the_l3_bytes_and_packets_that_crossed() {
+fn counters_equal_the_l3_bytes_and_packets_that_crossed_tc() {
+    counters_equal_the_l3_bytes_and_packets_that_crossed("tc");
+}
+
+fn counters_equal_the_l3_bytes_and_packets_that_crossed(mode: &str) {
     let bed = Bed::new(false).unwrap();
-    let mut h = Harness::new(4096).unwrap();
-    h.watch(TCP_PORT, PROTO_ALL).unwrap();
-    h.watch(UDP_PORT, PROTO_UDP).unwrap();
-    bed.server.enter(|| h.attach_tcx(&bed.server_if)).unwrap().unwrap();
+    let pw = load(&bed, mode);
     let nft = tempfile_with(NFT_RULES);
     bed.server.exec(&["nft", "-f", &nft]).unwrap();
 
@@ -83,7 +107,7 @@ fn counters_equal_the_l3_bytes_and_packets_that_crossed() {
     bed.tcp_transfer(CLIENT_V4[0], SERVER_V4, TCP_PORT, 2_000_000).unwrap();
     bed.tcp_transfer(CLIENT_V6[0], SERVER_V6, TCP_PORT, 2_000_000).unwrap();
 
-    let got = real_counters(&h.counters(0).unwrap());
+    let got = pw.counters();
     let nft = nft_counters(&bed);
     let c = |ip: &str, port, proto, dir| got.get(&key(ip, port, proto, dir)).copied().unwrap_or_default();
 
@@ -141,7 +165,7 @@ fn counters_equal_the_l3_bytes_and_packets_that_crossed() {
 
     // Nothing else was counted (the pings that primed the neighbours are ICMP).
     assert_eq!(got.len(), 8, "unexpected keys: {got:#?}");
-    let stats = h.stats().unwrap();
+    let stats = pw.stats();
     let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
     assert_eq!(
         (stats.matched_packets, stats.matched_bytes),
@@ -159,12 +183,9 @@ fn tempfile_with(contents: &str) -> String {
 /// segments the wire would carry, with the headers each one repeats. The reference is the client's
 /// own TCP (`TCP_INFO` segment counts), and for bytes the segments' sizes: every client segment has
 /// a 20-byte IPv4 header and a 32-byte TCP header (timestamps), but the SYN, whose options make 40.
-#[kernel_test]
-fn gso_super_packets_count_as_their_wire_segments() {
+fn gso_super_packets_count_as_their_wire_segments(mode: &str) {
     let bed = Bed::new(true).unwrap();
-    let mut h = Harness::new(4096).unwrap();
-    h.watch(TCP_PORT, PROTO_ALL).unwrap();
-    bed.server.enter(|| h.attach_tcx(&bed.server_if)).unwrap().unwrap();
+    let pw = load(&bed, mode);
     // A GSO super-packet is only made when TSO is on at the sender.
     let features = bed.client.exec(&["ethtool", "-k", &bed.client_if]).unwrap();
     assert!(features.contains("tcp-segmentation-offload: on"), "{features}");
@@ -173,7 +194,7 @@ fn gso_super_packets_count_as_their_wire_segments() {
     let segments = bed
         .tcp_transfer(CLIENT_V4[0], SERVER_V4, TCP_PORT, PAYLOAD as usize)
         .unwrap();
-    let got = real_counters(&h.counters(0).unwrap());
+    let got = pw.counters();
     let ingress = got[&key(CLIENT_V4[0], TCP_PORT, TCP, IN)];
     let egress = got[&key(CLIENT_V4[0], TCP_PORT, TCP, EG)];
     assert_eq!(
@@ -208,6 +229,16 @@ fn gso_super_packets_count_as_their_wire_segments() {
         "{skbs} skbs for {} segments: no GSO happened",
         segments.sent
     );
-    let stats = h.stats().unwrap();
+    let stats = pw.stats();
     assert_eq!(stats.matched_packets, ingress.packets + egress.packets);
+}
+
+#[kernel_test(tcx)]
+fn gso_super_packets_count_as_their_wire_segments_tcx() {
+    gso_super_packets_count_as_their_wire_segments("tcx");
+}
+
+#[kernel_test]
+fn gso_super_packets_count_as_their_wire_segments_tc() {
+    gso_super_packets_count_as_their_wire_segments("tc");
 }

@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# The kernel matrix: portwatch's whole test suite on Debian 12's own kernels (default: 6.1, which
+# has no TCX, and 6.12), each booted under qemu (TCG) with this machine's root read-only under a
+# tmpfs overlay. Every test binary of the workspace runs inside as root with CI=true, one boot
+# each, and `portwatch check` runs on each kernel. One line per kernel and binary; exit code 1 if
+# anything failed on any kernel. Logs stay under target/kernels/<release>/.
+#
+#     tests/kernels.sh [VERSION...]        VERSION: 6.1, 6.12 (a Debian 12 kernel series)
+#
+# What it needs (qemu, busybox, kmod, the kernel images) the bootstrap installs; the images are
+# unpacked under target/kernels/cache and reused. The guest has no network device: test traffic
+# stays in the namespaces the tests create inside it. Nothing is left running or mounted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+versions=("$@")
+((${#versions[@]})) || versions=(6.1 6.12)
+# Per boot: enough for the slowest binary under TCG, bounded.
+BOOT_TIMEOUT=${PORTWATCH_KERNEL_TIMEOUT:-1200}
+# PORTWATCH_KERNEL_TESTS=REGEX runs only the test binaries whose name matches (when debugging).
+
+.ci/bootstrap
+export PATH="${HOME:-/root}/.cargo/bin:$PATH"
+out=$root/target/kernels
+mkdir -p "$out"
+mapfile -t kernels < <(.ci/bootstrap kernels "$out/cache" "${versions[@]}")
+
+# The test binaries, as `cargo test` builds them (the portwatch binary they drive included).
+say() { printf 'kernels: %s\n' "$*" >&2; }
+say "building the test binaries"
+cargo test --workspace --locked --no-run --message-format=json 2>"$out/build.log" |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
+        kind = m["target"]["kind"][0]
+        # tests/<name>.rs by its name; a crate's own unit tests as <crate>-unit
+        name = m["target"]["name"] + ("" if kind == "test" else "-unit")
+        print(name, m["manifest_path"].rsplit("/", 1)[0], m["executable"])
+' | sort >"$out/binaries.txt" || { cat "$out/build.log" >&2; exit 1; }
+# Only binaries that hold tests (the benchmark and demo binaries have none).
+binaries=()
+while read -r name dir exe; do
+  [[ -z ${PORTWATCH_KERNEL_TESTS:-} || $name =~ $PORTWATCH_KERNEL_TESTS ]] || continue
+  if "$exe" --list --format terse 2>/dev/null | grep -q ': test$'; then
+    binaries+=("$name $dir $exe")
+  fi
+done <"$out/binaries.txt"
+
+qemus=()
+cleanup() {
+  for pid in "${qemus[@]}"; do kill "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
+
+# The initramfs of one kernel: static busybox, the modules that reach the host's root (virtio,
+# 9p, overlay; .xz ones unpacked), and /init.
+initramfs() {
+  local dir=$1 release=$2 img=$3 tmp
+  tmp=$(mktemp -d)
+  mkdir -p "$tmp"/{bin,sbin,proc,sys,dev,ro,rw,newroot,modules}
+  cp /bin/busybox "$tmp/bin/busybox"
+  # The kernel's module requests (a qdisc kind, veth, nf_tables...) run /sbin/modprobe in the
+  # initramfs' root, not in the chroot: send them to the real modprobe (kmod) inside it.
+  printf '#!/bin/busybox sh\nexec /bin/busybox chroot /newroot /sbin/modprobe "$@"\n' >"$tmp/sbin/modprobe"
+  chmod +x "$tmp/sbin/modprobe"
+  local order=()
+  local m line path
+  for m in virtio_pci 9pnet_virtio 9p overlay; do
+    while read -r line; do
+      [[ $line == insmod* ]] || continue
+      path=$(awk '{print $2}' <<<"$line")
+      [[ " ${order[*]} " == *" ${path##*/} "* ]] && continue
+      case $path in
+        *.xz) xz -dc "$path" >"$tmp/modules/$(basename "$path" .xz)"; order+=("$(basename "$path" .xz)") ;;
+        *) cp "$path" "$tmp/modules/"; order+=("${path##*/}") ;;
+      esac
+    done < <(modprobe -d "$dir" -S "$release" --show-depends "$m")
+  done
+  printf '%s\n' "${order[@]}" >"$tmp/modules/order"
+  cat >"$tmp/init" <<EOF
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in \$(cat /modules/order); do insmod /modules/\$m || echo "init: insmod \$m failed"; done
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,ro hostroot /ro
+mount -t tmpfs -o size=1G tmpfs /rw
+mkdir -p /rw/upper /rw/work
+mount -t overlay overlay -o lowerdir=/ro,upperdir=/rw/upper,workdir=/rw/work /newroot
+mkdir -p /newroot/pwshare
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 share /newroot/pwshare
+mount -t proc proc /newroot/proc
+mount -t sysfs sys /newroot/sys
+mount -t devtmpfs dev /newroot/dev
+mkdir -p /newroot/dev/pts /newroot/dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
+ln -sf pts/ptmx /newroot/dev/ptmx
+mount -t tmpfs tmpfs /newroot/dev/shm
+mount -t tmpfs tmpfs /newroot/run
+mount -t tmpfs tmpfs /newroot/tmp
+mount -t bpf bpf /newroot/sys/fs/bpf
+mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
+mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null
+mkdir -p /newroot/usr/lib/modules
+rm -rf /newroot/usr/lib/modules/$release
+ln -s $dir/lib/modules/$release /newroot/usr/lib/modules/$release
+chroot /newroot /bin/sh /pwshare/run.sh >/newroot/pwshare/out.log 2>&1
+echo \$? >/newroot/pwshare/rc
+sync
+umount /newroot/pwshare
+echo o >/proc/sysrq-trigger
+sleep 10
+EOF
+  chmod +x "$tmp/init"
+  (cd "$tmp" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$img"
+  rm -rf "$tmp"
+}
+
+# Boots `dir`'s kernel and runs `command` (in `cwd`) inside; its output goes to share/out.log.
+boot() {
+  local dir=$1 release=$2 img=$3 share=$4 cwd=$5 command=$6
+  rm -rf "$share"
+  mkdir -p "$share"
+  cat >"$share/run.sh" <<EOF
+export CI=true HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export RUST_BACKTRACE=1
+cd '$cwd'
+echo "kernel \$(uname -r)"
+$command
+EOF
+  timeout --kill-after=10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
+    -accel tcg,thread=multi -cpu max -smp 2 -m 2G \
+    -display none -monitor none -serial "file:$share/console.log" -no-reboot -nic none \
+    -kernel "$dir/boot/vmlinuz-$release" -initrd "$img" \
+    -append "console=ttyS0 panic=-1 quiet" \
+    -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+    -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null &
+  qemus+=($!)
+  wait $! || true
+}
+
+failed=0
+for entry in "${kernels[@]}"; do
+  read -r version package release <<<"$entry"
+  dir=$out/cache/$package
+  logs=$out/$release
+  mkdir -p "$logs"
+  img=$logs/initramfs.img
+  initramfs "$dir" "$release" "$img"
+  say "$release ($package): ${#binaries[@]} test binaries and portwatch check, one boot each"
+
+  boot "$dir" "$release" "$img" "$logs/check" "$root" "target/debug/portwatch check"
+  if [[ $(cat "$logs/check/rc" 2>/dev/null) == 0 ]]; then
+    printf '%-24s %-24s passed (the verifier accepts both programs)\n' "$release" "portwatch check"
+  else
+    printf '%-24s %-24s FAILED: see %s\n' "$release" "portwatch check" "$logs/check/out.log"
+    failed=1
+  fi
+
+  for b in "${binaries[@]}"; do
+    read -r name cwd exe <<<"$b"
+    share=$logs/$name
+    started=$SECONDS
+    boot "$dir" "$release" "$img" "$share" "$cwd" "'$exe'"
+    rc=$(cat "$share/rc" 2>/dev/null || echo none)
+    read -r passed fails < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+      END { print p + 0, f + 0 }' "$share/out.log" 2>/dev/null || echo "0 0")
+    skipped=$(grep -c '^SKIPPED' "$share/out.log" 2>/dev/null || true)
+    skipped=${skipped:-0}
+    # A skipped test returns early, so libtest counts it as passed: count it apart.
+    passed=$((passed - skipped))
+    line=$(printf '%-24s %-24s %3d passed, %d failed' "$release" "$name" "$passed" "$fails")
+    ((skipped == 0)) || line+=", $skipped skipped ($(grep '^SKIPPED' "$share/out.log" | sed 's/^SKIPPED \([^:]*\):.*/\1/' | paste -sd' '))"
+    line+=" ($((SECONDS - started)) s)"
+    if [[ $rc != 0 ]]; then
+      [[ $rc == none ]] && line+=" - did not finish (timeout or crash)"
+      line+=": FAILED, see $share/out.log"
+      failed=1
+    fi
+    echo "$line"
+  done
+done
+exit "$failed"
