@@ -35,7 +35,7 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m["profile"]["test"] and m.get("executable"):
         kind = m["target"]["kind"][0]
-        # tests/<name>.rs by its name; a crate's own unit tests as <crate>-unit
+        # tests/NAME.rs as NAME; the unit tests of a crate as CRATE-unit
         name = m["target"]["name"] + ("" if kind == "test" else "-unit")
         print(name, m["manifest_path"].rsplit("/", 1)[0], m["executable"])
 ' | sort >"$out/binaries.txt" || { cat "$out/build.log" >&2; exit 1; }
@@ -43,7 +43,8 @@ for line in sys.stdin:
 binaries=()
 while read -r name dir exe; do
   [[ -z ${PORTWATCH_KERNEL_TESTS:-} || $name =~ $PORTWATCH_KERNEL_TESTS ]] || continue
-  if "$exe" --list --format terse 2>/dev/null | grep -q ': test$'; then
+  # Read whole (a `| grep -q` would close the pipe early, and pipefail would drop the binary).
+  if [[ $("$exe" --list --format terse 2>/dev/null) == *': test'* ]]; then
     binaries+=("$name $dir $exe")
   fi
 done <"$out/binaries.txt"
