@@ -13,6 +13,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
+# The guest sees this machine's root, with fresh /proc, /sys, /dev and /run over it (/tmp stays,
+# written to the overlay): the checkout must not be under those.
+case $root/ in
+  /proc/* | /sys/* | /dev/* | /run/*)
+    echo "kernels: the checkout ($root) is under a directory the guest mounts over; move it" >&2
+    exit 1
+    ;;
+esac
 versions=("$@")
 ((${#versions[@]})) || versions=(6.1 6.12)
 # Per boot: enough for the slowest binary under TCG, bounded.
@@ -102,7 +110,6 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts /newroot/dev/pts
 ln -sf pts/ptmx /newroot/dev/ptmx
 mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t tmpfs tmpfs /newroot/run
-mount -t tmpfs tmpfs /newroot/tmp
 mount -t bpf bpf /newroot/sys/fs/bpf
 mount -t cgroup2 cgroup2 /newroot/sys/fs/cgroup
 mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null
