@@ -175,7 +175,16 @@ fn attach(
                     log_fallback(&iface.name, &e);
                     None
                 }
-                Err(e) => return Err(e).with_context(|| format!("attaching to {} {dir} with TCX", iface.name)),
+                Err(e) => {
+                    // A kernel without TCX (before 6.6) refuses the link with EINVAL.
+                    let hint = if has_errno(&e, &[libc::EINVAL]) {
+                        " (this kernel has no TCX links, which came with Linux 6.6: use --mode tc, or \
+                         --mode auto to fall back to it)"
+                    } else {
+                        ""
+                    };
+                    return Err(e).with_context(|| format!("attaching to {} {dir} with TCX{hint}", iface.name));
+                }
             }
         }
     };
@@ -257,7 +266,7 @@ pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Resu
                 match aya::programs::links::Link::detach(link) {
                     Ok(()) => {}
                     // Someone removed the filter or the qdisc already: nothing left to detach.
-                    Err(e) if is_not_found(&e) => {}
+                    Err(e) if has_errno(&e, &[libc::ENOENT, libc::ENODEV, libc::EINVAL]) => {}
                     Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
                 }
                 if record.flags & ATTACH_FLAG_OWN_QDISC != 0 {
@@ -283,14 +292,12 @@ fn remove_own_clsact(ifindex: u32) {
     }
 }
 
-fn is_not_found(e: &aya::programs::ProgramError) -> bool {
+/// Whether `e`, or an error under it, is an OS error with one of `errnos`.
+fn has_errno(e: &aya::programs::ProgramError, errnos: &[i32]) -> bool {
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<io::Error>() {
-            if matches!(
-                io.raw_os_error(),
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::EINVAL)
-            ) {
+        if let Some(code) = s.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error) {
+            if errnos.contains(&code) {
                 return true;
             }
         }

@@ -53,8 +53,7 @@ fn say_skipped(test: &str, why: &str) {
 /// (`#[kernel_test(tcx)]`) ask it; without TCX they are skipped with a line saying so, under
 /// `CI=true` too: the one skip for a missing kernel feature, and their classic tc variants run.
 pub fn tcx_available(test: &str) -> bool {
-    static TCX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let available = *TCX.get_or_init(|| probe_tcx().unwrap_or_else(|e| panic!("probing the kernel for TCX: {e:#}")));
+    let available = has_tcx();
     if !available {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         let release = release.trim();
@@ -64,6 +63,12 @@ pub fn tcx_available(test: &str) -> bool {
         );
     }
     available
+}
+
+/// Whether this kernel has TCX links (probed once).
+pub fn has_tcx() -> bool {
+    static TCX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TCX.get_or_init(|| probe_tcx().unwrap_or_else(|e| panic!("probing the kernel for TCX: {e:#}")))
 }
 
 /// Attaches portwatch's ingress program with a TCX link to the loopback of a namespace of its

@@ -225,6 +225,30 @@ fn lifecycle_with_classic_tc() {
     lifecycle("tc");
 }
 
+/// `--mode tcx` attaches with TCX links where the kernel has them; where it has not (6.1), `load`
+/// fails in one line that says what to use instead, and leaves nothing behind.
+#[kernel_test]
+fn tcx_mode_attaches_with_tcx_or_says_what_to_use_instead() {
+    let bed = Bed::new(false).unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    let r = pw.run(&["load", "--iface", "pw0", "--port", "443", "--mode", "tcx"]);
+    if portwatch_tests::has_tcx() {
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert_eq!(attached(&bed.server, "pw0", "tcx"), 2);
+        pw.ok(&["unload"]);
+    } else {
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("no TCX") && r.stderr.contains("--mode tc") && r.stderr.contains("--mode auto"),
+            "{}",
+            r.stderr
+        );
+        assert!(!pw.pin.exists(), "{:?}", pw.tree());
+    }
+    assert_nothing_attached(&bed, &["pw0"]);
+}
+
 /// `ports add` while traffic flows counts from then on; `ports del` stops it; the program is never
 /// reloaded (its id stays the same).
 #[kernel_test]
