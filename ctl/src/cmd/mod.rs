@@ -24,6 +24,7 @@ use crate::{
 pub(crate) fn run(cli: &Cli) -> Result<()> {
     let pin = PinPath::new(&cli.pin_path);
     check_privileges()?;
+    crate::sys::bpf::lift_memlock_limit();
     // `check` pins nothing: it needs no bpffs.
     if !matches!(cli.command, Command::Check) {
         ensure_bpffs(&pin)?;

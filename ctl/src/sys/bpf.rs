@@ -106,6 +106,18 @@ pub fn wait_for_running_programs(barrier: BorrowedFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Lifts RLIMIT_MEMLOCK. Kernels before 5.11 charge BPF maps against it (later ones against the
+/// memory cgroup), and its old default of 64 KiB refuses even the reset's one-entry barrier map
+/// with EPERM; libbpf lifts it the same way. Best effort: without CAP_SYS_RESOURCE it stays.
+pub(crate) fn lift_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid, initialized struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
 /// Whether an error means "this kernel has no batch operations for this map".
 pub fn batch_unsupported(e: &io::Error) -> bool {
     matches!(
