@@ -140,6 +140,7 @@ fn program_ids(status: &serde_json::Value) -> Vec<u64> {
 
 /// load in one process, exit, real TCP and UDP (IPv4 and IPv6) from the client namespace, and the
 /// pinned counters equal the L3 bytes and packets that crossed, with no portwatch process alive.
+#[kernel_test(each_mode)]
 fn lifecycle(mode: &str) {
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
@@ -215,16 +216,6 @@ fn lifecycle(mode: &str) {
     assert_nothing_attached(&bed, &[&bed.server_if]);
 }
 
-#[kernel_test(tcx)]
-fn lifecycle_with_tcx_links() {
-    lifecycle("tcx");
-}
-
-#[kernel_test]
-fn lifecycle_with_classic_tc() {
-    lifecycle("tc");
-}
-
 /// `--mode tcx` attaches with TCX links where the kernel has them; where it has not (6.1), `load`
 /// fails in one line that says what to use instead, and leaves nothing behind.
 #[kernel_test]
@@ -294,6 +285,7 @@ fn port_changes_apply_live_without_reload() {
 
 /// `detach` of one of two interfaces keeps the other counting; `unload` then leaves no pin and no
 /// attachment anywhere.
+#[kernel_test(each_mode)]
 fn detach_one_interface_keeps_the_other_counting(mode: &str) {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
@@ -348,18 +340,9 @@ fn detach_one_interface_keeps_the_other_counting(mode: &str) {
     );
 }
 
-#[kernel_test(tcx)]
-fn detach_one_interface_keeps_the_other_counting_tcx() {
-    detach_one_interface_keeps_the_other_counting("tcx");
-}
-
-#[kernel_test]
-fn detach_one_interface_keeps_the_other_counting_tc() {
-    detach_one_interface_keeps_the_other_counting("tc");
-}
-
 /// An interface that vanishes leaves records (and, with TCX, link pins) that `status` reports and
 /// `detach` removes.
+#[kernel_test(each_mode)]
 fn a_vanished_interface_is_reported_and_removable(mode: &str) {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
@@ -394,16 +377,6 @@ fn a_vanished_interface_is_reported_and_removable(mode: &str) {
     pw.ok(&["unload"]);
     assert!(!pw.pin.exists());
     assert_nothing_attached(&bed, &["pw0"]);
-}
-
-#[kernel_test(tcx)]
-fn a_vanished_interface_is_reported_and_removable_tcx() {
-    a_vanished_interface_is_reported_and_removable("tcx");
-}
-
-#[kernel_test]
-fn a_vanished_interface_is_reported_and_removable_tc() {
-    a_vanished_interface_is_reported_and_removable("tc");
 }
 
 /// A failed `load` leaves nothing pinned or attached.
@@ -544,6 +517,7 @@ fn errors_say_what_to_do_and_change_nothing() {
 }
 
 /// Pinned state of another layout version is refused by every command, and never misread.
+#[kernel_test(each_mode)]
 fn another_layout_version_is_refused(mode: &str) {
     let bed = Bed::new(false).unwrap();
     let pw = Pw::load_with(&bed.server, "pw0", &["443"], &["--mode", mode]);
@@ -592,16 +566,6 @@ fn another_layout_version_is_refused(mode: &str) {
     set_version(portwatch_common::LAYOUT_VERSION);
     pw.ok(&["unload"]);
     assert_nothing_attached(&bed, &["pw0"]);
-}
-
-#[kernel_test(tcx)]
-fn another_layout_version_is_refused_tcx() {
-    another_layout_version_is_refused("tcx");
-}
-
-#[kernel_test]
-fn another_layout_version_is_refused_tc() {
-    another_layout_version_is_refused("tc");
 }
 
 /// Commands that change state take the lock: one waits for the other.

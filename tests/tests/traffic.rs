@@ -82,16 +82,7 @@ fn load(bed: &Bed, mode: &str) -> Pw {
     pw
 }
 
-#[kernel_test(tcx)]
-fn counters_equal_the_l3_bytes_and_packets_that_crossed_tcx() {
-    counters_equal_the_l3_bytes_and_packets_that_crossed("tcx");
-}
-
-#[kernel_test]
-fn counters_equal_the_l3_bytes_and_packets_that_crossed_tc() {
-    counters_equal_the_l3_bytes_and_packets_that_crossed("tc");
-}
-
+#[kernel_test(each_mode)]
 fn counters_equal_the_l3_bytes_and_packets_that_crossed(mode: &str) {
     let bed = Bed::new(false).unwrap();
     let pw = load(&bed, mode);
@@ -183,6 +174,7 @@ fn tempfile_with(contents: &str) -> String {
 /// segments the wire would carry, with the headers each one repeats. The reference is the client's
 /// own TCP (`TCP_INFO` segment counts), and for bytes the segments' sizes: every client segment has
 /// a 20-byte IPv4 header and a 32-byte TCP header (timestamps), but the SYN, whose options make 40.
+#[kernel_test(each_mode)]
 fn gso_super_packets_count_as_their_wire_segments(mode: &str) {
     let bed = Bed::new(true).unwrap();
     let pw = load(&bed, mode);
@@ -231,14 +223,4 @@ fn gso_super_packets_count_as_their_wire_segments(mode: &str) {
     );
     let stats = pw.stats();
     assert_eq!(stats.matched_packets, ingress.packets + egress.packets);
-}
-
-#[kernel_test(tcx)]
-fn gso_super_packets_count_as_their_wire_segments_tcx() {
-    gso_super_packets_count_as_their_wire_segments("tcx");
-}
-
-#[kernel_test]
-fn gso_super_packets_count_as_their_wire_segments_tc() {
-    gso_super_packets_count_as_their_wire_segments("tc");
 }

@@ -7,11 +7,17 @@
 //! (Debian 12's 6.1) the test is skipped with a line saying so, under `CI=true` too; it is the only
 //! skip CI allows, and the test's classic tc variant runs there instead.
 //!
+//! `#[kernel_test(each_mode)]` goes on a function of the attach mode (`fn f(mode: &str)`): it
+//! declares two tests, `f_tcx` (TCX links, as `#[kernel_test(tcx)]`) and `f_tc` (the classic clsact
+//! qdisc, on every kernel), each calling `f` with its mode.
+//!
 //! ```ignore
 //! #[kernel_test]
-//! fn lifecycle_with_classic_tc() { ... }
+//! fn port_changes_apply_live_without_reload() { ... }
 //! #[kernel_test(tcx)]
-//! fn lifecycle_with_tcx_links() { ... }
+//! fn outputs_stay_the_same() { ... }
+//! #[kernel_test(each_mode)]
+//! fn lifecycle(mode: &str) { ... }
 //! ```
 //!
 //! Written on `proc_macro` alone (no syn): it only needs the function's name and body.
@@ -23,13 +29,11 @@ pub fn kernel_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     let needs_tcx = match attr.to_string().as_str() {
         "" => false,
         "tcx" => true,
-        _ => return error("#[kernel_test] takes no argument, or `tcx`"),
+        "each_mode" => return each_mode(item),
+        _ => return error("#[kernel_test] takes no argument, `tcx` or `each_mode`"),
     };
     let mut tokens: Vec<TokenTree> = item.into_iter().collect();
-    let name = tokens.windows(2).find_map(|w| match (&w[0], &w[1]) {
-        (TokenTree::Ident(f), TokenTree::Ident(name)) if f.to_string() == "fn" => Some(name.to_string()),
-        _ => None,
-    });
+    let name = fn_name(&tokens);
     let (Some(name), Some(TokenTree::Group(body))) = (name, tokens.last().cloned()) else {
         return error("#[kernel_test] goes on a function");
     };
@@ -48,6 +52,34 @@ pub fn kernel_test(attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut out: TokenStream = "#[test]".parse().unwrap();
     out.extend(tokens);
     out
+}
+
+/// The function unchanged, and a test per attach mode that calls it.
+fn each_mode(item: TokenStream) -> TokenStream {
+    let Some(name) = fn_name(&item.clone().into_iter().collect::<Vec<_>>()) else {
+        return error("#[kernel_test(each_mode)] goes on a function");
+    };
+    let mut out = item;
+    for (mode, tcx_check) in [("tcx", true), ("tc", false)] {
+        let test = format!("{name}_{mode}");
+        let tcx = if tcx_check {
+            format!("if !::portwatch_tests::tcx_available({test:?}) {{ return; }}")
+        } else {
+            String::new()
+        };
+        let code = format!(
+            "#[test] fn {test}() {{ if !::portwatch_tests::kernel_available({test:?}) {{ return; }} {tcx} {name}({mode:?}); }}"
+        );
+        out.extend(code.parse::<TokenStream>().unwrap());
+    }
+    out
+}
+
+fn fn_name(tokens: &[TokenTree]) -> Option<String> {
+    tokens.windows(2).find_map(|w| match (&w[0], &w[1]) {
+        (TokenTree::Ident(f), TokenTree::Ident(name)) if f.to_string() == "fn" => Some(name.to_string()),
+        _ => None,
+    })
 }
 
 /// `if !::portwatch_tests::<function>("<test>") { return; }`
