@@ -128,8 +128,11 @@ impl Filter {
                 .ports
                 .iter()
                 .any(|s| s.ports().contains(&key.port) && s.protocols & bit != 0);
-        let ip = key.remote_ip_octets();
-        let ip_ok = self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(&ip));
+        // `top` asks this of every counter: the address is only assembled when a prefix is given.
+        let ip_ok = self.cidrs.is_empty() || {
+            let ip = key.remote_ip_octets();
+            self.cidrs.iter().any(|c| c.contains(&ip))
+        };
         port_ok && ip_ok
     }
 }
