@@ -1,12 +1,14 @@
 //! Every command's output on a fixed pinned state, byte for byte: help, load, attach, ports, status
 //! (human and JSON), top (every `--by`, table/exact/JSON/CSV, filters, rates), reset (JSON, CSV,
-//! table), detach, unload and the errors, against `tests/golden/transcript.txt`.
+//! table), detach, unload and the errors, against a golden transcript: `tests/golden/transcript.txt`
+//! with TCX links, `tests/golden/transcript-tc.txt` with the classic clsact qdisc (every kernel).
 //!
-//! The transcript was first written by the portwatch that predates the refactoring into shared
-//! types and printers: this test is what shows that the refactoring changed no output. Only what
-//! a run cannot fix is masked: the pin path, program and link ids, program tags, the time and the
-//! measured interval. After an intended change of output, rewrite the transcript with
-//! `PORTWATCH_BLESS=1 cargo test -p portwatch-tests --test outputs` and review its diff.
+//! `transcript.txt` was written by the portwatch that predates the refactoring into shared types
+//! and printers: it is what shows that the refactoring changed no output. `transcript-tc.txt` came
+//! later (with the kernel matrix), from the refactored portwatch. Only what a run cannot fix is
+//! masked: the pin path, program and link ids, program tags, the time and the measured interval.
+//! After an intended change of output, rewrite the transcripts with
+//! `PORTWATCH_BLESS=1 cargo test -p portwatch-tests --test outputs` and review their diff.
 
 use std::{fmt::Write as _, path::Path};
 
@@ -94,10 +96,9 @@ fn normalize(text: &str, pin: &Path) -> String {
     })
 }
 
-/// TCX only: the transcript shows TCX attachments (and a tc one); kernels without TCX run the
-/// rest of the suite, where every output is checked for its content.
-#[kernel_test(tcx)]
-fn outputs_stay_the_same() {
+/// `mode` attaches `lo` and `pwg1` (`pwg0` is always attached with tc).
+#[kernel_test(each_mode)]
+fn outputs_stay_the_same(mode: &str) {
     let ns = Netns::new("golden").unwrap();
     // Interfaces kept down: nothing sends, so the statistics are the test's own figures.
     for iface in ["pwg0", "pwg1"] {
@@ -153,7 +154,7 @@ fn outputs_stay_the_same() {
             "--port",
             "8000-8100/tcp",
             "--mode",
-            "tcx",
+            mode,
         ],
     );
     run(
@@ -224,7 +225,7 @@ fn outputs_stay_the_same() {
     run(&pw, &mut t, &["reset", "--json"]);
 
     // An interface that vanishes.
-    run(&pw, &mut t, &["attach", "pwg1", "--mode", "tcx"]);
+    run(&pw, &mut t, &["attach", "pwg1", "--mode", mode]);
     ns.ip(&["link", "del", "pwg1"]).unwrap();
     run(&pw, &mut t, &["status"]);
     run(&pw, &mut t, &["status", "--json"]);
@@ -250,15 +251,20 @@ fn outputs_stay_the_same() {
     run(&pw, &mut t, &["status"]);
 
     let got = normalize(&t, &pw.pin);
-    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/transcript.txt");
+    let name = if mode == "tcx" {
+        "transcript.txt"
+    } else {
+        "transcript-tc.txt"
+    };
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("golden").join(name);
     if std::env::var_os("PORTWATCH_BLESS").is_some() {
         std::fs::create_dir_all(golden.parent().unwrap()).unwrap();
         std::fs::write(&golden, &got).unwrap();
         return;
     }
-    let want = std::fs::read_to_string(&golden).expect("tests/golden/transcript.txt");
+    let want = std::fs::read_to_string(&golden).unwrap_or_else(|e| panic!("{}: {e}", golden.display()));
     if got != want {
-        let actual = std::env::temp_dir().join(format!("portwatch-transcript-{}.txt", std::process::id()));
+        let actual = std::env::temp_dir().join(format!("portwatch-{mode}-{name}-{}", std::process::id()));
         std::fs::write(&actual, &got).unwrap();
         let first = got
             .lines()
@@ -266,7 +272,7 @@ fn outputs_stay_the_same() {
             .position(|(a, b)| a != b)
             .unwrap_or(got.lines().count().min(want.lines().count()));
         panic!(
-            "the output differs from tests/golden/transcript.txt from line {}: `diff {} {}`\n  want: {:?}\n  got:  {:?}",
+            "the output differs from tests/golden/{name} from line {}: `diff {} {}`\n  want: {:?}\n  got:  {:?}",
             first + 1,
             golden.display(),
             actual.display(),
