@@ -31,7 +31,9 @@ BOOT_TIMEOUT=${PORTWATCH_KERNEL_TIMEOUT:-1200}
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 out=$root/target/kernels
 mkdir -p "$out"
-mapfile -t kernels < <(.ci/bootstrap kernels "$out/cache" "${versions[@]}")
+# One line per version: VERSION PACKAGE RELEASE (a failure stops here, under set -e).
+.ci/bootstrap kernels "$out/cache" "${versions[@]}" >"$out/kernels.txt"
+mapfile -t kernels <"$out/kernels.txt"
 
 # The test binaries, as `cargo test` builds them (the portwatch binary they drive included).
 say() { printf 'kernels: %s\n' "$*" >&2; }
@@ -56,6 +58,10 @@ while read -r name dir exe; do
     binaries+=("$name $dir $exe")
   fi
 done <"$out/binaries.txt"
+if ((${#binaries[@]} == 0)) && [[ -z ${PORTWATCH_KERNEL_TESTS:-} ]]; then
+  say "no test binary with tests was built: see $out/build.log"
+  exit 1
+fi
 
 qemus=()
 cleanup() {
