@@ -6,7 +6,7 @@
 
 /// Bumped whenever a pinned map's name, type, key, value or meaning changes. A `ctl` that finds
 /// pinned state of another version refuses to touch it.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names, as they appear in the object file and as the pin file names under the pin path.
 pub mod map_names {
@@ -408,19 +408,22 @@ impl Meta {
 /// Entries of the `attachments` map: interfaces times two directions.
 pub const MAX_ATTACHMENTS: u32 = 1024;
 
-/// Key of an attachment. Bytes 0..4 `ifindex`, 4 `direction` (`Direction as u8`), 5..8 reserved
-/// (zero).
+/// Key of an attachment. Bytes 0..8 `netns`: the inode of the network namespace the interface is
+/// in (interfaces of two namespaces can share an index and a name), 8..12 `ifindex`, 12
+/// `direction` (`Direction as u8`), 13..16 reserved (zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct AttachKey {
+    pub netns: u64,
     pub ifindex: u32,
     pub direction: u8,
     pub _reserved: [u8; 3],
 }
 
 impl AttachKey {
-    pub const fn new(ifindex: u32, direction: Direction) -> AttachKey {
+    pub const fn new(netns: u64, ifindex: u32, direction: Direction) -> AttachKey {
         AttachKey {
+            netns,
             ifindex,
             direction: direction as u8,
             _reserved: [0; 3],
@@ -440,17 +443,35 @@ pub const ATTACH_MODE_TC: u8 = 2;
 /// detach removes it again when no filter is left on it.
 pub const ATTACH_FLAG_OWN_QDISC: u8 = 1 << 0;
 
+/// Bytes of `Attachment::netns`.
+pub const ATTACH_NETNS_LEN: usize = 64;
+
 /// An attachment. Bytes 0 `mode` (`ATTACH_MODE_*`), 1 `flags` (`ATTACH_FLAG_*`), 2..4 `priority`
 /// and 4..8 `handle` of a tc filter (0 for TCX), 8..24 `ifname`: the interface's name when
-/// attached, NUL-padded.
+/// attached, NUL-padded; 24..88 `netns`: the network namespace as it was given (an `ip netns` name
+/// or a path such as `/proc/PID/ns/net`), NUL-padded, empty for the namespace the command ran in.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attachment {
     pub mode: u8,
     pub flags: u8,
     pub priority: u16,
     pub handle: u32,
     pub ifname: [u8; 16],
+    pub netns: [u8; ATTACH_NETNS_LEN],
+}
+
+impl Default for Attachment {
+    fn default() -> Attachment {
+        Attachment {
+            mode: 0,
+            flags: 0,
+            priority: 0,
+            handle: 0,
+            ifname: [0; 16],
+            netns: [0; ATTACH_NETNS_LEN],
+        }
+    }
 }
 
 #[cfg(feature = "user")]
@@ -473,8 +494,8 @@ const _: () = {
     assert!(core::mem::size_of::<Config>() == 8);
     assert!(core::mem::size_of::<Stats>() == STATS_FIELDS * 8);
     assert!(core::mem::size_of::<Meta>() == 16);
-    assert!(core::mem::size_of::<AttachKey>() == 8);
-    assert!(core::mem::size_of::<Attachment>() == 24);
+    assert!(core::mem::size_of::<AttachKey>() == 16);
+    assert!(core::mem::size_of::<Attachment>() == 88);
 };
 
 impl core::ops::AddAssign for Counters {

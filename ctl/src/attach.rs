@@ -16,6 +16,7 @@ use portwatch_common::{
 
 use crate::{
     error::Error,
+    netns::NetNs,
     pinned::{PinPath, Pinned},
 };
 
@@ -32,10 +33,11 @@ pub enum Mode {
 /// Says what was attached, as `load` and `attach` print it.
 fn announce(iface: &Iface, direction: Direction, record: &Attachment) {
     println!(
-        "attached to {} {} ({})",
+        "attached to {} {} ({}){}",
         iface.name,
         direction.name(),
-        mode_name(record.mode)
+        mode_name(record.mode),
+        iface.netns.suffix()
     );
 }
 
@@ -48,19 +50,27 @@ fn attach_pinned(
     direction: Direction,
     mode: Mode,
 ) -> Result<Option<(AttachKey, Attachment)>> {
-    let key = AttachKey::new(iface.index, direction);
+    let key = AttachKey::new(iface.netns.inode, iface.index, direction);
     let records = pinned.attachments()?;
     if records.get(&key, 0).is_ok() {
-        println!("already attached to {} {}", iface.name, direction.name());
+        println!(
+            "already attached to {} {}{}",
+            iface.name,
+            direction.name(),
+            iface.netns.suffix()
+        );
         return Ok(None);
     }
     // A clsact qdisc that portwatch added for the other direction is portwatch's here too.
-    let other = AttachKey::new(iface.index, direction.other());
+    let other = AttachKey::new(iface.netns.inode, iface.index, direction.other());
     let own_qdisc = records
         .get(&other, 0)
         .is_ok_and(|r| r.mode == ATTACH_MODE_TC && r.flags & ATTACH_FLAG_OWN_QDISC != 0);
     let pin = pinned.pin.clone();
-    let record = attach(pinned.program(direction)?, &pin, iface, direction, mode, own_qdisc)?;
+    let prog = pinned.program(direction)?;
+    let record = iface
+        .netns
+        .enter(|| attach(prog, &pin, iface, direction, mode, own_qdisc))??;
     if let Err(e) = pinned.attachments()?.insert(key, record, 0) {
         let _ = detach(&pin, key, &record);
         return Err(e).context("recording the attachment");
@@ -102,21 +112,29 @@ pub(crate) fn mode_name(mode: u8) -> &'static str {
     }
 }
 
-/// An interface by name and index.
+/// An interface by name and index, in its network namespace.
 #[derive(Clone, Debug)]
 pub(crate) struct Iface {
     pub name: String,
     pub index: u32,
+    pub netns: NetNs,
 }
 
 impl Iface {
-    pub(crate) fn resolve(name: &str) -> Result<Iface> {
-        match nix::net::if_::if_nametoindex(name) {
+    pub(crate) fn resolve(name: &str, netns: &NetNs) -> Result<Iface> {
+        match netns.enter(|| nix::net::if_::if_nametoindex(name))? {
             Ok(index) => Ok(Iface {
                 name: name.to_string(),
                 index,
+                netns: netns.clone(),
             }),
-            Err(_) => Err(Error::Interface(format!("no interface named {name:?} (see `ip link`)")).into()),
+            Err(_) => {
+                let see = match &netns.given {
+                    Some(ns) => format!("ip -n {ns} link"),
+                    None => "ip link".to_string(),
+                };
+                Err(Error::Interface(format!("no interface named {name:?}{} (see `{see}`)", netns.suffix())).into())
+            }
         }
     }
 }
@@ -133,9 +151,30 @@ pub(crate) fn ifname_of(index: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..len]).into_owned())
 }
 
+fn nul_padded(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
+}
+
+fn set_nul_padded(field: &mut [u8], text: &str) {
+    let n = text.len().min(field.len());
+    field[..n].copy_from_slice(&text.as_bytes()[..n]);
+}
+
 pub(crate) fn recorded_name(a: &Attachment) -> String {
-    let len = a.ifname.iter().position(|&b| b == 0).unwrap_or(a.ifname.len());
-    String::from_utf8_lossy(&a.ifname[..len]).into_owned()
+    nul_padded(&a.ifname)
+}
+
+/// The network namespace as the attachment was given it (`ip netns` name or path), or empty.
+pub(crate) fn recorded_netns(a: &Attachment) -> String {
+    nul_padded(&a.netns)
+}
+
+/// The name the attached interface has now, in its network namespace; `None` when it (or its
+/// namespace) is gone, or the namespace cannot be entered from here.
+pub(crate) fn current_name(key: &AttachKey, record: &Attachment) -> Option<String> {
+    let netns = NetNs::of_attachment(key.netns, &recorded_netns(record))?;
+    netns.enter(|| ifname_of(key.ifindex)).ok().flatten()
 }
 
 fn tc_attach_type(direction: Direction) -> TcAttachType {
@@ -156,8 +195,10 @@ fn attach(
     own_qdisc: bool,
 ) -> Result<Attachment> {
     let mut record = Attachment::default();
-    let name = iface.name.as_bytes();
-    record.ifname[..name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
+    set_nul_padded(&mut record.ifname[..15], &iface.name);
+    if let Some(given) = &iface.netns.given {
+        set_nul_padded(&mut record.netns, given);
+    }
     let attach_type = tc_attach_type(direction);
     let dir = direction.name();
 
@@ -195,7 +236,7 @@ fn attach(
                 .try_into()
                 .context("a TCX link that is not an fd link")?;
             std::fs::create_dir_all(pin.links_dir())?;
-            let path = pin.link(iface.index, direction);
+            let path = pin.link(iface.netns.inode, iface.index, direction);
             // Dropping `link` if pinning fails detaches it: nothing is left half-done.
             link.pin(&path)
                 .with_context(|| format!("pinning the link at {}", path.display()))?;
@@ -247,7 +288,7 @@ fn log_fallback(iface: &str, e: &aya::programs::ProgramError) {
 pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> {
     match record.mode {
         ATTACH_MODE_TCX => {
-            let path = pin.link(key.ifindex, key.direction());
+            let path = pin.link(key.netns, key.ifindex, key.direction());
             match PinnedLink::from_pin(&path) {
                 Ok(link) => drop(link.unpin().with_context(|| format!("removing {}", path.display()))?),
                 Err(_) if !path.exists() => {}
@@ -255,26 +296,48 @@ pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Resu
             }
         }
         ATTACH_MODE_TC => {
-            if let Some(name) = ifname_of(key.ifindex) {
-                let link = SchedClassifierLink::attached(
-                    &name,
-                    tc_attach_type(key.direction()),
-                    record.priority,
-                    TcHandle::from(record.handle),
-                    None,
-                )?;
-                match aya::programs::links::Link::detach(link) {
-                    Ok(()) => {}
-                    // Someone removed the filter or the qdisc already: nothing left to detach.
-                    Err(e) if has_errno(&e, &[libc::ENOENT, libc::ENODEV, libc::EINVAL]) => {}
-                    Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
+            let recorded = recorded_netns(record);
+            match NetNs::of_attachment(key.netns, &recorded) {
+                Some(netns) => netns.enter(|| detach_tc_filter(key, record))??,
+                // Recorded without a name: the namespace this command runs in, which it is not.
+                None if recorded.is_empty() => {
+                    return Err(Error::Interface(format!(
+                        "the tc filter on {} {} is in another network namespace (inode {}) than this \
+                         command: run portwatch in that one (`nsenter --net=...`)",
+                        recorded_name(record),
+                        key.direction().name(),
+                        key.netns
+                    ))
+                    .into())
                 }
-                if record.flags & ATTACH_FLAG_OWN_QDISC != 0 {
-                    remove_own_clsact(key.ifindex);
-                }
+                // The namespace is gone, and its interfaces and their filters with it.
+                None => {}
             }
         }
         _ => {}
+    }
+    Ok(())
+}
+
+/// Deletes the recorded tc filter, in the namespace of its interface.
+fn detach_tc_filter(key: AttachKey, record: &Attachment) -> Result<()> {
+    if let Some(name) = ifname_of(key.ifindex) {
+        let link = SchedClassifierLink::attached(
+            &name,
+            tc_attach_type(key.direction()),
+            record.priority,
+            TcHandle::from(record.handle),
+            None,
+        )?;
+        match aya::programs::links::Link::detach(link) {
+            Ok(()) => {}
+            // Someone removed the filter or the qdisc already: nothing left to detach.
+            Err(e) if has_errno(&e, &[libc::ENOENT, libc::ENODEV, libc::EINVAL]) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
+        }
+        if record.flags & ATTACH_FLAG_OWN_QDISC != 0 {
+            remove_own_clsact(key.ifindex);
+        }
     }
     Ok(())
 }

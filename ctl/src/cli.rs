@@ -70,12 +70,19 @@ pub enum Command {
         direction: Option<DirectionArg>,
         #[arg(long, value_enum, default_value_t = Mode::Auto)]
         mode: Mode,
+        /// The interface is in this network namespace (`ip netns` NAME, or a PATH such as
+        /// /proc/PID/ns/net); the pins stay in this bpffs
+        #[arg(long, value_name = "NAME|PATH")]
+        netns: Option<String>,
     },
     /// Detach from one interface; the others keep counting
-    #[command(after_help = "Example:\n  portwatch detach eth1")]
+    #[command(after_help = "Examples:\n  portwatch detach eth1\n  portwatch detach eth0 --netns web")]
     Detach {
         /// Interface name (also the name of an interface that has vanished since)
         iface: String,
+        /// The interface is in this network namespace (as given to `load` or `attach`)
+        #[arg(long, value_name = "NAME|PATH")]
+        netns: Option<String>,
     },
     /// Change or list the watched ports; changes apply to the next packet, with no reload
     #[command(subcommand)]
@@ -119,6 +126,10 @@ pub struct LoadArgs {
     /// How to attach: TCX links, falling back to clsact when refused (auto), or force one
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
+    /// The interfaces are in this network namespace (`ip netns` NAME, or a PATH such as
+    /// /proc/PID/ns/net); the pins stay in this bpffs
+    #[arg(long, value_name = "NAME|PATH")]
+    pub netns: Option<String>,
 }
 
 const TOP_EXAMPLES: &str = "\

@@ -10,6 +10,7 @@ pub(crate) mod error;
 pub(crate) mod filter;
 pub mod generations;
 pub mod maps;
+pub(crate) mod netns;
 pub mod object;
 pub(crate) mod output;
 pub mod pinned;

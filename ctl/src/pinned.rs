@@ -5,7 +5,8 @@
 //! ```text
 //! PIN_PATH/maps/<map name>             every map of the object, and the barrier
 //! PIN_PATH/progs/ingress, progs/egress the two programs
-//! PIN_PATH/links/<ifindex>-<direction> TCX links (classic tc filters are recorded in maps/attachments)
+//! PIN_PATH/links/<netns inode>-<ifindex>-<direction>
+//!                                      TCX links (classic tc filters are recorded in maps/attachments)
 //! ```
 //! Names derive from the interface index: bpffs refuses names with a dot (`eth0.100`).
 //!
@@ -66,8 +67,10 @@ impl PinPath {
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
     }
-    pub fn link(&self, ifindex: u32, direction: Direction) -> PathBuf {
-        self.links_dir().join(format!("{ifindex}-{}", direction.name()))
+    /// A TCX link's pin: by the inode of the interface's network namespace, its index and the
+    /// direction (interfaces of two namespaces can share an index and a name).
+    pub fn link(&self, netns: u64, ifindex: u32, direction: Direction) -> PathBuf {
+        self.links_dir().join(format!("{netns}-{ifindex}-{}", direction.name()))
     }
     /// Whether anything of portwatch is pinned here.
     pub fn is_loaded(&self) -> bool {
@@ -113,11 +116,30 @@ fn is_bpffs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Whether this process is in PID 1's mount namespace, where a mount outlives the process. `ip
+/// netns exec` runs a command in a mount namespace of its own (with a fresh /sys) that dies with it.
+/// Unknown (PID 1's namespace unreadable) counts as not.
+fn in_init_mount_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &str| std::fs::metadata(path).map(|m| m.ino());
+    matches!((inode("/proc/self/ns/mnt"), inode("/proc/1/ns/mnt")), (Ok(own), Ok(init)) if own == init)
+}
+
 /// Makes sure the pin path can live on bpffs: mounts bpffs at /sys/fs/bpf when it is not mounted
-/// (these machines do not mount it at boot), and refuses a pin path outside bpffs.
+/// (these machines do not mount it at boot), and refuses a pin path outside bpffs. It mounts only
+/// in PID 1's mount namespace: elsewhere the mount, and everything pinned in it, would vanish when
+/// the namespace does, after `load` had reported success.
 pub(crate) fn ensure_bpffs(pin: &PinPath) -> Result<()> {
     let bpffs_root = Path::new(BPFFS_ROOT);
     if pin.root.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
+        if !in_init_mount_namespace() {
+            return Err(Error::Bpffs(format!(
+                "bpffs is not mounted at {BPFFS_ROOT} in this mount namespace, which is not the system's \
+                 (`ip netns exec` gives a command one of its own): what portwatch pinned here would vanish \
+                 with it; run `nsenter --net=/run/netns/NS portwatch ...` or `portwatch ... --netns NS` instead"
+            ))
+            .into());
+        }
         nix::mount::mount(
             Some("bpf"),
             bpffs_root,

@@ -588,26 +588,159 @@ fn changes_wait_for_the_lock() {
     let _ = std::fs::remove_file(&marker);
 }
 
-/// bpffs not mounted: portwatch mounts it; not mountable (no CAP_SYS_ADMIN): a clear error.
+/// bpffs not mounted: portwatch mounts it, in PID 1's mount namespace (where the mount outlives
+/// it); not mountable (no CAP_SYS_ADMIN): a clear error. In a mount namespace of its own (what `ip
+/// netns exec` gives a command), a bpffs it mounted would vanish with everything pinned in it, so
+/// it refuses and names the fix. The test's namespaces: `unshare -m -p -f --mount-proc` makes a
+/// mount namespace whose PID 1 (the shell) shares it; `unshare -m` alone, one that PID 1 does not.
 #[kernel_test]
 fn bpffs_is_mounted_when_missing() {
     let bin = portwatch_tests::cli::portwatch_bin();
     let bin = bin.to_str().unwrap();
-    // A private mount namespace without /sys/fs/bpf mounted.
-    let out = sh(&["unshare", "-m", "--propagation", "private", "sh", "-c", &format!(
+    let with_pid1 = ["unshare", "-m", "-p", "-f", "--mount-proc", "--propagation", "private"];
+    let mut mounts = with_pid1.to_vec();
+    let script = format!(
         "umount /sys/fs/bpf && {bin} --pin-path /sys/fs/bpf/pwt-mount status && mountpoint -q /sys/fs/bpf && echo mounted"
-    )]).unwrap();
+    );
+    mounts.extend(["sh", "-c", &script]);
+    let out = sh(&mounts).unwrap();
     assert!(out.contains("not loaded") && out.contains("mounted"), "{out}");
-    let r = std::process::Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", &format!(
-            "umount /sys/fs/bpf && exec setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin {bin} --pin-path /sys/fs/bpf/pwt-mount status"
-        )])
+
+    let run = |unshare: &[&str], prefix: &str| {
+        let mut args = unshare.to_vec();
+        let script = format!("umount /sys/fs/bpf && {prefix} {bin} --pin-path /sys/fs/bpf/pwt-mount load --iface lo");
+        args.extend(["sh", "-c", &script]);
+        let r = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+        (r.status.code(), String::from_utf8_lossy(&r.stderr).into_owned())
+    };
+    let (code, stderr) = run(&with_pid1, "setpriv --inh-caps=-sys_admin --bounding-set=-sys_admin");
+    assert_eq!(code, Some(7), "{stderr}");
+    assert!(
+        stderr.contains("bpffs is not mounted") && stderr.contains("mount -t bpf"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = run(&["unshare", "-m", "--propagation", "private"], "");
+    assert_eq!(code, Some(7), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("would vanish") && stderr.contains("nsenter --net="),
+        "{stderr}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/pwt-mount").exists(),
+        "nothing pinned in the host's bpffs"
+    );
+}
+
+/// `ip netns exec NS portwatch load` (a mount namespace of its own, with a fresh /sys) is refused:
+/// it never reports success for state that vanishes when the command exits, and pins nothing
+/// anywhere.
+#[kernel_test]
+fn ip_netns_exec_is_refused() {
+    let ns = Netns::new("exec").unwrap();
+    let pin = format!("/sys/fs/bpf/pwt-exec-{}", std::process::id());
+    let bin = portwatch_tests::cli::portwatch_bin();
+    let r = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(&bin)
+        .args(["--pin-path", &pin, "load", "--iface", "lo", "--port", "443"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(7), "{stderr}");
     assert!(
-        stderr.contains("bpffs is not mounted") && stderr.contains("mount -t bpf"),
+        stderr.contains("nsenter --net=/run/netns/NS") && stderr.contains("--netns NS"),
         "{stderr}"
     );
+    assert!(String::from_utf8_lossy(&r.stdout).is_empty(), "it reports no success");
+    assert!(
+        !std::path::Path::new(&pin).exists(),
+        "nothing pinned in the host's bpffs"
+    );
+}
+
+/// `load --netns NS` attaches to an interface inside another network namespace (the pins stay in
+/// this bpffs) and counts its traffic exactly; portwatch's own namespace has an interface of the
+/// same name: the two are told apart in attaching, `status`, `detach` and `unload`.
+#[kernel_test(each_mode)]
+fn interfaces_of_another_network_namespace(mode: &str) {
+    let bed = Bed::new(false).unwrap();
+    let home = Netns::new("home").unwrap();
+    home.ip(&["link", "add", "pw0", "type", "veth", "peer", "name", "pw0p"])
+        .unwrap();
+    let pw = Pw::new(Some(&home));
+    let out = pw.ok(&[
+        "load",
+        "--iface",
+        "pw0",
+        "--netns",
+        &bed.server.name,
+        "--port",
+        "7002/udp",
+        "--mode",
+        mode,
+    ]);
+    assert!(
+        out.contains(&format!(
+            "attached to pw0 ingress ({mode}) in network namespace {}",
+            bed.server.name
+        )),
+        "{out}"
+    );
+    pw.ok(&["attach", "pw0", "--mode", mode]);
+    let status = pw.status();
+    let netns: Vec<_> = status["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["interface"].clone(), a["netns"].clone(), a["present"].clone()))
+        .collect();
+    assert_eq!(
+        netns,
+        vec![
+            (json!("pw0"), json!(null), json!(true)),
+            (json!("pw0"), json!(null), json!(true)),
+            (json!("pw0"), json!(bed.server.name), json!(true)),
+            (json!("pw0"), json!(bed.server.name), json!(true)),
+        ],
+        "{status:#}"
+    );
+    assert_eq!(attached(&bed.server, "pw0", mode), 2);
+    assert_eq!(attached(&home, "pw0", mode), 2);
+
+    let sent = bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 40, 300).unwrap();
+    let k = key(CLIENT_V4[0], 7002, UDP, IN);
+    assert_eq!(
+        pw.counters()[&k],
+        Counters {
+            bytes: sent,
+            packets: 40
+        }
+    );
+
+    let out = pw.ok(&["detach", "pw0", "--netns", &bed.server.name]);
+    assert!(
+        out.contains(&format!(
+            "detached from pw0 egress in network namespace {}",
+            bed.server.name
+        )),
+        "{out}"
+    );
+    assert_nothing_attached(&bed, &["pw0"]);
+    assert_eq!(attached(&home, "pw0", mode), 2, "portwatch's own pw0 stays attached");
+    bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 300).unwrap();
+    assert_eq!(
+        pw.counters()[&k],
+        Counters {
+            bytes: sent,
+            packets: 40
+        },
+        "no longer counted"
+    );
+
+    pw.ok(&["attach", "pw0", "--netns", &bed.server.name, "--mode", mode]);
+    pw.ok(&["unload"]);
+    assert_nothing_attached(&bed, &["pw0"]);
+    assert_eq!(attached(&home, "pw0", mode), 0);
 }

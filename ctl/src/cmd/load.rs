@@ -18,6 +18,7 @@ use crate::{
     cli::LoadArgs,
     error::Error,
     maps,
+    netns::NetNs,
     pinned::{Creating, Lock, PinPath, Pinned},
     ports::{self, PortSpec},
 };
@@ -57,10 +58,11 @@ impl Drop for Undo {
 
 pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
     // Every interface must exist before anything is created.
+    let netns = NetNs::from_arg(args.netns.as_deref())?;
     let ifaces = args
         .ifaces
         .iter()
-        .map(|n| Iface::resolve(n))
+        .map(|n| Iface::resolve(n, &netns))
         .collect::<Result<Vec<_>>>()?;
     let root_existed = pin.root.exists();
     let lock = match Pinned::create(pin)? {

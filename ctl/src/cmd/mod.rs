@@ -31,8 +31,13 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
     }
     match &cli.command {
         Command::Load(args) => load::run(&pin, args),
-        Command::Attach { iface, direction, mode } => attach::attach(&pin, iface, direction.map(Into::into), *mode),
-        Command::Detach { iface } => attach::detach(&pin, iface),
+        Command::Attach {
+            iface,
+            direction,
+            mode,
+            netns,
+        } => attach::attach(&pin, iface, netns.as_deref(), direction.map(Into::into), *mode),
+        Command::Detach { iface, netns } => attach::detach(&pin, iface, netns.as_deref()),
         Command::Ports(command) => ports::run(&pin, command),
         Command::Status { json } => status::run(&pin, *json),
         Command::Top(args) => top::run(&pin, args),

@@ -49,6 +49,8 @@ struct AttachmentStatus {
     interface: String,
     link_id: Option<u32>,
     mode: &'static str,
+    /// The network namespace as it was given (`--netns`); `None`: the one portwatch ran in.
+    netns: Option<String>,
     /// Whether the interface still exists.
     present: bool,
     tc_handle: Option<String>,
@@ -148,9 +150,10 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
     let mut attachments = vec![];
     for entry in pinned.attachments()?.iter() {
         let (key, record) = entry?;
-        let current = attach::ifname_of(key.ifindex);
+        let current = attach::current_name(&key, &record);
+        let netns = attach::recorded_netns(&record);
         let link_id = if record.mode == ATTACH_MODE_TCX {
-            PinnedLink::from_pin(pin.link(key.ifindex, key.direction()))
+            PinnedLink::from_pin(pin.link(key.netns, key.ifindex, key.direction()))
                 .ok()
                 .and_then(|l| FdLink::from(l).info().ok().map(|i| i.id()))
         } else {
@@ -163,12 +166,13 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
             interface: current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
             link_id,
             mode: attach::mode_name(record.mode),
+            netns: (!netns.is_empty()).then_some(netns),
             present: current.is_some(),
             tc_handle: tc.then(|| format!("{:x}", record.handle)),
             tc_priority: tc.then_some(record.priority),
         });
     }
-    attachments.sort_by(|a, b| (&a.interface, a.direction).cmp(&(&b.interface, b.direction)));
+    attachments.sort_by(|a, b| (&a.netns, &a.interface, a.direction).cmp(&(&b.netns, &b.interface, b.direction)));
 
     let watched_ports = ports::fold(&maps::port_table(pinned.watched_ports()?)?);
     let generation = pinned.active_generation()?;
@@ -217,13 +221,17 @@ fn print_human(status: &Status) {
             ),
             (None, _) => "link missing".into(),
         };
-        let vanished = if a.present {
-            ""
-        } else {
-            "  (interface vanished: `portwatch detach` removes this)"
+        let netns = a.netns.as_ref().map_or(String::new(), |ns| format!("  netns {ns}"));
+        let vanished = match (a.present, &a.netns) {
+            (true, _) => String::new(),
+            (false, None) => "  (interface vanished: `portwatch detach` removes this)".into(),
+            (false, Some(ns)) => format!(
+                "  (interface vanished: `portwatch detach {} --netns {ns}` removes this)",
+                a.interface
+            ),
         };
         println!(
-            "attached {:<16} {:<8} {:<4} {what}{vanished}",
+            "attached {:<16} {:<8} {:<4} {what}{netns}{vanished}",
             a.interface,
             a.direction.name(),
             a.mode

@@ -20,8 +20,14 @@ pub(super) fn run(pin: &PinPath) -> Result<()> {
     for (key, record) in all {
         attach::detach(pin, key, &record)?;
         records.remove(&key)?;
-        let name = attach::ifname_of(key.ifindex).unwrap_or_else(|| attach::recorded_name(&record));
-        println!("detached from {name} {}", key.direction().name());
+        let name = attach::current_name(&key, &record).unwrap_or_else(|| attach::recorded_name(&record));
+        let netns = attach::recorded_netns(&record);
+        let in_netns = if netns.is_empty() {
+            String::new()
+        } else {
+            format!(" in network namespace {netns}")
+        };
+        println!("detached from {name} {}{in_netns}", key.direction().name());
     }
     // Whatever is left under the pin path is ours: stale link pins, programs, maps. The lock (on
     // the pin directory) is held until the directory is gone.
