@@ -6,6 +6,7 @@
 pub(crate) mod attach;
 pub(crate) mod cli;
 pub(crate) mod cmd;
+pub(crate) mod create;
 pub(crate) mod error;
 pub(crate) mod filter;
 pub mod generations;

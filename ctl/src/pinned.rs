@@ -194,7 +194,15 @@ pub enum Access {
 /// creates it).
 pub(crate) enum Creating {
     Loaded(Box<Pinned>),
-    Empty(Lock),
+    Empty(Fresh),
+}
+
+/// An empty pin path, locked for a first load (see `create`).
+pub(crate) struct Fresh {
+    pub pin: PinPath,
+    /// The pin directory did not exist before the lock made it.
+    pub root_created: bool,
+    lock: Lock,
 }
 
 /// The pinned state, version-checked; each map and program is opened on first use and kept.
@@ -252,17 +260,22 @@ impl Pinned {
     /// For `load`: the exclusive lock first (creating the pin directory), then the state if one
     /// is loaded.
     pub(crate) fn create(pin: &PinPath) -> Result<Creating> {
+        let root_created = !pin.root.exists();
         let lock = Lock::acquire(pin)?;
         if pin.is_loaded() {
             Ok(Creating::Loaded(Box::new(Pinned::with_lock(pin, Some(lock))?)))
         } else {
-            Ok(Creating::Empty(lock))
+            Ok(Creating::Empty(Fresh {
+                pin: pin.clone(),
+                root_created,
+                lock,
+            }))
         }
     }
 
-    /// Opens what `load` has just pinned, under the lock it holds.
-    pub(crate) fn created(pin: &PinPath, lock: Lock) -> Result<Pinned> {
-        Pinned::with_lock(pin, Some(lock))
+    /// Opens what a first load has just pinned, under the lock it holds.
+    pub(crate) fn created(fresh: Fresh) -> Result<Pinned> {
+        Pinned::with_lock(&fresh.pin, Some(fresh.lock))
     }
 
     /// Refuses another layout version before reading anything else.

@@ -2,59 +2,19 @@
 //! All or nothing: a failure at any step removes what this run pinned or attached.
 //! When already loaded, it adds the new interfaces and ports and never attaches twice.
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
-use aya::{
-    maps::{Array, PerCpuHashMap},
-    programs::SchedClassifier,
-};
-use portwatch_common::{
-    map_names, Config, CounterKey, Counters, Direction, Directions, Meta, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION,
-};
+use anyhow::Result;
+use portwatch_common::{Directions, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
 
 use crate::{
     attach::{self, Iface},
     cli::LoadArgs,
+    create,
     error::Error,
     maps,
     netns::NetNs,
-    pinned::{Creating, Lock, PinPath, Pinned},
+    pinned::{Creating, PinPath, Pinned},
     ports::{self, PortSpec},
 };
-
-/// The pins and directories a failed first load must take back, in reverse order of creation;
-/// and the lock, released only after them (fields drop after `drop`) unless `Pinned` took it.
-struct Undo {
-    files: Vec<PathBuf>,
-    dirs: Vec<PathBuf>,
-    armed: bool,
-    lock: Option<Lock>,
-}
-
-impl Undo {
-    fn dir(&mut self, dir: PathBuf) -> Result<()> {
-        if !dir.exists() {
-            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            self.dirs.push(dir);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Undo {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        for f in self.files.iter().rev() {
-            let _ = std::fs::remove_file(f);
-        }
-        for d in self.dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-}
 
 pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
     // Every interface must exist before anything is created.
@@ -64,80 +24,22 @@ pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
         .iter()
         .map(|n| Iface::resolve(n, &netns))
         .collect::<Result<Vec<_>>>()?;
-    let root_existed = pin.root.exists();
-    let lock = match Pinned::create(pin)? {
+    let fresh = match Pinned::create(pin)? {
         Creating::Loaded(pinned) => return add_to_loaded(*pinned, args, &ifaces),
-        Creating::Empty(lock) => lock,
+        Creating::Empty(fresh) => fresh,
     };
-    let mut undo = Undo {
-        files: vec![],
-        dirs: if root_existed { vec![] } else { vec![pin.root.clone()] },
-        armed: true,
-        lock: Some(lock),
-    };
-    let mut pinned = fresh_load(pin, args, &mut undo)?;
-    // Attachments are taken back by `attach_all` itself; the pins by `undo`, dropped first so
-    // that the lock (held by `pinned`) goes last.
-    let directions = pinned.meta.directions();
-    if let Err(e) = attach_and_watch(&mut pinned, &ifaces, directions, args) {
-        drop(undo);
-        return Err(e);
-    }
-    undo.armed = false;
-    println!("counting goes on in the kernel; see `portwatch status`");
-    Ok(())
-}
-
-/// Creates and pins the maps and programs (nothing attached), then opens them as any verb does.
-fn fresh_load(pin: &PinPath, args: &LoadArgs, undo: &mut Undo) -> Result<Pinned> {
     let max_entries = args.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES);
     let directions = args.direction.map(Directions::from).unwrap_or(Directions::BOTH);
-    let mut ebpf = crate::object::load(max_entries).context("creating portwatch's maps")?;
-
-    undo.dir(pin.maps_dir())?;
-    for name in map_names::ALL {
-        let path = pin.map(name);
-        ebpf.map(name)
-            .with_context(|| format!("map {name} missing from the object"))?
-            .pin(&path)
-            .with_context(|| format!("pinning {} (is something else pinned there?)", path.display()))?;
-        undo.files.push(path);
-    }
-
-    let barrier = pin.map(map_names::BARRIER);
-    crate::sys::bpf::create_barrier(&barrier).with_context(|| format!("creating {}", barrier.display()))?;
-    undo.files.push(barrier);
-
-    let meta = Meta {
-        layout_version: LAYOUT_VERSION,
-        max_entries,
-        directions: directions.bits(),
-        _reserved: [0; 7],
-    };
-    Array::<_, Meta>::try_from(ebpf.map_mut(map_names::META).unwrap())?.set(0, meta, 0)?;
-    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, Config::default(), 0)?;
-    for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
-        let mut counters: PerCpuHashMap<_, CounterKey, Counters> =
-            PerCpuHashMap::try_from(ebpf.map_mut(name).unwrap())?;
-        maps::ensure_overflow_keys(&mut counters)?;
-    }
-
-    undo.dir(pin.progs_dir())?;
-    for direction in Direction::ALL {
-        let name = direction.program_name();
-        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel's verifier refused {name}"))?;
-        let path = pin.prog(direction);
-        prog.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
-        undo.files.push(path);
-    }
-    undo.dir(pin.links_dir())?;
+    let mut created = create::create(fresh, max_entries, directions)?;
     println!(
         "loaded portwatch at {} (layout {LAYOUT_VERSION}, {max_entries} counter entries)",
         pin.root.display()
     );
-    Pinned::created(pin, undo.lock.take().expect("the lock is taken once"))
+    // Attachments are taken back by `attach_all` itself; the pins when `created` is dropped.
+    attach_and_watch(&mut created.pinned, &ifaces, directions, args)?;
+    created.keep();
+    println!("counting goes on in the kernel; see `portwatch status`");
+    Ok(())
 }
 
 fn add_to_loaded(mut pinned: Pinned, args: &LoadArgs, ifaces: &[Iface]) -> Result<()> {
