@@ -168,6 +168,10 @@ pub const PORT_COUNT: u32 = 65536;
 /// Remote-IP keys a counter map holds when `load` is not given `--max-entries`.
 pub const DEFAULT_MAX_ENTRIES: u32 = 65536;
 
+/// The most `--max-entries` may ask for: the kernel's hash maps hold at most 2^31 entries, and the
+/// overflow keys come on top.
+pub const MAX_ENTRIES_LIMIT: u32 = 1 << 30;
+
 /// Entries each counter map holds beyond the user's `--max-entries`: one overflow key per direction,
 /// inserted by userspace before the program can run, so a full map always has them.
 pub const RESERVED_ENTRIES: u32 = 2;

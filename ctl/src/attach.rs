@@ -20,9 +20,11 @@ use crate::{
     pinned::{PinPath, Pinned},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// TCX links (pinned); the classic clsact qdisc when the kernel refuses TCX.
+    #[default]
     Auto,
     /// TCX links only.
     Tcx,
@@ -41,10 +43,10 @@ fn announce(iface: &Iface, direction: Direction, record: &Attachment) {
     );
 }
 
-/// Attaches the pinned program of `direction` to `iface`, records it and says so; when the
-/// records show it attached there already, says that instead and returns `None` (never attaches
-/// twice). The key and record returned let a caller undo it with `detach`.
-fn attach_pinned(
+/// Attaches the pinned program of `direction` to `iface` and records it; returns `None` when the
+/// records show it attached there already (it never attaches twice). The key and record returned
+/// let a caller undo it with `detach_one`.
+pub(crate) fn attach_one(
     pinned: &mut Pinned,
     iface: &Iface,
     direction: Direction,
@@ -53,12 +55,6 @@ fn attach_pinned(
     let key = AttachKey::new(iface.netns.inode, iface.index, direction);
     let records = pinned.attachments()?;
     if records.get(&key, 0).is_ok() {
-        println!(
-            "already attached to {} {}{}",
-            iface.name,
-            direction.name(),
-            iface.netns.suffix()
-        );
         return Ok(None);
     }
     // A clsact qdisc that portwatch added for the other direction is portwatch's here too.
@@ -75,8 +71,16 @@ fn attach_pinned(
         let _ = detach(&pin, key, &record);
         return Err(e).context("recording the attachment");
     }
-    announce(iface, direction, &record);
     Ok(Some((key, record)))
+}
+
+/// Detaches one attachment and removes its record.
+pub(crate) fn detach_one(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<()> {
+    detach(&pinned.pin, key, record)?;
+    pinned
+        .attachments()?
+        .remove(&key)
+        .context("removing the attachment record")
 }
 
 /// Attaches the pinned programs to every interface of `ifaces` in `directions` (skipping what is
@@ -86,15 +90,22 @@ pub(crate) fn attach_all(pinned: &mut Pinned, ifaces: &[Iface], directions: Dire
     let mut done = vec![];
     for iface in ifaces {
         for direction in directions.iter() {
-            match attach_pinned(pinned, iface, direction, mode) {
-                Ok(None) => {}
-                Ok(Some(attached)) => done.push(attached),
+            match attach_one(pinned, iface, direction, mode) {
+                Ok(None) => println!(
+                    "already attached to {} {}{}",
+                    iface.name,
+                    direction.name(),
+                    iface.netns.suffix()
+                ),
+                Ok(Some((key, record))) => {
+                    announce(iface, direction, &record);
+                    done.push((key, record));
+                }
                 Err(e) => {
                     for (key, record) in done.iter().rev() {
-                        if let Err(e) = detach(&pinned.pin, *key, record) {
+                        if let Err(e) = detach_one(pinned, *key, record) {
                             eprintln!("portwatch: while undoing: {e:#}");
                         }
-                        let _ = pinned.attachments().map(|records| records.remove(key));
                     }
                     return Err(e);
                 }
@@ -102,6 +113,30 @@ pub(crate) fn attach_all(pinned: &mut Pinned, ifaces: &[Iface], directions: Dire
         }
     }
     Ok(())
+}
+
+impl Mode {
+    pub(crate) fn is_auto(&self) -> bool {
+        *self == Mode::Auto
+    }
+
+    /// The mode an attachment was made in (`Attachment::mode`), to make it again the same way.
+    pub(crate) fn of_record(record: &Attachment) -> Mode {
+        if record.mode == ATTACH_MODE_TCX {
+            Mode::Tcx
+        } else {
+            Mode::Tc
+        }
+    }
+
+    /// Whether an attachment made as `record` says is one this mode asks for.
+    pub(crate) fn accepts(self, record: &Attachment) -> bool {
+        match self {
+            Mode::Auto => true,
+            Mode::Tcx => record.mode == ATTACH_MODE_TCX,
+            Mode::Tc => record.mode == ATTACH_MODE_TC,
+        }
+    }
 }
 
 pub(crate) fn mode_name(mode: u8) -> &'static str {
@@ -168,6 +203,19 @@ pub(crate) fn recorded_name(a: &Attachment) -> String {
 /// The network namespace as the attachment was given it (`ip netns` name or path), or empty.
 pub(crate) fn recorded_netns(a: &Attachment) -> String {
     nul_padded(&a.netns)
+}
+
+/// The interface's name now, or the one recorded when it is gone.
+pub(crate) fn display_name(key: &AttachKey, record: &Attachment) -> String {
+    current_name(key, record).unwrap_or_else(|| recorded_name(record))
+}
+
+/// ` in network namespace NS` for an attachment made with `--netns NS`, or nothing.
+pub(crate) fn netns_suffix(record: &Attachment) -> String {
+    match recorded_netns(record) {
+        ns if ns.is_empty() => String::new(),
+        ns => format!(" in network namespace {ns}"),
+    }
 }
 
 /// The name the attached interface has now, in its network namespace; `None` when it (or its

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use portwatch_common::{Direction, Directions, DEFAULT_MAX_ENTRIES};
+use portwatch_common::{Direction, Directions, DEFAULT_MAX_ENTRIES, MAX_ENTRIES_LIMIT};
 
 use crate::{
     attach::Mode,
@@ -28,7 +28,7 @@ Examples:
   portwatch unload                              remove everything portwatch attached and pinned
 
 Exit codes:
-  0 success    1 other failure    2 bad arguments (a bad SPEC, --max-entries 0...)
+  0 success    1 other failure    2 bad arguments (a bad SPEC, --max-entries 0...) or config file
   3 not root / missing CAP_BPF or CAP_NET_ADMIN    4 nothing loaded
   5 pinned state of another layout version, or a load that conflicts with it
   6 unknown or not-attached interface    7 bpffs missing and cannot be mounted";
@@ -102,6 +102,19 @@ pub enum Command {
     Reset(ResetArgs),
     /// Detach everywhere and remove every pin; afterwards nothing of portwatch is left
     Unload,
+    /// Make the pinned state match a configuration file: load, attach, detach, watch ports
+    #[command(after_help = APPLY_EXAMPLES)]
+    Apply(ApplyArgs),
+    /// Apply a configuration file, then again within a second of every change to it
+    #[command(after_help = WATCH_EXAMPLES)]
+    Watch {
+        /// The configuration file (see examples/portwatch.yaml)
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// The configuration file of what is pinned
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Load the embedded program through the verifier, report, and unload it; changes nothing
     Check,
 }
@@ -131,6 +144,25 @@ pub struct LoadArgs {
     #[arg(long, value_name = "NAME|PATH")]
     pub netns: Option<String>,
 }
+
+const APPLY_EXAMPLES: &str = "\
+Examples:
+  portwatch apply -f /etc/portwatch/portwatch.yaml              load, attach, watch as the file says
+  portwatch apply -f portwatch.yaml --dry-run                   print what would change, change nothing
+  portwatch apply -f portwatch.yaml --reload --drain-to /var/log/portwatch.jsonl
+
+One line per change (`+ port 8080/tcp`, `- attach eth1 egress`), or `no changes`. All or nothing: if
+a step fails, what it changed is undone. A new max_entries or direction needs a reload: `--reload`
+detaches, drains every counter into the --drain-to log (one JSON line, as `reset --json` writes
+it), unloads and loads again.";
+
+const WATCH_EXAMPLES: &str = "\
+Example:
+  portwatch watch -f /etc/portwatch/portwatch.yaml
+
+Applies the file, then again within a second of every change (an editor's rename over it, a delete
+and create included). An edit that cannot be applied is reported on stderr and the state stays as
+it was. SIGINT or SIGTERM ends it (exit 0), and counting goes on in the kernel.";
 
 const TOP_EXAMPLES: &str = "\
 Examples:
@@ -261,6 +293,30 @@ impl From<OneDirection> for Direction {
     }
 }
 
+#[derive(Args)]
+pub struct ApplyArgs {
+    /// The configuration file (see examples/portwatch.yaml)
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+    /// Print what would change; change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Unload and load again when max_entries or direction changes (needs --drain-to)
+    #[arg(long, requires = "drain_to")]
+    pub reload: bool,
+    /// Where --reload appends every counter (one JSON line, as `reset --json` writes it) before
+    /// unloading
+    #[arg(long, value_name = "FILE", requires = "reload")]
+    pub drain_to: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Print the pinned state as a configuration file that `apply -f` takes
+    #[command(after_help = "Example:\n  portwatch config show > /etc/portwatch/portwatch.yaml")]
+    Show,
+}
+
 #[derive(Subcommand)]
 pub enum PortsCommand {
     /// Watch these ports too
@@ -326,10 +382,9 @@ fn parse_interval(s: &str) -> Result<f64, String> {
 
 fn parse_max_entries(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
-    // The kernel's hash maps hold at most 2^31 entries; the two overflow keys come on top.
     match n {
         0 => Err("--max-entries must be at least 1".into()),
-        n if n > (1 << 30) => Err(format!("{n} is more than the 1073741824 entries portwatch allows")),
+        n if n > MAX_ENTRIES_LIMIT => Err(format!("{n} is more than the {MAX_ENTRIES_LIMIT} entries portwatch allows")),
         n => Ok(n),
     }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 pub mod exit {
     /// A failure not listed below (a syscall the kernel refused, I/O...).
     pub const FAILURE: u8 = 1;
-    /// Bad arguments: an unknown flag, a bad port SPEC, `--max-entries 0`...
+    /// Bad arguments (an unknown flag, a bad port SPEC, `--max-entries 0`...) or a bad
+    /// configuration file.
     pub const USAGE: u8 = 2;
     /// Not root, or missing CAP_BPF / CAP_NET_ADMIN.
     pub const PERMISSION: u8 = 3;
@@ -36,6 +37,9 @@ pub enum Error {
     Interface(String),
     #[error("{0}")]
     Bpffs(String),
+    /// A configuration file that cannot be used as it is: exit code 2, like bad arguments.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl Error {
@@ -46,6 +50,7 @@ impl Error {
             Error::Conflict(_) => exit::CONFLICT,
             Error::Interface(_) => exit::INTERFACE,
             Error::Bpffs(_) => exit::BPFFS,
+            Error::Config(_) => exit::USAGE,
         }
     }
 }

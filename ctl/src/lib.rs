@@ -5,8 +5,9 @@
 
 pub(crate) mod attach;
 pub(crate) mod cli;
+pub(crate) mod config;
 pub(crate) mod cmd;
-pub(crate) mod create;
+pub(crate) mod lifecycle;
 pub(crate) mod error;
 pub(crate) mod filter;
 pub mod generations;
@@ -16,6 +17,7 @@ pub mod object;
 pub(crate) mod output;
 pub mod pinned;
 pub(crate) mod ports;
+pub(crate) mod reconcile;
 pub(crate) mod report;
 pub mod sys;
 

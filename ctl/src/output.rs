@@ -334,6 +334,24 @@ pub(crate) fn summary(report: &Report) -> String {
     )
 }
 
+/// Appends what `write` writes to `file` and syncs it, streaming (a million-row snapshot is not
+/// held in memory); if anything fails, the file is cut back to its old length: whole or nothing.
+pub(crate) fn append_all_or_nothing(
+    file: &std::fs::File,
+    write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>,
+) -> io::Result<()> {
+    let old_len = file.metadata()?.len();
+    let mut buffered = io::BufWriter::with_capacity(1 << 20, file);
+    let result = write(&mut buffered)
+        .and_then(|()| io::Write::flush(&mut buffered))
+        .and_then(|()| file.sync_all());
+    if result.is_err() {
+        drop(buffered.into_parts());
+        let _ = file.set_len(old_len);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::human_bytes;

@@ -205,6 +205,13 @@ pub(crate) struct Fresh {
     lock: Lock,
 }
 
+impl Fresh {
+    /// Removes the (empty) pin directory; the lock goes with it.
+    pub(crate) fn remove_dir(self) -> Result<()> {
+        std::fs::remove_dir(&self.pin.root).with_context(|| format!("removing {}", self.pin.root.display()))
+    }
+}
+
 /// The pinned state, version-checked; each map and program is opened on first use and kept.
 pub struct Pinned {
     pub pin: PinPath,
@@ -271,6 +278,17 @@ impl Pinned {
                 lock,
             }))
         }
+    }
+
+    /// Gives the lock up as a `Fresh` pin path, once what was pinned is gone (see
+    /// `lifecycle::remove`). `None` without the lock.
+    pub(crate) fn into_fresh(self) -> Option<Fresh> {
+        let pin = self.pin;
+        self.lock.map(|lock| Fresh {
+            pin,
+            root_created: false,
+            lock,
+        })
     }
 
     /// Opens what a first load has just pinned, under the lock it holds.

@@ -8,7 +8,7 @@ use portwatch_common::{Directions, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
 use crate::{
     attach::{self, Iface},
     cli::LoadArgs,
-    create,
+    lifecycle,
     error::Error,
     maps,
     netns::NetNs,
@@ -30,7 +30,7 @@ pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
     };
     let max_entries = args.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES);
     let directions = args.direction.map(Directions::from).unwrap_or(Directions::BOTH);
-    let mut created = create::create(fresh, max_entries, directions)?;
+    let mut created = lifecycle::create(fresh, max_entries, directions)?;
     println!(
         "loaded portwatch at {} (layout {LAYOUT_VERSION}, {max_entries} counter entries)",
         pin.root.display()

@@ -4,14 +4,17 @@
 //! any verb runs. No verb calls another verb: what two verbs share lives in the module of its
 //! concept (`attach`, `ports`, `report`, `output`, `generations`...).
 
+mod apply;
 mod attach;
 mod check;
+mod config;
 mod load;
 mod ports;
 mod reset;
 mod status;
 mod top;
 mod unload;
+mod watch;
 
 use anyhow::Result;
 
@@ -44,5 +47,8 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Reset(args) => reset::run(&pin, args),
         Command::Unload => unload::run(&pin),
         Command::Check => check::run(),
+        Command::Apply(args) => apply::run(&pin, args),
+        Command::Watch { file } => watch::run(&pin, file),
+        Command::Config(crate::cli::ConfigCommand::Show) => config::show(&pin),
     }
 }

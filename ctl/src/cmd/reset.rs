@@ -37,7 +37,7 @@ pub(super) fn run(pin: &PinPath, args: &ResetArgs) -> Result<()> {
     let view = View::every_key();
     let report = Report::new(&view, &view.group_all(&drained.entries), None);
     let written = match &file {
-        Some((file, what)) => append_all_or_nothing(file, |w| render(&report, args, w)).context(what.clone()),
+        Some((file, what)) => output::append_all_or_nothing(file, |w| render(&report, args, w)).context(what.clone()),
         None => {
             // Rendered whole first, so that a failure while rendering prints nothing (and, like
             // any failure here, puts the counts back below).
@@ -86,22 +86,4 @@ fn render(report: &Report, args: &ResetArgs, w: &mut dyn Write) -> std::io::Resu
     } else {
         w.write_all(output::table(report, args.exact).as_bytes())
     }
-}
-
-/// Appends what `write` writes to `file` and syncs it, streaming (a million-row snapshot is not
-/// held in memory); if anything fails, the file is cut back to its old length: whole or nothing.
-fn append_all_or_nothing(
-    file: &std::fs::File,
-    write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> std::io::Result<()> {
-    let old_len = file.metadata()?.len();
-    let mut buffered = std::io::BufWriter::with_capacity(1 << 20, file);
-    let result = write(&mut buffered)
-        .and_then(|()| buffered.flush())
-        .and_then(|()| file.sync_all());
-    if result.is_err() {
-        drop(buffered.into_parts());
-        let _ = file.set_len(old_len);
-    }
-    result
 }

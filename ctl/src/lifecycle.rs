@@ -1,5 +1,6 @@
-//! The first load: the maps and programs created, set up and pinned (nothing attached yet), all or
-//! nothing. `load` and `apply` create state this way.
+//! The first load and the last unload: the maps and programs created, set up and pinned (nothing
+//! attached yet), all or nothing; and every pin removed again. `load`, `unload` and `apply` begin
+//! and end pinned state this way.
 
 use std::path::PathBuf;
 
@@ -8,10 +9,12 @@ use aya::{
     maps::{Array, PerCpuHashMap},
     programs::SchedClassifier,
 };
-use portwatch_common::{map_names, Config, CounterKey, Counters, Direction, Directions, Meta, LAYOUT_VERSION};
+use portwatch_common::{
+    map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Directions, Meta, LAYOUT_VERSION,
+};
 
 use crate::{
-    maps,
+    attach, maps,
     pinned::{Fresh, PinPath, Pinned},
 };
 
@@ -115,4 +118,33 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
     undo.dir(pin.links_dir())?;
     let pinned = Pinned::created(fresh)?;
     Ok(Created { undo, pinned })
+}
+
+/// Detaches every attachment, in a fixed order (the map's own is the kernel's hash order), and
+/// removes its record; `each` is told of each one after it is gone.
+pub(crate) fn detach_all(pinned: &mut Pinned, mut each: impl FnMut(&AttachKey, &Attachment)) -> Result<()> {
+    let mut all: Vec<_> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
+    all.sort_by_key(|(key, _)| *key);
+    for (key, record) in all {
+        attach::detach_one(pinned, key, &record)?;
+        each(&key, &record);
+    }
+    Ok(())
+}
+
+/// Removes every pin under the pin path (attachments are `detach_all`'s): stale link pins,
+/// programs, maps. The pin directory and its lock stay: a first load can follow, or
+/// `Fresh::remove_dir` ends it.
+pub(crate) fn remove(pinned: Pinned) -> Result<Fresh> {
+    let pin = pinned.pin.clone();
+    for dir in [pin.links_dir(), pin.progs_dir(), pin.maps_dir()] {
+        if dir.exists() {
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            }
+            std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    Ok(pinned.into_fresh().expect("removing pinned state takes its lock"))
 }

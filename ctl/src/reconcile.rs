@@ -1,0 +1,334 @@
+//! Making the pinned state match a configuration (`apply`, `watch`): a plan of changes, one line
+//! each, carried out all or nothing. If a step fails, what was done is undone in reverse and the
+//! state is as it was before.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result};
+use portwatch_common::{AttachKey, Attachment, Directions, LAYOUT_VERSION, PORT_COUNT};
+
+use crate::{
+    attach::{self, Iface, Mode},
+    config::{Desired, Wanted},
+    error::Error,
+    filter::Filter,
+    generations, lifecycle, maps,
+    netns::NetNs,
+    output::{self, Envelope},
+    pinned::{Access, Creating, Pinned},
+    ports,
+    report::{Report, View},
+};
+
+/// How `apply` may go about it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Options {
+    /// Print the plan, change nothing.
+    pub dry_run: bool,
+    /// A change of `max_entries` or `direction` unloads and loads again, after draining every
+    /// counter into `drain_to`.
+    pub reload: bool,
+    pub drain_to: Option<PathBuf>,
+}
+
+/// What is pinned that the file does not ask for, and what it asks for that is not pinned.
+struct Plan {
+    /// Nothing is loaded, or a reload: a first load with the file's settings.
+    load: bool,
+    /// Loaded with other settings: (max_entries, directions) now.
+    reload_from: Option<(u32, Directions)>,
+    detach: Vec<(AttachKey, Attachment)>,
+    ports_before: Vec<u8>,
+    ports_after: Vec<u8>,
+    attach: Vec<Wanted>,
+}
+
+impl Plan {
+    fn lines(&self, desired: &Desired, drain_to: Option<&Path>) -> Vec<String> {
+        let mut lines = vec![];
+        if let Some((max, dirs)) = self.reload_from {
+            let mut what = vec![];
+            if max != desired.max_entries {
+                what.push(format!("max_entries {max} -> {}", desired.max_entries));
+            }
+            if dirs != desired.directions {
+                what.push(format!("direction {} -> {}", dirs.name(), desired.directions.name()));
+            }
+            lines.push(format!(
+                "~ reload {}: {}; every counter drained into {} first",
+                desired.pin.root.display(),
+                what.join(", "),
+                drain_to.map_or("?".into(), |p| p.display().to_string())
+            ));
+        } else if self.load {
+            lines.push(format!(
+                "+ load {} (layout {LAYOUT_VERSION}, {} counter entries, direction {})",
+                desired.pin.root.display(),
+                desired.max_entries,
+                desired.directions.name()
+            ));
+        }
+        for (key, record) in &self.detach {
+            lines.push(format!(
+                "- attach {} {}{}",
+                attach::display_name(key, record),
+                key.direction().name(),
+                attach::netns_suffix(record)
+            ));
+        }
+        let only = |a: &[u8], b: &[u8]| -> Vec<u8> { a.iter().zip(b).map(|(x, y)| x & !y).collect() };
+        for spec in ports::fold(&only(&self.ports_before, &self.ports_after)) {
+            lines.push(format!("- port {spec}"));
+        }
+        for spec in ports::fold(&only(&self.ports_after, &self.ports_before)) {
+            lines.push(format!("+ port {spec}"));
+        }
+        for w in &self.attach {
+            let mode = if w.mode.is_auto() {
+                String::new()
+            } else {
+                format!(" ({})", if w.mode == Mode::Tcx { "tcx" } else { "tc" })
+            };
+            lines.push(format!(
+                "+ attach {} {}{mode}{}",
+                w.iface.name,
+                w.direction.name(),
+                w.iface.netns.suffix()
+            ));
+        }
+        lines
+    }
+}
+
+/// The changes that make loaded state `pinned` match `desired` (settings aside).
+fn plan_changes(pinned: &mut Pinned, desired: &Desired) -> Result<Plan> {
+    let wanted: BTreeMap<AttachKey, &Wanted> = desired
+        .attachments
+        .iter()
+        .map(|w| (AttachKey::new(w.iface.netns.inode, w.iface.index, w.direction), w))
+        .collect();
+    let mut current: Vec<(AttachKey, Attachment)> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
+    current.sort_by_key(|(key, _)| *key);
+    let keep = |key: &AttachKey, record: &Attachment| wanted.get(key).is_some_and(|w| w.mode.accepts(record));
+    let kept: Vec<AttachKey> = current.iter().filter(|(k, r)| keep(k, r)).map(|(k, _)| *k).collect();
+    Ok(Plan {
+        load: false,
+        reload_from: None,
+        detach: current.into_iter().filter(|(k, r)| !keep(k, r)).collect(),
+        ports_before: maps::port_table(pinned.watched_ports()?)?,
+        ports_after: desired.port_table.clone(),
+        attach: wanted
+            .into_iter()
+            .filter(|(key, _)| !kept.contains(key))
+            .map(|(_, w)| w.clone())
+            .collect(),
+    })
+}
+
+/// Everything `desired` asks for, onto a first load.
+fn plan_first_load(desired: &Desired) -> Plan {
+    Plan {
+        load: true,
+        reload_from: None,
+        detach: vec![],
+        ports_before: vec![0; PORT_COUNT as usize],
+        ports_after: desired.port_table.clone(),
+        attach: desired.attachments.clone(),
+    }
+}
+
+/// Makes the pinned state match `desired`; returns the lines of what changed (empty: nothing).
+pub(crate) fn apply(desired: &Desired, options: &Options) -> Result<Vec<String>> {
+    let pin = &desired.pin;
+    if options.dry_run {
+        let plan = match Pinned::probe(pin, Access::Read)? {
+            None => plan_first_load(desired),
+            Some(mut pinned) => planned(&mut pinned, desired, options)?,
+        };
+        return Ok(plan.lines(desired, options.drain_to.as_deref()));
+    }
+    match Pinned::create(pin)? {
+        Creating::Empty(fresh) => {
+            let plan = plan_first_load(desired);
+            let mut created = lifecycle::create(fresh, desired.max_entries, desired.directions)?;
+            carry_out(&mut created.pinned, &plan)?;
+            created.keep();
+            Ok(plan.lines(desired, None))
+        }
+        Creating::Loaded(pinned) => {
+            let mut pinned = *pinned;
+            let plan = planned(&mut pinned, desired, options)?;
+            if plan.reload_from.is_some() {
+                reload(pinned, desired, &plan, options)?;
+            } else {
+                carry_out(&mut pinned, &plan)?;
+            }
+            Ok(plan.lines(desired, options.drain_to.as_deref()))
+        }
+    }
+}
+
+/// The plan for loaded state; settings that differ need `--reload`, or are refused.
+fn planned(pinned: &mut Pinned, desired: &Desired, options: &Options) -> Result<Plan> {
+    let (max, dirs) = (pinned.meta.max_entries, pinned.meta.directions());
+    if max == desired.max_entries && dirs == desired.directions {
+        return plan_changes(pinned, desired);
+    }
+    let what = match (max != desired.max_entries, dirs != desired.directions) {
+        (true, true) => format!(
+            "max_entries {max} and direction {}, the file {} and {}",
+            dirs.name(),
+            desired.max_entries,
+            desired.directions.name()
+        ),
+        (true, false) => format!("max_entries {max}, the file {}", desired.max_entries),
+        _ => format!("direction {}, the file {}", dirs.name(), desired.directions.name()),
+    };
+    if !options.reload || options.drain_to.is_none() {
+        return Err(Error::Conflict(format!(
+            "portwatch is loaded at {} with {what}: that needs a reload; run `portwatch unload` first \
+             (its counters are lost), or `portwatch apply -f FILE --reload --drain-to LOG`, which drains \
+             every counter into LOG first",
+            pinned.pin.root.display()
+        ))
+        .into());
+    }
+    let mut plan = plan_first_load(desired);
+    plan.reload_from = Some((max, dirs));
+    Ok(plan)
+}
+
+/// What has been done, to undo in reverse if a later step fails.
+enum Done {
+    Attached(AttachKey, Attachment),
+    Detached(AttachKey, Attachment),
+    Ports,
+}
+
+/// Detaches, attaches and writes the ports as `plan` says, all or nothing.
+fn carry_out(pinned: &mut Pinned, plan: &Plan) -> Result<()> {
+    let mut done = vec![];
+    let result = (|| -> Result<()> {
+        for (key, record) in &plan.detach {
+            attach::detach_one(pinned, *key, record)?;
+            done.push(Done::Detached(*key, *record));
+        }
+        for w in &plan.attach {
+            if let Some((key, record)) = attach::attach_one(pinned, &w.iface, w.direction, w.mode)? {
+                done.push(Done::Attached(key, record));
+            }
+        }
+        if plan.ports_before != plan.ports_after {
+            done.push(Done::Ports);
+            maps::write_port_changes(pinned.watched_ports()?, &plan.ports_before, &plan.ports_after)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        undo(pinned, plan, done);
+        return Err(e.context("apply failed; what it had changed is undone"));
+    }
+    Ok(())
+}
+
+fn undo(pinned: &mut Pinned, plan: &Plan, done: Vec<Done>) {
+    for step in done.into_iter().rev() {
+        let undone = match step {
+            Done::Attached(key, record) => attach::detach_one(pinned, key, &record),
+            Done::Detached(key, record) => reattach(pinned, key, &record),
+            // Writes back every port that differs, whether or not it was written.
+            Done::Ports => pinned
+                .watched_ports()
+                .and_then(|map| maps::write_port_changes(map, &plan.ports_after, &plan.ports_before))
+                .map(|_| ()),
+        };
+        if let Err(e) = undone {
+            eprintln!("portwatch: while undoing: {e:#}");
+        }
+    }
+}
+
+/// Attaches again as `record` was, where its interface still is.
+fn reattach(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<()> {
+    let netns = NetNs::of_attachment(key.netns, &attach::recorded_netns(record))
+        .context("the network namespace of a detached attachment is gone")?;
+    let name = attach::current_name(&key, record).context("the interface of a detached attachment is gone")?;
+    let iface = Iface {
+        name,
+        index: key.ifindex,
+        netns,
+    };
+    attach::attach_one(pinned, &iface, key.direction(), Mode::of_record(record)).map(|_| ())
+}
+
+/// `--reload`: stops counting (detaches), drains every counter into the log, unloads, and loads
+/// as `desired` says. If the new state cannot be made, the old one is made again (its counters
+/// are in the log).
+fn reload(mut pinned: Pinned, desired: &Desired, plan: &Plan, options: &Options) -> Result<()> {
+    let drain_to = options.drain_to.as_deref().expect("planned checks --drain-to");
+    // The old state, as a file would ask for it, to make again if the new one cannot be made.
+    let old = crate::config::FileConfig::of_pinned(&mut pinned)?
+        .desired(pinned.pin.clone(), Path::new("the pinned state"))?;
+    // Opened before anything changes: a log that cannot be written fails with nothing touched.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(drain_to)
+        .with_context(|| format!("opening {}", drain_to.display()))?;
+    let before = plan_changes(&mut pinned, &old)?;
+    let detached = Plan {
+        detach: pinned.attachments()?.iter().filter_map(|r| r.ok()).collect(),
+        ports_after: before.ports_before.clone(),
+        attach: vec![],
+        ..before
+    };
+    carry_out(&mut pinned, &detached)?;
+    // Nothing counts now: the drain takes every byte counted.
+    let drained = match generations::reset(&mut pinned, &Filter::default()) {
+        Ok(drained) => drained,
+        Err(e) => {
+            undo_detached(&mut pinned, &detached);
+            return Err(e);
+        }
+    };
+    let view = View::every_key();
+    let report = Report::new(&view, &view.group_all(&drained.entries), None);
+    let envelope = Envelope {
+        time: output::unix_time(),
+        reset: true,
+    };
+    if let Err(e) = output::append_all_or_nothing(&log, |w| output::write_json(&report, &envelope, w)) {
+        let _ = generations::restore(&mut pinned, drained);
+        undo_detached(&mut pinned, &detached);
+        return Err(anyhow::Error::from(e)
+            .context(format!("writing {}; the counters were put back and nothing changed", drain_to.display())));
+    }
+    drop(drained);
+    let fresh = lifecycle::remove(pinned)?;
+    make(fresh, desired, plan).or_else(|e| {
+        let Creating::Empty(fresh) = Pinned::create(&old.pin)? else {
+            return Err(e.context("the new state could not be made, and the pin path is not empty"));
+        };
+        make(fresh, &old, &plan_first_load(&old)).context("making the old state again")?;
+        Err(e.context(format!(
+            "the reload failed; the state before it is back, with its counters in {}",
+            drain_to.display()
+        )))
+    })
+}
+
+/// A first load with `desired`'s settings, then `plan`.
+fn make(fresh: crate::pinned::Fresh, desired: &Desired, plan: &Plan) -> Result<()> {
+    let mut created = lifecycle::create(fresh, desired.max_entries, desired.directions)?;
+    carry_out(&mut created.pinned, plan)?;
+    created.keep();
+    Ok(())
+}
+
+fn undo_detached(pinned: &mut Pinned, detached: &Plan) {
+    let done = detached.detach.iter().map(|(k, r)| Done::Detached(*k, *r)).collect();
+    undo(pinned, detached, done);
+}
