@@ -101,7 +101,14 @@ pub enum Command {
     #[command(after_help = RESET_EXAMPLES)]
     Reset(ResetArgs),
     /// Detach everywhere and remove every pin; afterwards nothing of portwatch is left
-    Unload,
+    #[command(after_help = "Examples:\n  portwatch unload\n  \
+        portwatch unload --drain-to /var/log/portwatch/portwatch.jsonl    (as portwatch.service stops)")]
+    Unload {
+        /// First detach everything and append every counter to FILE (one JSON line, as `reset
+        /// --json` writes it): nothing counted is lost
+        #[arg(long, value_name = "FILE")]
+        drain_to: Option<PathBuf>,
+    },
     /// Make the pinned state match a configuration file: load, attach, detach, watch ports
     #[command(after_help = APPLY_EXAMPLES)]
     Apply(ApplyArgs),
@@ -384,7 +391,9 @@ fn parse_max_entries(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     match n {
         0 => Err("--max-entries must be at least 1".into()),
-        n if n > MAX_ENTRIES_LIMIT => Err(format!("{n} is more than the {MAX_ENTRIES_LIMIT} entries portwatch allows")),
+        n if n > MAX_ENTRIES_LIMIT => Err(format!(
+            "{n} is more than the {MAX_ENTRIES_LIMIT} entries portwatch allows"
+        )),
         n => Ok(n),
     }
 }

@@ -36,7 +36,11 @@ pub(crate) struct FileConfig {
     #[serde(default = "default_max_entries", deserialize_with = "max_entries")]
     pub max_entries: u32,
     /// The directions of the program set, and of every interface that does not say.
-    #[serde(default = "both", with = "directions")]
+    #[serde(
+        default = "both",
+        serialize_with = "serialize_directions",
+        deserialize_with = "deserialize_directions"
+    )]
     pub direction: Directions,
     /// Port SPECs, as the command line takes them.
     #[serde(default)]
@@ -53,7 +57,12 @@ pub(crate) struct InterfaceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns: Option<String>,
     /// Directions to count on it; none: the file's `direction`.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "maybe_directions")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_maybe_directions",
+        deserialize_with = "deserialize_maybe_directions"
+    )]
     pub direction: Option<Directions>,
     #[serde(default, skip_serializing_if = "Mode::is_auto")]
     pub mode: Mode,
@@ -67,54 +76,61 @@ fn both() -> Directions {
     Directions::BOTH
 }
 
+/// Checked in the visitor, where serde_yaml still knows the value's line and column.
 fn max_entries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let n = u64::deserialize(d)?;
-    match u32::try_from(n) {
-        Ok(n) if (1..=MAX_ENTRIES_LIMIT).contains(&n) => Ok(n),
-        _ => Err(de::Error::custom(format!(
-            "max_entries {n} is not from 1 to {MAX_ENTRIES_LIMIT}"
-        ))),
+    struct Visitor;
+    impl de::Visitor<'_> for Visitor {
+        type Value = u32;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "a number of entries from 1 to {MAX_ENTRIES_LIMIT}")
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<u32, E> {
+            match u32::try_from(n) {
+                Ok(n) if (1..=MAX_ENTRIES_LIMIT).contains(&n) => Ok(n),
+                _ => Err(E::custom(format!("{n} is not from 1 to {MAX_ENTRIES_LIMIT}"))),
+            }
+        }
+    }
+    d.deserialize_u64(Visitor)
+}
+
+/// `ingress`, `egress` or `both`, as `--direction` takes them; as a derived enum, so that
+/// serde_yaml places an error at the value.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DirectionsWord {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl From<DirectionsWord> for Directions {
+    fn from(word: DirectionsWord) -> Directions {
+        match word {
+            DirectionsWord::Ingress => Direction::Ingress.into(),
+            DirectionsWord::Egress => Direction::Egress.into(),
+            DirectionsWord::Both => Directions::BOTH,
+        }
     }
 }
 
-/// `ingress`, `egress` or `both`, as `--direction` takes them.
-mod directions {
-    use portwatch_common::{Direction, Directions};
-    use serde::{de, Deserialize, Deserializer, Serializer};
+fn serialize_directions<S: Serializer>(d: &Directions, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.name())
+}
 
-    pub(super) fn parse(text: &str) -> Option<Directions> {
-        match text {
-            "ingress" => Some(Direction::Ingress.into()),
-            "egress" => Some(Direction::Egress.into()),
-            "both" => Some(Directions::BOTH),
-            _ => None,
-        }
-    }
+fn deserialize_directions<'de, D: Deserializer<'de>>(d: D) -> Result<Directions, D::Error> {
+    DirectionsWord::deserialize(d).map(Directions::from)
+}
 
-    pub(super) fn serialize<S: Serializer>(d: &Directions, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(d.name())
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Directions, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).ok_or_else(|| de::Error::unknown_variant(&text, &["ingress", "egress", "both"]))
+fn serialize_maybe_directions<S: Serializer>(d: &Option<Directions>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => serialize_directions(d, s),
+        None => s.serialize_none(),
     }
 }
 
-mod maybe_directions {
-    use portwatch_common::Directions;
-    use serde::{Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Directions>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => super::directions::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Directions>, D::Error> {
-        super::directions::deserialize(d).map(Some)
-    }
+fn deserialize_maybe_directions<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Directions>, D::Error> {
+    deserialize_directions(d).map(Some)
 }
 
 /// A port SPEC in the file: `443` (a YAML number) or `"53/udp"`, `8000-8100/tcp`, `https`.
@@ -194,7 +210,10 @@ impl FileConfig {
 
     pub(crate) fn parse(text: &str, path: &Path) -> Result<FileConfig> {
         let refuse = |what: String| Error::Config(format!("{}: {what}", path.display()));
-        if text.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        if text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
             return Err(refuse("holds no configuration (see examples/portwatch.yaml)".into()).into());
         }
         serde_yaml::from_str(text).map_err(|e| {
@@ -240,7 +259,11 @@ impl FileConfig {
             let netns = NetNs::from_arg(i.netns.as_deref()).with_context(at)?;
             let iface = Iface::resolve(&i.name, &netns).with_context(at)?;
             if !seen.insert((netns.inode, iface.index)) {
-                return Err(refuse(format!("interface {}{} is listed twice", i.name, netns.suffix())));
+                return Err(refuse(format!(
+                    "interface {}{} is listed twice",
+                    i.name,
+                    netns.suffix()
+                )));
             }
             for direction in i.direction.unwrap_or(self.direction).iter() {
                 attachments.push(Wanted {
@@ -277,7 +300,9 @@ impl FileConfig {
         let mut by_iface: std::collections::BTreeMap<(String, String), (Directions, Vec<Mode>)> = Default::default();
         for entry in pinned.attachments()?.iter() {
             let (key, record) = entry?;
-            let Some(name) = crate::attach::current_name(&key, &record) else { continue };
+            let Some(name) = crate::attach::current_name(&key, &record) else {
+                continue;
+            };
             let slot = by_iface
                 .entry((crate::attach::recorded_netns(&record), name))
                 .or_insert((Directions::default(), vec![]));
@@ -291,7 +316,11 @@ impl FileConfig {
                 netns: (!netns.is_empty()).then_some(netns),
                 direction: (dirs != directions).then_some(dirs),
                 // Both directions made alike: that mode; otherwise either (auto) keeps them.
-                mode: if modes.windows(2).all(|w| w[0] == w[1]) { modes[0] } else { Mode::Auto },
+                mode: if modes.windows(2).all(|w| w[0] == w[1]) {
+                    modes[0]
+                } else {
+                    Mode::Auto
+                },
             })
             .collect();
         Ok(FileConfig {

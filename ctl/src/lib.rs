@@ -5,12 +5,12 @@
 
 pub(crate) mod attach;
 pub(crate) mod cli;
-pub(crate) mod config;
 pub(crate) mod cmd;
-pub(crate) mod lifecycle;
+pub(crate) mod config;
 pub(crate) mod error;
 pub(crate) mod filter;
 pub mod generations;
+pub(crate) mod lifecycle;
 pub mod maps;
 pub(crate) mod netns;
 pub mod object;

@@ -72,7 +72,11 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
     let pin: PinPath = fresh.pin.clone();
     let mut undo = Undo {
         files: vec![],
-        dirs: if fresh.root_created { vec![pin.root.clone()] } else { vec![] },
+        dirs: if fresh.root_created {
+            vec![pin.root.clone()]
+        } else {
+            vec![]
+        },
         armed: true,
     };
     let mut ebpf = crate::object::load(max_entries).context("creating portwatch's maps")?;

@@ -205,7 +205,11 @@ fn planned(pinned: &mut Pinned, desired: &Desired, options: &Options) -> Result<
 enum Done {
     Attached(AttachKey, Attachment),
     Detached(AttachKey, Attachment),
-    Ports,
+    /// The port table was `before` (and is written towards `after`).
+    Ports {
+        before: Vec<u8>,
+        after: Vec<u8>,
+    },
 }
 
 /// Detaches, attaches and writes the ports as `plan` says, all or nothing.
@@ -222,27 +226,30 @@ fn carry_out(pinned: &mut Pinned, plan: &Plan) -> Result<()> {
             }
         }
         if plan.ports_before != plan.ports_after {
-            done.push(Done::Ports);
+            done.push(Done::Ports {
+                before: plan.ports_before.clone(),
+                after: plan.ports_after.clone(),
+            });
             maps::write_port_changes(pinned.watched_ports()?, &plan.ports_before, &plan.ports_after)?;
         }
         Ok(())
     })();
     if let Err(e) = result {
-        undo(pinned, plan, done);
+        undo(pinned, done);
         return Err(e.context("apply failed; what it had changed is undone"));
     }
     Ok(())
 }
 
-fn undo(pinned: &mut Pinned, plan: &Plan, done: Vec<Done>) {
+fn undo(pinned: &mut Pinned, done: Vec<Done>) {
     for step in done.into_iter().rev() {
         let undone = match step {
             Done::Attached(key, record) => attach::detach_one(pinned, key, &record),
             Done::Detached(key, record) => reattach(pinned, key, &record),
             // Writes back every port that differs, whether or not it was written.
-            Done::Ports => pinned
+            Done::Ports { before, after } => pinned
                 .watched_ports()
-                .and_then(|map| maps::write_port_changes(map, &plan.ports_after, &plan.ports_before))
+                .and_then(|map| maps::write_port_changes(map, &after, &before))
                 .map(|_| ()),
         };
         if let Err(e) = undone {
@@ -264,33 +271,32 @@ fn reattach(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<
     attach::attach_one(pinned, &iface, key.direction(), Mode::of_record(record)).map(|_| ())
 }
 
-/// `--reload`: stops counting (detaches), drains every counter into the log, unloads, and loads
-/// as `desired` says. If the new state cannot be made, the old one is made again (its counters
-/// are in the log).
-fn reload(mut pinned: Pinned, desired: &Desired, plan: &Plan, options: &Options) -> Result<()> {
-    let drain_to = options.drain_to.as_deref().expect("planned checks --drain-to");
-    // The old state, as a file would ask for it, to make again if the new one cannot be made.
-    let old = crate::config::FileConfig::of_pinned(&mut pinned)?
-        .desired(pinned.pin.clone(), Path::new("the pinned state"))?;
+/// Stops counting (detaches everything) and appends every counter to `log` as one JSON line, as
+/// `reset --json` writes it: with nothing attached, the drain takes every byte counted, and none
+/// is counted after it. If the log cannot be written, the counters are put back and everything is
+/// attached again: nothing changed. Returns what it detached. (`unload --drain-to`, `apply
+/// --reload`.)
+pub(crate) fn detach_and_drain(pinned: &mut Pinned, log: &Path) -> Result<Vec<(AttachKey, Attachment)>> {
     // Opened before anything changes: a log that cannot be written fails with nothing touched.
-    let log = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(drain_to)
-        .with_context(|| format!("opening {}", drain_to.display()))?;
-    let before = plan_changes(&mut pinned, &old)?;
-    let detached = Plan {
-        detach: pinned.attachments()?.iter().filter_map(|r| r.ok()).collect(),
-        ports_after: before.ports_before.clone(),
-        attach: vec![],
-        ..before
-    };
-    carry_out(&mut pinned, &detached)?;
-    // Nothing counts now: the drain takes every byte counted.
-    let drained = match generations::reset(&mut pinned, &Filter::default()) {
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let mut all: Vec<_> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
+    all.sort_by_key(|(key, _)| *key);
+    let mut done = vec![];
+    for (key, record) in all {
+        if let Err(e) = attach::detach_one(pinned, key, &record) {
+            undo(pinned, done);
+            return Err(e);
+        }
+        done.push(Done::Detached(key, record));
+    }
+    let drained = match generations::reset(pinned, &Filter::default()) {
         Ok(drained) => drained,
         Err(e) => {
-            undo_detached(&mut pinned, &detached);
+            undo(pinned, done);
             return Err(e);
         }
     };
@@ -300,13 +306,33 @@ fn reload(mut pinned: Pinned, desired: &Desired, plan: &Plan, options: &Options)
         time: output::unix_time(),
         reset: true,
     };
-    if let Err(e) = output::append_all_or_nothing(&log, |w| output::write_json(&report, &envelope, w)) {
-        let _ = generations::restore(&mut pinned, drained);
-        undo_detached(&mut pinned, &detached);
-        return Err(anyhow::Error::from(e)
-            .context(format!("writing {}; the counters were put back and nothing changed", drain_to.display())));
+    if let Err(e) = output::append_all_or_nothing(&file, |w| output::write_json(&report, &envelope, w)) {
+        let restored = generations::restore(pinned, drained);
+        undo(pinned, done);
+        let e = anyhow::Error::from(e).context(format!("writing {}", log.display()));
+        return Err(match restored {
+            Ok(()) => e.context("the counters were put back and everything attached again"),
+            Err(lost) => e.context(format!("and putting the counters back failed too ({lost:#})")),
+        });
     }
-    drop(drained);
+    Ok(done
+        .into_iter()
+        .filter_map(|d| match d {
+            Done::Detached(key, record) => Some((key, record)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// `--reload`: stops counting and drains every counter into the log, unloads, and loads as
+/// `desired` says. If the new state cannot be made, the old one is made again (its counters are in
+/// the log).
+fn reload(mut pinned: Pinned, desired: &Desired, plan: &Plan, options: &Options) -> Result<()> {
+    let log = options.drain_to.as_deref().expect("planned checks --drain-to");
+    // The old state, as a file would ask for it, to make again if the new one cannot be made.
+    let old = crate::config::FileConfig::of_pinned(&mut pinned)?
+        .desired(pinned.pin.clone(), Path::new("the pinned state"))?;
+    detach_and_drain(&mut pinned, log)?;
     let fresh = lifecycle::remove(pinned)?;
     make(fresh, desired, plan).or_else(|e| {
         let Creating::Empty(fresh) = Pinned::create(&old.pin)? else {
@@ -315,7 +341,7 @@ fn reload(mut pinned: Pinned, desired: &Desired, plan: &Plan, options: &Options)
         make(fresh, &old, &plan_first_load(&old)).context("making the old state again")?;
         Err(e.context(format!(
             "the reload failed; the state before it is back, with its counters in {}",
-            drain_to.display()
+            log.display()
         )))
     })
 }
@@ -326,9 +352,4 @@ fn make(fresh: crate::pinned::Fresh, desired: &Desired, plan: &Plan) -> Result<(
     carry_out(&mut created.pinned, plan)?;
     created.keep();
     Ok(())
-}
-
-fn undo_detached(pinned: &mut Pinned, detached: &Plan) {
-    let done = detached.detach.iter().map(|(k, r)| Done::Detached(*k, *r)).collect();
-    undo(pinned, detached, done);
 }

@@ -279,3 +279,36 @@ pub fn set_stats(pin: &std::path::Path, stats: Stats) -> Result<()> {
     pinned.stats()?.set(0, aya::maps::PerCpuValues::try_from(values)?, 0)?;
     Ok(())
 }
+
+/// A file of the test's own (a configuration, a log), mode 0644, removed on drop.
+pub struct TestFile {
+    pub path: std::path::PathBuf,
+}
+
+impl TestFile {
+    pub fn new(name: &str) -> TestFile {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("pwt-{}-{n}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        TestFile { path }
+    }
+
+    /// Writes `text` (root's, writable by root only).
+    pub fn write(&self, text: &str) -> &Self {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&self.path, text).unwrap();
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        self
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+}
+
+impl Drop for TestFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path).or_else(|_| std::fs::remove_dir(&self.path));
+    }
+}

@@ -8,9 +8,8 @@ use portwatch_common::{Directions, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
 use crate::{
     attach::{self, Iface},
     cli::LoadArgs,
-    lifecycle,
     error::Error,
-    maps,
+    lifecycle, maps,
     netns::NetNs,
     pinned::{Creating, PinPath, Pinned},
     ports::{self, PortSpec},

@@ -45,7 +45,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Status { json } => status::run(&pin, *json),
         Command::Top(args) => top::run(&pin, args),
         Command::Reset(args) => reset::run(&pin, args),
-        Command::Unload => unload::run(&pin),
+        Command::Unload { drain_to } => unload::run(&pin, drain_to.as_deref()),
         Command::Check => check::run(),
         Command::Apply(args) => apply::run(&pin, args),
         Command::Watch { file } => watch::run(&pin, file),

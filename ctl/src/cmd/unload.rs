@@ -1,26 +1,37 @@
-//! `portwatch unload`: detach every attachment and remove every pin. Afterwards nothing of
-//! portwatch is left in bpffs or on any interface.
+//! `portwatch unload [--drain-to LOG]`: detach every attachment and remove every pin. Afterwards
+//! nothing of portwatch is left in bpffs or on any interface. With `--drain-to`, every counter is
+//! appended to LOG first, after everything is detached, so nothing counted is lost.
+
+use std::path::Path;
 
 use anyhow::Result;
+use portwatch_common::{AttachKey, Attachment};
 
 use crate::{
     attach, lifecycle,
     pinned::{Access, PinPath, Pinned},
+    reconcile,
 };
 
-pub(super) fn run(pin: &PinPath) -> Result<()> {
+pub(super) fn run(pin: &PinPath, drain_to: Option<&Path>) -> Result<()> {
     let Some(mut pinned) = Pinned::probe(pin, Access::Change)? else {
         println!("nothing is loaded at {}", pin.root.display());
         return Ok(());
     };
-    lifecycle::detach_all(&mut pinned, |key, record| {
+    let say = |key: &AttachKey, record: &Attachment| {
         println!(
             "detached from {} {}{}",
             attach::display_name(key, record),
             key.direction().name(),
             attach::netns_suffix(record)
         )
-    })?;
+    };
+    if let Some(log) = drain_to {
+        let detached = reconcile::detach_and_drain(&mut pinned, log)?;
+        detached.iter().for_each(|(key, record)| say(key, record));
+        println!("drained every counter into {}", log.display());
+    }
+    lifecycle::detach_all(&mut pinned, say)?;
     // Whatever is left under the pin path is ours: stale link pins, programs, maps.
     lifecycle::remove(pinned)?.remove_dir()?;
     println!("unloaded: removed every pin under {}", pin.root.display());

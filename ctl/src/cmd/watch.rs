@@ -37,7 +37,10 @@ pub(super) fn run(pin: &PinPath, file: &Path) -> Result<()> {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = file.file_name().context("the configuration file has no file name")?.to_owned();
+    let name = file
+        .file_name()
+        .context("the configuration file has no file name")?
+        .to_owned();
     let (events, arrivals) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event| {
         let _ = events.send(event);
@@ -53,7 +56,10 @@ pub(super) fn run(pin: &PinPath, file: &Path) -> Result<()> {
         match arrivals.recv_timeout(TICK) {
             Ok(Ok(event)) => {
                 let ours = event.paths.iter().any(|p| p.file_name() == Some(&name));
-                let changes = matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_));
+                let changes = matches!(
+                    event.kind,
+                    EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+                );
                 if ours && changes {
                     due = Some(Instant::now() + SETTLE);
                 }
