@@ -441,3 +441,69 @@ fn watch_follows_the_file() {
     assert!(std::fs::read_to_string(&out.path).unwrap().contains("+ port 7105/udp"));
     pw.ok(&["unload"]);
 }
+
+/// A step that fails midway undoes those before it: the state is the one before `apply`. The
+/// failure: attaching pw2 with TCX, whose link pin path something else already holds (on a kernel
+/// without TCX, the TCX attach itself fails first).
+#[kernel_test]
+fn a_failed_apply_leaves_the_state_as_it_was() {
+    let bed = Bed::new(false).unwrap();
+    bed.add_second_link().unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    let pin = pw.pin.display().to_string();
+    let a = TestFile::new("a.yaml");
+    a.write(&format!(
+        "pin_path: {pin}\nports: [7002/udp]\ninterfaces:\n  - name: pw0\n"
+    ));
+    apply(&pw, &a, &[]);
+    let before = shape(&pw);
+
+    let netns = std::fs::metadata(format!("/run/netns/{}", bed.server.name)).unwrap();
+    let links: Value = serde_json::from_str(&bed.server.ip(&["-j", "link", "show", "pw2"]).unwrap()).unwrap();
+    let ifindex = &links[0]["ifindex"];
+    let taken = pw.pin.join("links").join(format!(
+        "{}-{ifindex}-ingress",
+        std::os::unix::fs::MetadataExt::ino(&netns)
+    ));
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        taken.to_str().unwrap(),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "4",
+        "entries",
+        "1",
+        "name",
+        "foreign",
+    ])
+    .unwrap();
+    let b = TestFile::new("b.yaml");
+    b.write(&format!(
+        "pin_path: {pin}\nports: [7003/udp]\ninterfaces:\n  - name: pw0\n    direction: ingress\n  \
+         - name: pw2\n    mode: tcx\n"
+    ));
+    let r = pw.run(&["apply", "-f", b.as_str()]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("apply failed; what it had changed is undone"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(shape(&pw), before, "pw0 egress attached again, the ports as they were");
+    let sent = bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 10, 100).unwrap();
+    assert_eq!(
+        pw.counters()[&key(CLIENT_V4[0], 7002, UDP, IN)],
+        Counters {
+            bytes: sent,
+            packets: 10
+        }
+    );
+    std::fs::remove_file(&taken).unwrap();
+    pw.ok(&["unload"]);
+}

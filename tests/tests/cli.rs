@@ -633,6 +633,33 @@ fn bpffs_is_mounted_when_missing() {
     );
 }
 
+/// In a mount namespace of its own that has bpffs mounted (a container with the host's
+/// /sys/fs/bpf bind-mounted), portwatch pins into that bpffs: the host sees the pins.
+#[kernel_test]
+fn a_mount_namespace_with_bpffs_mounted_is_fine() {
+    let ns = Netns::new("mnt").unwrap();
+    let pin = format!("/sys/fs/bpf/pwt-mnt-{}", std::process::id());
+    let bin = portwatch_tests::cli::portwatch_bin();
+    let script = format!(
+        "exec nsenter --net=/run/netns/{} {} --pin-path {pin} load --iface lo --port 443",
+        ns.name,
+        bin.display()
+    );
+    let out = sh(&["unshare", "-m", "--propagation", "private", "sh", "-c", &script]).unwrap();
+    assert!(out.contains("counting goes on"), "{out}");
+    assert!(
+        std::path::Path::new(&pin).join("maps/meta").exists(),
+        "the host's bpffs holds the pins"
+    );
+    let unload = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(&bin)
+        .args(["--pin-path", &pin, "unload"])
+        .output()
+        .unwrap();
+    assert!(unload.status.success(), "{}", String::from_utf8_lossy(&unload.stderr));
+}
+
 /// `ip netns exec NS portwatch load` (a mount namespace of its own, with a fresh /sys) is refused:
 /// it never reports success for state that vanishes when the command exits, and pins nothing
 /// anywhere.
