@@ -416,7 +416,8 @@ fn watch_follows_the_file() {
     let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
     let stderr = std::fs::read_to_string(&err.path).unwrap();
-    let errors: Vec<&str> = stderr.lines().collect();
+    // (On a kernel without TCX, stderr also says that each attachment fell back to tc.)
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.contains(file.as_str())).collect();
     assert_eq!(
         errors.len(),
         2,
