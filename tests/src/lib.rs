@@ -312,3 +312,33 @@ impl Drop for TestFile {
         let _ = std::fs::remove_file(&self.path).or_else(|_| std::fs::remove_dir(&self.path));
     }
 }
+
+/// Pins a small map of no one's at `path`: something else holding a pin path portwatch wants.
+pub fn pin_foreign_map(path: &std::path::Path) -> Result<()> {
+    netns::sh(&[
+        "bpftool",
+        "map",
+        "create",
+        path.to_str().context("a path in UTF-8")?,
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "4",
+        "entries",
+        "1",
+        "name",
+        "foreign",
+    ])
+    .map(|_| ())
+}
+
+/// The JSON objects of a JSON-lines file (a reset log).
+pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}

@@ -181,11 +181,7 @@ fn apply_makes_the_pinned_state_match_the_file() {
         "{out}"
     );
     let after = bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 5, 200).unwrap();
-    let drained: Vec<Value> = std::fs::read_to_string(&log.path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let drained: Vec<Value> = portwatch_tests::json_lines(&log.path);
     assert_eq!(drained.len(), 1);
     assert_eq!(drained[0]["reset"], true);
     assert_eq!(
@@ -206,11 +202,7 @@ fn apply_makes_the_pinned_state_match_the_file() {
 
     // unload --drain-to: the same, on the way out.
     pw.ok(&["unload", "--drain-to", log.as_str()]);
-    let lines: Vec<Value> = std::fs::read_to_string(&log.path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = portwatch_tests::json_lines(&log.path);
     assert_eq!(lines.len(), 2);
     assert_eq!(
         counters_of(&lines[1]["totals"]),
@@ -466,23 +458,7 @@ fn a_failed_apply_leaves_the_state_as_it_was() {
         "{}-{ifindex}-ingress",
         std::os::unix::fs::MetadataExt::ino(&netns)
     ));
-    sh(&[
-        "bpftool",
-        "map",
-        "create",
-        taken.to_str().unwrap(),
-        "type",
-        "array",
-        "key",
-        "4",
-        "value",
-        "4",
-        "entries",
-        "1",
-        "name",
-        "foreign",
-    ])
-    .unwrap();
+    portwatch_tests::pin_foreign_map(&taken).unwrap();
     let b = TestFile::new("b.yaml");
     b.write(&format!(
         "pin_path: {pin}\nports: [7003/udp]\ninterfaces:\n  - name: pw0\n    direction: ingress\n  \

@@ -394,23 +394,7 @@ fn a_failed_load_leaves_nothing_behind() {
     // and removes what it had pinned, leaving the foreign pin alone.
     std::fs::create_dir_all(pw.pin.join("maps")).unwrap();
     let foreign = pw.pin.join("maps").join("counters_0");
-    sh(&[
-        "bpftool",
-        "map",
-        "create",
-        foreign.to_str().unwrap(),
-        "type",
-        "array",
-        "key",
-        "4",
-        "value",
-        "4",
-        "entries",
-        "1",
-        "name",
-        "foreign",
-    ])
-    .unwrap();
+    portwatch_tests::pin_foreign_map(&foreign).unwrap();
     let r = pw.run(&["load", "--iface", "pw0", "--port", "443"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("counters_0"), "{}", r.stderr);
