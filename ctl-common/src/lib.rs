@@ -6,7 +6,7 @@
 
 /// Bumped whenever a pinned map's name, type, key, value or meaning changes. A `ctl` that finds
 /// pinned state of another version refuses to touch it.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Map names, as they appear in the object file and as the pin file names under the pin path.
 pub mod map_names {
@@ -27,12 +27,26 @@ pub mod map_names {
     /// by the program.
     pub const ATTACHMENTS: &str = "attachments";
 
+    /// `HASH` `PortKey -> Counters`: what resets took out of the counter maps, summed per watched
+    /// port, protocol and direction, so that the exported per-port counters never go down. Written
+    /// by `reset` (under the pin path's lock); never read by the program.
+    pub const DRAINED: &str = "drained";
+
     /// `ARRAY_OF_MAPS[1]`, created and pinned by userspace (not in the object) and never read by
     /// the program: updating it makes the kernel wait for running programs (see "Reset").
     pub const BARRIER: &str = "barrier";
 
     /// The maps of the object (the barrier is created by `load`).
-    pub const ALL: [&str; 7] = [WATCHED_PORTS, COUNTERS_0, COUNTERS_1, CONFIG, STATS, META, ATTACHMENTS];
+    pub const ALL: [&str; 8] = [
+        WATCHED_PORTS,
+        COUNTERS_0,
+        COUNTERS_1,
+        CONFIG,
+        STATS,
+        META,
+        ATTACHMENTS,
+        DRAINED,
+    ];
 }
 
 /// Which of the two counter generations `generation` (`Config::generation`) names: 0 or 1. Only
@@ -412,6 +426,34 @@ impl Meta {
 /// Entries of the `attachments` map: interfaces times two directions.
 pub const MAX_ATTACHMENTS: u32 = 1024;
 
+/// Entries of the `drained` map: every port, protocol and direction.
+pub const DRAINED_ENTRIES: u32 = PORT_COUNT * 4;
+
+/// Key of the `drained` map: a watched port, protocol and direction. Bytes 0..2 `port` (host
+/// order), 2 `proto` (6 or 17), 3 `direction` (`Direction as u8`), as in `CounterKey`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PortKey {
+    pub port: u16,
+    pub proto: u8,
+    pub direction: u8,
+}
+
+impl PortKey {
+    /// The port, protocol and direction of a counter key.
+    pub const fn of(key: &CounterKey) -> PortKey {
+        PortKey {
+            port: key.port,
+            proto: key.proto,
+            direction: key.direction,
+        }
+    }
+
+    pub const fn direction(&self) -> Direction {
+        Direction::from_u8(self.direction)
+    }
+}
+
 /// Key of an attachment. Bytes 0..8 `netns`: the inode of the network namespace the interface is
 /// in (interfaces of two namespaces can share an index and a name), 8..12 `ifindex`, 12
 /// `direction` (`Direction as u8`), 13..16 reserved (zero).
@@ -488,6 +530,7 @@ mod pod {
     unsafe impl aya::Pod for super::Meta {}
     unsafe impl aya::Pod for super::AttachKey {}
     unsafe impl aya::Pod for super::Attachment {}
+    unsafe impl aya::Pod for super::PortKey {}
 }
 
 // Layouts are a contract with pinned state and with other tools: fail the build if one moves.
@@ -500,6 +543,7 @@ const _: () = {
     assert!(core::mem::size_of::<Meta>() == 16);
     assert!(core::mem::size_of::<AttachKey>() == 16);
     assert!(core::mem::size_of::<Attachment>() == 88);
+    assert!(core::mem::size_of::<PortKey>() == 4);
 };
 
 impl core::ops::AddAssign for Counters {

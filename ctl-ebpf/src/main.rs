@@ -17,7 +17,7 @@ use aya_ebpf::{
 use parse::Flow;
 use portwatch_common::{
     proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta, Stats, DEFAULT_MAX_ENTRIES,
-    MAX_ATTACHMENTS, PORT_COUNT, RESERVED_ENTRIES,
+    MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES,
 };
 
 /// The object's size; `portwatch load --max-entries` sets the real one at load time.
@@ -47,6 +47,9 @@ static META: Array<Meta> = Array::with_max_entries(1, 0);
 
 #[map(name = "attachments")]
 static ATTACHMENTS: HashMap<AttachKey, Attachment> = HashMap::with_max_entries(MAX_ATTACHMENTS, 0);
+
+#[map(name = "drained")]
+static DRAINED: HashMap<PortKey, Counters> = HashMap::with_max_entries(DRAINED_ENTRIES, 0);
 
 // The program names are `Direction::program_name`.
 #[classifier]

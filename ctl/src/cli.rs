@@ -122,6 +122,39 @@ pub enum Command {
     /// The configuration file of what is pinned
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the metrics in the Prometheus text format (or write them for node_exporter's
+    /// textfile collector)
+    #[command(after_help = METRICS_EXAMPLES)]
+    Metrics {
+        /// Write FILE atomically (a temporary file beside it, fsync, rename) instead of stdout
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        export: ExportArgs,
+    },
+    /// Serve the metrics over HTTP (GET /metrics) until SIGINT or SIGTERM
+    #[command(after_help = SERVE_EXAMPLES)]
+    Serve {
+        /// Address and port to listen on
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9814")]
+        listen: String,
+        #[command(flatten)]
+        export: ExportArgs,
+    },
+    /// Print a shell completion script
+    #[command(
+        after_help = "Examples:\n  portwatch completions bash > /etc/bash_completion.d/portwatch\n  \
+        portwatch completions zsh > /usr/local/share/zsh/site-functions/_portwatch\n  \
+        portwatch completions fish > ~/.config/fish/completions/portwatch.fish"
+    )]
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff)
+    #[command(after_help = "Example:\n  portwatch man > /usr/local/share/man/man8/portwatch.8")]
+    Man,
     /// Load the embedded program through the verifier, report, and unload it; changes nothing
     Check,
 }
@@ -171,12 +204,31 @@ Applies the file, then again within a second of every change (an editor's rename
 and create included). An edit that cannot be applied is reported on stderr and the state stays as
 it was. SIGINT or SIGTERM ends it (exit 0), and counting goes on in the kernel.";
 
+const METRICS_EXAMPLES: &str = "\
+Examples:
+  portwatch metrics                                           the metrics on stdout
+  portwatch metrics --output /var/lib/node_exporter/portwatch.prom    for node_exporter's textfile collector
+  portwatch metrics --per-ip 10                               and the top 10 remote IPs of each port
+
+Per port, portwatch_port_bytes_total and _packets_total never go down: what a reset takes is kept in
+the pinned drained totals. Per-remote series are opt-in (--per-ip, --per-cidr), capped by
+--max-series, and restart from zero after each reset.";
+
+const SERVE_EXAMPLES: &str = "\
+Examples:
+  portwatch serve                                   http://127.0.0.1:9814/metrics
+  portwatch serve --listen 0.0.0.0:9814 --per-cidr 24,64
+
+Each scrape reads the pinned state afresh; serve keeps nothing. While nothing is loaded it answers
+portwatch_loaded 0. Counting never depends on it.";
+
 const TOP_EXAMPLES: &str = "\
 Examples:
   portwatch top                          top 10 remote IPs by bytes, all watched ports
   portwatch top -n 20 --by ip-port       per IP, port, protocol and direction
   portwatch top --by cidr --prefix4 16   per /16 (IPv4) and /64 (IPv6)
   portwatch top --port 443 --direction ingress --interval 5    with rates over 5 s
+  portwatch top --interval 10 --json | ...   one JSON object every 10 s (JSON lines), until interrupted
   portwatch top --watch                  a live view, redrawn every second; q quits
   portwatch top --json | jq '.rows[0]'
 
@@ -218,9 +270,13 @@ pub struct TopArgs {
     /// Order rows by bytes or packets (by their rate when --interval or --watch is given)
     #[arg(long, value_enum, default_value_t = SortBy::Bytes)]
     pub sort: SortBy,
-    /// Read twice, SECS apart, and add per-second rates
+    /// Read every SECS and add per-second rates: a table once; with --json or --csv, one object
+    /// (or block of rows) per interval, until interrupted or --count
     #[arg(long, value_name = "SECS", value_parser = parse_interval)]
     pub interval: Option<f64>,
+    /// With --interval: stop after K intervals
+    #[arg(long, value_name = "K", requires = "interval", conflicts_with = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
     /// Redraw the view every interval (default 1 s) as a live screen, until q or Ctrl-C
     #[arg(long, conflicts_with_all = ["json", "csv"])]
     pub watch: bool,
@@ -315,6 +371,44 @@ pub struct ApplyArgs {
     /// unloading
     #[arg(long, value_name = "FILE", requires = "reload")]
     pub drain_to: Option<PathBuf>,
+}
+
+/// Which per-remote series `metrics` and `serve` export (none by default: remote IPs are unbounded).
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Export the top N remote IPs of each port as portwatch_remote_*_total{remote=...}, the rest as
+    /// remote="other"
+    #[arg(long, value_name = "N", conflicts_with = "per_cidr")]
+    pub per_ip: Option<usize>,
+    /// Export per remote prefix instead: IPv4 /V4 and IPv6 /V6 (for example 24,64)
+    #[arg(long, value_name = "V4,V6", value_parser = parse_prefixes)]
+    pub per_cidr: Option<(u8, u8)>,
+    /// The most per-remote series; the smallest are folded into remote="other"
+    #[arg(long, value_name = "N", default_value_t = crate::metrics::DEFAULT_MAX_SERIES)]
+    pub max_series: usize,
+}
+
+impl From<&ExportArgs> for crate::metrics::Options {
+    fn from(args: &ExportArgs) -> crate::metrics::Options {
+        use crate::metrics::PerRemote;
+        crate::metrics::Options {
+            per_remote: match (args.per_ip, args.per_cidr) {
+                (Some(n), _) => Some(PerRemote::TopIps(n)),
+                (None, Some((prefix4, prefix6))) => Some(PerRemote::Prefixes { prefix4, prefix6 }),
+                (None, None) => None,
+            },
+            max_series: args.max_series,
+        }
+    }
+}
+
+fn parse_prefixes(s: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("{s:?}: give the IPv4 and IPv6 prefix lengths, as 24,64");
+    let (v4, v6) = s.split_once(',').ok_or_else(bad)?;
+    match (v4.trim().parse::<u8>(), v6.trim().parse::<u8>()) {
+        (Ok(v4), Ok(v6)) if v4 <= 32 && v6 <= 128 => Ok((v4, v6)),
+        _ => Err(bad()),
+    }
 }
 
 #[derive(Subcommand)]

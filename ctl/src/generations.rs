@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 
 use anyhow::{Context, Result};
 use aya::maps::{IterableMap, PerCpuValues};
-use portwatch_common::{Config, CounterKey, Counters};
+use portwatch_common::{Config, CounterKey, Counters, PortKey};
 
 use crate::{filter::Filter, maps, pinned::Pinned};
 
@@ -169,6 +169,18 @@ pub(crate) fn reset(pinned: &mut Pinned, filter: &Filter) -> Result<Drained> {
     }
     // A key drained from both generations is one row.
     maps::sum_sorted(&mut entries);
+    // The per-port totals the export adds to the live counters take what leaves them, so that the
+    // exported counters never go down (readers of both take the shared lock: they see either
+    // side of this, never the middle).
+    if let Err(e) = add_to_drained(pinned, &entries, true) {
+        return match put_back(pinned, &entries) {
+            Ok(()) => Err(e.context("the reset failed; nothing was zeroed")),
+            Err(lost) => Err(e.context(format!(
+                "the reset failed, and {} drained counters could not be put back ({lost:#})",
+                entries.len()
+            ))),
+        };
+    }
     Ok(Drained {
         entries,
         _signals: signals,
@@ -178,7 +190,42 @@ pub(crate) fn reset(pinned: &mut Pinned, filter: &Filter) -> Result<Drained> {
 /// Puts drained counts back into the generation the program does not write (adding to what is
 /// there), so that a snapshot that could not be written is not lost.
 pub(crate) fn restore(pinned: &mut Pinned, drained: Drained) -> Result<()> {
+    add_to_drained(pinned, &drained.entries, false)?;
     put_back(pinned, &drained.entries)
+}
+
+/// Adds (or takes back) `entries`, summed per port, protocol and direction, to the `drained` map,
+/// all or nothing. The overflow entries have no port: they are not in it.
+fn add_to_drained(pinned: &mut Pinned, entries: &[(CounterKey, Counters)], add: bool) -> Result<()> {
+    let mut per_port: Vec<(PortKey, Counters)> = entries
+        .iter()
+        .filter(|(k, _)| !k.is_overflow())
+        .map(|(k, v)| (PortKey::of(k), *v))
+        .collect();
+    maps::sum_sorted(&mut per_port);
+    let drained = pinned.drained()?;
+    let mut written: Vec<(PortKey, Option<Counters>)> = vec![];
+    for (key, value) in per_port {
+        let old = drained.get(&key, 0).ok();
+        let mut total = old.unwrap_or_default();
+        if add {
+            total += value;
+        } else {
+            total.bytes = total.bytes.saturating_sub(value.bytes);
+            total.packets = total.packets.saturating_sub(value.packets);
+        }
+        if let Err(e) = drained.insert(key, total, 0) {
+            for (key, old) in written.into_iter().rev() {
+                let _ = match old {
+                    Some(old) => drained.insert(key, old, 0),
+                    None => drained.remove(&key),
+                };
+            }
+            return Err(e).context("updating the drained totals");
+        }
+        written.push((key, old));
+    }
+    Ok(())
 }
 
 fn put_back(pinned: &mut Pinned, entries: &[(CounterKey, Counters)]) -> Result<()> {

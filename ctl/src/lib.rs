@@ -12,6 +12,7 @@ pub(crate) mod filter;
 pub mod generations;
 pub(crate) mod lifecycle;
 pub mod maps;
+pub(crate) mod metrics;
 pub(crate) mod netns;
 pub mod object;
 pub(crate) mod output;

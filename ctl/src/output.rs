@@ -48,7 +48,7 @@ pub(crate) fn format_ip(ip: &[u8; 16]) -> String {
     }
 }
 
-fn proto_name(proto: u8) -> &'static str {
+pub(crate) fn proto_name(proto: u8) -> &'static str {
     if proto == IPPROTO_TCP {
         "tcp"
     } else {
@@ -128,6 +128,7 @@ pub(crate) fn columns(by: By, rates: bool) -> Vec<Column> {
         By::IpPort => vec![Column::Ip, Column::Port, Column::Proto, Column::Direction],
         By::Port => vec![Column::Port],
         By::Cidr => vec![Column::Cidr],
+        By::CidrPort => vec![Column::Cidr, Column::Port, Column::Proto, Column::Direction],
     };
     columns.extend([Column::Bytes, Column::Packets]);
     if rates {
@@ -157,10 +158,16 @@ fn cell(row: &Row, column: Column) -> Cell {
     let text = |s: String| Cell::Text(s);
     match (column, &row.group) {
         (Column::Ip, Group::Ip(ip) | Group::IpPort { ip, .. }) => text(format_ip(ip)),
-        (Column::Cidr, Group::Cidr(cidr)) => text(cidr.to_string()),
-        (Column::Port, Group::IpPort { port, .. } | Group::Port(port)) => Cell::Port(*port),
-        (Column::Proto, Group::IpPort { proto, .. }) => text(proto_name(*proto).to_string()),
-        (Column::Direction, Group::IpPort { direction, .. }) => text(direction.name().to_string()),
+        (Column::Cidr, Group::Cidr(cidr) | Group::CidrPort { cidr, .. }) => text(cidr.to_string()),
+        (Column::Port, Group::IpPort { port, .. } | Group::Port(port) | Group::CidrPort { port, .. }) => {
+            Cell::Port(*port)
+        }
+        (Column::Proto, Group::IpPort { proto, .. } | Group::CidrPort { proto, .. }) => {
+            text(proto_name(*proto).to_string())
+        }
+        (Column::Direction, Group::IpPort { direction, .. } | Group::CidrPort { direction, .. }) => {
+            text(direction.name().to_string())
+        }
         (Column::Bytes, _) => Cell::Bytes(row.counters.bytes),
         (Column::Packets, _) => Cell::Packets(row.counters.packets),
         (Column::BytesPerSec, _) => Cell::ByteRate(row.rate.map(|r| r.bytes)),
@@ -271,10 +278,28 @@ pub(crate) fn write_json(report: &Report, envelope: &Envelope, w: &mut (impl io:
 
 /// A header line and one line per row, the same columns as the JSON rows.
 pub(crate) fn csv(report: &Report) -> String {
+    csv_with(report, true, None)
+}
+
+/// `csv`, with or without the header line, and with a leading `time` column when given (a stream
+/// of reports says when each was read).
+pub(crate) fn csv_with(report: &Report, header: bool, time: Option<u64>) -> String {
     let columns = columns(report.by, report.interval.is_some());
-    let mut out = columns.iter().map(|c| c.key()).collect::<Vec<_>>().join(",") + "\n";
+    let mut out = String::new();
+    if header {
+        let keys: Vec<&str> = time
+            .map(|_| "time")
+            .into_iter()
+            .chain(columns.iter().map(|c| c.key()))
+            .collect();
+        out += &(keys.join(",") + "\n");
+    }
     for row in &report.rows {
-        let fields: Vec<String> = cells(row, &columns).iter().map(Cell::csv).collect();
+        let fields: Vec<String> = time
+            .map(|t| t.to_string())
+            .into_iter()
+            .chain(cells(row, &columns).iter().map(Cell::csv))
+            .collect();
         out += &(fields.join(",") + "\n");
     }
     out

@@ -33,7 +33,7 @@ use aya::{
 };
 use portwatch_common::{
     counters_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta,
-    Stats, LAYOUT_VERSION,
+    PortKey, Stats, LAYOUT_VERSION,
 };
 
 use crate::error::Error;
@@ -174,9 +174,18 @@ pub struct Lock {
 impl Lock {
     fn acquire(pin: &PinPath) -> Result<Lock> {
         std::fs::create_dir_all(&pin.root).with_context(|| format!("creating {}", pin.root.display()))?;
+        Lock::take(pin, libc::LOCK_EX)
+    }
+
+    /// Shared with other snapshot readers; a change waits for it, and it for a change.
+    fn acquire_shared(pin: &PinPath) -> Result<Lock> {
+        Lock::take(pin, libc::LOCK_SH)
+    }
+
+    fn take(pin: &PinPath, how: libc::c_int) -> Result<Lock> {
         let dir = File::open(&pin.root).with_context(|| format!("opening {}", pin.root.display()))?;
         // SAFETY: flock on a valid fd we own.
-        if unsafe { libc::flock(dir.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        if unsafe { libc::flock(dir.as_raw_fd(), how) } != 0 {
             return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", pin.root.display()));
         }
         Ok(Lock { _dir: dir })
@@ -184,9 +193,12 @@ impl Lock {
 }
 
 /// What a verb does with the pinned state: `Change` takes the exclusive lock, `Read` none.
+/// `Snapshot` reads under the shared lock: what it reads is not halfway through a change (a
+/// reset moving counts from the counter maps to the drained totals), and changes wait for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     Read,
+    Snapshot,
     Change,
 }
 
@@ -218,11 +230,13 @@ pub struct Pinned {
     pub meta: Meta,
     /// Held as long as the state is, when opened to change it.
     lock: Option<Lock>,
+    access: Access,
     watched_ports: Option<Array<MapData, u8>>,
     counters: [Option<PerCpuHashMap<MapData, CounterKey, Counters>>; 2],
     config: Option<Array<MapData, Config>>,
     stats: Option<PerCpuArray<MapData, Stats>>,
     attachments: Option<HashMap<MapData, AttachKey, Attachment>>,
+    drained: Option<HashMap<MapData, PortKey, Counters>>,
     barrier: Option<MapData>,
     programs: [Option<SchedClassifier>; 2],
 }
@@ -259,9 +273,10 @@ impl Pinned {
         }
         let lock = match access {
             Access::Read => None,
+            Access::Snapshot => Some(Lock::acquire_shared(pin)?),
             Access::Change => Some(Lock::acquire(pin)?),
         };
-        Pinned::with_lock(pin, lock).map(Some)
+        Pinned::with_lock(pin, lock, access).map(Some)
     }
 
     /// For `load`: the exclusive lock first (creating the pin directory), then the state if one
@@ -270,7 +285,11 @@ impl Pinned {
         let root_created = !pin.root.exists();
         let lock = Lock::acquire(pin)?;
         if pin.is_loaded() {
-            Ok(Creating::Loaded(Box::new(Pinned::with_lock(pin, Some(lock))?)))
+            Ok(Creating::Loaded(Box::new(Pinned::with_lock(
+                pin,
+                Some(lock),
+                Access::Change,
+            )?)))
         } else {
             Ok(Creating::Empty(Fresh {
                 pin: pin.clone(),
@@ -284,7 +303,8 @@ impl Pinned {
     /// `lifecycle::remove`). `None` without the lock.
     pub(crate) fn into_fresh(self) -> Option<Fresh> {
         let pin = self.pin;
-        self.lock.map(|lock| Fresh {
+        let exclusive = self.access == Access::Change;
+        self.lock.filter(|_| exclusive).map(|lock| Fresh {
             pin,
             root_created: false,
             lock,
@@ -293,11 +313,11 @@ impl Pinned {
 
     /// Opens what a first load has just pinned, under the lock it holds.
     pub(crate) fn created(fresh: Fresh) -> Result<Pinned> {
-        Pinned::with_lock(&fresh.pin, Some(fresh.lock))
+        Pinned::with_lock(&fresh.pin, Some(fresh.lock), Access::Change)
     }
 
     /// Refuses another layout version before reading anything else.
-    fn with_lock(pin: &PinPath, lock: Option<Lock>) -> Result<Pinned> {
+    fn with_lock(pin: &PinPath, lock: Option<Lock>, access: Access) -> Result<Pinned> {
         let wrong_layout = |found: String| {
             Error::Conflict(format!(
                 "the state pinned at {} has layout {found}, this portwatch reads layout {LAYOUT_VERSION}: \
@@ -317,19 +337,21 @@ impl Pinned {
             pin: pin.clone(),
             meta,
             lock,
+            access,
             watched_ports: None,
             counters: [None, None],
             config: None,
             stats: None,
             attachments: None,
+            drained: None,
             barrier: None,
             programs: [None, None],
         })
     }
 
-    /// Whether this process holds the pin path's lock (opened with `Access::Change`).
+    /// Whether this process holds the pin path's exclusive lock (opened with `Access::Change`).
     pub fn is_locked(&self) -> bool {
-        self.lock.is_some()
+        self.access == Access::Change && self.lock.is_some()
     }
 
     pub fn watched_ports(&mut self) -> Result<&mut Array<MapData, u8>> {
@@ -355,6 +377,11 @@ impl Pinned {
 
     pub fn attachments(&mut self) -> Result<&mut HashMap<MapData, AttachKey, Attachment>> {
         open_once(&mut self.attachments, &self.pin, map_names::ATTACHMENTS)
+    }
+
+    /// What resets drained, per port, protocol and direction.
+    pub fn drained(&mut self) -> Result<&mut HashMap<MapData, PortKey, Counters>> {
+        open_once(&mut self.drained, &self.pin, map_names::DRAINED)
     }
 
     /// The barrier map (see `sys::wait_for_running_programs`), untyped.

@@ -19,6 +19,8 @@ pub enum By {
     Port,
     /// One row per prefix of remote IPs (--prefix4, --prefix6)
     Cidr,
+    /// One row per prefix of remote IPs, port, protocol and direction
+    CidrPort,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -51,6 +53,12 @@ pub enum Group {
     },
     Port(u16),
     Cidr(Cidr),
+    CidrPort {
+        cidr: Cidr,
+        port: u16,
+        proto: u8,
+        direction: Direction,
+    },
 }
 
 /// Counters grouped under a view, and the overflow traffic it cannot attribute.
@@ -142,6 +150,12 @@ impl View {
             },
             By::Port => Group::Port(key.port),
             By::Cidr => Group::Cidr(Cidr::of(ip, self.prefix4, self.prefix6)),
+            By::CidrPort => Group::CidrPort {
+                cidr: Cidr::of(ip, self.prefix4, self.prefix6),
+                port: key.port,
+                proto: key.proto,
+                direction: key.direction(),
+            },
         }
     }
 
@@ -308,7 +322,7 @@ mod tests {
     #[test]
     fn grouping_sums_like_a_map() {
         let counters = counters();
-        for by in [By::Ip, By::IpPort, By::Port, By::Cidr] {
+        for by in [By::Ip, By::IpPort, By::Port, By::Cidr, By::CidrPort] {
             let v = view(by, 0);
             let mut expected: BTreeMap<Group, Counters> = BTreeMap::new();
             for (key, value) in &counters {

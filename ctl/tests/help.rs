@@ -35,6 +35,14 @@ fn every_verb_has_help_with_an_example() {
         &["ports", "add"],
         &["ports", "del"],
         &["ports", "set"],
+        &["apply"],
+        &["watch"],
+        &["config", "show"],
+        &["metrics"],
+        &["serve"],
+        &["completions"],
+        &["man"],
+        &["unload"],
     ] {
         let mut args = verb.to_vec();
         args.push("--help");
@@ -60,4 +68,57 @@ fn usage_errors_are_one_line_with_exit_code_2() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.starts_with("portwatch: "), "{stderr}");
     }
+}
+
+/// The verbs `portwatch --help` lists.
+fn verbs() -> Vec<String> {
+    let help = String::from_utf8(portwatch(&["--help"]).stdout).unwrap();
+    help.lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .filter(|v| v != "help")
+        .collect()
+}
+
+/// Completions are generated from the command line's definitions: every verb is in them, for
+/// every shell, and they need no root (no privilege check runs).
+#[test]
+fn completions_know_every_verb() {
+    let verbs = verbs();
+    assert!(verbs.len() >= 15, "{verbs:?}");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = portwatch(&["completions", shell]);
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).unwrap();
+        for verb in &verbs {
+            assert!(script.contains(verb.as_str()), "{shell} completions lack {verb}");
+        }
+    }
+    let out = portwatch(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// The manual page has a section for every verb, with its options, from the same definitions.
+#[test]
+fn the_manual_page_has_every_verb() {
+    let out = portwatch(&["man"]);
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH portwatch 8"), "{page}");
+    for verb in verbs() {
+        assert!(
+            page.contains(&format!(".SH \"PORTWATCH {}\"", verb.to_uppercase())),
+            "the page lacks {verb}"
+        );
+    }
+    assert!(
+        page.contains("\\-\\-drain\\-to") && page.contains("\\-\\-per\\-ip"),
+        "options are in it"
+    );
 }

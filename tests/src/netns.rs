@@ -72,6 +72,37 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// `GET path` from `addr` inside the namespace (HTTP/1.0, so the server closes when done):
+    /// the status code and the body. `path` is sent as given (percent-encode a query).
+    pub fn http_get(&self, addr: &str, path: &str) -> Result<(u16, String)> {
+        self.enter(|| -> Result<(u16, String)> {
+            let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
+            let code = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .context("an HTTP status line")?;
+            Ok((code, body.to_string()))
+        })?
+    }
+}
+
+/// `text` percent-encoded for a URL's query.
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();

@@ -4,7 +4,7 @@
 //! change that needs a reload (refused, then `--reload --drain-to` losing no byte), the round trip
 //! through `config show`, and every way a file is refused before anything changes.
 
-use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_UDP as UDP};
+use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_UDP as UDP, LAYOUT_VERSION};
 use portwatch_tests::{
     cli::{counters_of, Pw},
     kernel_test, key,
@@ -84,7 +84,7 @@ fn apply_makes_the_pinned_state_match_the_file() {
     assert_eq!(
         out,
         format!(
-            "+ load {pin} (layout 2, 65536 counter entries, direction both)\n+ port 7002-7003/udp\n\
+            "+ load {pin} (layout {LAYOUT_VERSION}, 65536 counter entries, direction both)\n+ port 7002-7003/udp\n\
              + attach pw0 ingress\n+ attach pw0 egress\n+ attach pw2 ingress\n"
         )
     );

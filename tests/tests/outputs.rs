@@ -84,6 +84,8 @@ fn normalize(text: &str, pin: &Path) -> String {
     let text = text.replace(&pin.display().to_string(), "PIN");
     let rules = [
         (r#""time":\d+"#, r#""time":TIME"#),
+        // The leading time column of a CSV stream.
+        (r"(?m)^\d{10},", "TIME,"),
         (r#""interval_secs":[0-9.e-]+"#, r#""interval_secs":INTERVAL"#),
         (r#""id": \d+"#, r#""id": ID"#),
         (r#""link_id": \d+"#, r#""link_id": ID"#),
@@ -125,6 +127,13 @@ fn outputs_stay_the_same(mode: &str) {
         &["reset", "--help"],
         &["unload", "--help"],
         &["check", "--help"],
+        &["apply", "--help"],
+        &["watch", "--help"],
+        &["config", "show", "--help"],
+        &["metrics", "--help"],
+        &["serve", "--help"],
+        &["completions", "--help"],
+        &["man", "--help"],
     ] {
         run(&pw, &mut t, help);
     }
@@ -171,8 +180,12 @@ fn outputs_stay_the_same(mode: &str) {
     portwatch_tests::set_stats(&pw.pin, STATS).unwrap();
     run(&pw, &mut t, &["status"]);
     run(&pw, &mut t, &["status", "--json"]);
+    run(&pw, &mut t, &["config", "show"]);
+    run(&pw, &mut t, &["metrics"]);
+    run(&pw, &mut t, &["metrics", "--per-ip", "2"]);
+    run(&pw, &mut t, &["metrics", "--per-cidr", "24,64", "--max-series", "4"]);
 
-    for by in ["ip", "ip-port", "port", "cidr"] {
+    for by in ["ip", "ip-port", "port", "cidr", "cidr-port"] {
         for format in [&[][..], &["--exact"], &["--json"], &["--csv"]] {
             let mut args = vec!["top", "--by", by];
             args.extend_from_slice(format);
@@ -200,10 +213,11 @@ fn outputs_stay_the_same(mode: &str) {
         &["top", "--direction", "ingress", "--json"],
         &["top", "--by", "cidr", "--prefix4", "16", "--prefix6", "32"],
         &["top", "--by", "cidr", "--prefix4", "0", "--prefix6", "128", "--json"],
-        &["top", "--interval", "0.1", "--json"],
+        &["top", "--interval", "0.1", "--count", "1", "--json"],
         &["top", "--interval", "0.1", "--by", "ip-port"],
         &["top", "--interval", "0.1", "--exact"],
-        &["top", "--interval", "0.1", "--csv"],
+        &["top", "--interval", "0.1", "--count", "1", "--csv"],
+        &["top", "--interval", "0.1", "--count", "2", "--csv", "--by", "port"],
     ] {
         run(&pw, &mut t, args);
     }
@@ -241,6 +255,8 @@ fn outputs_stay_the_same(mode: &str) {
         &["load", "--iface", "lo", "--direction", "ingress"],
         &["load", "--iface", "lo", "--port", "443"],
         &["top", "--interval", "0"],
+        &["top", "--count", "3"],
+        &["metrics", "--per-ip", "2", "--per-cidr", "24,64"],
         &["reset", "--ip", "198.18.0.0/33"],
     ] {
         run(&pw, &mut t, args);

@@ -195,7 +195,7 @@ fn top_shows_exact_figures_in_every_view() {
     assert!(pw.ok(&["top", "--exact"]).contains(&bytes_a.to_string()));
 
     // --interval: rates over a quiet interval are exactly zero, and the rows carry them.
-    let rated = pw.json(&["top", "--interval", "0.3", "--json"]);
+    let rated = pw.json(&["top", "--interval", "0.3", "--count", "1", "--json"]);
     assert_eq!(rated["rows"][0]["bytes_per_sec"], 0.0);
     assert_eq!(rated["rows"][0]["packets_per_sec"], 0.0);
     assert_eq!(counters_of(&rated["totals"]), total);

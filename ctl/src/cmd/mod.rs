@@ -7,10 +7,13 @@
 mod apply;
 mod attach;
 mod check;
+mod completions;
 mod config;
 mod load;
+mod metrics;
 mod ports;
 mod reset;
+mod serve;
 mod status;
 mod top;
 mod unload;
@@ -26,6 +29,12 @@ use crate::{
 /// Runs the command line's verb.
 pub(crate) fn run(cli: &Cli) -> Result<()> {
     let pin = PinPath::new(&cli.pin_path);
+    // Printing text made from the command line itself needs nothing of the system.
+    match &cli.command {
+        Command::Completions { shell } => return completions::completions(*shell),
+        Command::Man => return completions::man(),
+        _ => {}
+    }
     check_privileges()?;
     crate::sys::bpf::lift_memlock_limit();
     // `check` pins nothing: it needs no bpffs.
@@ -50,5 +59,8 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Apply(args) => apply::run(&pin, args),
         Command::Watch { file } => watch::run(&pin, file),
         Command::Config(crate::cli::ConfigCommand::Show) => config::show(&pin),
+        Command::Metrics { output, export } => metrics::run(&pin, output.as_deref(), &export.into()),
+        Command::Serve { listen, export } => serve::run(&pin, listen, &export.into()),
+        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
     }
 }
