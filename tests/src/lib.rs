@@ -342,3 +342,32 @@ pub fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Runs `cmd` with stdout to `out`; returns (seconds, peak RSS in MiB) of the command, for the
+/// benchmarks. The peak RSS is GNU time's (`/usr/bin/time -f %M`): a child forked from this large
+/// process would report this process's size as its own peak (the kernel keeps the peak of the
+/// memory it had before exec), so the command is started from `time`, a small process.
+pub fn measure(cmd: std::process::Command, out: std::process::Stdio) -> Result<(f64, f64)> {
+    let report = std::env::temp_dir().join(format!("pw-measure-{}", std::process::id()));
+    let mut timed = std::process::Command::new("/usr/bin/time");
+    timed
+        .args(["-f", "%M", "-o"])
+        .arg(&report)
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdout(out)
+        .stderr(std::process::Stdio::piped());
+    let started = std::time::Instant::now();
+    let status = timed.status().context("running /usr/bin/time (package time)")?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(status.success(), "{cmd:?} failed with {status}");
+    let kib: f64 = std::fs::read_to_string(&report)?.trim().parse()?;
+    let _ = std::fs::remove_file(&report);
+    Ok((secs, kib / 1024.0))
+}
+
+/// The median of `v` (sorted in place).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

@@ -14,30 +14,11 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use aya::maps::IterableMap;
 use portwatch::pinned::{Access, PinPath, Pinned};
 use portwatch_common::{CounterKey, Counters};
-use portwatch_tests::{cli::Pw, fill_counters, netns::Netns, synthetic_entries};
-
-/// Runs `cmd` with stdout to `out`; returns (seconds, peak RSS in MiB).
-fn measure(mut cmd: Command, out: Stdio) -> Result<(f64, f64)> {
-    cmd.stdout(out).stderr(Stdio::piped());
-    let started = Instant::now();
-    let child = cmd.spawn()?;
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
-        bail!("wait4: {}", std::io::Error::last_os_error());
-    }
-    let secs = started.elapsed().as_secs_f64();
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        bail!("{cmd:?} failed with status {status}");
-    }
-    Ok((secs, usage.ru_maxrss as f64 / 1024.0))
-}
+use portwatch_tests::{cli::Pw, fill_counters, measure, median, netns::Netns, synthetic_entries};
 
 /// The floor under `top`: the kernel's BPF_MAP_LOOKUP_BATCH over both generations, in this
 /// process, with nothing done to the entries.
@@ -54,11 +35,6 @@ fn batch_read_alone(pin: &std::path::Path) -> Result<f64> {
     }
     std::hint::black_box(got);
     Ok(started.elapsed().as_secs_f64())
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() -> Result<()> {
