@@ -134,7 +134,7 @@ fn query_until(bed: &Bed, query: &str, ready: impl Fn(Option<f64>) -> bool) -> O
 fn prometheus_scrapes_serve() {
     let bed = Bed::new(false).unwrap();
     let pw = Pw::load(&bed.server, &bed.server_if, &["7002/udp"]);
-    let _serve = Running(
+    let mut serve = Running(
         pw.command(&["serve", "--listen", "127.0.0.1:9814"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -178,6 +178,24 @@ fn prometheus_scrapes_serve() {
         query_until(&bed, &format!("min_over_time({series}[1m])"), |v| v.is_some()),
         Some(sent as f64)
     );
+
+    // serve itself: after an unload it still answers, with portwatch_loaded 0; `/` points to
+    // /metrics, anything else is a 404; SIGTERM ends it with exit 0.
+    pw.ok(&["unload"]);
+    let (code, body) = bed.server.http_get("127.0.0.1:9814", "/metrics").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(samples(&body, "portwatch_loaded")[""], 0.0, "{body}");
+    let (code, body) = bed.server.http_get("127.0.0.1:9814", "/").unwrap();
+    assert_eq!((code, body.contains("/metrics")), (200, true), "{body}");
+    let (code, _) = bed.server.http_get("127.0.0.1:9814", "/nothing").unwrap();
+    assert_eq!(code, 404);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = serve.0.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
     let _ = std::fs::remove_dir_all(&data.path);
 }
 
