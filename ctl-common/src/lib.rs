@@ -440,6 +440,14 @@ pub struct PortKey {
 }
 
 impl PortKey {
+    pub const fn new(port: u16, proto: u8, direction: Direction) -> PortKey {
+        PortKey {
+            port,
+            proto,
+            direction: direction as u8,
+        }
+    }
+
     /// The port, protocol and direction of a counter key.
     pub const fn of(key: &CounterKey) -> PortKey {
         PortKey {

@@ -281,27 +281,13 @@ fn remotes(f: &Families, grouped: &Grouped, per_remote: PerRemote, max_series: u
                 port,
                 proto,
                 direction,
-            } => (
-                PortKey {
-                    port: *port,
-                    proto: *proto,
-                    direction: *direction as u8,
-                },
-                output::format_ip(ip),
-            ),
+            } => (PortKey::new(*port, *proto, *direction), output::format_ip(ip)),
             Group::CidrPort {
                 cidr,
                 port,
                 proto,
                 direction,
-            } => (
-                PortKey {
-                    port: *port,
-                    proto: *proto,
-                    direction: *direction as u8,
-                },
-                cidr.to_string(),
-            ),
+            } => (PortKey::new(*port, *proto, *direction), cidr.to_string()),
             _ => unreachable!("per-remote views group by remote and port"),
         };
         by_port.entry(port).or_default().push((remote, *counters));

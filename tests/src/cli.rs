@@ -211,3 +211,26 @@ impl Drop for Pw {
         }
     }
 }
+
+/// A spawned process (a `serve`, a `watch`, a Prometheus), killed and reaped when dropped,
+/// whatever the test does in between.
+pub struct Running(pub std::process::Child);
+
+impl Running {
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("sending SIGTERM");
+        self.0.wait().expect("waiting for the process")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -6,7 +6,7 @@
 
 use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_UDP as UDP, LAYOUT_VERSION};
 use portwatch_tests::{
-    cli::{counters_of, Pw},
+    cli::{counters_of, Pw, Running},
     kernel_test, key,
     netns::{sh, Bed, Netns, CLIENT2_V4, CLIENT_V4, SERVER2_V4, SERVER_V4},
     TestFile,
@@ -362,16 +362,8 @@ fn watch_follows_the_file() {
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out.path).unwrap())
         .stderr(std::fs::File::create(&err.path).unwrap());
-    let mut child = watch.spawn().unwrap();
     // Killed, whatever happens below.
-    struct Reaper<'a>(&'a mut std::process::Child);
-    impl Drop for Reaper<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Reaper(&mut child);
+    let mut child = Running(watch.spawn().unwrap());
     let mut took = vec![];
     wait_for_ports(&pw, &["7100/udp"]);
 
@@ -400,12 +392,7 @@ fn watch_follows_the_file() {
     eprintln!("watch applied each change after {took:?}");
 
     // SIGTERM: exit 0, and the kernel state stays.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.0.wait().unwrap();
+    let status = child.terminate();
     assert_eq!(status.code(), Some(0), "{status:?}");
     let stderr = std::fs::read_to_string(&err.path).unwrap();
     // (On a kernel without TCX, stderr also says that each attachment fell back to tc.)

@@ -12,7 +12,7 @@ use std::{
 
 use portwatch_common::{CounterKey, Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
-    cli::Pw,
+    cli::{Pw, Running},
     fill_counters, kernel_test, key,
     netns::{url_encode, Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     TestFile,
@@ -91,16 +91,6 @@ fn metrics_pass_promtool_and_never_go_down() {
     let nothing = pw.ok(&["metrics"]);
     promtool_accepts(&nothing);
     assert_eq!(samples(&nothing, "portwatch_loaded")[""], 0.0);
-}
-
-/// Kills the process on drop.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Asks Prometheus for `query`'s value, polling until `ready` says yes (bounded: 60 s).
@@ -189,12 +179,7 @@ fn prometheus_scrapes_serve() {
     assert_eq!((code, body.contains("/metrics")), (200, true), "{body}");
     let (code, _) = bed.server.http_get("127.0.0.1:9814", "/nothing").unwrap();
     assert_eq!(code, 404);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(serve.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = serve.0.wait().unwrap();
+    let status = serve.terminate();
     assert_eq!(status.code(), Some(0), "{status:?}");
     let _ = std::fs::remove_dir_all(&data.path);
 }

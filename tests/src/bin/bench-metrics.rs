@@ -12,7 +12,12 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use portwatch_tests::{cli::Pw, fill_counters, measure, median, netns::Netns, synthetic_entries};
+use portwatch_tests::{
+    cli::{Pw, Running},
+    fill_counters, measure, median,
+    netns::Netns,
+    synthetic_entries,
+};
 
 /// The peak RSS (MiB) of a running process.
 fn peak_rss(pid: u32) -> Result<f64> {
@@ -26,15 +31,6 @@ fn peak_rss(pid: u32) -> Result<f64> {
         .trim()
         .parse()?;
     Ok(kib / 1024.0)
-}
-
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn scrape(ns: &Netns, addr: &str) -> Result<f64> {
@@ -54,24 +50,15 @@ fn main() -> Result<()> {
     println!("|---:|---:|---:|---:|---:|");
     for n in [10_000u64, 100_000, 1_000_000] {
         let ns = Netns::new("bench")?;
-        let pw = Pw::new(Some(&ns));
-        pw.ok(&[
-            "load",
-            "--iface",
-            "lo",
-            "--port",
-            "443",
-            "--max-entries",
-            &n.to_string(),
-        ]);
+        let pw = Pw::load_with(&ns, "lo", &["443"], &["--max-entries", &n.to_string()]);
         fill_counters(&pw.pin, 0, &synthetic_entries(n))?;
         let servers = [
-            Server(
+            Running(
                 pw.command(&["serve", "--listen", "127.0.0.1:9814"])
                     .stderr(Stdio::null())
                     .spawn()?,
             ),
-            Server(
+            Running(
                 pw.command(&["serve", "--listen", "127.0.0.1:9815", "--per-ip", "10"])
                     .stderr(Stdio::null())
                     .spawn()?,

@@ -46,16 +46,7 @@ fn main() -> Result<()> {
     println!("|---:|---:|---:|---:|---:|");
     for n in [10_000u64, 100_000, 1_000_000] {
         let ns = Netns::new("bench")?;
-        let pw = Pw::new(Some(&ns));
-        pw.ok(&[
-            "load",
-            "--iface",
-            "lo",
-            "--port",
-            "443",
-            "--max-entries",
-            &n.to_string(),
-        ]);
+        let pw = Pw::load_with(&ns, "lo", &["443"], &["--max-entries", &n.to_string()]);
         let data = synthetic_entries(n);
         let dump_path = pw.pin.join("maps/counters_0");
         let (mut top_t, mut top_m, mut reset_t, mut reset_m, mut dump_t, mut dump_m, mut floor_t) =
