@@ -6,7 +6,7 @@
 
 /// Bumped whenever a pinned map's name, type, key, value or meaning changes. A `ctl` that finds
 /// pinned state of another version refuses to touch it.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Map names, as they appear in the object file and as the pin file names under the pin path.
 pub mod map_names {
@@ -36,8 +36,16 @@ pub mod map_names {
     /// the program: updating it makes the kernel wait for running programs (see "Reset").
     pub const BARRIER: &str = "barrier";
 
+    /// `ARRAY[1]` of `Journal`: the state of the reset in progress (or of one that was interrupted),
+    /// so that the next command that takes the lock finishes or rolls it back. Never read by the
+    /// program.
+    pub const JOURNAL: &str = "journal";
+    /// `HASH` (not preallocated) `JournalKey -> Counters`: what that reset needs to finish after a
+    /// crash (see `JournalKind`). Never read by the program.
+    pub const JOURNAL_ENTRIES: &str = "journal_entries";
+
     /// The maps of the object (the barrier is created by `load`).
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         WATCHED_PORTS,
         COUNTERS_0,
         COUNTERS_1,
@@ -46,6 +54,8 @@ pub mod map_names {
         META,
         ATTACHMENTS,
         DRAINED,
+        JOURNAL,
+        JOURNAL_ENTRIES,
     ];
 }
 
@@ -528,8 +538,149 @@ impl Default for Attachment {
     }
 }
 
+/// Where a reset is (`Journal::state`). Each state says what a command that finds it after a crash
+/// does (`bpffs-layout.md`, "Reset"): the forward path and recovery share these steps.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JournalState {
+    /// No reset in progress.
+    Idle = 0,
+    /// The idle generation's selected entries are in the journal (`Stale`); the generation may have
+    /// been flipped. Recovery: flip back, wait; nothing was written or removed.
+    Prepared = 1,
+    /// The record is being written. Recovery: cut the output file back to `output_len`, flip
+    /// back, wait (the counts never left the maps).
+    Writing = 2,
+    /// The record (`record_len` bytes, `record_hash`) is written, maybe not yet synced. Recovery: if
+    /// the file holds the whole record at `output_len`, as `Committed`; else as `Writing`.
+    Written = 3,
+    /// The record is durable. Recovery (roll forward): set the drained totals (`Drained`), remove
+    /// the selected entries of the old active generation, then as `Deleted`.
+    Committed = 4,
+    /// Those entries are gone. Recovery: flip back, wait, compute what stays of the idle
+    /// generation's `Stale` entries (`Subtract`), then as `Subtracting`.
+    Deleted = 5,
+    /// Recovery: write every `Subtract` entry into the idle generation (idempotent), then `Idle`.
+    Subtracting = 6,
+}
+
+impl JournalState {
+    pub const fn from_u32(state: u32) -> Option<JournalState> {
+        Some(match state {
+            0 => JournalState::Idle,
+            1 => JournalState::Prepared,
+            2 => JournalState::Writing,
+            3 => JournalState::Written,
+            4 => JournalState::Committed,
+            5 => JournalState::Deleted,
+            6 => JournalState::Subtracting,
+            _ => return None,
+        })
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            JournalState::Idle => "idle",
+            JournalState::Prepared => "prepared",
+            JournalState::Writing => "writing",
+            JournalState::Written => "written",
+            JournalState::Committed => "committed",
+            JournalState::Deleted => "deleted",
+            JournalState::Subtracting => "subtracting",
+        }
+    }
+}
+
+/// `Journal::output_kind`.
+pub const JOURNAL_OUTPUT_STREAM: u32 = 0;
+pub const JOURNAL_OUTPUT_FILE: u32 = 1;
+/// Room for the output file's path and for the reset's filter, NUL-padded.
+pub const JOURNAL_PATH_LEN: usize = 4096;
+pub const JOURNAL_FILTER_LEN: usize = 1024;
+
+/// The value of the `journal` map (5192 bytes): the reset in progress. Bytes 0..4 `state` (a
+/// `JournalState`), 4..8 `generation` (the active one when the reset began), 8..16 `id`, 16..24
+/// `time` (Unix seconds), 24..32 `output_len` (the output file's length before the record),
+/// 32..40 `record_len`, 40..48 `record_hash` (FNV-1a 64 of the record's bytes), 48..56
+/// `output_dev`, 56..64 `output_ino`, 64..68 `output_kind` (`JOURNAL_OUTPUT_*`), 68..72 reserved,
+/// 72..1096 `filter` (the reset's `--port`/`--ip` as text), 1096..5192 `path` (the output file).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Journal {
+    pub state: u32,
+    pub generation: u32,
+    pub id: u64,
+    pub time: u64,
+    pub output_len: u64,
+    pub record_len: u64,
+    pub record_hash: u64,
+    pub output_dev: u64,
+    pub output_ino: u64,
+    pub output_kind: u32,
+    pub _reserved: u32,
+    pub filter: [u8; JOURNAL_FILTER_LEN],
+    pub path: [u8; JOURNAL_PATH_LEN],
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            state: 0,
+            generation: 0,
+            id: 0,
+            time: 0,
+            output_len: 0,
+            record_len: 0,
+            record_hash: 0,
+            output_dev: 0,
+            output_ino: 0,
+            output_kind: 0,
+            _reserved: 0,
+            filter: [0; JOURNAL_FILTER_LEN],
+            path: [0; JOURNAL_PATH_LEN],
+        }
+    }
+}
+
+/// What a `journal_entries` entry holds (`JournalKey::kind`).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum JournalKind {
+    /// A selected entry of the generation that was idle when the reset began (summed over CPUs):
+    /// it goes into the record, and stays in that map (which becomes the active one) until it is
+    /// subtracted after the flip back.
+    Stale = 1,
+    /// The `drained` total of a port (its `PortKey` in `key.port`, `proto`, `direction`) once the
+    /// record is committed.
+    Drained = 2,
+    /// What a `Stale` key's entry holds once that entry's share is subtracted.
+    Subtract = 3,
+}
+
+/// Key of the `journal_entries` map (24 bytes): 0..20 a `CounterKey`, 20 `kind` (a
+/// `JournalKind`), 21..24 reserved.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct JournalKey {
+    pub key: CounterKey,
+    pub kind: u8,
+    pub _reserved: [u8; 3],
+}
+
+impl JournalKey {
+    pub const fn new(kind: JournalKind, key: CounterKey) -> JournalKey {
+        JournalKey {
+            key,
+            kind: kind as u8,
+            _reserved: [0; 3],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::Journal {}
+    unsafe impl aya::Pod for super::JournalKey {}
     // SAFETY: all of these are #[repr(C)], made of integers only, with no implicit padding.
     unsafe impl aya::Pod for super::CounterKey {}
     unsafe impl aya::Pod for super::Counters {}
@@ -552,6 +703,8 @@ const _: () = {
     assert!(core::mem::size_of::<AttachKey>() == 16);
     assert!(core::mem::size_of::<Attachment>() == 88);
     assert!(core::mem::size_of::<PortKey>() == 4);
+    assert!(core::mem::size_of::<Journal>() == 5192);
+    assert!(core::mem::size_of::<JournalKey>() == 24);
 };
 
 impl core::ops::AddAssign for Counters {

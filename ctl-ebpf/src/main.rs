@@ -17,7 +17,7 @@ use aya_ebpf::{
 use parse::Flow;
 use portwatch_common::{
     proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta, Stats, DEFAULT_MAX_ENTRIES,
-    MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES,
+    MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES, Journal, JournalKey,
 };
 
 /// The object's size; `portwatch load --max-entries` sets the real one at load time.
@@ -50,6 +50,13 @@ static ATTACHMENTS: HashMap<AttachKey, Attachment> = HashMap::with_max_entries(M
 
 #[map(name = "drained")]
 static DRAINED: HashMap<PortKey, Counters> = HashMap::with_max_entries(DRAINED_ENTRIES, 0);
+
+#[map(name = "journal")]
+static JOURNAL: Array<Journal> = Array::with_max_entries(1, 0);
+
+/// `BPF_F_NO_PREALLOC`: the journal is nearly always empty; its size is set at load time.
+#[map(name = "journal_entries")]
+static JOURNAL_ENTRIES: HashMap<JournalKey, Counters> = HashMap::with_max_entries(1, 1);
 
 // The program names are `Direction::program_name`.
 #[classifier]

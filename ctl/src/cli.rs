@@ -108,6 +108,10 @@ pub enum Command {
         /// --json` writes it): nothing counted is lost
         #[arg(long, value_name = "FILE")]
         drain_to: Option<PathBuf>,
+        /// Unload even when a reset that was interrupted cannot be finished (its record's file was
+        /// replaced or cannot be written): the counts it holds are removed with everything else
+        #[arg(long)]
+        force: bool,
     },
     /// Make the pinned state match a configuration file: load, attach, detach, watch ports
     #[command(after_help = APPLY_EXAMPLES)]

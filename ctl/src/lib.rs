@@ -8,8 +8,10 @@ pub(crate) mod cli;
 pub(crate) mod cmd;
 pub(crate) mod config;
 pub(crate) mod error;
+pub(crate) mod fault;
 pub(crate) mod filter;
 pub mod generations;
+pub(crate) mod journal;
 pub(crate) mod lifecycle;
 pub mod maps;
 pub(crate) mod metrics;
@@ -19,6 +21,7 @@ pub(crate) mod output;
 pub mod pinned;
 pub(crate) mod ports;
 pub(crate) mod reconcile;
+pub(crate) mod record;
 pub(crate) mod report;
 pub mod sys;
 

@@ -1,7 +1,7 @@
 //! The kernel program, built by `build.rs` from `ctl-ebpf` and embedded in the binary.
 
 use aya::{Ebpf, EbpfLoader};
-use portwatch_common::{map_names, RESERVED_ENTRIES};
+use portwatch_common::{map_names, DRAINED_ENTRIES, RESERVED_ENTRIES};
 
 /// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
 /// `portwatch_common::map_names`).
@@ -22,5 +22,11 @@ pub fn load(max_entries: u32) -> Result<Ebpf, aya::EbpfError> {
     EbpfLoader::new()
         .map_max_entries(map_names::COUNTERS_0, size)
         .map_max_entries(map_names::COUNTERS_1, size)
+        // A reset journals the idle generation's entries, then what stays of each, and the drained
+        // totals of every port.
+        .map_max_entries(
+            map_names::JOURNAL_ENTRIES,
+            size.saturating_mul(2).saturating_add(DRAINED_ENTRIES),
+        )
         .load(OBJECT)
 }

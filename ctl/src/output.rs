@@ -239,6 +239,8 @@ pub(crate) struct Envelope {
     pub time: u64,
     /// Whether the rows are what a reset zeroed.
     pub reset: bool,
+    /// The reset's id (unique: a recovery finds its record by it; a reader can drop a repeat).
+    pub reset_id: Option<String>,
 }
 
 fn json(w: &mut (impl io::Write + ?Sized), value: &impl Serialize) -> io::Result<()> {
@@ -251,6 +253,9 @@ pub(crate) fn write_json(report: &Report, envelope: &Envelope, w: &mut (impl io:
     write!(w, "{{\"time\":{},", envelope.time)?;
     if envelope.reset {
         w.write_all(b"\"reset\":true,")?;
+    }
+    if let Some(id) = &envelope.reset_id {
+        write!(w, "\"reset_id\":\"{id}\",")?;
     }
     w.write_all(b"\"rows\":[")?;
     let columns = columns(report.by, report.interval.is_some());
@@ -357,24 +362,6 @@ pub(crate) fn summary(report: &Report) -> String {
         report.overflow.bytes,
         report.overflow.packets
     )
-}
-
-/// Appends what `write` writes to `file` and syncs it, streaming (a million-row snapshot is not
-/// held in memory); if anything fails, the file is cut back to its old length: whole or nothing.
-pub(crate) fn append_all_or_nothing(
-    file: &std::fs::File,
-    write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>,
-) -> io::Result<()> {
-    let old_len = file.metadata()?.len();
-    let mut buffered = io::BufWriter::with_capacity(1 << 20, file);
-    let result = write(&mut buffered)
-        .and_then(|()| io::Write::flush(&mut buffered))
-        .and_then(|()| file.sync_all());
-    if result.is_err() {
-        drop(buffered.into_parts());
-        let _ = file.set_len(old_len);
-    }
-    result
 }
 
 #[cfg(test)]

@@ -32,8 +32,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use portwatch_common::{
-    counters_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta,
-    PortKey, Stats, LAYOUT_VERSION,
+    counters_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Journal,
+    JournalKey, Meta, PortKey, Stats, LAYOUT_VERSION,
 };
 
 use crate::error::Error;
@@ -237,6 +237,8 @@ pub struct Pinned {
     stats: Option<PerCpuArray<MapData, Stats>>,
     attachments: Option<HashMap<MapData, AttachKey, Attachment>>,
     drained: Option<HashMap<MapData, PortKey, Counters>>,
+    journal: Option<Array<MapData, Journal>>,
+    journal_entries: Option<HashMap<MapData, JournalKey, Counters>>,
     barrier: Option<MapData>,
     programs: [Option<SchedClassifier>; 2],
 }
@@ -344,6 +346,8 @@ impl Pinned {
             stats: None,
             attachments: None,
             drained: None,
+            journal: None,
+            journal_entries: None,
             barrier: None,
             programs: [None, None],
         })
@@ -382,6 +386,15 @@ impl Pinned {
     /// What resets drained, per port, protocol and direction.
     pub fn drained(&mut self) -> Result<&mut HashMap<MapData, PortKey, Counters>> {
         open_once(&mut self.drained, &self.pin, map_names::DRAINED)
+    }
+
+    /// The reset journal (see `generations`).
+    pub fn journal(&mut self) -> Result<&mut Array<MapData, Journal>> {
+        open_once(&mut self.journal, &self.pin, map_names::JOURNAL)
+    }
+
+    pub fn journal_entries(&mut self) -> Result<&mut HashMap<MapData, JournalKey, Counters>> {
+        open_once(&mut self.journal_entries, &self.pin, map_names::JOURNAL_ENTRIES)
     }
 
     /// The barrier map (see `sys::wait_for_running_programs`), untyped.

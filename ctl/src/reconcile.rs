@@ -20,6 +20,7 @@ use crate::{
     output::{self, Envelope},
     pinned::{Access, Creating, Pinned},
     ports,
+    record::{Output, RecordFile},
     report::{Report, View},
 };
 
@@ -278,11 +279,7 @@ fn reattach(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<
 /// --reload`.)
 pub(crate) fn detach_and_drain(pinned: &mut Pinned, log: &Path) -> Result<Vec<(AttachKey, Attachment)>> {
     // Opened before anything changes: a log that cannot be written fails with nothing touched.
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("opening {}", log.display()))?;
+    let mut output = Output::File(RecordFile::open(log)?);
     let mut all: Vec<_> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
     all.sort_by_key(|(key, _)| *key);
     let mut done = vec![];
@@ -293,27 +290,21 @@ pub(crate) fn detach_and_drain(pinned: &mut Pinned, log: &Path) -> Result<Vec<(A
         }
         done.push(Done::Detached(key, record));
     }
-    let drained = match generations::reset(pinned, &Filter::default()) {
-        Ok(drained) => drained,
-        Err(e) => {
-            undo(pinned, done);
-            return Err(e);
-        }
-    };
     let view = View::every_key();
-    let report = Report::new(&view, &view.group_all(&drained.entries), None);
-    let envelope = Envelope {
-        time: output::unix_time(),
-        reset: true,
-    };
-    if let Err(e) = output::append_all_or_nothing(&file, |w| output::write_json(&report, &envelope, w)) {
-        let restored = generations::restore(pinned, drained);
+    let drained = generations::reset(pinned, &Filter::default(), &mut output, |entries, id, w| {
+        let report = Report::new(&view, &view.group_all(entries), None);
+        let envelope = Envelope {
+            time: output::unix_time(),
+            reset: true,
+            reset_id: Some(id.to_string()),
+        };
+        output::write_json(&report, &envelope, w)
+    });
+    if let Err(e) = drained {
+        // Not committed: the counters are where they were; attach everything again. (Committed
+        // but not finished: the next command finishes it; attaching again is still right.)
         undo(pinned, done);
-        let e = anyhow::Error::from(e).context(format!("writing {}", log.display()));
-        return Err(match restored {
-            Ok(()) => e.context("the counters were put back and everything attached again"),
-            Err(lost) => e.context(format!("and putting the counters back failed too ({lost:#})")),
-        });
+        return Err(e.context("everything was attached again"));
     }
     Ok(done
         .into_iter()

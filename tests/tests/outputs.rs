@@ -6,7 +6,8 @@
 //! `transcript.txt` was written by the portwatch that predates the refactoring into shared types
 //! and printers: it is what shows that the refactoring changed no output. `transcript-tc.txt` came
 //! later (with the kernel matrix), from the refactored portwatch. Only what a run cannot fix is
-//! masked: the pin path, program and link ids, program tags, the time and the measured interval.
+//! masked: the pin path, program and link ids, program tags, reset ids, the time and the measured
+//! interval.
 //! After an intended change of output, rewrite the transcripts with
 //! `PORTWATCH_BLESS=1 cargo test -p portwatch-tests --test outputs` and review their diff.
 
@@ -84,6 +85,7 @@ fn normalize(text: &str, pin: &Path) -> String {
     let text = text.replace(&pin.display().to_string(), "PIN");
     let rules = [
         (r#""time":\d+"#, r#""time":TIME"#),
+        (r#""reset_id":"[0-9a-f]{16}""#, r#""reset_id":"ID""#),
         // The leading time column of a CSV stream.
         (r"(?m)^\d{10},", "TIME,"),
         (r#""interval_secs":[0-9.e-]+"#, r#""interval_secs":INTERVAL"#),

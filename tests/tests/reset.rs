@@ -142,7 +142,7 @@ fn a_selective_reset_keeps_what_it_does_not_select() {
     let d = bed.send_udp(CLIENT_V4[1], SERVER_V4, 7003, 7, 100).unwrap();
     let r = pw.run(&["reset", "--json", "--output", "/proc/version"]);
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("put back"), "{}", r.stderr);
+    assert!(r.stderr.contains("nothing was zeroed"), "{}", r.stderr);
     assert_eq!(
         counters_of(&pw.json(&["top", "--json"])["totals"]),
         Counters { bytes: d, packets: 7 }
@@ -212,7 +212,7 @@ fn a_reset_that_cannot_write_changes_nothing() {
     std::fs::write(&log, "{\"earlier\":true}\n").unwrap();
     let r = pw.run(&["reset", "--json", "--output", log.to_str().unwrap()]);
     assert_eq!(r.code, 1, "{}", r.stderr);
-    assert!(r.stderr.contains("put back"), "{}", r.stderr);
+    assert!(r.stderr.contains("nothing was zeroed"), "{}", r.stderr);
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"earlier\":true}\n");
     assert_eq!(totals(pw), all);
 
@@ -222,7 +222,7 @@ fn a_reset_that_cannot_write_changes_nothing() {
     let out = appending.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("put back"), "{stderr}");
+    assert!(stderr.contains("nothing was zeroed"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "{\"earlier\":true}\n");
     assert_eq!(totals(pw), all);
 
@@ -231,7 +231,7 @@ fn a_reset_that_cannot_write_changes_nothing() {
     let out = to_full.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("put back"), "{stderr}");
+    assert!(stderr.contains("nothing was zeroed"), "{stderr}");
     assert_eq!(totals(pw), all);
 
     // And a reset that can write takes it all, once.

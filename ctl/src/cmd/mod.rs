@@ -23,6 +23,7 @@ use anyhow::Result;
 
 use crate::{
     cli::{Cli, Command},
+    generations,
     pinned::{check_privileges, ensure_bpffs, PinPath},
 };
 
@@ -41,6 +42,23 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
     if !matches!(cli.command, Command::Check) {
         ensure_bpffs(&pin)?;
     }
+    // A reset that a crash interrupted is finished or rolled back by the next command that takes
+    // the lock (reset and unload do it under their own lock, and refuse to go on without it).
+    let takes_lock = !matches!(
+        cli.command,
+        Command::Status { .. }
+            | Command::Top(_)
+            | Command::Check
+            | Command::Config(_)
+            | Command::Ports(crate::cli::PortsCommand::List { .. })
+            | Command::Reset(_)
+            | Command::Unload { .. }
+    );
+    if takes_lock {
+        if let Err(e) = generations::recover_pending(&pin) {
+            eprintln!("portwatch: warning: {e:#}");
+        }
+    }
     match &cli.command {
         Command::Load(args) => load::run(&pin, args),
         Command::Attach {
@@ -54,7 +72,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Status { json } => status::run(&pin, *json),
         Command::Top(args) => top::run(&pin, args),
         Command::Reset(args) => reset::run(&pin, args),
-        Command::Unload { drain_to } => unload::run(&pin, drain_to.as_deref()),
+        Command::Unload { drain_to, force } => unload::run(&pin, drain_to.as_deref(), *force),
         Command::Check => check::run(),
         Command::Apply(args) => apply::run(&pin, args),
         Command::Watch { file } => watch::run(&pin, file),

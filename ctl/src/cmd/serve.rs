@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::{
+    generations,
     metrics::{self, Options},
     pinned::{Access, PinPath, Pinned},
 };
@@ -52,6 +53,10 @@ fn answer(request: Request, pin: &PinPath, options: &Options) -> std::io::Result
     }
     match request.url().split('?').next().unwrap_or("") {
         "/metrics" => {
+            // A reset a crash interrupted is finished first, so that the totals are whole.
+            if let Err(e) = generations::recover_pending(pin) {
+                eprintln!("portwatch: warning: {e:#}");
+            }
             match Pinned::probe(pin, Access::Snapshot).and_then(|mut p| metrics::render(p.as_mut(), options)) {
                 Ok(body) => request
                     .respond(Response::from_string(body).with_header(header("Content-Type", metrics::CONTENT_TYPE))),

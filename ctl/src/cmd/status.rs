@@ -6,11 +6,11 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Result;
 use aya::programs::links::{FdLink, PinnedLink};
-use portwatch_common::{Direction, NotCounted, Stats, ATTACH_MODE_TCX, LAYOUT_VERSION};
+use portwatch_common::{Direction, JournalState, NotCounted, Stats, ATTACH_MODE_TCX, LAYOUT_VERSION};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    attach, maps,
+    attach, journal, maps,
     output::{self, human_bytes},
     pinned::{Access, PinPath, Pinned},
     ports::{self, PortSpec},
@@ -36,8 +36,25 @@ struct Status {
     loaded: bool,
     pin_path: PathBuf,
     programs: Vec<ProgramStatus>,
+    /// A reset that was interrupted (a crash, SIGKILL) and waits for the next command that takes
+    /// the lock to finish it or roll it back; `null` when there is none.
+    reset_interrupted: Option<InterruptedReset>,
     stats: StatsStatus,
     watched_ports: Vec<PortSpec>,
+}
+
+#[derive(Serialize)]
+struct InterruptedReset {
+    /// The reset's id (`reset_id` in its record).
+    id: String,
+    /// The file its record went to (`null`: stdout, a pipe or a terminal).
+    output: Option<PathBuf>,
+    /// Where it stopped (`bpffs-layout.md`, "Reset"): `prepared`, `writing`, `written` (rolled back,
+    /// or forward when the file holds its whole record), `committed`, `deleted`, `subtracting`
+    /// (finished).
+    state: &'static str,
+    /// Unix time it began.
+    time: u64,
 }
 
 #[derive(Serialize)]
@@ -181,6 +198,14 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         .filter(|(k, _)| !k.is_overflow())
         .count();
     let stats = maps::read_stats(pinned.stats()?)?;
+    let j = journal::read(pinned)?;
+    let state = journal::state(&j)?;
+    let reset_interrupted = (state != JournalState::Idle).then(|| InterruptedReset {
+        id: journal::id_text(j.id),
+        output: journal::path(&j),
+        state: state.name(),
+        time: j.time,
+    });
     Ok(Status {
         attachments,
         counters: CounterUse {
@@ -193,6 +218,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         loaded: true,
         pin_path: pin.root,
         programs,
+        reset_interrupted,
         stats: stats.into(),
         watched_ports,
     })
@@ -246,6 +272,17 @@ fn print_human(status: &Status) {
             ports.join(", ")
         }
     );
+    if let Some(r) = &status.reset_interrupted {
+        println!(
+            "reset {} was interrupted ({}, writing to {}): the next command that takes the lock (any change, \
+             `portwatch reset`, a scrape) finishes it or rolls it back",
+            r.id,
+            r.state,
+            r.output
+                .as_ref()
+                .map_or("stdout".to_string(), |p| p.display().to_string())
+        );
+    }
     let c = &status.counters;
     println!(
         "counter entries {} of {} (generation {})",

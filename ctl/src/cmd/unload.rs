@@ -8,16 +8,26 @@ use anyhow::Result;
 use portwatch_common::{AttachKey, Attachment};
 
 use crate::{
-    attach, lifecycle,
+    attach, generations, lifecycle,
     pinned::{Access, PinPath, Pinned},
     reconcile,
 };
 
-pub(super) fn run(pin: &PinPath, drain_to: Option<&Path>) -> Result<()> {
+pub(super) fn run(pin: &PinPath, drain_to: Option<&Path>, force: bool) -> Result<()> {
     let Some(mut pinned) = Pinned::probe(pin, Access::Change)? else {
         println!("nothing is loaded at {}", pin.root.display());
         return Ok(());
     };
+    if let Err(e) = generations::recover_and_say(&mut pinned) {
+        if !force {
+            return Err(e.context(
+                "an interrupted reset holds counts that it may also have written to its record, and it cannot be \
+                 finished: unloading now could lose or double them (`portwatch status` shows it; `unload --force` \
+                 removes them anyway)",
+            ));
+        }
+        eprintln!("portwatch: warning: {e:#}; unloading anyway (--force)");
+    }
     let say = |key: &AttachKey, record: &Attachment| {
         println!(
             "detached from {} {}{}",

@@ -56,6 +56,7 @@ fn print(report: &Report, args: &TopArgs, header: bool, time: Option<u64>) -> Re
         let envelope = Envelope {
             time: output::unix_time(),
             reset: false,
+            reset_id: None,
         };
         output::write_json(report, &envelope, &mut out)?;
     } else if args.csv {
