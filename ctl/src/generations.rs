@@ -76,7 +76,13 @@ impl Drop for HoldSignals {
     }
 }
 
+/// Flips the generation the program writes, and waits until no program writes the other one.
 fn set_generation(pinned: &mut Pinned, generation: u32) -> Result<()> {
+    set_config(pinned, generation)?;
+    wait_for_running_programs(pinned)
+}
+
+fn set_config(pinned: &mut Pinned, generation: u32) -> Result<()> {
     pinned
         .config()?
         .set(
@@ -87,13 +93,10 @@ fn set_generation(pinned: &mut Pinned, generation: u32) -> Result<()> {
             },
             0,
         )
-        .context("writing the config map")?;
-    fault::point("reset:flipped")?;
-    wait_for_running_programs(pinned)
+        .context("writing the config map")
 }
 
 fn wait_for_running_programs(pinned: &mut Pinned) -> Result<()> {
-    fault::point("reset:waiting")?;
     fault::point("reset:barrier").context("waiting for running programs")?;
     let barrier = pinned.barrier()?;
     crate::sys::bpf::wait_for_running_programs(barrier.fd().as_fd()).context("waiting for running programs")
@@ -134,10 +137,13 @@ fn remove_selected(pinned: &mut Pinned, generation: u32, filter: &Filter) -> Res
     }
     // In two halves, with the `reset:deleting` fault point between them.
     let half = removable.len() / 2 * std::mem::size_of::<CounterKey>();
-    for (part, count) in [
+    for (i, (part, count)) in [
         (&keys[..half], removable.len() / 2),
         (&keys[half..], removable.len() - removable.len() / 2),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let deleted = fault::point("reset:delete-batch")
             .and_then(|()| crate::sys::bpf::delete_batch(counters.map().fd().as_fd(), part, count));
         match deleted {
@@ -154,7 +160,7 @@ fn remove_selected(pinned: &mut Pinned, generation: u32, filter: &Filter) -> Res
             }
             Err(e) => return Err(e).context("BPF_MAP_DELETE_BATCH on the counters the record holds"),
         }
-        if count > 0 && part.len() == half {
+        if i == 0 && !removable.is_empty() {
             fault::point("reset:deleting")?;
         }
     }
@@ -209,7 +215,10 @@ pub(crate) fn reset(
 
     let id = journal::id_text(j.id);
     let write = |pinned: &mut Pinned, j: &mut Journal| -> Result<()> {
-        set_generation(pinned, idle)?;
+        set_config(pinned, idle)?;
+        fault::point("reset:flipped")?;
+        wait_for_running_programs(pinned)?;
+        fault::point("reset:waiting")?;
         let mut entries = selected(pinned, active, filter)?;
         fault::point("reset:draining")?;
         entries.extend(stale);

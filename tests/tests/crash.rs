@@ -1,0 +1,387 @@
+//! Resets that die: SIGKILL at random instants of `reset --json --output FILE` under traffic, a
+//! kill in each named phase of the protocol (debug builds' `PORTWATCH_FAULT` points), and failures
+//! of its syscalls. Afterwards the file has no torn line, every record has its own reset id, and
+//! the records plus what is still counted equal, key by key, what the senders put on the wire.
+//!
+//! Seeded: `PORTWATCH_CRASH_SEED=N` replays a run (the seed is printed); `PORTWATCH_CRASH_RUNS=N`
+//! sets how many resets are killed (default 50).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::process::ExitStatusExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use portwatch_common::{CounterKey, Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_tests::{
+    cli::{counters_of, Pw},
+    kernel_test, key,
+    netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
+};
+use serde_json::Value;
+
+const PORTS: [u16; 2] = [7102, 7104];
+const SOURCES: [(&str, &str); 4] = [
+    (CLIENT_V4[0], SERVER_V4),
+    (CLIENT_V4[1], SERVER_V4),
+    (CLIENT_V6[0], SERVER_V6),
+    (CLIENT_V6[1], SERVER_V6),
+];
+
+/// xorshift64*: small, seeded, good enough to spread kill instants.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(test: &str) -> Rng {
+        let seed = std::env::var("PORTWATCH_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            .max(1);
+        eprintln!("{test}: PORTWATCH_CRASH_SEED={seed}");
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A file under the temporary directory, removed on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("pwt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        TempFile(path)
+    }
+
+    fn as_str(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Sends UDP from every source to every port in a thread until stopped (bounded: 2,000 rounds),
+/// and returns what it sent, per key, in L3 bytes.
+struct Sender {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<BTreeMap<CounterKey, Counters>>,
+}
+
+impl Sender {
+    fn start(bed: &Arc<Bed>) -> Sender {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (bed, stop) = (bed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut sent = BTreeMap::new();
+                for round in 0..2000usize {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    send_round(&bed, round, &mut sent);
+                }
+                sent
+            })
+        };
+        Sender { stop, thread }
+    }
+
+    fn stop(self) -> BTreeMap<CounterKey, Counters> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap()
+    }
+}
+
+fn send_round(bed: &Bed, round: usize, sent: &mut BTreeMap<CounterKey, Counters>) {
+    for (i, (src, dst)) in SOURCES.iter().enumerate() {
+        for port in PORTS {
+            let payload = 100 + 10 * i + round % 7;
+            let bytes = bed.send_udp(src, dst, port, 20, payload).unwrap();
+            *sent.entry(key(src, port, IPPROTO_UDP, IN)).or_default() += Counters { bytes, packets: 20 };
+        }
+    }
+}
+
+/// The records of `log` plus what is still counted (after a last reset into the log), per key; and
+/// checks the log on the way: every line a whole JSON record, every reset id once.
+fn recorded_and_counted(pw: &Pw, log: &Path) -> BTreeMap<CounterKey, Counters> {
+    pw.ok(&["reset", "--json", "--output", log.to_str().unwrap()]);
+    let text = std::fs::read_to_string(log).unwrap();
+    assert!(text.is_empty() || text.ends_with('\n'), "the log ends in a torn line");
+    let mut ids = BTreeSet::new();
+    let mut counted: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let last = pw.json(&["top", "--by", "ip-port", "-n", "0", "--json"]);
+    let records: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a torn or broken line ({e}): {l}")))
+        .collect();
+    for v in records.iter().chain(std::iter::once(&last)) {
+        if let Some(id) = v.get("reset_id") {
+            assert!(ids.insert(id.as_str().unwrap().to_string()), "reset id {id} twice");
+        }
+        assert_eq!(counters_of(&v["overflow"]), Counters::default());
+        for r in v["rows"].as_array().unwrap() {
+            let proto = if r["proto"] == "tcp" { IPPROTO_TCP } else { IPPROTO_UDP };
+            let k = key(r["ip"].as_str().unwrap(), r["port"].as_u64().unwrap() as u16, proto, IN);
+            *counted.entry(k).or_default() += counters_of(r);
+        }
+    }
+    counted
+}
+
+fn interrupted_state(pw: &Pw) -> Option<String> {
+    let status: Value = serde_json::from_str(&pw.ok(&["status", "--json"])).unwrap();
+    status["reset_interrupted"]["state"].as_str().map(str::to_string)
+}
+
+/// 50 `reset --json --output FILE` runs (PORTWATCH_CRASH_RUNS), each killed with SIGKILL at a
+/// random instant within about one reset's duration, each followed by a normal reset into the same
+/// file, while UDP flows from four sources to two watched ports. Some kills must land inside a
+/// reset (the journal shows it), or the test tested nothing.
+#[kernel_test]
+fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
+    let mut rng = Rng::seeded("resets_killed_at_random_instants");
+    let runs: usize = std::env::var("PORTWATCH_CRASH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let bed = Arc::new(Bed::new(false).unwrap());
+    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
+    let log = TempFile::new("killed.jsonl");
+    // How long a whole reset takes here: kills land uniformly within 1.5 times that.
+    let started = Instant::now();
+    for _ in 0..5 {
+        pw.ok(&["reset", "--json", "--output", log.as_str()]);
+    }
+    let reset_time = started.elapsed() / 5;
+    let sender = Sender::start(&bed);
+    let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..runs {
+        let mut child = pw
+            .command(&["reset", "--json", "--output", log.as_str()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let delay = Duration::from_micros(rng.below(reset_time.as_micros() as u64 * 3 / 2));
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let state = match status.signal() {
+            Some(9) => interrupted_state(&pw).unwrap_or_else(|| "none (before or after)".into()),
+            _ => "finished before the kill".into(),
+        };
+        *landed.entry(state).or_default() += 1;
+        pw.ok(&["reset", "--json", "--output", log.as_str()]);
+        assert_eq!(
+            interrupted_state(&pw),
+            None,
+            "a reset after a crash finishes what it left"
+        );
+    }
+    let sent = sender.stop();
+    eprintln!("reset {reset_time:?}; where the {runs} kills left the journal: {landed:?}");
+    let inside: usize = landed
+        .iter()
+        .filter(|(state, _)| !state.starts_with("none") && !state.starts_with("finished"))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(
+        inside * 10 >= runs,
+        "only {inside} of {runs} kills landed inside a reset: {landed:?}"
+    );
+    assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+}
+
+/// A kill in each named phase, under traffic, with stale entries in the idle generation (a reset
+/// killed after its flip leaves the traffic that follows there): `status` names the phase, the
+/// next reset finishes or rolls it back, and nothing is lost or doubled.
+#[kernel_test]
+fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
+    let bed = Arc::new(Bed::new(false).unwrap());
+    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
+    let log = TempFile::new("phases.jsonl");
+    let mut sent = BTreeMap::new();
+    let mut round = 0;
+    let mut send = |sent: &mut BTreeMap<CounterKey, Counters>| {
+        send_round(&bed, round, sent);
+        round += 1;
+    };
+    let killed_at = |phase: &str| {
+        let out = pw
+            .command(&["reset", "--json", "--output", log.as_str()])
+            .env("PORTWATCH_FAULT", format!("reset:{phase}=kill"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "the reset did not reach {phase}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // (phase, what `status` says of the reset it interrupted)
+    let phases = [
+        ("locked", None),
+        ("prepared", Some("prepared")),
+        ("flipped", Some("prepared")),
+        ("waiting", Some("prepared")),
+        ("draining", Some("prepared")),
+        ("writing", Some("writing")),
+        ("fsync", Some("written")),
+        ("committed", Some("committed")),
+        ("deleting", Some("committed")),
+        ("deleted", Some("deleted")),
+        ("subtracting", Some("subtracting")),
+    ];
+    for (phase, state) in phases {
+        send(&mut sent);
+        // Killed after its flip: what is sent next lands in the generation that is idle again once
+        // the next command rolls that reset back.
+        killed_at("draining");
+        send(&mut sent);
+        killed_at(phase);
+        assert_eq!(interrupted_state(&pw).as_deref(), state, "killed at {phase}");
+        let text = std::fs::read_to_string(&log.0).unwrap_or_default();
+        if phase == "writing" {
+            assert!(!text.ends_with('\n'), "killed at writing: the record is half written");
+        }
+        send(&mut sent);
+        let r = pw.run(&["reset", "--json", "--output", log.as_str()]);
+        assert_eq!(r.code, 0, "after a kill at {phase}: {}", r.stderr);
+        if state.is_some() {
+            assert!(
+                r.stderr.contains("rolled back reset") || r.stderr.contains("finished reset"),
+                "after a kill at {phase}, the next reset says what it did: {}",
+                r.stderr
+            );
+        }
+        assert_eq!(interrupted_state(&pw), None);
+    }
+    assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+}
+
+/// Failures rather than kills: a failing `BPF_MAP_DELETE_BATCH` (after the record is written: the
+/// error says so, `status` shows the reset, the next command finishes it), a failing barrier update
+/// (before: nothing zeroed), a failing fsync (the file is cut back, nothing zeroed).
+#[kernel_test]
+fn failing_syscalls_in_a_reset_lose_and_double_nothing() {
+    let bed = Arc::new(Bed::new(false).unwrap());
+    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
+    let log = TempFile::new("faults.jsonl");
+    let mut sent = BTreeMap::new();
+    let failing = |fault: &str| {
+        let r = pw
+            .command(&["reset", "--json", "--output", log.as_str()])
+            .env("PORTWATCH_FAULT", fault)
+            .output()
+            .unwrap();
+        assert_eq!(r.status.code(), Some(1), "{fault}");
+        String::from_utf8_lossy(&r.stderr).into_owned()
+    };
+
+    send_round(&bed, 0, &mut sent);
+    let before = std::fs::metadata(&log.0).map(|m| m.len()).unwrap_or(0);
+    let stderr = failing("reset:delete-batch=eio");
+    assert!(
+        stderr.contains("the reset's record is written") && stderr.contains("Input/output error"),
+        "{stderr}"
+    );
+    assert!(
+        std::fs::metadata(&log.0).unwrap().len() > before,
+        "the record is in the file"
+    );
+    assert_eq!(interrupted_state(&pw).as_deref(), Some("committed"));
+    // Any command that takes the lock finishes it.
+    let r = pw.run(&["ports", "add", "7106/udp"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("finished reset"), "{}", r.stderr);
+    assert_eq!(interrupted_state(&pw), None);
+
+    send_round(&bed, 1, &mut sent);
+    let before = std::fs::metadata(&log.0).unwrap().len();
+    let stderr = failing("reset:barrier=eio");
+    assert!(stderr.contains("nothing was zeroed"), "{stderr}");
+    assert_eq!(std::fs::metadata(&log.0).unwrap().len(), before);
+
+    send_round(&bed, 2, &mut sent);
+    let before = std::fs::metadata(&log.0).unwrap().len();
+    let stderr = failing("reset:fsync=eio");
+    assert!(
+        stderr.contains("nothing was zeroed") && stderr.contains("syncing"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::metadata(&log.0).unwrap().len(), before, "cut back");
+    assert_eq!(interrupted_state(&pw), None);
+
+    send_round(&bed, 3, &mut sent);
+    assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+}
+
+/// To a pipe the rule is "never lose": a reset killed after its record was printed is finished
+/// (not printed again); one killed halfway through printing is rolled back, and the next reset
+/// prints those counts again.
+#[kernel_test]
+fn a_reset_to_a_pipe_never_loses() {
+    let bed = Arc::new(Bed::new(false).unwrap());
+    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
+    let mut sent = BTreeMap::new();
+    send_round(&bed, 0, &mut sent);
+    let total = |m: &BTreeMap<CounterKey, Counters>| {
+        let mut t = Counters::default();
+        m.values().for_each(|c| t += *c);
+        t
+    };
+    let piped = |fault: &str| {
+        let out = pw
+            .command(&["reset", "--json"])
+            .env("PORTWATCH_FAULT", fault)
+            .stdout(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(9), "{fault}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Killed once the record is out: printed once, and the counts are gone from the maps.
+    let printed = piped("reset:committed=kill");
+    let record: Value = serde_json::from_str(printed.trim_end()).unwrap();
+    assert_eq!(counters_of(&record["totals"]), total(&sent));
+    assert_eq!(interrupted_state(&pw).as_deref(), Some("committed"));
+    let again = pw.json(&["reset", "--json"]);
+    assert_eq!(counters_of(&again["totals"]), Counters::default());
+
+    // Killed halfway through printing: rolled back, printed again by the next reset.
+    let mut more = BTreeMap::new();
+    send_round(&bed, 1, &mut more);
+    let half = piped("reset:writing=kill");
+    assert!(!half.ends_with('\n'), "{half}");
+    assert_eq!(interrupted_state(&pw).as_deref(), Some("writing"));
+    let again = pw.json(&["reset", "--json"]);
+    assert_eq!(counters_of(&again["totals"]), total(&more));
+}
