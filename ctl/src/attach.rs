@@ -283,7 +283,7 @@ fn attach(
                 .take_link(id)?
                 .try_into()
                 .context("a TCX link that is not an fd link")?;
-            std::fs::create_dir_all(pin.links_dir())?;
+            crate::pinned::create_private_dir(&pin.links_dir())?;
             let path = pin.link(iface.netns.inode, iface.index, direction);
             // Dropping `link` if pinning fails detaches it: nothing is left half-done.
             link.pin(&path)

@@ -9,7 +9,7 @@ pub mod exit {
     /// Bad arguments (an unknown flag, a bad port SPEC, `--max-entries 0`...) or a bad
     /// configuration file.
     pub const USAGE: u8 = 2;
-    /// Not root, or missing CAP_BPF / CAP_NET_ADMIN.
+    /// Not root, or missing CAP_BPF (every command) / CAP_NET_ADMIN (those that load or attach).
     pub const PERMISSION: u8 = 3;
     /// Nothing is loaded at the pin path.
     pub const NOT_LOADED: u8 = 4;
@@ -25,10 +25,10 @@ pub mod exit {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
-        "permission denied: portwatch needs root, or the capabilities CAP_BPF and CAP_NET_ADMIN \
+        "permission denied: this portwatch command needs root, or the capabilities {needs} \
          (missing: {missing}); run it with sudo"
     )]
-    Permission { missing: String },
+    Permission { missing: String, needs: &'static str },
     #[error("nothing is loaded at {}: run `portwatch load --iface IF --port SPEC` first", .0.display())]
     NotLoaded(PathBuf),
     #[error("{0}")]

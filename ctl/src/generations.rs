@@ -189,7 +189,9 @@ pub(crate) fn reset(
     let mut j = Journal {
         generation: active,
         id: journal::new_id(),
-        time: crate::output::unix_time(),
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         ..Journal::default()
     };
     journal::set_filter(&mut j, filter)?;

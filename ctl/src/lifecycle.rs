@@ -28,7 +28,7 @@ struct Undo {
 impl Undo {
     fn dir(&mut self, dir: PathBuf) -> Result<()> {
         if !dir.exists() {
-            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            crate::pinned::create_private_dir(&dir)?;
             self.dirs.push(dir);
         }
         Ok(())

@@ -78,9 +78,21 @@ impl PinPath {
     }
 }
 
-/// Fails unless this process may use bpf(2) and change network configuration: root, or CAP_BPF
-/// (or CAP_SYS_ADMIN) together with CAP_NET_ADMIN.
-pub(crate) fn check_privileges() -> Result<()> {
+/// What a verb does with the kernel, and so which capabilities it needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Needs {
+    /// Reads or writes pinned maps (`status`, `top`, `ports`, `reset`, `metrics`, `serve`...):
+    /// CAP_BPF.
+    Maps,
+    /// Also loads TC programs or attaches them (`load`, `attach`, `detach`, `unload`, `apply`,
+    /// `watch`, `check`): CAP_BPF and CAP_NET_ADMIN.
+    Network,
+}
+
+/// Fails unless this process has the capabilities `needs` (CAP_SYS_ADMIN stands in for CAP_BPF, as
+/// in the kernel). Root has them all; a service can be given just these (systemd's
+/// `CapabilityBoundingSet=`).
+pub(crate) fn check_privileges(needs: Needs) -> Result<()> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_SYS_ADMIN: u32 = 21;
     const CAP_BPF: u32 = 39;
@@ -95,7 +107,7 @@ pub(crate) fn check_privileges() -> Result<()> {
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
     }
-    if !has(CAP_NET_ADMIN) {
+    if needs == Needs::Network && !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
     if missing.is_empty() {
@@ -103,6 +115,10 @@ pub(crate) fn check_privileges() -> Result<()> {
     } else {
         Err(Error::Permission {
             missing: missing.join(", "),
+            needs: match needs {
+                Needs::Maps => "CAP_BPF",
+                Needs::Network => "CAP_BPF and CAP_NET_ADMIN",
+            },
         }
         .into())
     }
@@ -154,6 +170,7 @@ pub(crate) fn ensure_bpffs(pin: &PinPath) -> Result<()> {
             ))
         })?;
     }
+    check_pin_path(pin)?;
     let existing = pin.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     if !is_bpffs(existing) {
         return Err(Error::Bpffs(format!(
@@ -165,6 +182,54 @@ pub(crate) fn ensure_bpffs(pin: &PinPath) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a pin path through a symbolic link, or a pin directory someone else owns: bpffs at
+/// /sys/fs/bpf is writable by every user (mode 1777), so another user could have made the
+/// directory, or a link to one of theirs, before portwatch did.
+fn check_pin_path(pin: &PinPath) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    for path in pin.root.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            return Err(Error::Bpffs(format!(
+                "{} is a symbolic link: give the pin path without links (--pin-path {})",
+                path.display(),
+                std::fs::canonicalize(&pin.root)
+                    .unwrap_or_else(|_| pin.root.clone())
+                    .display()
+            ))
+            .into());
+        }
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(&pin.root) {
+        if meta.uid() != 0 && meta.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(Error::Bpffs(format!(
+                "{} belongs to uid {}, not to root: another user may have made it; remove it (`rm -r {}`) \
+                 or choose another --pin-path",
+                pin.root.display(),
+                meta.uid(),
+                pin.root.display()
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Makes `dir` (and the directories it needs) with mode 0700: what is pinned under the pin path is
+/// root's alone.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} private (mode 0700)", dir.display()))
+}
+
 /// An exclusive lock on the pin directory (flock), held until dropped. Every command that
 /// changes pinned state takes it, so a cron job and a person cannot interleave; readers do not.
 pub struct Lock {
@@ -173,7 +238,7 @@ pub struct Lock {
 
 impl Lock {
     fn acquire(pin: &PinPath) -> Result<Lock> {
-        std::fs::create_dir_all(&pin.root).with_context(|| format!("creating {}", pin.root.display()))?;
+        create_private_dir(&pin.root)?;
         Lock::take(pin, libc::LOCK_EX)
     }
 

@@ -24,8 +24,31 @@ use anyhow::Result;
 use crate::{
     cli::{Cli, Command},
     generations,
-    pinned::{check_privileges, ensure_bpffs, PinPath},
+    pinned::{check_privileges, ensure_bpffs, Needs, PinPath},
 };
+
+/// The capabilities a verb needs: CAP_BPF to read and write pinned maps, and CAP_NET_ADMIN too to
+/// load TC programs and attach them (README, "Privileges").
+fn needs(command: &Command) -> Needs {
+    match command {
+        Command::Status { .. }
+        | Command::Top(_)
+        | Command::Ports(_)
+        | Command::Reset(_)
+        | Command::Config(_)
+        | Command::Metrics { .. }
+        | Command::Serve { .. } => Needs::Maps,
+        Command::Load(_)
+        | Command::Attach { .. }
+        | Command::Detach { .. }
+        | Command::Unload { .. }
+        | Command::Apply(_)
+        | Command::Watch { .. }
+        | Command::Check
+        | Command::Completions { .. }
+        | Command::Man => Needs::Network,
+    }
+}
 
 /// Runs the command line's verb.
 pub(crate) fn run(cli: &Cli) -> Result<()> {
@@ -36,7 +59,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Man => return completions::man(),
         _ => {}
     }
-    check_privileges()?;
+    check_privileges(needs(&cli.command))?;
     crate::sys::bpf::lift_memlock_limit();
     // `check` pins nothing: it needs no bpffs.
     if !matches!(cli.command, Command::Check) {
