@@ -293,6 +293,65 @@ impl Bed {
         Ok((count * (ip_header + 8 + size)) as u64)
     }
 
+    /// Sends one UDP datagram of `size` payload bytes to `dst:port` (a server address) from each of
+    /// `sources`, whatever they are: a raw socket writes them into the IP header, so thousands of
+    /// remote addresses need no address on any interface (the server's reverse-path filter is
+    /// turned off). Returns once the server's stack has taken them all in, with the L3 bytes of
+    /// each datagram.
+    pub fn send_spoofed_udp(&self, sources: &[std::net::IpAddr], dst: &str, port: u16, size: usize) -> Result<u64> {
+        use std::net::IpAddr;
+        let dst: IpAddr = dst.parse()?;
+        self.server.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
+        self.server.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{}.rp_filter=0", self.server_if),
+        ])?;
+        let before = self.udp_received()?;
+        let mut l3 = 0;
+        self.client.enter(|| -> Result<()> {
+            let family = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+            // SAFETY: a plain socket(2); the fd is owned below.
+            let fd = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            for src in sources {
+                let packet = spoofed_udp(*src, dst, 40000, port, size);
+                l3 = packet.len() as u64;
+                let sent = match dst {
+                    IpAddr::V4(d) => {
+                        let addr = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(d, 0));
+                        nix::sys::socket::sendto(
+                            std::os::fd::AsRawFd::as_raw_fd(&sock),
+                            &packet,
+                            &addr,
+                            nix::sys::socket::MsgFlags::empty(),
+                        )
+                    }
+                    IpAddr::V6(d) => {
+                        let addr = nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(d, 0, 0, 0));
+                        nix::sys::socket::sendto(
+                            std::os::fd::AsRawFd::as_raw_fd(&sock),
+                            &packet,
+                            &addr,
+                            nix::sys::socket::MsgFlags::empty(),
+                        )
+                    }
+                };
+                sent.with_context(|| format!("sending from {src}"))?;
+            }
+            Ok(())
+        })??;
+        self.wait_for(
+            || self.udp_received(),
+            before,
+            sources.len() as u64,
+            &format!("spoofed datagrams to {dst}"),
+        )?;
+        Ok(l3)
+    }
+
     /// Opens a TCP listener on the server side, connects from `src`, sends `bytes` bytes, waits for
     /// the server to read them all and closes both ends. Returns what the client's TCP counted
     /// (`TCP_INFO`): the wire segments it sent and received, GSO super-packets counted per segment.
@@ -415,4 +474,57 @@ fn nix_tcp_socket(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(src))?;
     connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(dst))?;
     Ok(TcpStream::from(fd))
+}
+
+/// An IP header and a UDP datagram of `size` zero bytes, for a raw socket (`IPPROTO_RAW`): the
+/// kernel fills in the IPv4 header checksum; the UDP checksum is computed (IPv6 needs it).
+fn spoofed_udp(src: std::net::IpAddr, dst: std::net::IpAddr, sport: u16, dport: u16, size: usize) -> Vec<u8> {
+    use std::net::IpAddr;
+    let udp_len = 8 + size;
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.resize(udp_len, 0);
+    let (src_bytes, dst_bytes) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (s.octets().to_vec(), d.octets().to_vec()),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (s.octets().to_vec(), d.octets().to_vec()),
+        _ => panic!("{src} and {dst} are of different families"),
+    };
+    // The pseudo-header checksum of RFC 768 / RFC 8200.
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src_bytes);
+    add(&dst_bytes);
+    add(&[0, 17]);
+    add(&(udp_len as u32).to_be_bytes());
+    add(&udp);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = match !(sum as u16) {
+        0 => 0xffff,
+        c => c,
+    };
+    udp[6..8].copy_from_slice(&checksum.to_be_bytes());
+    let mut packet = Vec::with_capacity(40 + udp_len);
+    if src.is_ipv4() {
+        let total = (20 + udp_len) as u16;
+        packet.extend_from_slice(&[0x45, 0]);
+        packet.extend_from_slice(&total.to_be_bytes());
+        packet.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    } else {
+        packet.extend_from_slice(&[0x60, 0, 0, 0]);
+        packet.extend_from_slice(&(udp_len as u16).to_be_bytes());
+        packet.extend_from_slice(&[17, 64]);
+    }
+    packet.extend_from_slice(&src_bytes);
+    packet.extend_from_slice(&dst_bytes);
+    packet.extend_from_slice(&udp);
+    packet
 }
