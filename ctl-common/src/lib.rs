@@ -506,6 +506,12 @@ pub const ATTACH_MODE_TC: u8 = 2;
 /// `Attachment::flags`: portwatch added the interface's clsact qdisc (mode tc), so the last
 /// detach removes it again when no filter is left on it.
 pub const ATTACH_FLAG_OWN_QDISC: u8 = 1 << 0;
+/// `Attachment::flags`: recorded before the attachment is made (`mode` 0 until it is); a command
+/// that finds it (after a crash) looks at the kernel and completes the record or removes it.
+pub const ATTACH_FLAG_PENDING: u8 = 1 << 1;
+/// `Attachment::flags`, with `ATTACH_FLAG_PENDING`: the interface had no clsact qdisc when the
+/// attachment was recorded, so one found empty afterwards is portwatch's to remove.
+pub const ATTACH_FLAG_QDISC_ABSENT: u8 = 1 << 2;
 
 /// Bytes of `Attachment::netns`.
 pub const ATTACH_NETNS_LEN: usize = 64;

@@ -11,11 +11,13 @@ use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
 };
 use portwatch_common::{
-    AttachKey, Attachment, Direction, Directions, ATTACH_FLAG_OWN_QDISC, ATTACH_MODE_TC, ATTACH_MODE_TCX,
+    AttachKey, Attachment, Direction, Directions, ATTACH_FLAG_OWN_QDISC, ATTACH_FLAG_PENDING, ATTACH_FLAG_QDISC_ABSENT,
+    ATTACH_MODE_TC, ATTACH_MODE_TCX,
 };
 
 use crate::{
     error::Error,
+    fault,
     netns::NetNs,
     pinned::{PinPath, Pinned},
 };
@@ -53,34 +55,153 @@ pub(crate) fn attach_one(
     mode: Mode,
 ) -> Result<Option<(AttachKey, Attachment)>> {
     let key = AttachKey::new(iface.netns.inode, iface.index, direction);
-    let records = pinned.attachments()?;
-    if records.get(&key, 0).is_ok() {
-        return Ok(None);
+    if let Ok(record) = pinned.attachments()?.get(&key, 0) {
+        if resolve(pinned, key, record)?.is_some() {
+            return Ok(None);
+        }
     }
     // A clsact qdisc that portwatch added for the other direction is portwatch's here too.
     let other = AttachKey::new(iface.netns.inode, iface.index, direction.other());
-    let own_qdisc = records
+    let own_qdisc = pinned
+        .attachments()?
         .get(&other, 0)
         .is_ok_and(|r| r.mode == ATTACH_MODE_TC && r.flags & ATTACH_FLAG_OWN_QDISC != 0);
+    // Recorded before it is made: a crash between the two leaves a pending record that the next
+    // command resolves (`resolve`), never an attachment that nobody knows of.
+    let mut pending = base_record(iface);
+    pending.flags = ATTACH_FLAG_PENDING | if own_qdisc { ATTACH_FLAG_OWN_QDISC } else { 0 };
+    if !iface.netns.enter(|| crate::sys::netlink::has_clsact(iface.index))?? {
+        pending.flags |= ATTACH_FLAG_QDISC_ABSENT;
+    }
+    pinned
+        .attachments()?
+        .insert(key, pending, 0)
+        .context("recording the attachment")?;
+    fault::point("attach:recorded").context("attaching")?;
     let pin = pinned.pin.clone();
     let prog = pinned.program(direction)?;
-    let record = iface
+    let made = iface
         .netns
-        .enter(|| attach(prog, &pin, iface, direction, mode, own_qdisc))??;
+        .enter(|| attach(prog, &pin, iface, direction, mode, own_qdisc))
+        .and_then(|r| r);
+    let record = match made {
+        Ok(record) => record,
+        Err(e) => {
+            let _ = pinned.attachments()?.remove(&key);
+            return Err(e);
+        }
+    };
+    fault::point("attach:made").context("attaching")?;
     if let Err(e) = pinned.attachments()?.insert(key, record, 0) {
         let _ = detach(&pin, key, &record);
+        let _ = pinned.attachments()?.remove(&key);
         return Err(e).context("recording the attachment");
     }
     Ok(Some((key, record)))
 }
 
-/// Detaches one attachment and removes its record.
-pub(crate) fn detach_one(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<()> {
-    detach(&pinned.pin, key, record)?;
-    pinned
+/// The record of an attachment to `iface`, before anything is attached: its name and namespace.
+fn base_record(iface: &Iface) -> Attachment {
+    let mut record = Attachment::default();
+    set_nul_padded(&mut record.ifname[..15], &iface.name);
+    if let Some(given) = &iface.netns.given {
+        set_nul_padded(&mut record.netns, given);
+    }
+    record
+}
+
+/// Completes or removes a pending record (an `attach` interrupted between recording and
+/// recording what it made), as the kernel says: a pinned TCX link, or a tc filter running this
+/// program on that interface and direction, completes it; nothing removes it (an unpinned TCX
+/// link died with the process), with the clsact qdisc the attach may have added. A record that is
+/// not pending is returned as it is. Returns the record, or `None` when nothing is attached.
+pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -> Result<Option<Attachment>> {
+    if record.flags & ATTACH_FLAG_PENDING == 0 {
+        return Ok(Some(record));
+    }
+    let mut done = record;
+    done.flags &= !(ATTACH_FLAG_PENDING | ATTACH_FLAG_QDISC_ABSENT);
+    let found = if pinned.pin.link(key.netns, key.ifindex, key.direction()).exists() {
+        done.mode = ATTACH_MODE_TCX;
+        true
+    } else {
+        match NetNs::of_attachment(key.netns, &recorded_netns(&record)) {
+            // The namespace is gone, and the interface with it.
+            None => false,
+            Some(netns) => {
+                let id = pinned.program(key.direction())?.info()?.id();
+                let egress = key.direction() == Direction::Egress;
+                let filters = netns.enter(|| crate::sys::netlink::bpf_filters(key.ifindex, egress))??;
+                match filters.into_iter().find(|(_, _, prog)| *prog == id) {
+                    Some((priority, handle, _)) => {
+                        done.mode = ATTACH_MODE_TC;
+                        done.priority = priority;
+                        done.handle = handle;
+                        if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
+                            done.flags |= ATTACH_FLAG_OWN_QDISC;
+                        }
+                        true
+                    }
+                    None => {
+                        if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
+                            netns.enter(|| remove_own_clsact(key.ifindex))?;
+                        }
+                        false
+                    }
+                }
+            }
+        }
+    };
+    let records = pinned.attachments()?;
+    if found {
+        records
+            .insert(key, done, 0)
+            .context("completing an attachment record")?;
+        eprintln!(
+            "portwatch: completed the record of an interrupted attach to {} {}",
+            display_name(&key, &done),
+            key.direction().name()
+        );
+        Ok(Some(done))
+    } else {
+        match records.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).context("removing an attachment record"),
+        }
+        eprintln!(
+            "portwatch: removed the record of an interrupted attach to {} {}: nothing was attached",
+            display_name(&key, &record),
+            key.direction().name()
+        );
+        Ok(None)
+    }
+}
+
+/// `resolve` for every pending record.
+pub(crate) fn resolve_all(pinned: &mut Pinned) -> Result<()> {
+    let pending: Vec<_> = pinned
         .attachments()?
-        .remove(&key)
-        .context("removing the attachment record")
+        .iter()
+        .filter_map(|r| r.ok())
+        .filter(|(_, r)| r.flags & ATTACH_FLAG_PENDING != 0)
+        .collect();
+    for (key, record) in pending {
+        resolve(pinned, key, record)?;
+    }
+    Ok(())
+}
+
+/// Detaches one attachment and removes its record (a pending one is resolved first).
+pub(crate) fn detach_one(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<()> {
+    let Some(record) = resolve(pinned, key, *record)? else {
+        return Ok(());
+    };
+    detach(&pinned.pin, key, &record)?;
+    fault::point("detach:detached").context("detaching")?;
+    match pinned.attachments()?.remove(&key) {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e).context("removing the attachment record"),
+    }
 }
 
 /// Attaches the pinned programs to every interface of `ifaces` in `directions` (skipping what is
@@ -143,7 +264,7 @@ pub(crate) fn mode_name(mode: u8) -> &'static str {
     match mode {
         ATTACH_MODE_TCX => "tcx",
         ATTACH_MODE_TC => "tc",
-        _ => "unknown",
+        _ => "pending",
     }
 }
 
@@ -242,11 +363,7 @@ fn attach(
     mode: Mode,
     own_qdisc: bool,
 ) -> Result<Attachment> {
-    let mut record = Attachment::default();
-    set_nul_padded(&mut record.ifname[..15], &iface.name);
-    if let Some(given) = &iface.netns.given {
-        set_nul_padded(&mut record.netns, given);
-    }
+    let mut record = base_record(iface);
     let attach_type = tc_attach_type(direction);
     let dir = direction.name();
 

@@ -384,6 +384,10 @@ pub(crate) enum Recovered {
 /// record was written), as the journal says. Needs the lock; a no-op when no reset is pending.
 pub(crate) fn recover(pinned: &mut Pinned) -> Result<Recovered> {
     assert!(pinned.is_locked(), "recovering a reset needs the pin path's lock");
+    // An unload killed halfway may have removed the journal: it had nothing pending then.
+    if !pinned.pin.map(portwatch_common::map_names::JOURNAL).exists() {
+        return Ok(Recovered::Nothing);
+    }
     let mut j = journal::read(pinned)?;
     let id = journal::id_text(j.id);
     let path = journal::path(&j);

@@ -10,12 +10,13 @@ use aya::{
     programs::SchedClassifier,
 };
 use portwatch_common::{
-    map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Directions, Meta, LAYOUT_VERSION,
+    map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Directions, Meta, ATTACH_FLAG_PENDING,
+    LAYOUT_VERSION,
 };
 
 use crate::{
-    attach, maps,
-    pinned::{Fresh, PinPath, Pinned},
+    attach, fault, generations, maps,
+    pinned::{Access, Fresh, PinPath, Pinned},
 };
 
 /// The pins and directories a failed first load must take back, in reverse order of creation.
@@ -79,10 +80,14 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
         },
         armed: true,
     };
+    remove_debris(&pin)?;
     let mut ebpf = crate::object::load(max_entries).context("creating portwatch's maps")?;
 
     undo.dir(pin.maps_dir())?;
-    for name in map_names::ALL {
+    // `meta` is pinned last, once everything else is: its pin is what says "loaded", so a load
+    // killed halfway leaves debris (removed by the next load or unload), never a state that
+    // commands would take for a whole one.
+    for name in map_names::ALL.into_iter().filter(|n| *n != map_names::META) {
         let path = pin.map(name);
         ebpf.map(name)
             .with_context(|| format!("map {name} missing from the object"))?
@@ -95,13 +100,6 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
     crate::sys::bpf::create_barrier(&barrier).with_context(|| format!("creating {}", barrier.display()))?;
     undo.files.push(barrier);
 
-    let meta = Meta {
-        layout_version: LAYOUT_VERSION,
-        max_entries,
-        directions: directions.bits(),
-        _reserved: [0; 7],
-    };
-    Array::<_, Meta>::try_from(ebpf.map_mut(map_names::META).unwrap())?.set(0, meta, 0)?;
     Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, Config::default(), 0)?;
     for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
         let mut counters: PerCpuHashMap<_, CounterKey, Counters> =
@@ -120,6 +118,20 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
         undo.files.push(path);
     }
     undo.dir(pin.links_dir())?;
+    let meta = Meta {
+        layout_version: LAYOUT_VERSION,
+        max_entries,
+        directions: directions.bits(),
+        _reserved: [0; 7],
+    };
+    Array::<_, Meta>::try_from(ebpf.map_mut(map_names::META).unwrap())?.set(0, meta, 0)?;
+    fault::point("load:before-meta").context("loading")?;
+    let path = pin.map(map_names::META);
+    ebpf.map(map_names::META)
+        .context("map meta missing from the object")?
+        .pin(&path)
+        .with_context(|| format!("pinning {}", path.display()))?;
+    undo.files.push(path);
     let pinned = Pinned::created(fresh)?;
     Ok(Created { undo, pinned })
 }
@@ -127,6 +139,11 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
 /// Detaches every attachment, in a fixed order (the map's own is the kernel's hash order), and
 /// removes its record; `each` is told of each one after it is gone.
 pub(crate) fn detach_all(pinned: &mut Pinned, mut each: impl FnMut(&AttachKey, &Attachment)) -> Result<()> {
+    // An unload killed halfway may have removed the map already; it had detached everything
+    // before it removed anything.
+    if !pinned.pin.map(map_names::ATTACHMENTS).exists() {
+        return Ok(());
+    }
     let mut all: Vec<_> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
     all.sort_by_key(|(key, _)| *key);
     for (key, record) in all {
@@ -137,18 +154,106 @@ pub(crate) fn detach_all(pinned: &mut Pinned, mut each: impl FnMut(&AttachKey, &
 }
 
 /// Removes every pin under the pin path (attachments are `detach_all`'s): stale link pins,
-/// programs, maps. The pin directory and its lock stay: a first load can follow, or
+/// programs, maps, `meta` last (so that a kill halfway leaves a state that is still "loaded", which
+/// the next `unload` finishes). The pin directory and its lock stay: a first load can follow, or
 /// `Fresh::remove_dir` ends it.
 pub(crate) fn remove(pinned: Pinned) -> Result<Fresh> {
     let pin = pinned.pin.clone();
+    remove_pins(&pin, true)?;
+    Ok(pinned.into_fresh().expect("removing pinned state takes its lock"))
+}
+
+/// Removes the pins of the directories under the pin path, `meta` last, and the directories;
+/// `meta` too only when `with_meta`.
+fn remove_pins(pin: &PinPath, with_meta: bool) -> Result<usize> {
+    let meta = pin.map(map_names::META);
+    let mut removed = 0;
     for dir in [pin.links_dir(), pin.progs_dir(), pin.maps_dir()] {
         if dir.exists() {
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
+                if path == meta {
+                    continue;
+                }
                 std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                removed += 1;
+                fault::point("unload:removing").context("removing pins")?;
             }
-            std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
         }
     }
-    Ok(pinned.into_fresh().expect("removing pinned state takes its lock"))
+    if with_meta && meta.exists() {
+        std::fs::remove_file(&meta).with_context(|| format!("removing {}", meta.display()))?;
+        removed += 1;
+    }
+    for dir in [pin.links_dir(), pin.progs_dir(), pin.maps_dir()] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+    Ok(removed)
+}
+
+/// What a `load` or `unload` that was killed halfway left under a pin path where nothing is loaded
+/// (no `meta` pin): maps, programs or links without the pin that makes them a state. Removed (a
+/// link pin's removal detaches it), with a line on stderr. `load`, and `unload` of nothing, call it.
+pub(crate) fn remove_debris(pin: &PinPath) -> Result<()> {
+    if pin.is_loaded() {
+        return Ok(());
+    }
+    let removed = remove_pins(pin, false)?;
+    if removed > 0 {
+        eprintln!(
+            "portwatch: removed {removed} pins that an interrupted load or unload left under {}",
+            pin.root.display()
+        );
+    }
+    Ok(())
+}
+
+/// The pins a loaded state must have and does not (an unload killed halfway removed them).
+pub(crate) fn missing_pins(pin: &PinPath) -> Vec<String> {
+    let mut expected: Vec<PathBuf> = map_names::ALL.iter().map(|n| pin.map(n)).collect();
+    expected.push(pin.map(map_names::BARRIER));
+    expected.extend(Direction::ALL.iter().map(|d| pin.prog(*d)));
+    expected
+        .into_iter()
+        .filter(|p| !p.exists())
+        .map(|p| p.strip_prefix(&pin.root).unwrap_or(&p).display().to_string())
+        .collect()
+}
+
+/// Whether a pin path where nothing is loaded holds pins all the same (see `remove_debris`).
+pub(crate) fn has_debris(pin: &PinPath) -> bool {
+    !pin.is_loaded()
+        && [pin.links_dir(), pin.progs_dir(), pin.maps_dir()]
+            .iter()
+            .any(|d| std::fs::read_dir(d).is_ok_and(|mut entries| entries.next().is_some()))
+}
+
+/// Finishes what an interrupted command left, before a command that takes the lock: a reset
+/// (`generations::recover`) and pending attachment records (`attach::resolve`). Says on stderr
+/// what it did.
+pub(crate) fn recover_interrupted(pin: &PinPath) -> Result<()> {
+    let pending = match Pinned::probe(pin, Access::Read) {
+        Ok(Some(mut pinned)) => {
+            let journal = crate::journal::read(&mut pinned).is_ok_and(|j| j.state != 0);
+            let attaching = pinned.attachments().is_ok_and(|records| {
+                records
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .any(|(_, r)| r.flags & ATTACH_FLAG_PENDING != 0)
+            });
+            journal || attaching
+        }
+        // Nothing loaded, or another layout: the command itself says so.
+        _ => false,
+    };
+    if !pending {
+        return Ok(());
+    }
+    let mut pinned = Pinned::open(pin, Access::Change)?;
+    generations::recover_and_say(&mut pinned)?;
+    attach::resolve_all(&mut pinned)
 }

@@ -84,6 +84,7 @@ pub fn counters_of(v: &serde_json::Value) -> Counters {
 }
 
 /// A finished command.
+#[derive(Debug)]
 pub struct Ran {
     pub code: i32,
     pub stdout: String,

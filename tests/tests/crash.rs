@@ -385,3 +385,293 @@ fn a_reset_to_a_pipe_never_loses() {
     let again = pw.json(&["reset", "--json"]);
     assert_eq!(counters_of(&again["totals"]), total(&more));
 }
+
+/// What the kernel has of this state's two programs on `ifaces` of `ns`: (interface, direction,
+/// "tcx" or "tc"). TCX from `BPF_PROG_QUERY`, tc filters from `bpftool net`.
+fn kernel_attachments(
+    ns: &portwatch_tests::netns::Netns,
+    ifaces: &[&str],
+    ids: &[u64],
+) -> BTreeSet<(String, String, String)> {
+    use aya::programs::{tc::TcAttachType, SchedClassifier};
+    let mut out = BTreeSet::new();
+    for iface in ifaces {
+        for (attach, dir) in [(TcAttachType::Ingress, "ingress"), (TcAttachType::Egress, "egress")] {
+            let progs = ns
+                .enter(|| SchedClassifier::query_tcx(iface, attach))
+                .unwrap()
+                // A kernel without TCX: nothing attached that way.
+                .map(|(_, progs)| progs)
+                .unwrap_or_default();
+            for p in progs {
+                if ids.contains(&u64::from(p.id())) {
+                    out.insert((iface.to_string(), dir.to_string(), "tcx".to_string()));
+                }
+            }
+        }
+    }
+    let net: Value = serde_json::from_str(&ns.exec(&["bpftool", "-j", "net", "show"]).unwrap()).unwrap();
+    for tc in net[0]["tc"].as_array().into_iter().flatten() {
+        let id = tc["id"].as_u64().or(tc["prog_id"].as_u64()).unwrap_or(0);
+        let iface = tc["devname"].as_str().unwrap_or("").to_string();
+        if ids.contains(&id) && ifaces.contains(&iface.as_str()) {
+            let dir = tc["kind"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("clsact/")
+                .to_string();
+            out.insert((iface, dir, "tc".to_string()));
+        }
+    }
+    out
+}
+
+/// What `status --json` says is attached (in the kernel), what it says is pending, and the
+/// programs' ids; `None` when nothing is loaded.
+type Said = (BTreeSet<(String, String, String)>, BTreeSet<(String, String)>, Vec<u64>);
+
+fn status_says(pw: &Pw) -> Option<Said> {
+    let r = pw.run(&["status", "--json"]);
+    assert_eq!(r.code, 0, "status: {}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    if v["loaded"] != true {
+        return None;
+    }
+    let mut attached = BTreeSet::new();
+    let mut pending = BTreeSet::new();
+    for a in v["attachments"].as_array().unwrap() {
+        let (iface, dir) = (
+            a["interface"].as_str().unwrap().to_string(),
+            a["direction"].as_str().unwrap().to_string(),
+        );
+        if a["pending"] == true {
+            pending.insert((iface, dir));
+        } else if a["attached"] == true {
+            attached.insert((iface, dir, a["mode"].as_str().unwrap().to_string()));
+        }
+    }
+    let ids = v["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_u64().unwrap())
+        .collect();
+    Some((attached, pending, ids))
+}
+
+/// SIGKILL at random instants of `load`, `attach`, `detach`, `ports`, `apply` and `unload` (50
+/// runs, PORTWATCH_CRASH_RUNS; seeded): right after each kill `status` tells the truth (what it
+/// says is attached is exactly what the kernel has, but for attachments it reports as pending; a
+/// half-done unload is reported as such), the same command run again completes, and then status
+/// and kernel agree exactly, with a TCX link pin for every TCX attachment. At the end `unload`
+/// leaves no pin, link, filter or clsact qdisc.
+#[kernel_test]
+fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
+    let mut rng = Rng::seeded("lifecycle_commands_killed");
+    let runs: usize = std::env::var("PORTWATCH_CRASH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let bed = Arc::new(Bed::new(false).unwrap());
+    let pw = Pw::new(Some(&bed.server));
+    let ifaces = ["lo", bed.server_if.as_str()];
+    let config = TempFile::new("lifecycle.yaml");
+    std::fs::write(
+        &config.0,
+        format!(
+            "pin_path: {}\nports: [443, 7102/udp]\ninterfaces:\n  - name: {}\n  - name: lo\n    mode: tc\n",
+            pw.pin.display(),
+            bed.server_if
+        ),
+    )
+    .unwrap();
+    let server_if = bed.server_if.clone();
+    let commands: Vec<(Vec<&str>, &[i32])> = vec![
+        (vec!["load", "--iface", &server_if, "--port", "443"], &[0]),
+        (vec!["attach", "lo", "--mode", "tc"], &[0, 4]),
+        (vec!["detach", "lo"], &[0, 4, 6]),
+        (vec!["detach", &server_if], &[0, 4, 6]),
+        (vec!["ports", "add", "8080"], &[0, 4]),
+        (vec!["ports", "del", "8080"], &[0, 2, 4]),
+        (vec!["apply", "-f", config.as_str()], &[0]),
+        (vec!["unload"], &[0]),
+    ];
+    // How long the slowest of them takes here: kills land within 1.2 times that.
+    let started = Instant::now();
+    pw.ok(&["apply", "-f", config.as_str()]);
+    pw.ok(&["unload"]);
+    let slowest = started.elapsed();
+    let mut landed: BTreeMap<String, usize> = BTreeMap::new();
+    // Each command's longest run that finished: kills land within 1.2 times that.
+    let mut took: Vec<Duration> = vec![slowest / 4; commands.len()];
+    let mut kills = 0;
+    for run in 0..runs {
+        let which = rng.below(commands.len() as u64) as usize;
+        let (args, accepted) = &commands[which];
+        let began = Instant::now();
+        let mut child = pw
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.below(took[which].as_micros() as u64 * 6 / 5)));
+        let _ = child.kill();
+        let killed = child.wait().unwrap().signal() == Some(9);
+        if killed {
+            kills += 1;
+        } else {
+            took[which] = took[which].max(began.elapsed());
+        }
+        *landed
+            .entry(format!("{} {}", args[0], if killed { "killed" } else { "done" }))
+            .or_default() += 1;
+
+        // The truth right after the kill.
+        let r = pw.run(&["status", "--json"]);
+        if r.code != 0 {
+            assert!(
+                args[0] == "unload" && r.stderr.contains("`portwatch unload` finishes it"),
+                "run {run}, {args:?}: status failed: {}",
+                r.stderr
+            );
+        } else if let Some((attached, pending, ids)) = status_says(&pw) {
+            let kernel = kernel_attachments(&bed.server, &ifaces, &ids);
+            assert!(
+                attached.is_subset(&kernel),
+                "run {run}, {args:?}: status {attached:?}, kernel {kernel:?}"
+            );
+            for (iface, dir, _) in kernel.difference(&attached) {
+                assert!(
+                    pending.contains(&(iface.clone(), dir.clone())),
+                    "run {run}, {args:?}: {iface} {dir} is attached but status does not say so"
+                );
+            }
+        }
+
+        // The same command again completes.
+        let r = pw.run(args);
+        assert!(
+            accepted.contains(&r.code),
+            "run {run}: {args:?} again: exit {}: {}",
+            r.code,
+            r.stderr
+        );
+        if let Some((attached, pending, ids)) = status_says(&pw) {
+            assert!(pending.is_empty(), "run {run}: {pending:?}");
+            let kernel = kernel_attachments(&bed.server, &ifaces, &ids);
+            assert_eq!(attached, kernel, "run {run}, after {args:?} again");
+            let tcx = attached.iter().filter(|(_, _, m)| m == "tcx").count();
+            let links = std::fs::read_dir(pw.pin.join("links")).map(|d| d.count()).unwrap_or(0);
+            assert_eq!(links, tcx, "run {run}: link pins");
+        }
+    }
+    eprintln!("{landed:?}");
+    assert!(
+        kills * 4 >= runs,
+        "only {kills} of {runs} commands were killed before they finished"
+    );
+    let r = pw.run(&["unload"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        !pw.pin.exists(),
+        "pins left: {:?}",
+        std::fs::read_dir(&pw.pin).map(|d| d.count())
+    );
+    for iface in ifaces {
+        let qdiscs = bed.server.exec(&["tc", "qdisc", "show", "dev", iface]).unwrap();
+        assert!(!qdiscs.contains("clsact"), "{iface}: {qdiscs}");
+    }
+    let net = bed.server.exec(&["bpftool", "-j", "net", "show"]).unwrap();
+    assert!(!net.contains("portwatch"), "{net}");
+}
+
+/// A kill at each named point of `load`, `attach` (TCX and tc), `detach` and `unload`: `status`
+/// tells the truth (debris of a load is not a state; an interrupted attach is pending; a half
+/// unload is incomplete), the same command again completes, and status and kernel then agree.
+#[kernel_test]
+fn a_kill_at_each_point_of_load_attach_detach_and_unload_leaves_nothing_half_done() {
+    let bed = Arc::new(Bed::new(false).unwrap());
+    let pw = Pw::new(Some(&bed.server));
+    let ifaces = ["lo", bed.server_if.as_str()];
+    let server_if = bed.server_if.clone();
+    let killed = |args: &[&str], point: &str| {
+        let out = pw
+            .command(args)
+            .env("PORTWATCH_FAULT", format!("{point}=kill"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{args:?} did not reach {point}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let agree = |when: &str| {
+        let (attached, pending, ids) = status_says(&pw).unwrap();
+        assert!(pending.is_empty(), "{when}: {pending:?}");
+        assert_eq!(attached, kernel_attachments(&bed.server, &ifaces, &ids), "{when}");
+    };
+    let load = ["load", "--iface", server_if.as_str(), "--port", "443"];
+
+    killed(&load, "load:before-meta");
+    let r = pw.run(&["status"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("not loaded") && r.stderr.contains("an interrupted load"),
+        "{r:?}"
+    );
+    let r = pw.run(&load);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("removed") && r.stderr.contains("interrupted load"),
+        "{}",
+        r.stderr
+    );
+    agree("after load again");
+
+    for mode in ["tc", "tcx"] {
+        if mode == "tcx"
+            && !portwatch_tests::tcx_available("a_kill_at_each_point_of_load_attach_detach_and_unload (its tcx half)")
+        {
+            continue;
+        }
+        for point in ["attach:recorded", "attach:made"] {
+            killed(&["attach", "lo", "--mode", mode], point);
+            let (attached, pending, ids) = status_says(&pw).unwrap();
+            assert!(
+                pending.contains(&("lo".to_string(), "ingress".to_string())),
+                "{mode} {point}: {pending:?}"
+            );
+            let kernel = kernel_attachments(&bed.server, &ifaces, &ids);
+            let made = kernel.contains(&("lo".to_string(), "ingress".to_string(), mode.to_string()));
+            assert_eq!(made, point == "attach:made", "{mode} {point}: {kernel:?}");
+            assert!(attached.is_subset(&kernel));
+            let r = pw.run(&["attach", "lo", "--mode", mode]);
+            assert_eq!(r.code, 0, "{}", r.stderr);
+            assert!(r.stderr.contains("interrupted attach"), "{}", r.stderr);
+            agree(&format!("{mode} {point}, attached again"));
+            killed(&["detach", "lo"], "detach:detached");
+            let r = pw.run(&["detach", "lo"]);
+            assert!([0, 6].contains(&r.code), "{}", r.stderr);
+            agree(&format!("{mode} {point}, detached again"));
+            let qdiscs = bed.server.exec(&["tc", "qdisc", "show", "dev", "lo"]).unwrap();
+            assert!(!qdiscs.contains("clsact"), "{mode} {point}: {qdiscs}");
+        }
+    }
+
+    killed(&["unload"], "unload:removing");
+    let r = pw.run(&["status"]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("incomplete") && r.stderr.contains("`portwatch unload` finishes it"),
+        "{}",
+        r.stderr
+    );
+    let r = pw.run(&["unload"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(!pw.pin.exists());
+    let net = bed.server.exec(&["bpftool", "-j", "net", "show"]).unwrap();
+    assert!(!net.contains("portwatch"), "{net}");
+}

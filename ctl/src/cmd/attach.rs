@@ -1,7 +1,7 @@
 //! `portwatch attach IF` and `portwatch detach IF`: one interface at a time, while the rest keeps
 //! counting.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use portwatch_common::Directions;
 
 use crate::{
@@ -60,8 +60,7 @@ pub(super) fn detach(pin: &PinPath, iface: &str, netns: Option<&str>) -> Result<
         .into());
     }
     for (key, record) in matching {
-        attach::detach(pin, key, &record)?;
-        records.remove(&key).context("removing the attachment record")?;
+        attach::detach_one(&mut pinned, key, &record)?;
         println!("detached from {iface} {}{in_netns}", key.direction().name());
     }
     Ok(())

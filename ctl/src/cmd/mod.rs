@@ -23,7 +23,7 @@ use anyhow::Result;
 
 use crate::{
     cli::{Cli, Command},
-    generations,
+    lifecycle,
     pinned::{check_privileges, ensure_bpffs, Needs, PinPath},
 };
 
@@ -65,8 +65,9 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
     if !matches!(cli.command, Command::Check) {
         ensure_bpffs(&pin)?;
     }
-    // A reset that a crash interrupted is finished or rolled back by the next command that takes
-    // the lock (reset and unload do it under their own lock, and refuse to go on without it).
+    // What a crash interrupted (a reset, an attach) is finished or rolled back by the next command
+    // that takes the lock (reset and unload do it under their own lock, and refuse to go on
+    // without it).
     let takes_lock = !matches!(
         cli.command,
         Command::Status { .. }
@@ -78,7 +79,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
             | Command::Unload { .. }
     );
     if takes_lock {
-        if let Err(e) = generations::recover_pending(&pin) {
+        if let Err(e) = lifecycle::recover_interrupted(&pin) {
             eprintln!("portwatch: warning: {e:#}");
         }
     }

@@ -6,11 +6,17 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Result;
 use aya::programs::links::{FdLink, PinnedLink};
-use portwatch_common::{Direction, JournalState, NotCounted, Stats, ATTACH_MODE_TCX, LAYOUT_VERSION};
+use portwatch_common::{
+    AttachKey, Attachment, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, ATTACH_MODE_TC,
+    ATTACH_MODE_TCX, LAYOUT_VERSION,
+};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    attach, journal, maps,
+    attach,
+    error::Error,
+    journal, lifecycle, maps,
+    netns::NetNs,
     output::{self, human_bytes},
     pinned::{Access, PinPath, Pinned},
     ports::{self, PortSpec},
@@ -59,6 +65,9 @@ struct InterruptedReset {
 
 #[derive(Serialize)]
 struct AttachmentStatus {
+    /// Whether the kernel has it: the TCX link pinned, or the tc filter on the interface with
+    /// this program (false: recorded only; `detach` removes the record).
+    attached: bool,
     #[serde(serialize_with = "direction_name")]
     direction: Direction,
     ifindex: u32,
@@ -68,6 +77,9 @@ struct AttachmentStatus {
     mode: &'static str,
     /// The network namespace as it was given (`--netns`); `None`: the one portwatch ran in.
     netns: Option<String>,
+    /// An `attach` was interrupted between recording it and making it: the next command that
+    /// takes the lock completes or removes the record, as the kernel says.
+    pending: bool,
     /// Whether the interface still exists.
     present: bool,
     tc_handle: Option<String>,
@@ -133,7 +145,24 @@ impl From<Stats> for StatsStatus {
 }
 
 pub(super) fn run(pin: &PinPath, as_json: bool) -> Result<()> {
+    let missing = lifecycle::missing_pins(pin);
+    if pin.is_loaded() && !missing.is_empty() {
+        return Err(Error::Conflict(format!(
+            "the state pinned at {} is incomplete ({} missing): an unload was interrupted; `portwatch unload` \
+             finishes it",
+            pin.root.display(),
+            missing.join(", ")
+        ))
+        .into());
+    }
     let Some(mut pinned) = Pinned::probe(pin, Access::Read)? else {
+        if lifecycle::has_debris(pin) {
+            eprintln!(
+                "portwatch: {} holds pins that an interrupted load or unload left; the next `portwatch load` or \
+                 `unload` removes them",
+                pin.root.display()
+            );
+        }
         if as_json {
             output::print_json(&NotLoaded {
                 loaded: false,
@@ -165,8 +194,8 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         });
     }
     let mut attachments = vec![];
-    for entry in pinned.attachments()?.iter() {
-        let (key, record) = entry?;
+    let records: Vec<(AttachKey, Attachment)> = pinned.attachments()?.iter().collect::<Result<_, _>>()?;
+    for (key, record) in records {
         let current = attach::current_name(&key, &record);
         let netns = attach::recorded_netns(&record);
         let link_id = if record.mode == ATTACH_MODE_TCX {
@@ -176,14 +205,21 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         } else {
             None
         };
-        let tc = record.mode != ATTACH_MODE_TCX;
+        let tc = record.mode == ATTACH_MODE_TC;
+        let attached = match record.mode {
+            ATTACH_MODE_TCX => link_id.is_some(),
+            ATTACH_MODE_TC => tc_filter_present(pinned, &key, &record),
+            _ => false,
+        };
         attachments.push(AttachmentStatus {
+            attached,
             direction: key.direction(),
             ifindex: key.ifindex,
             interface: current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
             link_id,
             mode: attach::mode_name(record.mode),
             netns: (!netns.is_empty()).then_some(netns),
+            pending: record.flags & ATTACH_FLAG_PENDING != 0,
             present: current.is_some(),
             tc_handle: tc.then(|| format!("{:x}", record.handle)),
             tc_priority: tc.then_some(record.priority),
@@ -224,6 +260,22 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
     })
 }
 
+/// Whether the recorded tc filter is on its interface, running this portwatch's program.
+fn tc_filter_present(pinned: &mut Pinned, key: &AttachKey, record: &Attachment) -> bool {
+    let Ok(id) = pinned.program(key.direction()).and_then(|p| Ok(p.info()?.id())) else {
+        return false;
+    };
+    let Some(netns) = NetNs::of_attachment(key.netns, &attach::recorded_netns(record)) else {
+        return false;
+    };
+    let egress = key.direction() == Direction::Egress;
+    netns
+        .enter(|| crate::sys::netlink::bpf_filters(key.ifindex, egress))
+        .ok()
+        .and_then(|r| r.ok())
+        .is_some_and(|filters| filters.contains(&(record.priority, record.handle, id)))
+}
+
 fn print_human(status: &Status) {
     println!(
         "portwatch loaded at {} (layout {}, direction {})",
@@ -245,10 +297,18 @@ fn print_human(status: &Status) {
                 a.tc_priority.unwrap_or_default(),
                 a.tc_handle.as_deref().unwrap_or_default()
             ),
-            (None, _) => "link missing".into(),
+            (None, "tcx") => "link missing".into(),
+            (None, _) => String::new(),
         };
         let netns = a.netns.as_ref().map_or(String::new(), |ns| format!("  netns {ns}"));
         let vanished = match (a.present, &a.netns) {
+            _ if a.pending => "  (an attach was interrupted: the next command that takes the lock resolves it)".into(),
+            (true, _) if !a.attached => format!(
+                "  ({} missing: `portwatch detach {}{}` removes the record)",
+                if a.mode == "tc" { "filter" } else { "link" },
+                a.interface,
+                a.netns.as_ref().map_or(String::new(), |ns| format!(" --netns {ns}"))
+            ),
             (true, _) => String::new(),
             (false, None) => "  (interface vanished: `portwatch detach` removes this)".into(),
             (false, Some(ns)) => format!(

@@ -9,12 +9,22 @@ use portwatch_common::{AttachKey, Attachment};
 
 use crate::{
     attach, generations, lifecycle,
-    pinned::{Access, PinPath, Pinned},
+    pinned::{Access, Creating, PinPath, Pinned},
     reconcile,
 };
 
 pub(super) fn run(pin: &PinPath, drain_to: Option<&Path>, force: bool) -> Result<()> {
     let Some(mut pinned) = Pinned::probe(pin, Access::Change)? else {
+        if lifecycle::has_debris(pin) {
+            // An interrupted load or unload left pins without the `meta` that makes them a state.
+            if let Creating::Empty(fresh) = Pinned::create(pin)? {
+                lifecycle::remove_debris(&fresh.pin)?;
+                let _ = fresh.remove_dir();
+                println!("unloaded: removed every pin under {}", pin.root.display());
+                return Ok(());
+            }
+            return run(pin, drain_to, force);
+        }
         println!("nothing is loaded at {}", pin.root.display());
         return Ok(());
     };

@@ -1,13 +1,16 @@
-//! The two rtnetlink requests aya does not offer: whether an interface's clsact qdisc still holds
-//! any filter, and deleting that qdisc. `unload` uses them to take away a clsact qdisc that
-//! portwatch itself added, once nothing (of portwatch's or anyone's) is attached to it.
+//! The rtnetlink requests aya does not offer: whether an interface's clsact qdisc still holds any
+//! filter, and deleting that qdisc (`unload` uses them to take away a clsact qdisc that portwatch
+//! itself added, once nothing of portwatch's or anyone's is attached to it); and the bpf filters
+//! of a clsact list with their program ids (to find a filter an interrupted `attach` made).
 
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
+const RTM_NEWQDISC: u16 = 36;
 const RTM_DELQDISC: u16 = 37;
+const RTM_GETQDISC: u16 = 38;
 const RTM_NEWTFILTER: u16 = 44;
 const RTM_GETTFILTER: u16 = 46;
 const NLMSG_ERROR: u16 = 2;
@@ -54,7 +57,7 @@ impl Socket {
 
     /// Reads replies to request `seq`, handing each message's type to `each`, until
     /// `NLMSG_DONE` or an `NLMSG_ERROR` (an error code of 0 is the acknowledgement).
-    fn replies(&self, seq: u32, mut each: impl FnMut(u16)) -> io::Result<()> {
+    fn replies(&self, seq: u32, mut each: impl FnMut(u16, &[u8])) -> io::Result<()> {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             // SAFETY: recv into a buffer we own, within its length.
@@ -82,7 +85,7 @@ impl Socket {
                                 Err(io::Error::from_raw_os_error(-code))
                             };
                         }
-                        _ => each(kind),
+                        _ => each(kind, &buf[at..at + len]),
                     }
                 }
                 at += len.next_multiple_of(4);
@@ -120,7 +123,7 @@ pub fn clsact_filter_count(ifindex: u32) -> io::Result<usize> {
     let mut count = 0;
     for (seq, parent) in [(1, CLSACT_INGRESS), (2, CLSACT_EGRESS)] {
         socket.send(&finish(tc_request(RTM_GETTFILTER, NLM_F_DUMP, seq, ifindex, 0, parent)))?;
-        match socket.replies(seq, |kind| count += usize::from(kind == RTM_NEWTFILTER)) {
+        match socket.replies(seq, |kind, _| count += usize::from(kind == RTM_NEWTFILTER)) {
             Ok(()) => {}
             // No clsact qdisc (or no interface): no filters.
             Err(e)
@@ -144,5 +147,86 @@ pub fn delete_clsact(ifindex: u32) -> io::Result<()> {
     msg.extend_from_slice(kind);
     msg.resize(msg.len().next_multiple_of(4), 0);
     socket.send(&finish(msg))?;
-    socket.replies(1, |_| {})
+    socket.replies(1, |_, _| {})
+}
+
+const TCA_OPTIONS: u16 = 2;
+const TCA_BPF_ID: u16 = 11;
+const NLA_TYPE_MASK: u16 = 0x3fff;
+
+/// The attributes of `bytes` (a run of netlink attributes): (type, payload).
+fn attributes(mut bytes: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = vec![];
+    while bytes.len() >= 4 {
+        let len = u16::from_ne_bytes([bytes[0], bytes[1]]) as usize;
+        let kind = u16::from_ne_bytes([bytes[2], bytes[3]]) & NLA_TYPE_MASK;
+        if len < 4 || len > bytes.len() {
+            break;
+        }
+        out.push((kind, &bytes[4..len]));
+        bytes = &bytes[len.next_multiple_of(4).min(bytes.len())..];
+    }
+    out
+}
+
+/// The bpf filters on the ingress (`egress` false) or egress list of `ifindex`'s clsact qdisc:
+/// (priority, handle, program id). Empty when there is no clsact qdisc.
+pub fn bpf_filters(ifindex: u32, egress: bool) -> io::Result<Vec<(u16, u32, u32)>> {
+    let socket = Socket::open()?;
+    let parent = if egress { CLSACT_EGRESS } else { CLSACT_INGRESS };
+    socket.send(&finish(tc_request(RTM_GETTFILTER, NLM_F_DUMP, 1, ifindex, 0, parent)))?;
+    let mut found = vec![];
+    let dumped = socket.replies(1, |kind, msg| {
+        // nlmsghdr (16), tcmsg (20), then attributes.
+        if kind != RTM_NEWTFILTER || msg.len() < NLMSG_HDRLEN + 20 {
+            return;
+        }
+        let tcm = &msg[NLMSG_HDRLEN..NLMSG_HDRLEN + 20];
+        let handle = u32::from_ne_bytes(tcm[8..12].try_into().unwrap());
+        let info = u32::from_ne_bytes(tcm[16..20].try_into().unwrap());
+        for (kind, payload) in attributes(&msg[NLMSG_HDRLEN + 20..]) {
+            if kind != TCA_OPTIONS {
+                continue;
+            }
+            for (kind, value) in attributes(payload) {
+                if kind == TCA_BPF_ID && value.len() >= 4 {
+                    let id = u32::from_ne_bytes(value[..4].try_into().unwrap());
+                    found.push(((info >> 16) as u16, handle, id));
+                }
+            }
+        }
+    });
+    match dumped {
+        Ok(()) => Ok(found),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL) | Some(libc::ENOENT) | Some(libc::ENODEV)
+            ) =>
+        {
+            Ok(vec![])
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `ifindex` has a clsact qdisc. (A filter dump cannot tell: it answers an empty list for
+/// a qdisc that does not exist.)
+pub fn has_clsact(ifindex: u32) -> io::Result<bool> {
+    let socket = Socket::open()?;
+    socket.send(&finish(tc_request(RTM_GETQDISC, NLM_F_DUMP, 1, ifindex, 0, 0)))?;
+    let mut found = false;
+    socket.replies(1, |kind, msg| {
+        if kind != RTM_NEWQDISC || msg.len() < NLMSG_HDRLEN + 20 {
+            return;
+        }
+        let index = i32::from_ne_bytes(msg[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].try_into().unwrap());
+        if index as u32 != ifindex {
+            return;
+        }
+        found |= attributes(&msg[NLMSG_HDRLEN + 20..])
+            .iter()
+            .any(|(kind, value)| *kind == TCA_KIND && value.starts_with(b"clsact\0"));
+    })?;
+    Ok(found)
 }
