@@ -155,6 +155,36 @@ fn recorded_and_counted(pw: &Pw, log: &Path) -> BTreeMap<CounterKey, Counters> {
     counted
 }
 
+/// `portwatch_port_bytes_total` and `_packets_total` of each watched port (ingress, UDP) in the
+/// Prometheus export: the live counters plus what resets drained, which must equal what was sent.
+fn exported_per_port(pw: &Pw) -> BTreeMap<u16, Counters> {
+    let text = pw.ok(&["metrics"]);
+    let value = |metric: &str, port: u16| -> u64 {
+        let labels = format!("{metric}{{direction=\"ingress\",port=\"{port}\",proto=\"udp\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&labels))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    };
+    PORTS
+        .iter()
+        .map(|&port| {
+            let c = Counters {
+                bytes: value("portwatch_port_bytes_total", port),
+                packets: value("portwatch_port_packets_total", port),
+            };
+            (port, c)
+        })
+        .collect()
+}
+
+fn per_port(sent: &BTreeMap<CounterKey, Counters>) -> BTreeMap<u16, Counters> {
+    let mut out: BTreeMap<u16, Counters> = PORTS.iter().map(|p| (*p, Counters::default())).collect();
+    for (k, c) in sent {
+        *out.entry(k.port).or_default() += *c;
+    }
+    out
+}
+
 fn interrupted_state(pw: &Pw) -> Option<String> {
     let status: Value = serde_json::from_str(&pw.ok(&["status", "--json"])).unwrap();
     status["reset_interrupted"]["state"].as_str().map(str::to_string)
@@ -206,6 +236,8 @@ fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
         );
     }
     let sent = sender.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
     eprintln!("reset {reset_time:?}; where the {runs} kills left the journal: {landed:?}");
     let inside: usize = landed
         .iter()
@@ -283,6 +315,8 @@ fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
             );
         }
         assert_eq!(interrupted_state(&pw), None);
+        // The export's per-port totals never lost or doubled what the resets drained.
+        assert_eq!(exported_per_port(&pw), per_port(&sent), "after a kill at {phase}");
     }
     assert_eq!(recorded_and_counted(&pw, &log.0), sent);
 }
@@ -674,4 +708,43 @@ fn a_kill_at_each_point_of_load_attach_detach_and_unload_leaves_nothing_half_don
     assert!(!pw.pin.exists());
     let net = bed.server.exec(&["bpftool", "-j", "net", "show"]).unwrap();
     assert!(!net.contains("portwatch"), "{net}");
+}
+
+/// `unload --drain-to LOG` killed in the middle of its drain (after the record was written, and
+/// halfway through writing it): the next `unload --drain-to LOG` finishes, and the log holds
+/// exactly what was sent.
+#[kernel_test]
+fn an_unload_drain_killed_loses_and_doubles_nothing() {
+    for point in ["reset:committed", "reset:writing", "reset:deleted"] {
+        let bed = Arc::new(Bed::new(false).unwrap());
+        let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
+        let log = TempFile::new("drain.jsonl");
+        let mut sent = BTreeMap::new();
+        send_round(&bed, 0, &mut sent);
+        pw.ok(&["reset", "--json", "--output", log.as_str()]);
+        send_round(&bed, 1, &mut sent);
+        let out = pw
+            .command(&["unload", "--drain-to", log.as_str()])
+            .env("PORTWATCH_FAULT", format!("{point}=kill"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.signal(), Some(9), "{point}");
+        let r = pw.run(&["unload", "--drain-to", log.as_str()]);
+        assert_eq!(r.code, 0, "{point}: {}", r.stderr);
+        assert!(!pw.pin.exists());
+        let mut counted: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+        for line in std::fs::read_to_string(&log.0).unwrap().lines() {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{point}: {e}: {line}"));
+            for r in v["rows"].as_array().unwrap() {
+                let k = key(
+                    r["ip"].as_str().unwrap(),
+                    r["port"].as_u64().unwrap() as u16,
+                    IPPROTO_UDP,
+                    IN,
+                );
+                *counted.entry(k).or_default() += counters_of(r);
+            }
+        }
+        assert_eq!(counted, sent, "{point}");
+    }
 }
