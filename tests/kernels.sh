@@ -142,6 +142,9 @@ boot() {
   cat >"$share/run.sh" <<EOF
 export CI=true HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export RUST_BACKTRACE=1
+# The long fault and load tests run whole on the host (tests/run.sh); under emulation, several times
+# slower, they make the same checks over fewer runs and seconds.
+export PORTWATCH_CRASH_RUNS=${PORTWATCH_CRASH_RUNS:-20} PORTWATCH_CONCURRENCY_SECS=${PORTWATCH_CONCURRENCY_SECS:-20}
 cd '$cwd'
 echo "kernel \$(uname -r)"
 $command
