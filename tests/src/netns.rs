@@ -293,6 +293,18 @@ impl Bed {
         Ok((count * (ip_header + 8 + size)) as u64)
     }
 
+    /// Turns the server's reverse-path filter off, so that datagrams from any source address reach
+    /// its stack (`send_spoofed_udp`).
+    pub fn accept_any_source(&self) -> Result<()> {
+        self.server.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
+        self.server.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{}.rp_filter=0", self.server_if),
+        ])?;
+        Ok(())
+    }
+
     /// Sends one UDP datagram of `size` payload bytes to `dst:port` (a server address) from each of
     /// `sources`, whatever they are: a raw socket writes them into the IP header, so thousands of
     /// remote addresses need no address on any interface (the server's reverse-path filter is

@@ -86,14 +86,15 @@ fn many_commands_at_once_under_traffic_fail_none_and_lose_nothing() {
             ))
         })
         .collect();
+    bed.accept_any_source().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let sender = {
         let (bed, stop) = (bed.clone(), stop.clone());
         std::thread::spawn(move || {
             let mut sent: BTreeMap<CounterKey, Counters> = BTreeMap::new();
             let mut round = 0usize;
-            // Bounded: at most 10,000 rounds.
-            while !stop.load(Ordering::SeqCst) && round < 10_000 {
+            // Every source at least once (24 rounds), then until stopped; bounded: 10,000 rounds.
+            while (!stop.load(Ordering::SeqCst) || round < 24) && round < 10_000 {
                 let (sources, dst, nth) = if round % 4 < 3 {
                     (&v4, SERVER_V4, round / 4 * 3 + round % 4)
                 } else {

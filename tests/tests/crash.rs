@@ -204,12 +204,19 @@ fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
     let bed = Arc::new(Bed::new(false).unwrap());
     let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
     let log = TempFile::new("killed.jsonl");
-    // How long a whole reset takes here: kills land uniformly within 1.5 times that.
-    let started = Instant::now();
-    for _ in 0..5 {
-        pw.ok(&["reset", "--json", "--output", log.as_str()]);
-    }
-    let reset_time = started.elapsed() / 5;
+    // How long a command takes to get going here (a reader that opens the state), and a whole
+    // reset: kills land uniformly from most of the former to 1.5 times the latter, where the reset
+    // does its work (under emulation, starting a process is most of a reset's time).
+    let mean = |args: &[&str]| {
+        let started = Instant::now();
+        for _ in 0..5 {
+            pw.ok(args);
+        }
+        started.elapsed() / 5
+    };
+    let startup = mean(&["top", "-n", "1", "--json"]) * 4 / 5;
+    let reset_time = mean(&["reset", "--json", "--output", log.as_str()]);
+    let window = (reset_time * 3 / 2).saturating_sub(startup);
     let sender = Sender::start(&bed);
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..runs {
@@ -219,7 +226,7 @@ fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let delay = Duration::from_micros(rng.below(reset_time.as_micros() as u64 * 3 / 2));
+        let delay = startup + Duration::from_micros(rng.below(window.as_micros() as u64));
         std::thread::sleep(delay);
         let _ = child.kill();
         let status = child.wait().unwrap();
@@ -238,7 +245,7 @@ fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
     let sent = sender.stop();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
-    eprintln!("reset {reset_time:?}; where the {runs} kills left the journal: {landed:?}");
+    eprintln!("start {startup:?}, reset {reset_time:?}; where the {runs} kills left the journal: {landed:?}");
     let inside: usize = landed
         .iter()
         .filter(|(state, _)| !state.starts_with("none") && !state.starts_with("finished"))
