@@ -114,19 +114,31 @@ fn selected(pinned: &mut Pinned, generation: u32, filter: &Filter) -> Result<Vec
 }
 
 /// Removes the entries `filter` selects from a generation the program does not write (the overflow
-/// keys are zeroed: the program needs them). Idempotent: what is left of the selection is what
-/// was not removed yet.
-fn remove_selected(pinned: &mut Pinned, generation: u32, filter: &Filter) -> Result<()> {
-    let selected = selected(pinned, generation, filter)?;
+/// keys are zeroed: the program needs them): `known`, when the caller read them since that
+/// generation became idle, or what a read finds now. Idempotent: what is left of the selection is
+/// what was not removed yet.
+fn remove_selected(
+    pinned: &mut Pinned,
+    generation: u32,
+    filter: &Filter,
+    known: Option<Vec<CounterKey>>,
+) -> Result<()> {
+    let selected: Vec<CounterKey> = match known {
+        Some(known) => known,
+        None => selected(pinned, generation, filter)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect(),
+    };
     let counters = pinned.counters(generation)?;
-    let (overflow, removable): (Vec<_>, Vec<_>) = selected.into_iter().partition(|(k, _)| k.is_overflow());
+    let (overflow, removable): (Vec<_>, Vec<_>) = selected.into_iter().partition(|k| k.is_overflow());
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
-    for (key, _) in overflow {
+    for key in overflow {
         let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
         counters.insert(key, zero, 0).context("zeroing an overflow key")?;
     }
     let mut keys = Vec::with_capacity(removable.len() * std::mem::size_of::<CounterKey>());
-    for (key, _) in &removable {
+    for key in &removable {
         // SAFETY: CounterKey is plain bytes (Pod).
         keys.extend_from_slice(unsafe {
             std::slice::from_raw_parts(
@@ -216,12 +228,16 @@ pub(crate) fn reset(
     fault::point("reset:prepared")?;
 
     let id = journal::id_text(j.id);
+    // The selected entries of the generation that was active, as read once it was idle: what the
+    // roll forward deletes (recovery, without them, reads them again).
+    let mut of_active = vec![];
     let write = |pinned: &mut Pinned, j: &mut Journal| -> Result<()> {
         set_config(pinned, idle)?;
         fault::point("reset:flipped")?;
         wait_for_running_programs(pinned)?;
         fault::point("reset:waiting")?;
         let mut entries = selected(pinned, active, filter)?;
+        of_active = entries.iter().map(|(k, _)| *k).collect();
         fault::point("reset:draining")?;
         entries.extend(stale);
         maps::sum_sorted(&mut entries);
@@ -249,7 +265,7 @@ pub(crate) fn reset(
     }
     journal::set_state(pinned, &mut j, JournalState::Committed)?;
     fault::point("reset:committed")?;
-    roll_forward(pinned, &mut j).context(
+    roll_forward(pinned, &mut j, Some(of_active)).context(
         "the reset's record is written, but removing the counts it holds failed; until the next portwatch command \
          that takes the lock finishes it (`portwatch status` shows it), they are also still counted",
     )
@@ -284,7 +300,7 @@ fn port_as_key(port: PortKey) -> CounterKey {
 }
 
 /// Finishes a committed reset from the step the journal names (each step is idempotent).
-fn roll_forward(pinned: &mut Pinned, j: &mut Journal) -> Result<()> {
+fn roll_forward(pinned: &mut Pinned, j: &mut Journal, mut of_active: Option<Vec<CounterKey>>) -> Result<()> {
     let active = j.generation;
     let idle = active ^ 1;
     loop {
@@ -298,7 +314,7 @@ fn roll_forward(pinned: &mut Pinned, j: &mut Journal) -> Result<()> {
                         .context("updating the drained totals")?;
                 }
                 let filter = journal::filter(j)?;
-                remove_selected(pinned, active, &filter)?;
+                remove_selected(pinned, active, &filter, of_active.take())?;
                 journal::set_state(pinned, j, JournalState::Deleted)?;
                 fault::point("reset:deleted")?;
             }
@@ -424,7 +440,7 @@ pub(crate) fn recover(pinned: &mut Pinned) -> Result<Recovered> {
         }
         JournalState::Committed | JournalState::Deleted | JournalState::Subtracting => {}
     }
-    roll_forward(pinned, &mut j)?;
+    roll_forward(pinned, &mut j, None)?;
     Ok(Recovered::Finished { id, path })
 }
 
