@@ -3,8 +3,10 @@
 //! with real sockets on both ends (`netns`).
 
 pub mod cli;
+pub mod hostile;
 pub mod netns;
 pub mod packet;
+pub mod reference;
 
 use std::{collections::BTreeMap, os::fd::AsFd};
 
@@ -188,6 +190,16 @@ impl Harness {
     /// Counters of generation `generation` (0 or 1), summed over CPUs, overflow keys included.
     pub fn counters(&mut self, generation: u32) -> Result<BTreeMap<CounterKey, Counters>> {
         portwatch::maps::read_counters(&self.counters_map(counters_map(generation))?)
+    }
+
+    /// The counter of `key` in generation `generation`, summed over CPUs (`None`: no such key).
+    pub fn counter(&mut self, generation: u32, key: &CounterKey) -> Result<Option<Counters>> {
+        let map = self.counters_map(counters_map(generation))?;
+        match map.get(key, 0) {
+            Ok(values) => Ok(Some(portwatch::maps::sum(&values))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub fn stats(&mut self) -> Result<Stats> {

@@ -625,6 +625,14 @@ fn cases() -> Vec<Case> {
         expect: NotCounted(Malformed),
         packet: tcp4().ip_len(0),
     });
+    // With a length of 0 the header itself must fit the skb: checked before the protocol.
+    v.push(Case {
+        name: "gso ipv4 total length 0 with an IHL past the skb",
+        direction: IN,
+        gso: (3, 1000),
+        expect: NotCounted(Truncated),
+        packet: tcp4().proto(1).payload(0).ipv4_ihl(15).ip_len(0).trailer(20),
+    });
     // A GSO super-packet's IP length is checked against the skb like any other.
     v.push(Case {
         name: "gso ipv4 tcp with a total length past the skb",
