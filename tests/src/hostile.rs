@@ -113,6 +113,13 @@ pub const TEST_RUN_SIZES: Sizes = Sizes {
     min_frame: None,
 };
 
+/// Frames for `RawSocket` on a veth of MTU 9000: above a page, so paged (a frame may exceed the
+/// MTU by a VLAN tag's 4 bytes and the Ethernet header's 14).
+pub const PAGED_SIZES: Sizes = Sizes {
+    max_frame: 9000,
+    min_frame: Some(4200),
+};
+
 /// The ports the generator favours: `WATCHED` as `Harness::watch` sets them, and some others.
 pub const WATCHED: [(u16, u8); 3] = [
     (443, portwatch_common::PROTO_TCP | portwatch_common::PROTO_UDP),
@@ -240,6 +247,8 @@ impl Generator {
         let r = &mut self.rng;
         let payload_len = match r.weighted(&[30, 50, 20]) {
             _ if self.short => r.range(0, 24),
+            // Paged frames: mostly one datagram, a few thousand bytes long.
+            _ if self.sizes.min_frame.is_some() => r.range(self.sizes.max_frame / 2, self.sizes.max_frame - 200),
             0 => r.range(0, 16),
             1 => r.range(17, 200),
             _ => r.range(201, 1400),
