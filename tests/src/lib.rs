@@ -3,6 +3,7 @@
 //! with real sockets on both ends (`netns`).
 
 pub mod cli;
+pub mod flood;
 pub mod hostile;
 pub mod netns;
 pub mod packet;
