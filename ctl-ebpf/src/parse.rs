@@ -236,7 +236,7 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, frame_end: usize, gso: bool) -> Re
     Ok(L3 { src, dst, proto, l4_offset: offset + header_len, end })
 }
 
-/// IPv6 (steps 4-12): the datagram's length first (payload length, GSO, or the Jumbo Payload
+/// IPv6 (steps 4-11): the datagram's length first (payload length, GSO, or the Jumbo Payload
 /// option), then the extension headers inside it.
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, offset: usize, frame_end: usize, gso: bool) -> Result<L3, Reason> {

@@ -660,10 +660,11 @@ fn watch_defaults(h: &mut Harness) {
 #[kernel_test]
 fn every_packet_lands_in_exactly_one_place() {
     let mut failures = vec![];
+    let mut h = Harness::new(1024).unwrap();
+    watch_defaults(&mut h);
     for case in cases() {
-        // A fresh program per case: every counter and statistic starts at zero.
-        let mut h = Harness::new(1024).unwrap();
-        watch_defaults(&mut h);
+        // Every counter and statistic starts at zero for each case.
+        h.clear().unwrap();
         let frame = case.packet.build();
         let run = h
             .run_gso(case.direction, &frame, case.gso.0, case.gso.1, 1)
