@@ -220,7 +220,11 @@ impl Harness {
             let keys: Vec<CounterKey> = map.keys().collect::<Result<_, _>>()?;
             for key in keys {
                 if key.is_overflow() {
-                    map.insert(key, aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])?, 0)?;
+                    map.insert(
+                        key,
+                        aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])?,
+                        0,
+                    )?;
                 } else {
                     map.remove(&key)?;
                 }
