@@ -83,8 +83,9 @@ fn main() {
     if !status.success() {
         panic!("building the kernel program (ctl-ebpf) failed: see the compiler output above");
     }
-    // `portwatch` is embedded; the benchmark's comparison programs are only left beside it.
-    for bin in ["portwatch", "noop", "count_only"] {
+    // `portwatch` is embedded; the benchmark's comparison programs and the tests' probe are only
+    // left beside it.
+    for bin in ["portwatch", "noop", "count_only", "linear_probe"] {
         let object = target_dir.join("bpfel-unknown-none/release").join(bin);
         std::fs::copy(&object, out_dir.join(format!("{bin}.bpf.o")))
             .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));

@@ -291,7 +291,8 @@ impl Config {
 
 /// Why the program saw a packet but counted it under no port: each reason has its `Stats` field.
 /// (A TCP or UDP packet of a port that is not watched is `Stats::unwatched_packets`, not one of
-/// these: it was understood, just not asked for.)
+/// these: it was understood, just not asked for.) When several reasons apply, the first check
+/// that fails in the order of bpffs-layout.md ("What is parsed") decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NotCounted {
     /// Neither IPv4 nor IPv6 (ARP, LLDP...), after VLAN tags.
@@ -300,11 +301,15 @@ pub enum NotCounted {
     UnknownL4,
     /// A non-first fragment: no L4 header, so no port.
     Fragment,
-    /// A header cut short by the end of the packet.
+    /// A header cut short by the end of the frame or of the IP datagram (the length its IP header
+    /// gives: bytes after it, such as Ethernet padding, are not headers), or an IP datagram longer
+    /// than the frame.
     Truncated,
-    /// A header with impossible fields.
+    /// A header with impossible fields, including an IP length of 0 outside a GSO packet (IPv6:
+    /// without a valid Jumbo Payload option).
     Malformed,
-    /// More IPv6 extension headers (or VLAN tags) than the program walks.
+    /// More IPv6 extension headers (or VLAN tags, or hop-by-hop options before a Jumbo Payload
+    /// option) than the program walks.
     HeaderLimit,
 }
 
@@ -362,12 +367,15 @@ pub struct Stats {
     pub unknown_l4_packets: u64,
     /// Non-first fragments: they carry no L4 header, so no port.
     pub fragment_packets: u64,
-    /// A header cut short by the end of the packet (VLAN, IP, extension header, TCP, UDP).
+    /// A header cut short by the end of the frame or of the IP datagram (VLAN, IP, extension
+    /// header, TCP as long as its data offset, UDP), or an IP datagram longer than the frame.
     pub truncated_packets: u64,
     /// A header with impossible fields: IP version mismatch, IHL < 5, total length below the header,
-    /// TCP data offset < 5.
+    /// an IP length of 0 outside a GSO packet (IPv6: without a Jumbo Payload option), TCP data
+    /// offset < 5.
     pub malformed_packets: u64,
-    /// More IPv6 extension headers (or VLAN tags) than the program walks.
+    /// More IPv6 extension headers (or VLAN tags, or hop-by-hop options before a Jumbo Payload
+    /// option) than the program walks.
     pub ext_header_limit_packets: u64,
     /// Matched packets that found the counter map full and went to the overflow key.
     pub map_full_packets: u64,

@@ -15,6 +15,11 @@ pub const NOOP_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/noop.bpf.o");
 #[doc(hidden)]
 pub const COUNT_ONLY_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/count_only.bpf.o");
 
+/// Path of a TC program pair that records each skb's length and linear length, for tests (not
+/// embedded).
+#[doc(hidden)]
+pub const LINEAR_PROBE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/linear_probe.bpf.o");
+
 /// Loads the object with room for `max_entries` remote-IP keys in each counter generation (the
 /// reserved overflow keys come on top). Programs are not yet loaded into the kernel.
 pub fn load(max_entries: u32) -> Result<Ebpf, aya::EbpfError> {

@@ -3,8 +3,11 @@
 //! with real sockets on both ends (`netns`).
 
 pub mod cli;
+pub mod flood;
+pub mod hostile;
 pub mod netns;
 pub mod packet;
+pub mod reference;
 
 use std::{collections::BTreeMap, os::fd::AsFd};
 
@@ -190,9 +193,44 @@ impl Harness {
         portwatch::maps::read_counters(&self.counters_map(counters_map(generation))?)
     }
 
+    /// The counter of `key` in generation `generation`, summed over CPUs (`None`: no such key).
+    pub fn counter(&mut self, generation: u32, key: &CounterKey) -> Result<Option<Counters>> {
+        let map = self.counters_map(counters_map(generation))?;
+        match map.get(key, 0) {
+            Ok(values) => Ok(Some(portwatch::maps::sum(&values))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     pub fn stats(&mut self) -> Result<Stats> {
         let map: PerCpuArray<_, Stats> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
         portwatch::maps::read_stats(&map)
+    }
+
+    /// Zeroes every statistic and counter and makes generation 0 the active one: the program
+    /// starts again from nothing, as freshly loaded, without the load (a load and two
+    /// verifications take seconds under the kernel matrix's qemu). The watched ports stay.
+    pub fn clear(&mut self) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let mut stats: PerCpuArray<_, Stats> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
+        stats.set(0, aya::maps::PerCpuValues::try_from(vec![Stats::default(); cpus])?, 0)?;
+        for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
+            let mut map = self.counters_map(name)?;
+            let keys: Vec<CounterKey> = map.keys().collect::<Result<_, _>>()?;
+            for key in keys {
+                if key.is_overflow() {
+                    map.insert(
+                        key,
+                        aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])?,
+                        0,
+                    )?;
+                } else {
+                    map.remove(&key)?;
+                }
+            }
+        }
+        self.set_generation(0)
     }
 
     /// Switches the generation the program writes to.
@@ -208,6 +246,91 @@ impl Harness {
             0,
         )?;
         Ok(())
+    }
+}
+
+impl Harness {
+    /// Attaches the program of `direction` to `iface` in `ns` (see `attach_in`), so that real
+    /// frames run it and land in this harness's maps.
+    pub fn attach(&mut self, ns: &netns::Netns, iface: &str, direction: Direction) -> Result<()> {
+        attach_in(&mut self.ebpf, direction.program_name(), ns, iface, direction)
+    }
+}
+
+/// Attaches the TC program `name` of `ebpf` to `iface` of namespace `ns` in `direction`: with a
+/// TCX link where the kernel has TCX, else as a filter on the interface's clsact qdisc (added if
+/// missing). It stays attached until the namespace goes: a classic filter is deleted by ifindex
+/// in the deleting thread's namespace, so its link is forgotten rather than dropped outside `ns`.
+pub fn attach_in(ebpf: &mut Ebpf, name: &str, ns: &netns::Netns, iface: &str, direction: Direction) -> Result<()> {
+    use aya::programs::{
+        tc::{NlOptions, TcAttachOptions},
+        LinkOrder, TcAttachType,
+    };
+    let tcx = has_tcx();
+    let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+    let attach_type = match direction {
+        Direction::Ingress => TcAttachType::Ingress,
+        Direction::Egress => TcAttachType::Egress,
+    };
+    ns.enter(|| -> Result<()> {
+        if tcx {
+            prog.attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .with_context(|| format!("attaching {name} to {iface} with TCX"))?;
+        } else {
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+            let id = prog
+                .attach_with_options(iface, attach_type, TcAttachOptions::Netlink(NlOptions::default()))
+                .with_context(|| format!("attaching {name} to {iface} with tc"))?;
+            std::mem::forget(prog.take_link(id)?);
+        }
+        Ok(())
+    })?
+}
+
+/// `ctl-ebpf/src/bin/linear_probe.rs` loaded: it records, per direction, the packets it saw and
+/// the last one's length and linear length.
+pub struct LinearProbe {
+    ebpf: Ebpf,
+}
+
+/// What `LinearProbe` saw in one direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinearSeen {
+    pub packets: u64,
+    /// `skb->len` of the last packet.
+    pub len: u64,
+    /// The length of its linear part.
+    pub linear: u64,
+}
+
+impl LinearProbe {
+    pub fn new() -> Result<LinearProbe> {
+        let path = portwatch::object::LINEAR_PROBE_OBJECT_PATH;
+        let mut ebpf = Ebpf::load_file(path).with_context(|| format!("loading {path}"))?;
+        for name in ["linear_probe_ingress", "linear_probe_egress"] {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
+            prog.load().with_context(|| format!("loading {name} into the kernel"))?;
+        }
+        Ok(LinearProbe { ebpf })
+    }
+
+    /// Attaches the probe of `direction` to `iface` in `ns`, after what is there.
+    pub fn attach(&mut self, ns: &netns::Netns, iface: &str, direction: Direction) -> Result<()> {
+        let name = match direction {
+            Direction::Ingress => "linear_probe_ingress",
+            Direction::Egress => "linear_probe_egress",
+        };
+        attach_in(&mut self.ebpf, name, ns, iface, direction)
+    }
+
+    pub fn seen(&self, direction: Direction) -> Result<LinearSeen> {
+        let map: Array<_, u64> = Array::try_from(self.ebpf.map("linear_seen").context("map missing")?)?;
+        let at = direction as u32 * 4;
+        Ok(LinearSeen {
+            packets: map.get(&at, 0)?,
+            len: map.get(&(at + 1), 0)?,
+            linear: map.get(&(at + 2), 0)?,
+        })
     }
 }
 

@@ -540,3 +540,127 @@ fn spoofed_udp(src: std::net::IpAddr, dst: std::net::IpAddr, sport: u16, dport: 
     packet.extend_from_slice(&udp);
     packet
 }
+
+/// Two namespaces joined by a veth pair with nothing else on it (`left_if` in `left`, `right_if`
+/// in `right`): no addresses, IPv6 off (no neighbour discovery, no MLD), GRO off, so the only
+/// frames that cross are those a test writes with a `RawSocket`.
+pub struct Wire {
+    pub left: Netns,
+    pub right: Netns,
+    pub left_if: String,
+    pub right_if: String,
+}
+
+impl Wire {
+    pub fn new(mtu: u32) -> Result<Wire> {
+        let left = Netns::new("wl")?;
+        let right = Netns::new("wr")?;
+        for ns in [&left, &right] {
+            ns.exec(&[
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ])?;
+        }
+        let (left_if, right_if) = ("pwl".to_string(), "pwr".to_string());
+        left.ip(&[
+            "link",
+            "add",
+            &left_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &right_if,
+            "netns",
+            &right.name,
+        ])?;
+        for (ns, iface) in [(&left, &left_if), (&right, &right_if)] {
+            ns.ip(&["link", "set", iface, "mtu", &mtu.to_string()])?;
+            ns.exec(&["ethtool", "-K", iface, "gro", "off"])?;
+            ns.ip(&["link", "set", iface, "up"])?;
+        }
+        Ok(Wire {
+            left,
+            right,
+            left_if,
+            right_if,
+        })
+    }
+}
+
+/// An AF_PACKET socket that writes whole Ethernet frames on one interface, each behind a
+/// virtio-net header whose `hdr_len` sets how many of the frame's first bytes the kernel puts in
+/// the skb's linear part (at least the 14 of the Ethernet header): a frame that, with the
+/// device's headroom, does not fit in a page gets only those bytes linear and the rest in page
+/// fragments (`packet_snd`, `packet_alloc_skb` in net/packet/af_packet.c). Smaller frames are
+/// linear whatever `hdr_len` says.
+pub struct RawSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawSocket {
+    pub fn new(ns: &Netns, iface: &str) -> Result<RawSocket> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let iface = std::ffi::CString::new(iface)?;
+        ns.enter(|| -> Result<RawSocket> {
+            // SAFETY: plain socket calls on a descriptor this function owns.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    bail!("socket(AF_PACKET): {}", std::io::Error::last_os_error());
+                }
+                let fd = OwnedFd::from_raw_fd(fd);
+                let one: libc::c_int = 1;
+                if libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_VNET_HDR,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                ) != 0
+                {
+                    bail!("PACKET_VNET_HDR: {}", std::io::Error::last_os_error());
+                }
+                let ifindex = libc::if_nametoindex(iface.as_ptr());
+                if ifindex == 0 {
+                    bail!("no interface {iface:?}: {}", std::io::Error::last_os_error());
+                }
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = ifindex as i32;
+                if libc::bind(
+                    fd.as_raw_fd(),
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                ) != 0
+                {
+                    bail!("bind(AF_PACKET): {}", std::io::Error::last_os_error());
+                }
+                Ok(RawSocket { fd })
+            }
+        })?
+    }
+
+    /// Writes `frame` with `linear` bytes asked for in the linear part (`hdr_len`; 0 asks for
+    /// none, which the kernel raises to the Ethernet header).
+    pub fn send(&self, frame: &[u8], linear: u16) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        // struct virtio_net_hdr, little-endian: flags, gso_type (none), hdr_len, gso_size,
+        // csum_start, csum_offset.
+        let mut buf = vec![0u8; 10];
+        buf[2..4].copy_from_slice(&linear.to_le_bytes());
+        buf.extend_from_slice(frame);
+        // SAFETY: a write of an owned buffer on an owned descriptor.
+        let sent = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
+        if sent != buf.len() as isize {
+            bail!(
+                "writing a {}-byte frame: {}",
+                frame.len(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+}

@@ -39,6 +39,9 @@ pub struct Packet {
     pub ipv4_frag: u16,
     /// Overrides the IHL nibble (to build malformed headers).
     pub ipv4_ihl: Option<u8>,
+    /// Overrides the IP length field: the IPv4 total length or the IPv6 payload length (to build
+    /// a datagram shorter or longer than what follows its header, or one of length 0).
+    pub ip_len: Option<u16>,
     pub ipv6_ext: Vec<ExtHeader>,
     /// TCP data offset override (in 32-bit words).
     pub tcp_doff: Option<u8>,
@@ -62,6 +65,7 @@ impl Packet {
             ipv4_options: vec![],
             ipv4_frag: 0,
             ipv4_ihl: None,
+            ip_len: None,
             ipv6_ext: vec![],
             tcp_doff: None,
             trailer: 0,
@@ -141,6 +145,29 @@ impl Packet {
     pub fn ipv4_ihl(mut self, ihl: u8) -> Self {
         self.ipv4_ihl = Some(ihl);
         self
+    }
+    /// Sets the IP length field (IPv4 total length, IPv6 payload length) to `len` whatever the
+    /// packet holds.
+    pub fn ip_len(mut self, len: u16) -> Self {
+        self.ip_len = Some(len);
+        self
+    }
+    /// An extension header of type `kind` with this body (the bytes after next header and
+    /// length; its length field is computed from it, so it should make a whole header).
+    pub fn ext_raw(mut self, kind: u8, body: Vec<u8>) -> Self {
+        self.ipv6_ext.push(ExtHeader { kind, body });
+        self
+    }
+    /// A hop-by-hop header holding `pad1` Pad1 options, then a Jumbo Payload option (RFC 2675:
+    /// type 0xC2) of `option_len` bytes (4 when well formed) saying `jumbo`, padded with PadN to
+    /// a multiple of 8 bytes.
+    pub fn jumbo(self, pad1: usize, option_len: u8, jumbo: u32) -> Self {
+        let mut body = vec![0u8; pad1];
+        body.extend_from_slice(&[0xc2, option_len]);
+        let value = jumbo.to_be_bytes();
+        body.extend((0..option_len as usize).map(|i| value.get(i).copied().unwrap_or(0)));
+        pad_options(&mut body);
+        self.ext_raw(0, body)
     }
     /// A hop-by-hop, routing or destination-options header of `8 * units` bytes.
     pub fn ext(mut self, kind: u8, units: usize) -> Self {
@@ -223,7 +250,7 @@ impl Packet {
                 let ihl = self.ipv4_ihl.unwrap_or(((20 + self.ipv4_options.len()) / 4) as u8);
                 f.push(0x40 | ihl);
                 f.push(0);
-                f.extend_from_slice(&(l3_len as u16).to_be_bytes());
+                f.extend_from_slice(&self.ip_len.unwrap_or(l3_len as u16).to_be_bytes());
                 f.extend_from_slice(&[0x12, 0x34]);
                 f.extend_from_slice(&self.ipv4_frag.to_be_bytes());
                 f.push(64);
@@ -235,7 +262,7 @@ impl Packet {
             }
             Ip::V6 { src, dst } => {
                 f.extend_from_slice(&[0x60, 0, 0, 0]);
-                f.extend_from_slice(&((l3_len - 40) as u16).to_be_bytes());
+                f.extend_from_slice(&self.ip_len.unwrap_or((l3_len - 40) as u16).to_be_bytes());
                 let first = self.ipv6_ext.first().map(|e| e.kind).unwrap_or(self.proto);
                 f.push(first);
                 f.push(64);
@@ -277,5 +304,19 @@ impl Packet {
             f.truncate(len);
         }
         f
+    }
+}
+
+/// Pads hop-by-hop or destination options (the bytes after next header and length) with a PadN
+/// option, or a Pad1, so that the header is a multiple of 8 bytes.
+fn pad_options(body: &mut Vec<u8>) {
+    let missing = (8 - (body.len() + 2) % 8) % 8;
+    match missing {
+        0 => {}
+        1 => body.push(0),
+        n => {
+            body.extend_from_slice(&[1, (n - 2) as u8]);
+            body.extend(std::iter::repeat_n(0, n - 2));
+        }
     }
 }

@@ -290,6 +290,268 @@ fn cases() -> Vec<Case> {
         case("ipv4 icmp", IN, tcp4().proto(1), |_| NotCounted(UnknownL4)),
         case("ipv6 esp", IN, tcp6().proto(50), |_| NotCounted(UnknownL4)),
         case("ipv6 no next header", IN, tcp6().proto(59), |_| NotCounted(UnknownL4)),
+        // Every header is read inside the IP datagram, not only inside the frame: bytes after the
+        // datagram (Ethernet padding, a trailer) are not headers, even when they look like one.
+        case(
+            "ipv4 tcp header past the total length, in the padding",
+            IN,
+            tcp4().payload(0).ip_len(20 + 10).trailer(20),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv4 udp header past the total length, in the padding",
+            IN,
+            udp4().payload(0).ip_len(20).trailer(30),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 udp header past the payload length, in the padding",
+            IN,
+            udp6().payload(0).ip_len(4).trailer(20),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "tcp options past the datagram",
+            IN,
+            tcp4().payload(0).tcp_doff(10).trailer(40),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "tcp options up to the datagram's end",
+            IN,
+            tcp4().payload(20).tcp_doff(10).trailer(6),
+            |p| counted_in(p, C4, 443, TCP),
+        ),
+        case(
+            "ipv6 extension header past the payload length",
+            IN,
+            tcp6().ext(60, 2).ip_len(8).trailer(20),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 fragment header past the payload length",
+            IN,
+            udp6().ipv6_fragment(0, true).ip_len(4).trailer(30),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 datagram ends right after its extension headers: no tcp header",
+            IN,
+            tcp6().ext(0, 1).ext(60, 1).ip_len(16).trailer(20),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 datagram ends right after its extension headers: no next header",
+            IN,
+            tcp6().ext(0, 1).ext(60, 1).proto(59).payload(0),
+            |_| NotCounted(UnknownL4),
+        ),
+        case(
+            "ipv4 total length shorter than the packet: the rest is padding",
+            IN,
+            udp4().payload(100).ip_len(20 + 8 + 60),
+            |_| Counted {
+                ip: C4,
+                port: 53,
+                proto: UDP,
+                bytes: 20 + 8 + 60,
+                packets: 1,
+            },
+        ),
+        case(
+            "the udp length field is not checked",
+            IN,
+            udp6().payload(0).trailer(4).ip_len(8 + 4),
+            |_| Counted {
+                ip: C6,
+                port: 53,
+                proto: UDP,
+                bytes: 40 + 8 + 4,
+                packets: 1,
+            },
+        ),
+        // An IP length of 0 is the skb's length only for a GSO super-packet (BIG TCP, below) or,
+        // for IPv6, with a Jumbo Payload option (RFC 2675); otherwise the header is malformed.
+        case("ipv4 total length 0", IN, udp4().ip_len(0).trailer(10), |_| {
+            NotCounted(Malformed)
+        }),
+        case(
+            "ipv6 payload length 0 without a jumbo option",
+            IN,
+            udp6().payload(2).ip_len(0).trailer(16),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv6 payload length 0 with a hop-by-hop header but no jumbo option",
+            IN,
+            udp6().ext(0, 1).ip_len(0),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv6 jumbogram longer than the frame",
+            IN,
+            tcp6().jumbo(0, 4, 70_000).ip_len(0),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 jumbo option after pad options, longer than the frame",
+            IN,
+            udp6().jumbo(3, 4, 100_000).ip_len(0),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 jumbo option saying 65535 or less",
+            IN,
+            tcp6().jumbo(0, 4, 65_535).ip_len(0),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv6 jumbo option of length 3",
+            IN,
+            tcp6().jumbo(0, 3, 70_000).ip_len(0),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv6 hop-by-hop option running past its header",
+            IN,
+            tcp6().ext_raw(0, vec![1, 9, 0, 0, 0, 0]).ip_len(0),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv6 jumbo option after eight pad1 options",
+            IN,
+            tcp6().jumbo(8, 4, 70_000).ip_len(0),
+            |_| NotCounted(HeaderLimit),
+        ),
+        case(
+            "ipv6 jumbo option with its hop-by-hop header cut short",
+            IN,
+            tcp6().jumbo(0, 4, 70_000).ip_len(0).truncate(14 + 40 + 5),
+            |_| NotCounted(Truncated),
+        ),
+        // Precedence: the IP header and its length are checked before the fragment offset and the
+        // protocol; a header is checked whole before its next header or fragment offset counts.
+        case(
+            "ipv4 total length 0 of an icmp packet: malformed before the protocol",
+            IN,
+            tcp4().proto(1).ip_len(0),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv4 total length 0 of a non-first fragment: malformed before the fragment",
+            IN,
+            tcp4().ipv4_fragment(185, true).ip_len(0),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv4 total length below IHL of a non-first fragment: malformed",
+            IN,
+            tcp4().ipv4_options(20).ipv4_fragment(185, false).ip_len(24),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv4 IHL 4 with a total length past the frame: malformed before truncated",
+            IN,
+            tcp4().ipv4_ihl(4).ip_len(1000),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv4 non-first fragment longer than the frame: truncated before fragment",
+            IN,
+            tcp4().ipv4_fragment(185, true).ip_len(1000),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv4 icmp longer than the frame: truncated before the protocol",
+            IN,
+            tcp4().proto(1).ip_len(1000),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 esp longer than the frame: truncated before the protocol",
+            IN,
+            tcp6().proto(50).ip_len(1000),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 payload length 0 of an icmpv6 packet: malformed before the protocol",
+            IN,
+            tcp6().proto(58).ip_len(0),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv6 version 4 behind the ipv6 ethertype",
+            IN,
+            tcp4().ethertype(portwatch_tests::packet::ETH_P_IPV6).payload(40),
+            |_| NotCounted(Malformed),
+        ),
+        case(
+            "ipv6 extension header cut short whose next header is icmp: truncated",
+            IN,
+            tcp6().ext(60, 2).proto(58).ip_len(12).trailer(20),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 fragment header with an offset, cut short: truncated before fragment",
+            IN,
+            udp6().ipv6_fragment(150, false).ip_len(6).trailer(10),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 eighth extension header cut short: truncated before the header limit",
+            IN,
+            tcp6()
+                .ext(0, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 2)
+                .ext(60, 1)
+                .ip_len(7 * 8 + 12)
+                .trailer(40),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "ipv6 ninth extension header past the datagram: header limit, not read",
+            IN,
+            tcp6()
+                .ext(0, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(43, 1)
+                .ext(60, 1)
+                .ext(60, 1)
+                .ip_len(8 * 8),
+            |_| NotCounted(HeaderLimit),
+        ),
+        case(
+            "three VLAN tags, the third cut short: header limit, not read",
+            IN,
+            tcp4()
+                .vlan(ETH_P_8021AD)
+                .vlan(ETH_P_8021Q)
+                .vlan(ETH_P_8021Q)
+                .truncate(14 + 8 + 1),
+            |_| NotCounted(HeaderLimit),
+        ),
+        case(
+            "tcp data offset 4 with the header past the datagram: truncated before malformed",
+            IN,
+            tcp4().payload(0).tcp_doff(4).ip_len(20 + 12).trailer(10),
+            |_| NotCounted(Truncated),
+        ),
+        case(
+            "tcp data offset 4 with options past the datagram: malformed",
+            IN,
+            tcp4().payload(0).tcp_doff(4),
+            |_| NotCounted(Malformed),
+        ),
     ];
 
     // GSO super-packets: max(gso_segs, 1) packets; each segment repeats the L3 and L4 headers.
@@ -324,6 +586,61 @@ fn cases() -> Vec<Case> {
             },
         });
     }
+    // BIG TCP: a GSO super-packet longer than 64 KiB has an IP length of 0; its datagram is the
+    // rest of the skb (here small: BPF_PROG_TEST_RUN takes a page at most).
+    for (name, p) in [
+        (
+            "gso ipv4 tcp with total length 0 (BIG TCP)",
+            tcp4().payload(3000).ip_len(0),
+        ),
+        (
+            "gso ipv6 tcp with payload length 0 (BIG TCP)",
+            tcp6().payload(3000).ip_len(0),
+        ),
+    ] {
+        let (expect_ip, port) = match p.ip {
+            portwatch_tests::packet::Ip::V4 { .. } => (C4, 443),
+            portwatch_tests::packet::Ip::V6 { .. } => (C6, 443),
+        };
+        let bytes = (p.l3_len() + 2 * p.headers_len()) as u64;
+        v.push(Case {
+            name,
+            direction: IN,
+            packet: p,
+            gso: (3, 1000),
+            expect: Counted {
+                ip: expect_ip,
+                port,
+                proto: TCP,
+                bytes,
+                packets: 3,
+            },
+        });
+    }
+    // GSO is `gso_size` (skb_is_gso): gso_segs alone does not make a length of 0 acceptable.
+    v.push(Case {
+        name: "gso_segs without gso_size and total length 0",
+        direction: IN,
+        gso: (3, 0),
+        expect: NotCounted(Malformed),
+        packet: tcp4().ip_len(0),
+    });
+    // With a length of 0 the header itself must fit the skb: checked before the protocol.
+    v.push(Case {
+        name: "gso ipv4 total length 0 with an IHL past the skb",
+        direction: IN,
+        gso: (3, 1000),
+        expect: NotCounted(Truncated),
+        packet: tcp4().proto(1).payload(0).ipv4_ihl(15).ip_len(0).trailer(20),
+    });
+    // A GSO super-packet's IP length is checked against the skb like any other.
+    v.push(Case {
+        name: "gso ipv4 tcp with a total length past the skb",
+        direction: IN,
+        gso: (3, 1000),
+        expect: NotCounted(Truncated),
+        packet: tcp4().payload(3000).ip_len(3100),
+    });
     v.push(Case {
         name: "gso_segs 1 is one packet",
         direction: IN,
@@ -343,10 +660,11 @@ fn watch_defaults(h: &mut Harness) {
 #[kernel_test]
 fn every_packet_lands_in_exactly_one_place() {
     let mut failures = vec![];
+    let mut h = Harness::new(1024).unwrap();
+    watch_defaults(&mut h);
     for case in cases() {
-        // A fresh program per case: every counter and statistic starts at zero.
-        let mut h = Harness::new(1024).unwrap();
-        watch_defaults(&mut h);
+        // Every counter and statistic starts at zero for each case.
+        h.clear().unwrap();
         let frame = case.packet.build();
         let run = h
             .run_gso(case.direction, &frame, case.gso.0, case.gso.1, 1)

@@ -2,7 +2,8 @@
 //! do-nothing TC program (the floor) and a program that only does portwatch's hash-map update
 //! (one per-CPU hash lookup of a 20-byte key and an increment), all measured in the same run. The
 //! kinds are interleaved round by round and the median round is reported, so a noisy neighbour
-//! hits all of them alike.
+//! hits all of them alike. Two kinds run on a full counter map (a spoofed flood's state): a packet
+//! whose key exists, and one from a new source, which finds no room and goes to the overflow key.
 //!
 //!     cargo run --release -p portwatch-tests --bin bench-prog -- [ROUNDS] [REPEAT]
 
@@ -47,6 +48,23 @@ fn main() -> Result<()> {
         .payload(100)
         .build();
     let unwatched = Packet::tcp4("198.18.9.9", 40000, "198.18.0.1", 80).payload(100).build();
+    // A full map: FULL keys, then the same packet from one of them, and from a source not in it.
+    const FULL: u32 = 1024;
+    let mut full = Harness::new(FULL)?;
+    full.watch(443, PROTO_ALL)?;
+    let from = |i: u32| {
+        Packet::tcp4(
+            &format!("198.18.{}.{}", 10 + i / 256, i % 256),
+            40000,
+            "198.18.0.1",
+            443,
+        )
+    };
+    for i in 0..FULL {
+        full.run(Direction::Ingress, &from(i).payload(100).build())?;
+    }
+    let existing = from(7).payload(100).build();
+    let newcomer = from(FULL).payload(100).build();
 
     let kinds = [
         "do-nothing TC program (the floor)",
@@ -54,6 +72,8 @@ fn main() -> Result<()> {
         "portwatch: matched IPv4 TCP",
         "portwatch: matched IPv6 UDP",
         "portwatch: unwatched IPv4 TCP",
+        "portwatch: matched IPv4 TCP, key exists, map full",
+        "portwatch: matched IPv4 TCP, new source, map full (overflow key)",
     ];
     let mut samples: Vec<Vec<f64>> = vec![vec![]; kinds.len()];
     for _ in 0..rounds {
@@ -62,7 +82,21 @@ fn main() -> Result<()> {
         for (i, frame) in [&tcp4, &udp6, &unwatched].into_iter().enumerate() {
             samples[i + 2].push(h.run_gso(Direction::Ingress, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
         }
+        for (i, frame) in [&existing, &newcomer].into_iter().enumerate() {
+            samples[i + 5].push(
+                full.run_gso(Direction::Ingress, frame, 0, 0, repeat)?
+                    .duration
+                    .as_nanos() as f64,
+            );
+        }
     }
+    // The full map stayed full, and the newcomer went to the overflow key every time.
+    let stats = full.stats()?;
+    anyhow::ensure!(
+        stats.map_full_packets == rounds as u64 * u64::from(repeat),
+        "the full map's newcomer overflowed {} times",
+        stats.map_full_packets
+    );
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
