@@ -159,20 +159,22 @@ pub(crate) fn detach_all(pinned: &mut Pinned, mut each: impl FnMut(&AttachKey, &
 /// `Fresh::remove_dir` ends it.
 pub(crate) fn remove(pinned: Pinned) -> Result<Fresh> {
     let pin = pinned.pin.clone();
-    remove_pins(&pin, true)?;
+    remove_pins(&pin, true, false)?;
     Ok(pinned.into_fresh().expect("removing pinned state takes its lock"))
 }
 
 /// Removes the pins of the directories under the pin path, `meta` last, and the directories;
-/// `meta` too only when `with_meta`.
-fn remove_pins(pin: &PinPath, with_meta: bool) -> Result<usize> {
+/// `meta` too only when `with_meta`. With `only_ours`, a pin whose kernel object is not one
+/// portwatch makes (a map named otherwise, a program not called `portwatch_*`) is left, and so is
+/// its directory.
+fn remove_pins(pin: &PinPath, with_meta: bool, only_ours: bool) -> Result<usize> {
     let meta = pin.map(map_names::META);
     let mut removed = 0;
     for dir in [pin.links_dir(), pin.progs_dir(), pin.maps_dir()] {
         if dir.exists() {
             for entry in std::fs::read_dir(&dir)? {
                 let path = entry?.path();
-                if path == meta {
+                if path == meta || (only_ours && !is_ours(pin, &path)) {
                     continue;
                 }
                 std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
@@ -189,20 +191,43 @@ fn remove_pins(pin: &PinPath, with_meta: bool) -> Result<usize> {
         match std::fs::remove_dir(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if only_ours && e.raw_os_error() == Some(libc::ENOTEMPTY) => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
         }
     }
     Ok(removed)
 }
 
+/// Whether the pin at `path` is one a `load` or `attach` of portwatch makes: a link under
+/// `links/`, a map whose kernel name is its pin's name (as the object names them; the barrier is
+/// `pw_barrier`), a program called `portwatch_*`.
+fn is_ours(pin: &PinPath, path: &std::path::Path) -> bool {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if path.starts_with(pin.links_dir()) {
+        return true;
+    }
+    if path.starts_with(pin.progs_dir()) {
+        return aya::programs::ProgramInfo::from_pin(path)
+            .is_ok_and(|info| info.name_as_str().is_some_and(|n| n.starts_with("portwatch_")));
+    }
+    let expected = if name == map_names::BARRIER { "pw_barrier" } else { name };
+    aya::maps::MapInfo::from_pin(path).is_ok_and(|info| {
+        // The kernel keeps the first 15 bytes of a name.
+        info.name_as_str()
+            .is_some_and(|n| !n.is_empty() && expected.starts_with(n))
+    })
+}
+
 /// What a `load` or `unload` that was killed halfway left under a pin path where nothing is loaded
 /// (no `meta` pin): maps, programs or links without the pin that makes them a state. Removed (a
-/// link pin's removal detaches it), with a line on stderr. `load`, and `unload` of nothing, call it.
+/// link pin's removal detaches it), with a line on stderr; a pin that is not portwatch's is left
+/// where it is (`load` then fails to pin over it, and says so). `load`, and `unload` of nothing,
+/// call it.
 pub(crate) fn remove_debris(pin: &PinPath) -> Result<()> {
     if pin.is_loaded() {
         return Ok(());
     }
-    let removed = remove_pins(pin, false)?;
+    let removed = remove_pins(pin, false, true)?;
     if removed > 0 {
         eprintln!(
             "portwatch: removed {removed} pins that an interrupted load or unload left under {}",

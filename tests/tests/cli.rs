@@ -483,13 +483,14 @@ fn errors_say_what_to_do_and_change_nothing() {
         "{stderr}"
     );
 
-    // Not root: names the capabilities; exit code 3.
+    // Not root: names the capabilities; exit code 3. (`attach` needs both; `ports`, CAP_BPF
+    // alone: tests/privilege.rs.)
     let mut cmd = std::process::Command::new("setpriv");
     cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(portwatch_tests::cli::portwatch_bin())
         .arg("--pin-path")
         .arg(&pw.pin)
-        .args(["ports", "add", "80"]);
+        .args(["attach", "lo"]);
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");

@@ -20,7 +20,7 @@ pub(super) fn run(pin: &PinPath, drain_to: Option<&Path>, force: bool) -> Result
             if let Creating::Empty(fresh) = Pinned::create(pin)? {
                 lifecycle::remove_debris(&fresh.pin)?;
                 let _ = fresh.remove_dir();
-                println!("unloaded: removed every pin under {}", pin.root.display());
+                println!("nothing is loaded at {}", pin.root.display());
                 return Ok(());
             }
             return run(pin, drain_to, force);
