@@ -8,6 +8,7 @@ pub mod hostile;
 pub mod netns;
 pub mod packet;
 pub mod reference;
+pub mod rng;
 
 use std::{collections::BTreeMap, os::fd::AsFd};
 
@@ -493,4 +494,19 @@ pub fn measure(cmd: std::process::Command, out: std::process::Stdio) -> Result<(
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// A full map's accounting: everything the program matched (`stats.matched_*`) is `sent`, and the
+/// two overflow entries (ingress, egress) hold exactly what `stats.map_full_*` counted.
+pub fn assert_overflow_accounted(stats: &Stats, overflow: [Counters; 2], sent: Counters) {
+    assert_eq!((stats.matched_packets, stats.matched_bytes), (sent.packets, sent.bytes));
+    let overflowed = Counters {
+        bytes: overflow[0].bytes + overflow[1].bytes,
+        packets: overflow[0].packets + overflow[1].packets,
+    };
+    assert_eq!(
+        (stats.map_full_packets, stats.map_full_bytes),
+        (overflowed.packets, overflowed.bytes),
+        "stats.map_full_* account for the overflow"
+    );
 }

@@ -307,18 +307,11 @@ impl Bed {
 
     /// Sends one UDP datagram of `size` payload bytes to `dst:port` (a server address) from each of
     /// `sources`, whatever they are: a raw socket writes them into the IP header, so thousands of
-    /// remote addresses need no address on any interface (the server's reverse-path filter is
-    /// turned off). Returns once the server's stack has taken them all in, with the L3 bytes of
-    /// each datagram.
+    /// remote addresses need no address on any interface (call `accept_any_source` first).
+    /// Returns once the server's stack has taken them all in, with the L3 bytes of each datagram.
     pub fn send_spoofed_udp(&self, sources: &[std::net::IpAddr], dst: &str, port: u16, size: usize) -> Result<u64> {
         use std::net::IpAddr;
         let dst: IpAddr = dst.parse()?;
-        self.server.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])?;
-        self.server.exec(&[
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{}.rp_filter=0", self.server_if),
-        ])?;
         let before = self.udp_received()?;
         let mut l3 = 0;
         self.client.enter(|| -> Result<()> {

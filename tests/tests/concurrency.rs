@@ -19,32 +19,11 @@ use portwatch_tests::{
     cli::{counters_of, Pw},
     kernel_test, key,
     netns::{Bed, SERVER_V4, SERVER_V6},
+    rng::{seed_from_env, Rng},
 };
 use serde_json::Value;
 
 const PORTS: [u16; 2] = [7202, 7204];
-
-fn seed() -> u64 {
-    let seed = std::env::var("PORTWATCH_CONCURRENCY_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        })
-        .max(1);
-    eprintln!("PORTWATCH_CONCURRENCY_SEED={seed}");
-    seed
-}
-
-fn next(state: &mut u64) -> u64 {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-}
 
 #[kernel_test]
 fn many_commands_at_once_under_traffic_fail_none_and_lose_nothing() {
@@ -52,7 +31,8 @@ fn many_commands_at_once_under_traffic_fail_none_and_lose_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let seed = seed();
+    let seed = seed_from_env("PORTWATCH_CONCURRENCY_SEED");
+    eprintln!("PORTWATCH_CONCURRENCY_SEED={seed}");
     let bed = Arc::new(Bed::new(false).unwrap());
     let pw = Arc::new(Pw::load(&bed.server, &bed.server_if, &["7202/udp", "7204/udp"]));
     let dir = std::env::temp_dir().join(format!("pwt-concurrency-{}", std::process::id()));
@@ -125,11 +105,11 @@ fn many_commands_at_once_under_traffic_fail_none_and_lose_nothing() {
         .map(|w| {
             let (pw, failures, ran) = (pw.clone(), failures.clone(), ran.clone());
             let (log, config) = (log.clone(), config.clone());
-            let mut state = seed ^ (w + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut rng = Rng::new(seed ^ (w + 1));
             std::thread::spawn(move || {
                 while Instant::now() < deadline {
-                    let port = format!("{}/udp", 9000 + next(&mut state) % 64);
-                    let (name, args): (&'static str, Vec<String>) = match next(&mut state) % 8 {
+                    let port = format!("{}/udp", 9000 + rng.below(64));
+                    let (name, args): (&'static str, Vec<String>) = match rng.below(8) {
                         0 => ("ports add", vec!["ports".into(), "add".into(), port]),
                         1 => ("ports del", vec!["ports".into(), "del".into(), port]),
                         2 => ("top", vec!["top".into(), "--json".into(), "-n".into(), "5".into()]),

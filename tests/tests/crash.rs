@@ -23,6 +23,7 @@ use portwatch_tests::{
     cli::{counters_of, Pw},
     kernel_test, key,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
+    rng::{seed_from_env, Rng},
 };
 use serde_json::Value;
 
@@ -34,35 +35,11 @@ const SOURCES: [(&str, &str); 4] = [
     (CLIENT_V6[1], SERVER_V6),
 ];
 
-/// xorshift64*: small, seeded, good enough to spread kill instants.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(test: &str) -> Rng {
-        let seed = std::env::var("PORTWATCH_CRASH_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            .max(1);
-        eprintln!("{test}: PORTWATCH_CRASH_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+/// The kill instants' PRNG: seeded from PORTWATCH_CRASH_SEED, or fresh (and printed).
+fn seeded(test: &str) -> Rng {
+    let seed = seed_from_env("PORTWATCH_CRASH_SEED");
+    eprintln!("{test}: PORTWATCH_CRASH_SEED={seed}");
+    Rng::new(seed)
 }
 
 /// A file under the temporary directory, removed on drop.
@@ -196,7 +173,7 @@ fn interrupted_state(pw: &Pw) -> Option<String> {
 /// reset (the journal shows it), or the test tested nothing.
 #[kernel_test]
 fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
-    let mut rng = Rng::seeded("resets_killed_at_random_instants");
+    let mut rng = seeded("resets_killed_at_random_instants");
     let runs: usize = std::env::var("PORTWATCH_CRASH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -226,7 +203,7 @@ fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let delay = startup + Duration::from_micros(rng.below(window.as_micros() as u64));
+        let delay = startup + Duration::from_micros(rng.below(window.as_micros().max(1) as usize) as u64);
         std::thread::sleep(delay);
         let _ = child.kill();
         let status = child.wait().unwrap();
@@ -508,7 +485,7 @@ fn status_says(pw: &Pw) -> Option<Said> {
 /// leaves no pin, link, filter or clsact qdisc.
 #[kernel_test]
 fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
-    let mut rng = Rng::seeded("lifecycle_commands_killed");
+    let mut rng = seeded("lifecycle_commands_killed");
     let runs: usize = std::env::var("PORTWATCH_CRASH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -547,7 +524,7 @@ fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
     let mut took: Vec<Duration> = vec![slowest / 4; commands.len()];
     let mut kills = 0;
     for run in 0..runs {
-        let which = rng.below(commands.len() as u64) as usize;
+        let which = rng.below(commands.len());
         let (args, accepted) = &commands[which];
         let began = Instant::now();
         let mut child = pw
@@ -556,7 +533,9 @@ fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_micros(rng.below(took[which].as_micros() as u64 * 6 / 5)));
+        std::thread::sleep(Duration::from_micros(
+            rng.below((took[which].as_micros() * 6 / 5).max(1) as usize) as u64,
+        ));
         let _ = child.kill();
         let killed = child.wait().unwrap().signal() == Some(9);
         if killed {
