@@ -6,6 +6,7 @@ pub mod cli;
 pub mod flood;
 pub mod hostile;
 pub mod netns;
+pub mod nft;
 pub mod packet;
 pub mod reference;
 pub mod rng;

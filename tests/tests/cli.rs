@@ -12,6 +12,7 @@ use portwatch_tests::{
     cli::Pw,
     kernel_test, key,
     netns::{sh, Bed, Netns, CLIENT2_V4, CLIENT_V4, CLIENT_V6, SERVER2_V4, SERVER_V4, SERVER_V6},
+    nft,
 };
 use serde_json::json;
 
@@ -161,6 +162,7 @@ fn lifecycle(mode: &str) {
         assert_eq!(a["mode"], mode);
     }
     // The load process has exited: everything from here on is the kernel's doing.
+    nft::install(&bed);
     let udp4 = bed.send_udp(CLIENT_V4[1], SERVER_V4, 7002, 100, 700).unwrap();
     let udp6 = bed.send_udp(CLIENT_V6[1], SERVER_V6, 7002, 100, 700).unwrap();
     let tcp4 = bed.tcp_transfer(CLIENT_V4[0], SERVER_V4, 7001, 500_000).unwrap();
@@ -181,29 +183,19 @@ fn lifecycle(mode: &str) {
             packets: 100
         }
     );
-    // TCP: every segment the client's TCP sent and received, each with its IP header and a
-    // 32-byte TCP header (timestamps), but SYN and SYN-ACK whose options make 40, plus the payload
-    // each side put on the wire (retransmissions included).
-    let tcp = |segments: u64, ip_header: u64, payload: u64| Counters {
-        bytes: segments * (ip_header + 32) + 8 + payload,
-        packets: segments,
-    };
-    assert_eq!(
-        got[&key(CLIENT_V4[0], 7001, TCP, IN)],
-        tcp(tcp4.sent, 20, tcp4.client_payload)
+    // TCP: to the byte and packet what nftables counted on the server, the independent count (the
+    // stack decides the segments and their options: a loss under a busy emulator brings SACK
+    // blocks and retransmissions, which a model of header sizes would miss).
+    let nft = nft::counters(&bed);
+    assert!(
+        nft["tcp4_in"].bytes > 500_000 && nft["tcp6_in"].bytes > 500_000,
+        "{nft:?}"
     );
-    assert_eq!(
-        got[&key(CLIENT_V4[0], 7001, TCP, EG)],
-        tcp(tcp4.received, 20, tcp4.server_payload)
-    );
-    assert_eq!(
-        got[&key(CLIENT_V6[0], 7001, TCP, IN)],
-        tcp(tcp6.sent, 40, tcp6.client_payload)
-    );
-    assert_eq!(
-        got[&key(CLIENT_V6[0], 7001, TCP, EG)],
-        tcp(tcp6.received, 40, tcp6.server_payload)
-    );
+    assert!(tcp4.sent > 0 && tcp6.sent > 0);
+    assert_eq!(got[&key(CLIENT_V4[0], 7001, TCP, IN)], nft["tcp4_in"]);
+    assert_eq!(got[&key(CLIENT_V4[0], 7001, TCP, EG)], nft["tcp4_out"]);
+    assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, IN)], nft["tcp6_in"]);
+    assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, EG)], nft["tcp6_out"]);
     assert_eq!(got.len(), 6, "{got:#?}");
     let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
     let status = pw.status();

@@ -4,8 +4,6 @@
 //! L3 bytes and packets that crossed: computed from first principles for UDP, and read from an
 //! nftables counter on the same traffic for TCP (whose segmentation the stack decides).
 
-use std::collections::BTreeMap;
-
 use portwatch_common::{
     Counters,
     Direction::{Egress as EG, Ingress as IN},
@@ -15,55 +13,11 @@ use portwatch_tests::{
     cli::Pw,
     kernel_test, key,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
+    nft,
 };
 
 const TCP_PORT: u16 = 7001;
 const UDP_PORT: u16 = 7002;
-
-/// nftables counters on the server, one per (family, protocol, direction), on the same traffic.
-const NFT_RULES: &str = "
-table inet pwtest {
-  counter tcp4_in {}
-  counter tcp6_in {}
-  counter tcp4_out {}
-  counter tcp6_out {}
-  counter udp4_in {}
-  counter udp6_in {}
-  chain input {
-    type filter hook input priority 0; policy accept;
-    meta nfproto ipv4 tcp dport 7001 counter name tcp4_in
-    meta nfproto ipv6 tcp dport 7001 counter name tcp6_in
-    meta nfproto ipv4 udp dport 7002 counter name udp4_in
-    meta nfproto ipv6 udp dport 7002 counter name udp6_in
-  }
-  chain output {
-    type filter hook output priority 0; policy accept;
-    meta nfproto ipv4 tcp sport 7001 counter name tcp4_out
-    meta nfproto ipv6 tcp sport 7001 counter name tcp6_out
-  }
-}
-";
-
-fn nft_counters(bed: &Bed) -> BTreeMap<String, Counters> {
-    let json = bed
-        .server
-        .exec(&["nft", "-j", "list", "counters", "table", "inet", "pwtest"])
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let mut out = BTreeMap::new();
-    for item in v["nftables"].as_array().unwrap() {
-        if let Some(c) = item.get("counter") {
-            out.insert(
-                c["name"].as_str().unwrap().to_string(),
-                Counters {
-                    bytes: c["bytes"].as_u64().unwrap(),
-                    packets: c["packets"].as_u64().unwrap(),
-                },
-            );
-        }
-    }
-    out
-}
 
 /// portwatch loaded in `mode` on the server's end of the bed, watching TCP and UDP on `TCP_PORT`
 /// and UDP on `UDP_PORT`.
@@ -86,8 +40,7 @@ fn load(bed: &Bed, mode: &str) -> Pw {
 fn counters_equal_the_l3_bytes_and_packets_that_crossed(mode: &str) {
     let bed = Bed::new(false).unwrap();
     let pw = load(&bed, mode);
-    let nft = tempfile_with(NFT_RULES);
-    bed.server.exec(&["nft", "-f", &nft]).unwrap();
+    nft::install(&bed);
 
     // UDP: 300 datagrams of 1000 bytes from one address, 200 of 1200 from another, per family.
     let udp4_a = bed.send_udp(CLIENT_V4[1], SERVER_V4, UDP_PORT, 300, 1000).unwrap();
@@ -99,7 +52,7 @@ fn counters_equal_the_l3_bytes_and_packets_that_crossed(mode: &str) {
     bed.tcp_transfer(CLIENT_V6[0], SERVER_V6, TCP_PORT, 2_000_000).unwrap();
 
     let got = pw.counters();
-    let nft = nft_counters(&bed);
+    let nft = nft::counters(&bed);
     let c = |ip: &str, port, proto, dir| got.get(&key(ip, port, proto, dir)).copied().unwrap_or_default();
 
     // UDP, from first principles: IP header + 8 + payload per datagram.
@@ -162,12 +115,6 @@ fn counters_equal_the_l3_bytes_and_packets_that_crossed(mode: &str) {
         (stats.matched_packets, stats.matched_bytes),
         (total.packets, total.bytes)
     );
-}
-
-fn tempfile_with(contents: &str) -> String {
-    let path = std::env::temp_dir().join(format!("pwtest-nft-{}.nft", std::process::id()));
-    std::fs::write(&path, contents).unwrap();
-    path.to_string_lossy().into_owned()
 }
 
 /// With TSO/GSO on, the veth carries super-packets of many segments: the program must count the

@@ -1,0 +1,62 @@
+//! nftables counters on a bed's server, one per (family, protocol, direction), on the traffic of
+//! TCP port 7001 and UDP port 7002: an independent count, to the byte, of what crossed.
+
+use std::collections::BTreeMap;
+
+use portwatch_common::Counters;
+
+use crate::netns::Bed;
+
+/// nftables counters on the server, one per (family, protocol, direction), on the same traffic.
+pub const RULES: &str = "
+table inet pwtest {
+  counter tcp4_in {}
+  counter tcp6_in {}
+  counter tcp4_out {}
+  counter tcp6_out {}
+  counter udp4_in {}
+  counter udp6_in {}
+  chain input {
+    type filter hook input priority 0; policy accept;
+    meta nfproto ipv4 tcp dport 7001 counter name tcp4_in
+    meta nfproto ipv6 tcp dport 7001 counter name tcp6_in
+    meta nfproto ipv4 udp dport 7002 counter name udp4_in
+    meta nfproto ipv6 udp dport 7002 counter name udp6_in
+  }
+  chain output {
+    type filter hook output priority 0; policy accept;
+    meta nfproto ipv4 tcp sport 7001 counter name tcp4_out
+    meta nfproto ipv6 tcp sport 7001 counter name tcp6_out
+  }
+}
+";
+
+/// The counters, by name (`tcp4_in`, `tcp6_out`...).
+pub fn counters(bed: &Bed) -> BTreeMap<String, Counters> {
+    let json = bed
+        .server
+        .exec(&["nft", "-j", "list", "counters", "table", "inet", "pwtest"])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out = BTreeMap::new();
+    for item in v["nftables"].as_array().unwrap() {
+        if let Some(c) = item.get("counter") {
+            out.insert(
+                c["name"].as_str().unwrap().to_string(),
+                Counters {
+                    bytes: c["bytes"].as_u64().unwrap(),
+                    packets: c["packets"].as_u64().unwrap(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Installs `RULES` on the bed's server.
+pub fn install(bed: &Bed) {
+    let path = std::env::temp_dir().join(format!("pwtest-nft-{}.nft", std::process::id()));
+    std::fs::write(&path, RULES).unwrap();
+    bed.server.exec(&["nft", "-f", path.to_str().unwrap()]).unwrap();
+    let _ = std::fs::remove_file(&path);
+}
