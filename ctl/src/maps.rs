@@ -79,8 +79,33 @@ pub fn set_port<T: BorrowMut<MapData>>(ports: &mut Array<T, u8>, port: u16, flag
 }
 
 /// The whole port map: the flags of every port, indexed by port number.
+///
+/// One `BPF_MAP_LOOKUP_BATCH` for the 65,536 entries where the kernel has batch operations on
+/// arrays (5.6 and later), else one lookup per port (65,536 syscalls: about 60 ms).
 pub fn port_table<T: Borrow<MapData>>(ports: &Array<T, u8>) -> Result<Vec<u8>> {
     let mut table = vec![0u8; PORT_COUNT as usize];
+    let mut filled = 0usize;
+    let batched = crate::sys::bpf::lookup_batch(
+        ports.map().fd().as_fd(),
+        std::mem::size_of::<u32>(),
+        1,
+        PORT_COUNT as usize,
+        |keys, values, n| {
+            for i in 0..n {
+                let port = u32::from_ne_bytes(keys[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+                if let Some(slot) = table.get_mut(port as usize) {
+                    *slot = values[i];
+                    filled += 1;
+                }
+            }
+        },
+    );
+    match batched {
+        Ok(()) if filled == PORT_COUNT as usize => return Ok(table),
+        Ok(()) => {}
+        Err(e) if crate::sys::bpf::batch_unsupported(&e) => {}
+        Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH on the port map"),
+    }
     for (port, flags) in ports.iter().enumerate() {
         table[port] = flags.context("reading the port map")?;
     }
