@@ -520,8 +520,9 @@ fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
     pw.ok(&["unload"]);
     let slowest = started.elapsed();
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
-    // Each command's longest run that finished: kills land within 1.2 times that.
-    let mut took: Vec<Duration> = vec![slowest / 4; commands.len()];
+    // How long each command's last run that finished took: kills land within 1.2 times that (a
+    // command that got faster, like `ports` with a batch read, is followed down).
+    let mut took: Vec<Duration> = vec![slowest / 8; commands.len()];
     let mut kills = 0;
     for run in 0..runs {
         let which = rng.below(commands.len());
@@ -541,7 +542,7 @@ fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
         if killed {
             kills += 1;
         } else {
-            took[which] = took[which].max(began.elapsed());
+            took[which] = began.elapsed();
         }
         *landed
             .entry(format!("{} {}", args[0], if killed { "killed" } else { "done" }))
