@@ -55,7 +55,10 @@ pub fn counters(bed: &Bed) -> BTreeMap<String, Counters> {
 
 /// Installs `RULES` on the bed's server.
 pub fn install(bed: &Bed) {
-    let path = std::env::temp_dir().join(format!("pwtest-nft-{}.nft", std::process::id()));
+    // One file per call: tests of one binary run in parallel, and each removes its own.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("pwtest-nft-{}-{n}.nft", std::process::id()));
     std::fs::write(&path, RULES).unwrap();
     bed.server.exec(&["nft", "-f", path.to_str().unwrap()]).unwrap();
     let _ = std::fs::remove_file(&path);
