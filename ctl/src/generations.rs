@@ -35,7 +35,7 @@ use crate::{
     fault,
     filter::Filter,
     journal, maps,
-    pinned::{Access, PinPath, Pinned},
+    pinned::Pinned,
     record::{self, Found, Output},
 };
 
@@ -442,21 +442,6 @@ pub(crate) fn recover(pinned: &mut Pinned) -> Result<Recovered> {
     }
     roll_forward(pinned, &mut j, None)?;
     Ok(Recovered::Finished { id, path })
-}
-
-/// For commands that take the lock (the dispatcher, and `serve` before each scrape): finishes or
-/// rolls back a reset that was interrupted, if the journal says one was.
-pub(crate) fn recover_pending(pin: &PinPath) -> Result<()> {
-    let pending = match Pinned::probe(pin, Access::Read) {
-        Ok(Some(mut pinned)) => journal::read(&mut pinned).is_ok_and(|j| j.state != JournalState::Idle as u32),
-        // Nothing loaded, or another layout: the command itself says so.
-        _ => false,
-    };
-    if !pending {
-        return Ok(());
-    }
-    let mut pinned = Pinned::open(pin, Access::Change)?;
-    recover_and_say(&mut pinned)
 }
 
 /// `recover`, telling the operator on stderr what it did.

@@ -210,7 +210,7 @@ impl RecordFile {
             return Ok(0);
         }
         let mut head = [0u8; 8];
-        let n = (&self.file).read_at_most(&mut head, last_line)?;
+        let n = std::os::unix::fs::FileExt::read_at(&self.file, &mut head, last_line)?;
         if !head[..n].starts_with(br#"{"time":"#) {
             return Ok(0);
         }
@@ -269,16 +269,6 @@ fn last_line_start(file: &File, len: u64) -> io::Result<u64> {
         end = start;
     }
     Ok(0)
-}
-
-trait ReadAt {
-    fn read_at_most(self, buf: &mut [u8], at: u64) -> io::Result<usize>;
-}
-
-impl ReadAt for &File {
-    fn read_at_most(self, buf: &mut [u8], at: u64) -> io::Result<usize> {
-        std::os::unix::fs::FileExt::read_at(self, buf, at)
-    }
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::{
-    generations,
+    lifecycle,
     metrics::{self, Options},
     pinned::{Access, PinPath, Pinned},
 };
@@ -53,8 +53,8 @@ fn answer(request: Request, pin: &PinPath, options: &Options) -> std::io::Result
     }
     match request.url().split('?').next().unwrap_or("") {
         "/metrics" => {
-            // A reset a crash interrupted is finished first, so that the totals are whole.
-            if let Err(e) = generations::recover_pending(pin) {
+            // What a crash interrupted (a reset) is finished first, so that the totals are whole.
+            if let Err(e) = lifecycle::recover_interrupted(pin) {
                 eprintln!("portwatch: warning: {e:#}");
             }
             match Pinned::probe(pin, Access::Snapshot).and_then(|mut p| metrics::render(p.as_mut(), options)) {
