@@ -53,6 +53,12 @@ for line in sys.stdin:
 binaries=()
 while read -r name dir exe; do
   [[ -z ${PORTWATCH_KERNEL_TESTS:-} || $name =~ $PORTWATCH_KERNEL_TESTS ]] || continue
+  # The benchmark harness's smoke run is a host check of the harness (tests/bench.sh), not of a
+  # kernel: it runs in tests/run.sh only.
+  if [[ $name == bench ]]; then
+    say "bench: the benchmark harness's smoke run is host only (tests/run.sh runs it)"
+    continue
+  fi
   # Read whole (a `| grep -q` would close the pipe early, and pipefail would drop the binary).
   if [[ $("$exe" --list --format terse 2>/dev/null) == *': test'* ]]; then
     binaries+=("$name $dir $exe")

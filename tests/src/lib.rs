@@ -2,6 +2,7 @@
 //! (`Harness`), crafted packets (`packet`), and throwaway network namespaces joined by a veth pair
 //! with real sockets on both ends (`netns`).
 
+pub mod bench;
 pub mod cli;
 pub mod flood;
 pub mod hostile;

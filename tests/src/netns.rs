@@ -233,7 +233,7 @@ impl Bed {
 
     /// UDP datagrams the server's stack has taken in (IPv4 and IPv6: delivered, to no socket, or
     /// in error): each one has passed the interface's TC ingress hook.
-    fn udp_received(&self) -> Result<u64> {
+    pub(crate) fn udp_received(&self) -> Result<u64> {
         self.server_snmp(&[
             "Udp:InDatagrams",
             "Udp:NoPorts",
@@ -483,7 +483,7 @@ fn nix_tcp_socket(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
 
 /// An IP header and a UDP datagram of `size` zero bytes, for a raw socket (`IPPROTO_RAW`): the
 /// kernel fills in the IPv4 header checksum; the UDP checksum is computed (IPv6 needs it).
-fn spoofed_udp(src: std::net::IpAddr, dst: std::net::IpAddr, sport: u16, dport: u16, size: usize) -> Vec<u8> {
+pub(crate) fn spoofed_udp(src: std::net::IpAddr, dst: std::net::IpAddr, sport: u16, dport: u16, size: usize) -> Vec<u8> {
     use std::net::IpAddr;
     let udp_len = 8 + size;
     let mut udp = Vec::with_capacity(udp_len);

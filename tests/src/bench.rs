@@ -1,0 +1,590 @@
+//! The network benchmark harness (`tests/bench.sh` runs it as `bench-net`; the suite runs it once,
+//! short, as `tests/bench.rs`): the same traffic through a veth pair between two throwaway
+//! namespaces, with nothing watching it, with portwatch set up several ways, with nftables counting
+//! per source, and with a packet capture. Every (traffic, scenario) pair is measured once per
+//! round, the scenarios in alternation (A B C ... A B C ...), so a noisy neighbour hits them alike;
+//! the report gives each one's median, min-max and its ratio to no monitoring in the same round.
+//!
+//! Traffic stays inside the namespaces: the server is 198.18.0.1, the client 198.18.0.2, and the
+//! flood's spoofed sources are 198.19.1.0 and up (never routed anywhere).
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::{
+    cli::{Pw, Running},
+    netns::{Bed, CLIENT_V4, SERVER_V4},
+};
+
+/// The port every traffic kind uses and every scenario watches.
+pub const PORT: u16 = 5201;
+/// Entries of the map in the "map full" scenario (all taken before the traffic starts).
+pub const FULL_MAP_ENTRIES: u64 = 65536;
+/// Live entries and watched ports of the "many" scenario.
+pub const MANY_ENTRIES: u64 = 100_000;
+pub const MANY_PORTS: u16 = 1000;
+
+/// Set by the binary's SIGINT/SIGTERM handler: the run stops at the next check and cleans up.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scenario {
+    None,
+    Tcx,
+    Tc,
+    Many,
+    Nftables,
+    Capture,
+    FullMap,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 7] = [
+        Scenario::None,
+        Scenario::Tcx,
+        Scenario::Tc,
+        Scenario::Many,
+        Scenario::Nftables,
+        Scenario::Capture,
+        Scenario::FullMap,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::None => "none",
+            Scenario::Tcx => "tcx",
+            Scenario::Tc => "tc",
+            Scenario::Many => "many",
+            Scenario::Nftables => "nftables",
+            Scenario::Capture => "capture",
+            Scenario::FullMap => "full",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Scenario::None => "no monitoring",
+            Scenario::Tcx => "portwatch, TCX, 1 port",
+            Scenario::Tc => "portwatch, classic tc, 1 port",
+            Scenario::Many => "portwatch, TCX, 1,000 ports, 100,000 live entries",
+            Scenario::Nftables => "nftables, per-source dynamic sets with counters",
+            Scenario::Capture => "tcpdump -s 128 -w /dev/null 'port 5201'",
+            Scenario::FullMap => "portwatch, TCX, map full (65,536 entries taken)",
+        }
+    }
+
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Traffic {
+    Tcp,
+    Udp64,
+    Connections,
+    Flood,
+}
+
+impl Traffic {
+    pub const ALL: [Traffic; 4] = [Traffic::Tcp, Traffic::Udp64, Traffic::Connections, Traffic::Flood];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Traffic::Tcp => "tcp",
+            Traffic::Udp64 => "udp64",
+            Traffic::Connections => "connections",
+            Traffic::Flood => "flood",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Traffic::Tcp => "iperf3 TCP, one stream, offloads on",
+            Traffic::Udp64 => "iperf3 UDP, 64-byte payloads, unlimited rate",
+            Traffic::Connections => "short TCP connections (connect, 1 byte, close), 2 clients",
+            Traffic::Flood => "spoofed UDP flood, 64-byte payloads, every packet from a new source",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Traffic::Tcp => "Gbit/s received",
+            Traffic::Udp64 => "packets/s received",
+            Traffic::Connections => "connections/s",
+            Traffic::Flood => "packets/s reaching UDP",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub rounds: usize,
+    /// Seconds of each traffic run (iperf3 takes whole seconds).
+    pub secs: u64,
+    pub scenarios: Vec<Scenario>,
+    pub traffic: Vec<Traffic>,
+}
+
+impl Options {
+    /// One short round of everything: what the test suite runs.
+    pub fn smoke() -> Options {
+        Options {
+            rounds: 1,
+            secs: 1,
+            scenarios: Scenario::ALL.to_vec(),
+            traffic: Traffic::ALL.to_vec(),
+        }
+    }
+}
+
+/// One measurement: the traffic's figure (in its unit) and the whole machine's busy CPU time per
+/// packet that crossed the server's veth in either direction (other load on the machine included;
+/// the alternation spreads it over every scenario).
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub value: f64,
+    pub cpu_ns_per_packet: f64,
+    pub packets: u64,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub samples: BTreeMap<(Traffic, Scenario), Vec<Sample>>,
+}
+
+/// Runs the benchmark. `progress` gets one line per measurement.
+pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
+    ensure!(options.rounds > 0 && options.secs > 0, "rounds and seconds must be at least 1");
+    for tool in ["iperf3", "tcpdump", "nft"] {
+        ensure!(
+            Command::new(tool).arg("--version").output().is_ok(),
+            "{tool} is not installed: run .ci/bootstrap (tests/bench.sh does)"
+        );
+    }
+    let bed = Bed::new(true)?;
+    bed.accept_any_source()?;
+    // Short connections: ports come back after a second (TIME_WAIT reuse), from a wide range.
+    bed.client.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
+    bed.client.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])?;
+    let mut report = Report::default();
+    for round in 0..options.rounds {
+        for &traffic in &options.traffic {
+            for &scenario in &options.scenarios {
+                check_interrupt()?;
+                let sample = measure(&bed, scenario, traffic, options.secs)
+                    .with_context(|| format!("{} under {}", traffic.name(), scenario.name()))?;
+                progress(&format!(
+                    "round {}/{}: {:<11} {:<8} {:>14.3} {} ({:.0} ns CPU/packet)",
+                    round + 1,
+                    options.rounds,
+                    traffic.name(),
+                    scenario.name(),
+                    sample.value,
+                    traffic.unit(),
+                    sample.cpu_ns_per_packet
+                ));
+                report.samples.entry((traffic, scenario)).or_default().push(sample);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What a scenario keeps running during the traffic; dropping it takes the scenario down.
+enum Active {
+    Nothing,
+    Portwatch(Pw),
+    Nftables,
+    Capture(Running),
+}
+
+fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
+    let port = PORT.to_string();
+    Ok(match scenario {
+        Scenario::None => Active::Nothing,
+        Scenario::Tcx => Active::Portwatch(Pw::load_with(&bed.server, &bed.server_if, &[&port], &["--mode", "tcx"])),
+        Scenario::Tc => Active::Portwatch(Pw::load_with(&bed.server, &bed.server_if, &[&port], &["--mode", "tc"])),
+        Scenario::Many => {
+            let others = format!("10000-{}", 10000 + MANY_PORTS - 2);
+            let max = (MANY_ENTRIES * 2).to_string();
+            let pw = Pw::load_with(
+                &bed.server,
+                &bed.server_if,
+                &[&port, &others],
+                &["--mode", "tcx", "--max-entries", &max],
+            );
+            fill(&pw, MANY_ENTRIES)?;
+            Active::Portwatch(pw)
+        }
+        Scenario::FullMap => {
+            let max = FULL_MAP_ENTRIES.to_string();
+            let pw = Pw::load_with(
+                &bed.server,
+                &bed.server_if,
+                &[&port],
+                &["--mode", "tcx", "--max-entries", &max],
+            );
+            fill(&pw, FULL_MAP_ENTRIES)?;
+            Active::Portwatch(pw)
+        }
+        Scenario::Nftables => {
+            let rules = nft_rules();
+            let path = std::env::temp_dir().join(format!("pw-bench-{}.nft", std::process::id()));
+            std::fs::write(&path, rules)?;
+            let loaded = bed.server.exec(&["nft", "-f", path.to_str().unwrap()]);
+            let _ = std::fs::remove_file(&path);
+            loaded?;
+            Active::Nftables
+        }
+        Scenario::Capture => {
+            let log = std::env::temp_dir().join(format!("pw-bench-tcpdump-{}.log", std::process::id()));
+            let child = Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", bed.server.name))
+                .args(["tcpdump", "-i", &bed.server_if, "-nn", "-s", "128", "-w", "/dev/null"])
+                .arg(format!("port {PORT}"))
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log)?)
+                .spawn()
+                .context("starting tcpdump")?;
+            let running = Running(child);
+            // Counting starts once tcpdump says it listens (bounded: 10 s).
+            let started = Instant::now();
+            while !std::fs::read_to_string(&log)?.contains("listening on") {
+                ensure!(started.elapsed() < Duration::from_secs(10), "tcpdump did not start in 10 s");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = std::fs::remove_file(&log);
+            Active::Capture(running)
+        }
+    })
+}
+
+/// The synthetic entries written into the active generation (the map's state after that much
+/// traffic from as many sources).
+fn fill(pw: &Pw, entries: u64) -> Result<()> {
+    let generation = pw.pinned().active_generation()?;
+    crate::fill_counters(&pw.pin, generation, &crate::synthetic_entries(entries))
+}
+
+fn nft_rules() -> String {
+    let mut sets = String::new();
+    for (name, ty) in [
+        ("src4", "ipv4_addr"),
+        ("src6", "ipv6_addr"),
+        ("dst4", "ipv4_addr"),
+        ("dst6", "ipv6_addr"),
+    ] {
+        sets += &format!("  set {name} {{ type {ty}; size 65536; flags dynamic; counter; }}\n");
+    }
+    format!(
+        "table inet pwbench {{\n{sets}  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+         meta l4proto {{ tcp, udp }} th dport {PORT} update @src4 {{ ip saddr }}\n    \
+         meta l4proto {{ tcp, udp }} th dport {PORT} update @src6 {{ ip6 saddr }}\n  }}\n  \
+         chain output {{\n    type filter hook output priority 0; policy accept;\n    \
+         meta l4proto {{ tcp, udp }} th sport {PORT} update @dst4 {{ ip daddr }}\n    \
+         meta l4proto {{ tcp, udp }} th sport {PORT} update @dst6 {{ ip6 daddr }}\n  }}\n}}\n"
+    )
+}
+
+/// After the traffic: the scenario did what it says (portwatch counted the traffic; in the full
+/// map, into the overflow keys; the capture saw packets).
+fn verify(active: Active, scenario: Scenario) -> Result<()> {
+    match active {
+        Active::Portwatch(pw) => {
+            let stats = pw.stats();
+            ensure!(stats.matched_packets > 0, "portwatch counted nothing");
+            if scenario == Scenario::FullMap {
+                ensure!(
+                    stats.map_full_packets > 0,
+                    "the map was not full: nothing went to the overflow keys"
+                );
+            }
+            if scenario == Scenario::Many {
+                let entries = pw.status()["counters"]["entries"].as_u64().context("status: counters.entries")?;
+                ensure!(entries >= MANY_ENTRIES, "only {entries} live entries");
+            }
+        }
+        Active::Capture(mut running) => {
+            let status = running.terminate();
+            ensure!(status.success(), "tcpdump ended with {status}");
+        }
+        Active::Nftables | Active::Nothing => {}
+    }
+    Ok(())
+}
+
+fn measure(bed: &Bed, scenario: Scenario, traffic: Traffic, secs: u64) -> Result<Sample> {
+    let active = start(bed, scenario)?;
+    let before = (busy_ns()?, veth_packets(bed)?);
+    let value = match traffic {
+        Traffic::Tcp => {
+            let v = iperf3(bed, secs, &[])?;
+            v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .context("iperf3's end.sum_received.bits_per_second")?
+                / 1e9
+        }
+        Traffic::Udp64 => {
+            let v = iperf3(bed, secs, &["-u", "-l", "64", "-b", "0"])?;
+            let sum = &v["end"]["sum"];
+            let (packets, lost, seconds) = (
+                sum["packets"].as_f64().context("iperf3's end.sum.packets")?,
+                sum["lost_packets"].as_f64().context("iperf3's end.sum.lost_packets")?,
+                sum["seconds"].as_f64().context("iperf3's end.sum.seconds")?,
+            );
+            (packets - lost) / seconds
+        }
+        Traffic::Connections => connections(bed, secs)?,
+        Traffic::Flood => flood(bed, secs)?,
+    };
+    let after = (busy_ns()?, veth_packets(bed)?);
+    verify(active, scenario)?;
+    let packets = after.1 - before.1;
+    ensure!(packets > 0, "no packet crossed the veth");
+    Ok(Sample {
+        value,
+        cpu_ns_per_packet: (after.0 - before.0) as f64 / packets as f64,
+        packets,
+    })
+}
+
+/// Busy CPU time of the whole machine (user, nice, system, irq, softirq: /proc/stat), in ns.
+fn busy_ns() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
+    ensure!(f.len() >= 7, "unexpected /proc/stat: {line}");
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok((f[0] + f[1] + f[2] + f[5] + f[6]) * 1_000_000_000 / hz)
+}
+
+/// Packets through the server's veth, both directions (what the programs there see).
+fn veth_packets(bed: &Bed) -> Result<u64> {
+    let json = bed.server.ip(&["-j", "-s", "link", "show", "dev", &bed.server_if])?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    let stats = &v[0]["stats64"];
+    Ok(stats["rx"]["packets"].as_u64().context("rx packets")? + stats["tx"]["packets"].as_u64().context("tx packets")?)
+}
+
+fn in_netns(name: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{name}"));
+    c
+}
+
+/// One iperf3 run from the client to a one-off server; its JSON report.
+fn iperf3(bed: &Bed, secs: u64, more: &[&str]) -> Result<serde_json::Value> {
+    let port = PORT.to_string();
+    let _server = Running(
+        in_netns(&bed.server.name)
+            .args(["iperf3", "-s", "-1", "-B", SERVER_V4, "-p", &port])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting iperf3 -s")?,
+    );
+    // The server listens within moments; the client retries a refused connection (bounded).
+    for _ in 0..100 {
+        let out = in_netns(&bed.client.name)
+            .args(["iperf3", "-c", SERVER_V4, "-B", CLIENT_V4[0], "-p", &port, "-J", "-t"])
+            .arg(secs.to_string())
+            .args(more)
+            .output()
+            .context("running iperf3 -c")?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("iperf3's JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+        match v["error"].as_str() {
+            None => return Ok(v),
+            Some(e) if e.contains("Connection refused") => std::thread::sleep(Duration::from_millis(20)),
+            Some(e) => bail!("iperf3: {e}"),
+        }
+        check_interrupt()?;
+    }
+    bail!("iperf3's server did not listen in 2 s")
+}
+
+/// Short TCP connections for `secs`: each connects, sends one byte, closes its side and waits for
+/// the server's close. Two client threads, one server thread. Connections per second.
+fn connections(bed: &Bed, secs: u64) -> Result<f64> {
+    let listen = SocketAddr::new(SERVER_V4.parse()?, PORT);
+    let listener = bed.server.enter(|| TcpListener::bind(listen))??;
+    let done = AtomicBool::new(false);
+    let completed = AtomicU64::new(0);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    std::thread::scope(|s| -> Result<()> {
+        let server = s.spawn(|| -> Result<()> {
+            for conn in listener.incoming() {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                let mut conn = conn?;
+                let mut buf = [0u8; 16];
+                while conn.read(&mut buf)? > 0 {}
+            }
+            Ok(())
+        });
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    bed.client.enter(|| -> Result<()> {
+                        // From the client's primary address (its only route), with the port
+                        // chosen at connect: bind() first would pick it without TIME_WAIT reuse.
+                        while Instant::now() < deadline && !INTERRUPTED.load(Ordering::Relaxed) {
+                            let mut sock = TcpStream::connect(listen)?;
+                            sock.write_all(b"x")?;
+                            sock.shutdown(std::net::Shutdown::Write)?;
+                            let mut buf = [0u8; 16];
+                            while sock.read(&mut buf)? > 0 {}
+                            completed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    })?
+                })
+            })
+            .collect();
+        let mut result = Ok(());
+        for c in clients {
+            let r = c.join().expect("client thread panicked");
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        // Wake the accept loop with one last connection.
+        done.store(true, Ordering::Relaxed);
+        let _ = bed.client.enter(|| TcpStream::connect(listen));
+        server.join().expect("server thread panicked")?;
+        result
+    })?;
+    check_interrupt()?;
+    Ok(completed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A spoofed flood for `secs`: 64-byte UDP datagrams to the server's port, each from the next of
+/// 65,280 source addresses (198.19.1.0 and up, round robin). Datagrams per second that reached the
+/// server's UDP layer.
+fn flood(bed: &Bed, secs: u64) -> Result<f64> {
+    let before = bed.udp_received()?;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    let dst: Ipv4Addr = SERVER_V4.parse()?;
+    bed.client.enter(|| -> Result<()> {
+        // SAFETY: a plain socket(2); the fd is owned below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+        let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let to = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
+        let template = crate::netns::spoofed_udp("198.19.1.0".parse()?, dst.into(), 40000, PORT, 64);
+        let mut packet = template.clone();
+        let mut i: u32 = 0;
+        loop {
+            if i % 256 == 0 && (Instant::now() >= deadline || INTERRUPTED.load(Ordering::Relaxed)) {
+                break;
+            }
+            // Source 198.19.1.0 + i (mod 65,280). IPv4 with a raw socket: the kernel fills in the
+            // header checksum; the UDP checksum is 0 ("none"), valid for IPv4.
+            let host = 256 + i % 65280;
+            packet[12..16].copy_from_slice(&[198, 19, (host >> 8) as u8, host as u8]);
+            packet[26..28].copy_from_slice(&[0, 0]);
+            let _ = nix::sys::socket::sendto(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                &packet,
+                &to,
+                nix::sys::socket::MsgFlags::empty(),
+            );
+            i = i.wrapping_add(1);
+        }
+        Ok(())
+    })??;
+    check_interrupt()?;
+    // What is still in the backlog arrives within moments.
+    std::thread::sleep(Duration::from_millis(50));
+    Ok((bed.udp_received()? - before) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The report as Markdown tables, one per traffic kind: median, min-max, the median of the
+/// per-round ratios to no monitoring (min-max), and CPU time per packet.
+pub fn markdown(report: &Report) -> String {
+    let mut out = String::new();
+    let traffics: Vec<Traffic> = {
+        let mut t: Vec<_> = report.samples.keys().map(|(t, _)| *t).collect();
+        t.dedup();
+        t
+    };
+    for traffic in traffics {
+        out += &format!("\n{} ({}):\n\n", traffic.label(), traffic.unit());
+        out += "| scenario | median | min-max | ratio to no monitoring (min-max) | CPU per packet |\n";
+        out += "|---|---:|---:|---:|---:|\n";
+        let none = report.samples.get(&(traffic, Scenario::None));
+        for (&(t, scenario), samples) in &report.samples {
+            if t != traffic {
+                continue;
+            }
+            let mut values: Vec<f64> = samples.iter().map(|s| s.value).collect();
+            let mut cpu: Vec<f64> = samples.iter().map(|s| s.cpu_ns_per_packet).collect();
+            let (min, max) = min_max(&values);
+            let ratio = match none {
+                Some(none) => {
+                    let mut r: Vec<f64> = samples.iter().zip(none).map(|(s, n)| s.value / n.value).collect();
+                    let (lo, hi) = min_max(&r);
+                    format!("{:.3} ({:.3}-{:.3})", crate::median(&mut r), lo, hi)
+                }
+                None => "-".into(),
+            };
+            out += &format!(
+                "| {} | {} | {}-{} | {} | {:.0} ns |\n",
+                scenario.label(),
+                figure(crate::median(&mut values)),
+                figure(min),
+                figure(max),
+                ratio,
+                crate::median(&mut cpu)
+            );
+        }
+    }
+    out
+}
+
+fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+}
+
+/// Three significant figures for rates, with thousands separators for large ones.
+fn figure(v: f64) -> String {
+    if v >= 1000.0 {
+        let n = v.round() as u64;
+        let s = n.to_string();
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// The portwatch binary the scenarios run (for the report's heading).
+pub fn portwatch_used() -> PathBuf {
+    crate::cli::portwatch_bin()
+}
