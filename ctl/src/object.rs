@@ -15,6 +15,13 @@ pub const NOOP_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/noop.bpf.o");
 #[doc(hidden)]
 pub const COUNT_ONLY_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/count_only.bpf.o");
 
+/// Paths of the front-cache experiment's programs (issue 13): the hash update as it is, and a
+/// per-CPU direct-mapped cache in front of it, on keys from one sender or many in turn.
+#[doc(hidden)]
+pub const BENCH_HASH_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_hash.bpf.o");
+#[doc(hidden)]
+pub const BENCH_CACHE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_cache.bpf.o");
+
 /// Path of a TC program pair that records each skb's length and linear length, for tests (not
 /// embedded).
 #[doc(hidden)]

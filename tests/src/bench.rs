@@ -494,7 +494,7 @@ fn flood(bed: &Bed, secs: u64) -> Result<f64> {
         let mut packet = template.clone();
         let mut i: u32 = 0;
         loop {
-            if i % 256 == 0 && (Instant::now() >= deadline || INTERRUPTED.load(Ordering::Relaxed)) {
+            if i.is_multiple_of(256) && (Instant::now() >= deadline || INTERRUPTED.load(Ordering::Relaxed)) {
                 break;
             }
             // Source 198.19.1.0 + i (mod 65,280). IPv4 with a raw socket: the kernel fills in the
@@ -573,7 +573,7 @@ fn figure(v: f64) -> String {
         let s = n.to_string();
         let mut out = String::new();
         for (i, c) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
+            if i > 0 && (s.len() - i).is_multiple_of(3) {
                 out.push(',');
             }
             out.push(c);

@@ -74,7 +74,28 @@ fn main() -> Result<()> {
         "portwatch: unwatched IPv4 TCP",
         "portwatch: matched IPv4 TCP, key exists, map full",
         "portwatch: matched IPv4 TCP, new source, map full (overflow key)",
+        "front-cache experiment: hash update (bench_hash), one heavy sender",
+        "front-cache experiment: front cache (bench_cache), one heavy sender",
+        "front-cache experiment: hash update (bench_hash), 4,096 senders in turn",
+        "front-cache experiment: front cache (bench_cache), 4,096 senders in turn",
     ];
+    // The front-cache experiment: each program twice, one heavy sender and 4,096 in turn (more
+    // than the cache's 256 slots: every packet misses and evicts).
+    let mut experiment = vec![];
+    for spread in [1u32, 4096] {
+        for (path, name) in [
+            (portwatch::object::BENCH_HASH_OBJECT_PATH, "bench_hash"),
+            (portwatch::object::BENCH_CACHE_OBJECT_PATH, "bench_cache"),
+        ] {
+            let mut ebpf = load_single(path, name)?;
+            aya::maps::Array::<_, u32>::try_from(ebpf.map_mut("spread").context("spread map")?)?.set(0, spread, 0)?;
+            experiment.push((ebpf, name));
+        }
+    }
+    // Warm up: every key of the spread runs is in the hash before timing.
+    for (ebpf, name) in &mut experiment {
+        run_single(ebpf, name, &tcp4, 8192)?;
+    }
     let mut samples: Vec<Vec<f64>> = vec![vec![]; kinds.len()];
     for _ in 0..rounds {
         samples[0].push(run_single(&mut noop, "noop", &tcp4, repeat)?);
@@ -89,6 +110,26 @@ fn main() -> Result<()> {
                     .as_nanos() as f64,
             );
         }
+        for (i, (ebpf, name)) in experiment.iter_mut().enumerate() {
+            samples[i + 7].push(run_single(ebpf, name, &tcp4, repeat)?);
+        }
+    }
+    // Exact: every run of the experiment's programs is in the hash or in a cache slot.
+    for (ebpf, name) in &mut experiment {
+        let runs = 8192 + rounds as u64 * u64::from(repeat);
+        let hash: aya::maps::PerCpuHashMap<_, portwatch_common::CounterKey, portwatch_common::Counters> =
+            aya::maps::PerCpuHashMap::try_from(ebpf.map("counters").context("counters")?)?;
+        let mut packets: u64 = 0;
+        for entry in hash.iter() {
+            packets += entry?.1.iter().map(|c| c.packets).sum::<u64>();
+        }
+        if let Some(front) = ebpf.map("front") {
+            let front: aya::maps::PerCpuArray<_, [u64; 5]> = aya::maps::PerCpuArray::try_from(front)?;
+            for slot in 0..front.len() {
+                packets += front.get(&slot, 0)?.iter().map(|s| s[4]).sum::<u64>();
+            }
+        }
+        anyhow::ensure!(packets == runs, "{name} counted {packets} packets of {runs} runs");
     }
     // The full map stayed full, and the newcomer went to the overflow key every time.
     let stats = full.stats()?;
