@@ -6,7 +6,7 @@
 
 /// Bumped whenever a pinned map's name, type, key, value or meaning changes. A `ctl` that finds
 /// pinned state of another version refuses to touch it.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Map names, as they appear in the object file and as the pin file names under the pin path.
 pub mod map_names {
@@ -16,6 +16,10 @@ pub mod map_names {
     pub const COUNTERS_0: &str = "counters_0";
     /// `PERCPU_HASH` `CounterKey -> Counters`, generation 1.
     pub const COUNTERS_1: &str = "counters_1";
+    /// `PERCPU_ARRAY[FRONT_SLOTS]` of `FrontSlot`: generation 0's front cache.
+    pub const FRONT_0: &str = "front_0";
+    /// `PERCPU_ARRAY[FRONT_SLOTS]` of `FrontSlot`: generation 1's front cache.
+    pub const FRONT_1: &str = "front_1";
     /// `ARRAY[1]` of `Config`: what the program reads on every packet.
     pub const CONFIG: &str = "config";
     /// `PERCPU_ARRAY[1]` of `Stats`: global statistics.
@@ -45,10 +49,12 @@ pub mod map_names {
     pub const JOURNAL_ENTRIES: &str = "journal_entries";
 
     /// The maps of the object (the barrier is created by `load`).
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         WATCHED_PORTS,
         COUNTERS_0,
         COUNTERS_1,
+        FRONT_0,
+        FRONT_1,
         CONFIG,
         STATS,
         META,
@@ -71,6 +77,15 @@ pub const fn counters_map(generation: u32) -> &'static str {
         map_names::COUNTERS_0
     } else {
         map_names::COUNTERS_1
+    }
+}
+
+/// The front cache of a generation.
+pub const fn front_map(generation: u32) -> &'static str {
+    if generation_index(generation) == 0 {
+        map_names::FRONT_0
+    } else {
+        map_names::FRONT_1
     }
 }
 
@@ -271,6 +286,44 @@ impl CounterKey {
 pub struct Counters {
     pub bytes: u64,
     pub packets: u64,
+}
+
+/// Slots of each front cache, per CPU (a power of two: `front_index` keeps `FRONT_BITS` bits).
+pub const FRONT_BITS: u32 = 10;
+pub const FRONT_SLOTS: u32 = 1 << FRONT_BITS;
+
+/// One slot of a front cache (`front_0`, `front_1`): a key the program has counted in the
+/// generation's counter map and that owns this slot on this CPU until userspace clears it, with
+/// what the program counted here for it since. A packet whose key owns its slot is added here (an
+/// array lookup the verifier inlines: no call, no hash of the key) instead of in the hash map;
+/// readers add every owned slot to its key's entry. A slot is claimed once, by the first key counted
+/// in the hash while it is free, and never changes owner until userspace clears it (idle
+/// generations only, in a reset), so nothing moves between a slot and the hash while anything reads
+/// them: each key's total only grows.
+///
+/// Bytes 0..4 `owned` (1 once claimed), 4..24 `key`, 24..32 `bytes`, 32..40 `packets`. The program
+/// writes `owned` after the key; `owned` comes first, so a reader that copies the slot forward and
+/// sees it set also sees the whole key (on a CPU that keeps stores and loads in order: x86).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FrontSlot {
+    pub owned: u32,
+    pub key: CounterKey,
+    pub bytes: u64,
+    pub packets: u64,
+}
+
+/// The slot a key may own in a front cache: a multiplicative hash of its words, `FRONT_BITS` bits.
+#[inline(always)]
+pub fn front_index(key: &CounterKey) -> u32 {
+    let x = key.remote_ip[0]
+        ^ key.remote_ip[1].rotate_left(8)
+        ^ key.remote_ip[2].rotate_left(16)
+        ^ key.remote_ip[3]
+        ^ ((key.port as u32) << 16)
+        ^ ((key.direction as u32) << 8)
+        ^ key.proto as u32;
+    x.wrapping_mul(0x9e37_79b1) >> (32 - FRONT_BITS)
 }
 
 /// What the program reads on every packet. Bytes 0..4 `generation` (only bit 0 is used: which
@@ -704,6 +757,7 @@ mod pod {
     unsafe impl aya::Pod for super::AttachKey {}
     unsafe impl aya::Pod for super::Attachment {}
     unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::FrontSlot {}
 }
 
 // Layouts are a contract with pinned state and with other tools: fail the build if one moves.
@@ -717,6 +771,7 @@ const _: () = {
     assert!(core::mem::size_of::<AttachKey>() == 16);
     assert!(core::mem::size_of::<Attachment>() == 88);
     assert!(core::mem::size_of::<PortKey>() == 4);
+    assert!(core::mem::size_of::<FrontSlot>() == 40);
     assert!(core::mem::size_of::<Journal>() == 5192);
     assert!(core::mem::size_of::<JournalKey>() == 24);
 };

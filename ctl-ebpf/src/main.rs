@@ -16,8 +16,9 @@ use aya_ebpf::{
 };
 use parse::Flow;
 use portwatch_common::{
-    proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Meta, Stats, DEFAULT_MAX_ENTRIES,
-    MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES, Journal, JournalKey,
+    front_index, proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Meta, Stats,
+    DEFAULT_MAX_ENTRIES, FRONT_SLOTS, MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES,
+    Journal, JournalKey,
 };
 
 /// The object's size; `portwatch load --max-entries` sets the real one at load time.
@@ -34,6 +35,12 @@ static COUNTERS_0: PerCpuHashMap<CounterKey, Counters> =
 #[map(name = "counters_1")]
 static COUNTERS_1: PerCpuHashMap<CounterKey, Counters> =
     PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
+
+#[map(name = "front_0")]
+static FRONT_0: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_SLOTS, 0);
+
+#[map(name = "front_1")]
+static FRONT_1: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_SLOTS, 0);
 
 #[map(name = "config")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -106,9 +113,9 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
     let generation = CONFIG.get(0).map(Config::active_generation).unwrap_or(0);
     // Two call sites, one map each: the verifier can then inline each map's lookup.
     let counted = if generation == 0 {
-        add::<DIRECTION>(&COUNTERS_0, &key, flow)
+        add_front::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow)
     } else {
-        add::<DIRECTION>(&COUNTERS_1, &key, flow)
+        add_front::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow)
     };
     match counted {
         Added::Yes => {}
@@ -127,6 +134,52 @@ enum Added {
     /// The map had no room for a new key; the traffic went to the overflow key unless it was
     /// missing too.
     Full { overflow_missing: bool },
+}
+
+/// Through the front cache (see `FrontSlot`): a key that owns its slot on this CPU adds there; any
+/// other goes to the hash map, and claims the slot when it is free and the key is in the map now.
+#[inline(always)]
+fn add_front<const DIRECTION: u8>(
+    front: &PerCpuArray<FrontSlot>,
+    counters: &PerCpuHashMap<CounterKey, Counters>,
+    key: &CounterKey,
+    flow: &Flow,
+) -> Added {
+    let Some(slot) = front.get_ptr_mut(front_index(key)) else {
+        return add::<DIRECTION>(counters, key, flow);
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU (ingress runs in
+    // softirq, egress with softirqs off), and userspace writes only the idle generation's slots.
+    let slot = unsafe { &mut *slot };
+    if slot.owned != 0 {
+        if same_key(&slot.key, key) {
+            slot.bytes += flow.bytes;
+            slot.packets += flow.packets;
+            return Added::Yes;
+        }
+        return add::<DIRECTION>(counters, key, flow);
+    }
+    let added = add::<DIRECTION>(counters, key, flow);
+    if let Added::Yes = added {
+        // The key first, then `owned` (see `FrontSlot`): volatile stores keep that order.
+        // SAFETY: plain stores into this CPU's slot.
+        unsafe {
+            core::ptr::write_volatile(&mut slot.key, *key);
+            core::ptr::write_volatile(&mut slot.owned, 1);
+        }
+    }
+    added
+}
+
+#[inline(always)]
+fn same_key(a: &CounterKey, b: &CounterKey) -> bool {
+    a.remote_ip[3] == b.remote_ip[3]
+        && a.remote_ip[2] == b.remote_ip[2]
+        && a.remote_ip[1] == b.remote_ip[1]
+        && a.remote_ip[0] == b.remote_ip[0]
+        && a.port == b.port
+        && a.proto == b.proto
+        && a.direction == b.direction
 }
 
 #[inline(always)]

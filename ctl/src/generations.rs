@@ -130,8 +130,12 @@ fn remove_selected(
             .map(|(k, _)| k)
             .collect(),
     };
-    let counters = pinned.counters(generation)?;
     let (overflow, removable): (Vec<_>, Vec<_>) = selected.into_iter().partition(|k| k.is_overflow());
+    // Their front-cache slots first, then their hash entries: killed in between, the next read
+    // still finds the entries (a slot without its entry would be read too, but never made).
+    let removing: std::collections::HashSet<CounterKey> = removable.iter().copied().collect();
+    maps::clear_front(pinned.front(generation)?, |k| removing.contains(k))?;
+    let counters = pinned.counters(generation)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
     for key in overflow {
         let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])?;
@@ -341,6 +345,10 @@ fn roll_forward(pinned: &mut Pinned, j: &mut Journal, mut of_active: Option<Vec<
                 wait_for_running_programs(pinned)?;
                 let keep = journal::get(pinned, JournalKind::Subtract)?;
                 let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+                // What each keeps goes into its hash entry: its front-cache slots are cleared
+                // first (repeating both steps after a crash gives the same result).
+                let keys: std::collections::HashSet<CounterKey> = keep.iter().map(|(k, _)| *k).collect();
+                maps::clear_front(pinned.front(idle)?, |k| keys.contains(k))?;
                 let counters = pinned.counters(idle)?;
                 for (i, (key, value)) in keep.iter().enumerate() {
                     if i == keep.len() / 2 {

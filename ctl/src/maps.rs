@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use portwatch_common::{CounterKey, Counters, Direction, Stats, PORT_COUNT};
+use portwatch_common::{CounterKey, Counters, Direction, FrontSlot, Stats, PORT_COUNT};
 
 use crate::pinned::Pinned;
 
@@ -43,6 +43,58 @@ pub fn read_counters<T: Borrow<MapData>>(
         out.insert(key, sum(&values));
     }
     Ok(out)
+}
+
+/// What a front cache holds: every owned slot of every CPU as (key, counts), a key once per CPU
+/// at most. One lookup per slot, each returning the slot of every CPU.
+pub fn front_entries<T: Borrow<MapData>>(front: &PerCpuArray<T, FrontSlot>) -> Result<Vec<(CounterKey, Counters)>> {
+    let mut out = vec![];
+    for index in 0..front.len() {
+        for slot in front.get(&index, 0).context("reading a front cache")?.iter() {
+            if slot.owned != 0 {
+                out.push((slot.key, Counters { bytes: slot.bytes, packets: slot.packets }));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Clears every slot (on every CPU) of a front cache whose key `clear` selects; returns how many.
+/// Only for an idle generation's cache: the program must not write it meanwhile.
+pub fn clear_front<T: BorrowMut<MapData>>(
+    front: &mut PerCpuArray<T, FrontSlot>,
+    clear: impl Fn(&CounterKey) -> bool,
+) -> Result<usize> {
+    let mut cleared = 0;
+    for index in 0..front.len() {
+        let mut slots: Vec<FrontSlot> = front.get(&index, 0).context("reading a front cache")?.to_vec();
+        let mut changed = false;
+        for slot in &mut slots {
+            if slot.owned != 0 && clear(&slot.key) {
+                *slot = FrontSlot::default();
+                changed = true;
+                cleared += 1;
+            }
+        }
+        if changed {
+            front
+                .set(index, PerCpuValues::try_from(slots)?, 0)
+                .context("clearing a front cache slot")?;
+        }
+    }
+    Ok(cleared)
+}
+
+/// A generation's counters with its front cache added: each key's hash entry plus what its slots
+/// hold.
+pub fn with_front(
+    mut counters: BTreeMap<CounterKey, Counters>,
+    front: Vec<(CounterKey, Counters)>,
+) -> BTreeMap<CounterKey, Counters> {
+    for (key, value) in front {
+        *counters.entry(key).or_default() += value;
+    }
+    counters
 }
 
 /// The sum of per-CPU values.
@@ -132,9 +184,14 @@ pub fn write_port_changes<T: BorrowMut<MapData>>(
 /// Entries per batch syscall when reading a counter map.
 const BATCH_CHUNK: usize = 16384;
 
-/// Every entry of one counter generation (overflow keys included), summed over CPUs, handed to
-/// `each`: one `BPF_MAP_LOOKUP_BATCH` per 16384 entries, or a key-at-a-time walk where the kernel
-/// has no batch operations for the map. Holds a few chunks at a time, not the map.
+/// Every entry of one counter generation (overflow keys included), summed over CPUs, with what its
+/// front cache holds for the key added, handed to `each` once per key: one `BPF_MAP_LOOKUP_BATCH`
+/// per 16384 entries, or a key-at-a-time walk where the kernel has no batch operations for the map.
+/// Holds a few chunks at a time, not the map.
+///
+/// The front cache is read first: a slot claimed after that read holds packets counted after it
+/// (the key's hash entry does not lose them), so each key's total only grows from one read to the
+/// next, as with the hash alone.
 ///
 /// The kernel's copy-out and `each` (grouping a million keys) both take a good part of a pass: a
 /// reader thread makes the syscalls and decodes while the calling thread runs `each`, so on two
@@ -144,6 +201,17 @@ pub fn for_each_in_generation(
     generation: u32,
     mut each: impl FnMut(CounterKey, Counters),
 ) -> Result<()> {
+    let mut front: std::collections::HashMap<CounterKey, Counters> = std::collections::HashMap::new();
+    for (key, value) in front_entries(pinned.front(generation)?)? {
+        *front.entry(key).or_default() += value;
+    }
+    let front = std::cell::RefCell::new(front);
+    let mut each = |key: CounterKey, mut value: Counters| {
+        if let Some(cached) = front.borrow_mut().remove(&key) {
+            value += cached;
+        }
+        each(key, value)
+    };
     let counters = pinned.counters(generation)?;
     let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     let key_size = std::mem::size_of::<CounterKey>();
@@ -184,17 +252,22 @@ pub fn for_each_in_generation(
         (result, delivered)
     });
     match batched {
-        (Ok(()), _) => Ok(()),
+        (Ok(()), _) => {}
         // The fallback reads the whole map: only when nothing was handed out yet (the kernel
         // refuses batch operations on the first call), or entries would be handed out twice.
         (Err(e), false) if crate::sys::bpf::batch_unsupported(&e) => {
             for (key, value) in read_counters(counters)? {
                 each(key, value);
             }
-            Ok(())
         }
-        (Err(e), _) => Err(e).context("BPF_MAP_LOOKUP_BATCH on a counter map"),
+        (Err(e), _) => return Err(e).context("BPF_MAP_LOOKUP_BATCH on a counter map"),
     }
+    // Slots of keys the hash no longer has (a reset interrupted between clearing them and
+    // deleting the keys, never in normal operation): still counted.
+    for (key, value) in front.take() {
+        each(key, value);
+    }
+    Ok(())
 }
 
 /// Every entry of one counter generation, collected.

@@ -32,7 +32,7 @@ use aya::{
     programs::SchedClassifier,
 };
 use portwatch_common::{
-    counters_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Journal,
+    counters_map, front_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Journal,
     JournalKey, Meta, PortKey, Stats, LAYOUT_VERSION,
 };
 
@@ -298,6 +298,7 @@ pub struct Pinned {
     access: Access,
     watched_ports: Option<Array<MapData, u8>>,
     counters: [Option<PerCpuHashMap<MapData, CounterKey, Counters>>; 2],
+    front: [Option<PerCpuArray<MapData, FrontSlot>>; 2],
     config: Option<Array<MapData, Config>>,
     stats: Option<PerCpuArray<MapData, Stats>>,
     attachments: Option<HashMap<MapData, AttachKey, Attachment>>,
@@ -407,6 +408,7 @@ impl Pinned {
             access,
             watched_ports: None,
             counters: [None, None],
+            front: [None, None],
             config: None,
             stats: None,
             attachments: None,
@@ -433,6 +435,15 @@ impl Pinned {
             &mut self.counters[generation_index(generation)],
             &self.pin,
             counters_map(generation),
+        )
+    }
+
+    /// The front cache of `generation` (only its bit 0 counts).
+    pub fn front(&mut self, generation: u32) -> Result<&mut PerCpuArray<MapData, FrontSlot>> {
+        open_once(
+            &mut self.front[generation_index(generation)],
+            &self.pin,
+            front_map(generation),
         )
     }
 

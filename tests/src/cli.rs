@@ -179,7 +179,7 @@ impl Pw {
     pub fn counters(&self) -> BTreeMap<CounterKey, Counters> {
         let mut pinned = self.pinned();
         let generation = pinned.active_generation().unwrap();
-        crate::real_counters(&portwatch::maps::read_counters(pinned.counters(generation).unwrap()).unwrap())
+        crate::real_counters(&portwatch::maps::read_generation(&mut pinned, generation).unwrap().into_iter().collect())
     }
 
     /// The global statistics, summed over CPUs.

@@ -21,7 +21,7 @@ use aya::{
     Ebpf,
 };
 use portwatch::pinned::{Access, PinPath, Pinned};
-use portwatch_common::{counters_map, map_names, CounterKey, Counters, Direction, Stats};
+use portwatch_common::{counters_map, front_map, map_names, CounterKey, Counters, Direction, FrontSlot, Stats};
 /// `#[kernel_test]`: a `#[test]` that first asks `kernel_available` with its own name.
 pub use portwatch_test_macros::kernel_test;
 
@@ -191,19 +191,35 @@ impl Harness {
         self.run_gso(direction, frame, 0, 0, 1)
     }
 
-    /// Counters of generation `generation` (0 or 1), summed over CPUs, overflow keys included.
-    pub fn counters(&mut self, generation: u32) -> Result<BTreeMap<CounterKey, Counters>> {
-        portwatch::maps::read_counters(&self.counters_map(counters_map(generation))?)
+    fn front_map(&mut self, generation: u32) -> Result<PerCpuArray<&mut aya::maps::MapData, FrontSlot>> {
+        Ok(PerCpuArray::try_from(
+            self.ebpf.map_mut(front_map(generation)).context("map missing")?,
+        )?)
     }
 
-    /// The counter of `key` in generation `generation`, summed over CPUs (`None`: no such key).
+    /// Counters of generation `generation` (0 or 1), summed over CPUs, overflow keys included,
+    /// with what its front cache holds added (as every reader does).
+    pub fn counters(&mut self, generation: u32) -> Result<BTreeMap<CounterKey, Counters>> {
+        let hash = portwatch::maps::read_counters(&self.counters_map(counters_map(generation))?)?;
+        let front = portwatch::maps::front_entries(&self.front_map(generation)?)?;
+        Ok(portwatch::maps::with_front(hash, front))
+    }
+
+    /// The counter of `key` in generation `generation`, summed over CPUs, front cache included
+    /// (`None`: the counter map has no such key).
     pub fn counter(&mut self, generation: u32, key: &CounterKey) -> Result<Option<Counters>> {
         let map = self.counters_map(counters_map(generation))?;
-        match map.get(key, 0) {
-            Ok(values) => Ok(Some(portwatch::maps::sum(&values))),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e.into()),
+        let mut value = match map.get(key, 0) {
+            Ok(values) => portwatch::maps::sum(&values),
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        for (k, v) in portwatch::maps::front_entries(&self.front_map(generation)?)? {
+            if k == *key {
+                value += v;
+            }
         }
+        Ok(Some(value))
     }
 
     pub fn stats(&mut self) -> Result<Stats> {
@@ -232,6 +248,9 @@ impl Harness {
                     map.remove(&key)?;
                 }
             }
+        }
+        for generation in [0, 1] {
+            portwatch::maps::clear_front(&mut self.front_map(generation)?, |_| true)?;
         }
         self.set_generation(0)
     }

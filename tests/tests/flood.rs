@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use portwatch::maps::{read_counters, sum};
+use portwatch::maps::{read_generation, sum};
 use portwatch_common::{
     CounterKey, Counters,
     Direction::{Egress as EG, Ingress as IN},
@@ -32,7 +32,7 @@ fn all_counters(pw: &Pw) -> BTreeMap<CounterKey, Counters> {
     let mut pinned = pw.pinned();
     let mut all = BTreeMap::new();
     for generation in 0..2 {
-        for (k, v) in read_counters(pinned.counters(generation).unwrap()).unwrap() {
+        for (k, v) in read_generation(&mut pinned, generation).unwrap() {
             *all.entry(k).or_insert_with(Counters::default) += v;
         }
     }
