@@ -52,7 +52,13 @@ pub fn front_entries<T: Borrow<MapData>>(front: &PerCpuArray<T, FrontSlot>) -> R
     for index in 0..front.len() {
         for slot in front.get(&index, 0).context("reading a front cache")?.iter() {
             if slot.owned != 0 {
-                out.push((slot.key, Counters { bytes: slot.bytes, packets: slot.packets }));
+                out.push((
+                    slot.key,
+                    Counters {
+                        bytes: slot.bytes,
+                        packets: slot.packets,
+                    },
+                ));
             }
         }
     }

@@ -32,8 +32,8 @@ use aya::{
     programs::SchedClassifier,
 };
 use portwatch_common::{
-    counters_map, front_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Journal,
-    JournalKey, Meta, PortKey, Stats, LAYOUT_VERSION,
+    counters_map, front_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters,
+    Direction, FrontSlot, Journal, JournalKey, Meta, PortKey, Stats, LAYOUT_VERSION,
 };
 
 use crate::error::Error;

@@ -88,7 +88,6 @@ impl Scenario {
             Scenario::FullMap => "portwatch, TCX, map full (65,536 entries taken)",
         }
     }
-
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -168,7 +167,10 @@ pub struct Report {
 
 /// Runs the benchmark. `progress` gets one line per measurement.
 pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> {
-    ensure!(options.rounds > 0 && options.secs > 0, "rounds and seconds must be at least 1");
+    ensure!(
+        options.rounds > 0 && options.secs > 0,
+        "rounds and seconds must be at least 1"
+    );
     for tool in ["iperf3", "tcpdump", "nft"] {
         ensure!(
             Command::new(tool).arg("--version").output().is_ok(),
@@ -179,7 +181,8 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> 
     bed.accept_any_source()?;
     // Short connections: ports come back after a second (TIME_WAIT reuse), from a wide range.
     bed.client.exec(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
-    bed.client.exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])?;
+    bed.client
+        .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])?;
     let mut report = Report::default();
     for round in 0..options.rounds {
         for &traffic in &options.traffic {
@@ -264,7 +267,10 @@ fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
             // Counting starts once tcpdump says it listens (bounded: 10 s).
             let started = Instant::now();
             while !std::fs::read_to_string(&log)?.contains("listening on") {
-                ensure!(started.elapsed() < Duration::from_secs(10), "tcpdump did not start in 10 s");
+                ensure!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "tcpdump did not start in 10 s"
+                );
                 std::thread::sleep(Duration::from_millis(10));
             }
             let _ = std::fs::remove_file(&log);
@@ -314,7 +320,9 @@ fn verify(active: Active, scenario: Scenario) -> Result<()> {
                 );
             }
             if scenario == Scenario::Many {
-                let entries = pw.status()["counters"]["entries"].as_u64().context("status: counters.entries")?;
+                let entries = pw.status()["counters"]["entries"]
+                    .as_u64()
+                    .context("status: counters.entries")?;
                 ensure!(entries >= MANY_ENTRIES, "only {entries} live entries");
             }
         }
@@ -366,7 +374,11 @@ fn measure(bed: &Bed, scenario: Scenario, traffic: Traffic, secs: u64) -> Result
 fn busy_ns() -> Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("/proc/stat is empty")?;
-    let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0)).collect();
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
     ensure!(f.len() >= 7, "unexpected /proc/stat: {line}");
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
@@ -378,7 +390,8 @@ fn veth_packets(bed: &Bed) -> Result<u64> {
     let json = bed.server.ip(&["-j", "-s", "link", "show", "dev", &bed.server_if])?;
     let v: serde_json::Value = serde_json::from_str(&json)?;
     let stats = &v[0]["stats64"];
-    Ok(stats["rx"]["packets"].as_u64().context("rx packets")? + stats["tx"]["packets"].as_u64().context("tx packets")?)
+    Ok(stats["rx"]["packets"].as_u64().context("rx packets")?
+        + stats["tx"]["packets"].as_u64().context("tx packets")?)
 }
 
 fn in_netns(name: &str) -> Command {
@@ -562,8 +575,9 @@ pub fn markdown(report: &Report) -> String {
 }
 
 fn min_max(v: &[f64]) -> (f64, f64) {
-    v.iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)))
+    v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+        (lo.min(x), hi.max(x))
+    })
 }
 
 /// Three significant figures for rates, with thousands separators for large ones.

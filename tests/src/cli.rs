@@ -179,7 +179,12 @@ impl Pw {
     pub fn counters(&self) -> BTreeMap<CounterKey, Counters> {
         let mut pinned = self.pinned();
         let generation = pinned.active_generation().unwrap();
-        crate::real_counters(&portwatch::maps::read_generation(&mut pinned, generation).unwrap().into_iter().collect())
+        crate::real_counters(
+            &portwatch::maps::read_generation(&mut pinned, generation)
+                .unwrap()
+                .into_iter()
+                .collect(),
+        )
     }
 
     /// The global statistics, summed over CPUs.

@@ -483,7 +483,13 @@ fn nix_tcp_socket(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
 
 /// An IP header and a UDP datagram of `size` zero bytes, for a raw socket (`IPPROTO_RAW`): the
 /// kernel fills in the IPv4 header checksum; the UDP checksum is computed (IPv6 needs it).
-pub(crate) fn spoofed_udp(src: std::net::IpAddr, dst: std::net::IpAddr, sport: u16, dport: u16, size: usize) -> Vec<u8> {
+pub(crate) fn spoofed_udp(
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    sport: u16,
+    dport: u16,
+    size: usize,
+) -> Vec<u8> {
     use std::net::IpAddr;
     let udp_len = 8 + size;
     let mut udp = Vec::with_capacity(udp_len);

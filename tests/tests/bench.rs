@@ -28,6 +28,10 @@ fn every_scenario_and_traffic_kind_runs() {
     for scenario in Scenario::ALL {
         let row = format!("| {} |", scenario.label());
         let rows = table.lines().filter(|l| l.starts_with(&row)).count();
-        assert_eq!(rows, Traffic::ALL.len(), "one row per traffic kind for {scenario:?}:\n{table}");
+        assert_eq!(
+            rows,
+            Traffic::ALL.len(),
+            "one row per traffic kind for {scenario:?}:\n{table}"
+        );
     }
 }

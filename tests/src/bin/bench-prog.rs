@@ -127,7 +127,10 @@ fn main() -> Result<()> {
         if let Some(front) = ebpf.map("front") {
             let front: aya::maps::PerCpuArray<_, portwatch_common::FrontSlot> =
                 aya::maps::PerCpuArray::try_from(front)?;
-            packets += portwatch::maps::front_entries(&front)?.iter().map(|(_, c)| c.packets).sum::<u64>();
+            packets += portwatch::maps::front_entries(&front)?
+                .iter()
+                .map(|(_, c)| c.packets)
+                .sum::<u64>();
         }
         anyhow::ensure!(packets == runs, "{name} counted {packets} packets of {runs} runs");
     }
