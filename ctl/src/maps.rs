@@ -46,20 +46,46 @@ pub fn read_counters<T: Borrow<MapData>>(
 }
 
 /// What a front cache holds: every owned slot of every CPU as (key, counts), a key once per CPU
-/// at most. One lookup per slot, each returning the slot of every CPU.
+/// at most. One `BPF_MAP_LOOKUP_BATCH` for the whole cache (the slots of every CPU), or one lookup
+/// per slot where the kernel has no batch operations on arrays.
 pub fn front_entries<T: Borrow<MapData>>(front: &PerCpuArray<T, FrontSlot>) -> Result<Vec<(CounterKey, Counters)>> {
     let mut out = vec![];
+    let mut take = |slot: &FrontSlot| {
+        if slot.owned != 0 {
+            out.push((
+                slot.key,
+                Counters {
+                    bytes: slot.bytes,
+                    packets: slot.packets,
+                },
+            ));
+        }
+    };
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    let size = std::mem::size_of::<FrontSlot>();
+    let mut seen = 0;
+    let batched = crate::sys::bpf::lookup_batch(
+        front.map().fd().as_fd(),
+        std::mem::size_of::<u32>(),
+        size * cpus,
+        front.len() as usize,
+        |_, values, n| {
+            for i in 0..n * cpus {
+                // SAFETY: FrontSlot is plain integers (Pod); whole values as the kernel wrote them
+                // (40 bytes, a multiple of 8: no rounding between CPUs), read unaligned.
+                take(&unsafe { std::ptr::read_unaligned::<FrontSlot>(values[i * size..].as_ptr().cast()) });
+            }
+            seen += n;
+        },
+    );
+    match batched {
+        Ok(()) => return Ok(out),
+        Err(e) if seen == 0 && crate::sys::bpf::batch_unsupported(&e) => {}
+        Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH on a front cache"),
+    }
     for index in 0..front.len() {
         for slot in front.get(&index, 0).context("reading a front cache")?.iter() {
-            if slot.owned != 0 {
-                out.push((
-                    slot.key,
-                    Counters {
-                        bytes: slot.bytes,
-                        packets: slot.packets,
-                    },
-                ));
-            }
+            take(slot);
         }
     }
     Ok(out)

@@ -46,6 +46,7 @@ fn check_interrupt() -> Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Scenario {
     None,
+    Hook,
     Tcx,
     Tc,
     Many,
@@ -55,8 +56,9 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::None,
+        Scenario::Hook,
         Scenario::Tcx,
         Scenario::Tc,
         Scenario::Many,
@@ -68,6 +70,7 @@ impl Scenario {
     pub fn name(self) -> &'static str {
         match self {
             Scenario::None => "none",
+            Scenario::Hook => "hook",
             Scenario::Tcx => "tcx",
             Scenario::Tc => "tc",
             Scenario::Many => "many",
@@ -80,6 +83,7 @@ impl Scenario {
     pub fn label(self) -> &'static str {
         match self {
             Scenario::None => "no monitoring",
+            Scenario::Hook => "a do-nothing TC program, TCX (the hook's own cost)",
             Scenario::Tcx => "portwatch, TCX, 1 port",
             Scenario::Tc => "portwatch, classic tc, 1 port",
             Scenario::Many => "portwatch, TCX, 1,000 ports, 100,000 live entries",
@@ -210,6 +214,8 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> 
 /// What a scenario keeps running during the traffic; dropping it takes the scenario down.
 enum Active {
     Nothing,
+    /// Dropping the object closes its TCX links: detached.
+    Hook(#[allow(dead_code)] aya::Ebpf),
     Portwatch(Pw),
     Nftables,
     Capture(Running),
@@ -219,6 +225,16 @@ fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
     let port = PORT.to_string();
     Ok(match scenario {
         Scenario::None => Active::Nothing,
+        Scenario::Hook => {
+            let mut ebpf = aya::Ebpf::load_file(portwatch::object::NOOP_OBJECT_PATH)?;
+            let prog: &mut aya::programs::SchedClassifier = ebpf.program_mut("noop").context("noop")?.try_into()?;
+            prog.load()?;
+            ensure!(crate::has_tcx(), "the hook scenario needs TCX");
+            for direction in portwatch_common::Direction::ALL {
+                crate::attach_in(&mut ebpf, "noop", &bed.server, &bed.server_if, direction)?;
+            }
+            Active::Hook(ebpf)
+        }
         Scenario::Tcx => Active::Portwatch(Pw::load_with(&bed.server, &bed.server_if, &[&port], &["--mode", "tcx"])),
         Scenario::Tc => Active::Portwatch(Pw::load_with(&bed.server, &bed.server_if, &[&port], &["--mode", "tc"])),
         Scenario::Many => {
@@ -330,7 +346,7 @@ fn verify(active: Active, scenario: Scenario) -> Result<()> {
             let status = running.terminate();
             ensure!(status.success(), "tcpdump ended with {status}");
         }
-        Active::Nftables | Active::Nothing => {}
+        Active::Hook(_) | Active::Nftables | Active::Nothing => {}
     }
     Ok(())
 }

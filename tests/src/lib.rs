@@ -222,6 +222,21 @@ impl Harness {
         Ok(Some(value))
     }
 
+    /// The counter of `key` in generation `generation`'s hash map alone (no front cache).
+    pub fn hash_counter(&mut self, generation: u32, key: &CounterKey) -> Result<Option<Counters>> {
+        let map = self.counters_map(counters_map(generation))?;
+        match map.get(key, 0) {
+            Ok(values) => Ok(Some(portwatch::maps::sum(&values))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The owned slots of generation `generation`'s front cache, every CPU.
+    pub fn front(&mut self, generation: u32) -> Result<Vec<(CounterKey, Counters)>> {
+        portwatch::maps::front_entries(&self.front_map(generation)?)
+    }
+
     pub fn stats(&mut self) -> Result<Stats> {
         let map: PerCpuArray<_, Stats> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
         portwatch::maps::read_stats(&map)

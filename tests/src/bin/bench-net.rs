@@ -1,11 +1,12 @@
 //! The network benchmark: the same traffic through a veth pair between two throwaway namespaces
-//! with no monitoring, portwatch (TCX, classic tc, 1,000 ports and 100,000 entries, a full map),
+//! with no monitoring, a do-nothing TC program, portwatch (TCX, classic tc, 1,000 ports and
+//! 100,000 entries, a full map),
 //! nftables per-source sets and a packet capture, in alternating rounds. Markdown tables on stdout,
 //! progress on stderr. `tests/bench.sh` builds it in release mode and runs it.
 //!
 //!     bench-net [--rounds N] [--secs S] [--scenario NAME]... [--traffic NAME]...
 //!
-//! Scenarios: none tcx tc many nftables capture full. Traffic: tcp udp64 connections flood.
+//! Scenarios: none hook tcx tc many nftables capture full. Traffic: tcp udp64 connections flood.
 //! Interrupted (SIGINT, SIGTERM), it stops at the next step and removes its namespaces and pins.
 
 use anyhow::{bail, Context, Result};
@@ -51,7 +52,7 @@ fn main() -> Result<()> {
             "-h" | "--help" => {
                 println!(
                     "bench-net [--rounds N (5)] [--secs S (3)] [--smoke] [--scenario NAME]... [--traffic NAME]...\n\
-                     scenarios: none tcx tc many nftables capture full (default: all; none is always run)\n\
+                     scenarios: none hook tcx tc many nftables capture full (default: all; none is always run)\n\
                      traffic: tcp udp64 connections flood (default: all)"
                 );
                 return Ok(());
