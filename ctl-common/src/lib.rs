@@ -20,6 +20,11 @@ pub mod map_names {
     pub const FRONT_0: &str = "front_0";
     /// `PERCPU_ARRAY[FRONT_SLOTS]` of `FrontSlot`: generation 1's front cache.
     pub const FRONT_1: &str = "front_1";
+    /// `PERCPU_ARRAY[2]` of `u32`, indexed by generation: 1 once an insert into that generation's
+    /// counter map failed for lack of room (the program never deletes, so it stays full until
+    /// userspace removes entries, and userspace then clears the hint). While set, new keys go
+    /// straight to the overflow key.
+    pub const MAP_FULL: &str = "map_full";
     /// `ARRAY[1]` of `Config`: what the program reads on every packet.
     pub const CONFIG: &str = "config";
     /// `PERCPU_ARRAY[1]` of `Stats`: global statistics.
@@ -49,12 +54,13 @@ pub mod map_names {
     pub const JOURNAL_ENTRIES: &str = "journal_entries";
 
     /// The maps of the object (the barrier is created by `load`).
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         WATCHED_PORTS,
         COUNTERS_0,
         COUNTERS_1,
         FRONT_0,
         FRONT_1,
+        MAP_FULL,
         CONFIG,
         STATS,
         META,
@@ -288,9 +294,17 @@ pub struct Counters {
     pub packets: u64,
 }
 
-/// Slots of each front cache, per CPU (a power of two: `front_index` keeps `FRONT_BITS` bits).
+/// Slots of each front cache, per CPU (a power of two: `front_index` keeps `FRONT_BITS` bits),
+/// and after them one slot per direction for the overflow keys (`overflow_slot`).
 pub const FRONT_BITS: u32 = 10;
 pub const FRONT_SLOTS: u32 = 1 << FRONT_BITS;
+pub const FRONT_ENTRIES: u32 = FRONT_SLOTS + 2;
+
+/// The front-cache slot of a direction's overflow key: after the hashed ones, so a flood of new
+/// keys into a full map counts in place whatever owns the hashed slots.
+pub const fn overflow_slot(direction: Direction) -> u32 {
+    FRONT_SLOTS + direction as u32
+}
 
 /// One slot of a front cache (`front_0`, `front_1`): a key the program has counted in the
 /// generation's counter map and that owns this slot on this CPU until userspace clears it, with
@@ -315,7 +329,7 @@ pub struct FrontSlot {
 
 /// The slot a key may own in a front cache: a multiplicative hash of its words, `FRONT_BITS` bits.
 #[inline(always)]
-pub fn front_index(key: &CounterKey) -> u32 {
+pub const fn front_index(key: &CounterKey) -> u32 {
     let x = key.remote_ip[0]
         ^ key.remote_ip[1].rotate_left(8)
         ^ key.remote_ip[2].rotate_left(16)

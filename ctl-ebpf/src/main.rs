@@ -16,14 +16,15 @@ use aya_ebpf::{
 };
 use parse::Flow;
 use portwatch_common::{
-    front_index, proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Meta, Stats,
-    DEFAULT_MAX_ENTRIES, FRONT_SLOTS, MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES,
+    front_index, overflow_slot, proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Meta, Stats,
+    DEFAULT_MAX_ENTRIES, FRONT_ENTRIES, MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES,
     Journal, JournalKey,
 };
 
 /// The object's size; `portwatch load --max-entries` sets the real one at load time.
 const COUNTER_ENTRIES: u32 = DEFAULT_MAX_ENTRIES + RESERVED_ENTRIES;
 const EEXIST: i32 = 17;
+const E2BIG: i32 = 7;
 
 #[map(name = "watched_ports")]
 static WATCHED_PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
@@ -37,10 +38,14 @@ static COUNTERS_1: PerCpuHashMap<CounterKey, Counters> =
     PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
 
 #[map(name = "front_0")]
-static FRONT_0: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_SLOTS, 0);
+static FRONT_0: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_ENTRIES, 0);
 
 #[map(name = "front_1")]
-static FRONT_1: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_SLOTS, 0);
+static FRONT_1: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_ENTRIES, 0);
+
+/// Per generation, per CPU: 1 once an insert found the counter map full (see `map_names::MAP_FULL`).
+#[map(name = "map_full")]
+static MAP_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
 
 #[map(name = "config")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -112,10 +117,11 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
     let key = CounterKey { remote_ip, port: local_port, proto: flow.proto, direction: DIRECTION };
     let generation = CONFIG.get(0).map(Config::active_generation).unwrap_or(0);
     // Two call sites, one map each: the verifier can then inline each map's lookup.
+    let full = MAP_FULL.get_ptr_mut(generation & 1);
     let counted = if generation == 0 {
-        add_front::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow)
+        add_front::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow, full)
     } else {
-        add_front::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow)
+        add_front::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow, full)
     };
     match counted {
         Added::Yes => {}
@@ -136,17 +142,42 @@ enum Added {
     Full { overflow_missing: bool },
 }
 
-/// Through the front cache (see `FrontSlot`): a key that owns its slot on this CPU adds there; any
-/// other goes to the hash map, and claims the slot when it is free and the key is in the map now.
+/// Counts `flow` under `key`: through the front cache (see `FrontSlot`), else in the counter map,
+/// else (the map full) under the overflow key of this direction, itself through the front cache.
 #[inline(always)]
 fn add_front<const DIRECTION: u8>(
     front: &PerCpuArray<FrontSlot>,
     counters: &PerCpuHashMap<CounterKey, Counters>,
     key: &CounterKey,
     flow: &Flow,
+    full: Option<*mut u32>,
 ) -> Added {
-    let Some(slot) = front.get_ptr_mut(front_index(key)) else {
-        return add::<DIRECTION>(counters, key, flow);
+    if through_front(front, front_index(key), key, flow, || add(counters, key, flow, full)) {
+        return Added::Yes;
+    }
+    // Userspace inserts the overflow keys before the program runs and keeps them, so the sum of
+    // all counters still equals all matched traffic. Their slots are their own (`overflow_slot`).
+    let direction = Direction::from_u8(DIRECTION);
+    let overflow = CounterKey::overflow(direction);
+    let counted = through_front(front, overflow_slot(direction), &overflow, flow, || {
+        increment(counters, &overflow, flow)
+    });
+    Added::Full { overflow_missing: !counted }
+}
+
+/// A key that owns its slot (`index`) on this CPU adds there. Any other is counted by `count` (in
+/// the counter map: true when under `key` itself), and claims the slot when it is free and `count`
+/// put it in the map.
+#[inline(always)]
+fn through_front(
+    front: &PerCpuArray<FrontSlot>,
+    index: u32,
+    key: &CounterKey,
+    flow: &Flow,
+    count: impl FnOnce() -> bool,
+) -> bool {
+    let Some(slot) = front.get_ptr_mut(index) else {
+        return count();
     };
     // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU (ingress runs in
     // softirq, egress with softirqs off), and userspace writes only the idle generation's slots.
@@ -155,12 +186,12 @@ fn add_front<const DIRECTION: u8>(
         if same_key(&slot.key, key) {
             slot.bytes += flow.bytes;
             slot.packets += flow.packets;
-            return Added::Yes;
+            return true;
         }
-        return add::<DIRECTION>(counters, key, flow);
+        return count();
     }
-    let added = add::<DIRECTION>(counters, key, flow);
-    if let Added::Yes = added {
+    let counted = count();
+    if counted {
         // The key first, then `owned` (see `FrontSlot`): volatile stores keep that order.
         // SAFETY: plain stores into this CPU's slot.
         unsafe {
@@ -168,7 +199,7 @@ fn add_front<const DIRECTION: u8>(
             core::ptr::write_volatile(&mut slot.owned, 1);
         }
     }
-    added
+    counted
 }
 
 #[inline(always)]
@@ -182,31 +213,37 @@ fn same_key(a: &CounterKey, b: &CounterKey) -> bool {
         && a.direction == b.direction
 }
 
+/// Counts `flow` under `key` in the counter map, inserting the key when new; false when the map
+/// has no room for it.
 #[inline(always)]
-fn add<const DIRECTION: u8>(
-    counters: &PerCpuHashMap<CounterKey, Counters>,
-    key: &CounterKey,
-    flow: &Flow,
-) -> Added {
+fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow, full: Option<*mut u32>) -> bool {
     if increment(counters, key, flow) {
-        return Added::Yes;
+        return true;
+    }
+    // SAFETY: this CPU's value of a per-CPU array (as for `FrontSlot`).
+    let known_full = full.is_some_and(|f| unsafe { *f } != 0);
+    // The program never deletes: once an insert found the map full, it stays full until userspace
+    // removes entries, and userspace clears the hint when it does. Meanwhile a new key goes straight
+    // to the overflow key instead of paying for an insert that cannot succeed.
+    if known_full {
+        return false;
     }
     let value = Counters { bytes: flow.bytes, packets: flow.packets };
     match counters.insert(key, &value, BPF_NOEXIST as u64) {
-        Ok(()) => return Added::Yes,
+        Ok(()) => true,
         // Another CPU inserted the same new key between our lookup and insert: its slot for this
         // CPU is zero, so add there instead of losing the packet.
-        Err(e) if e == -EEXIST => {
-            if increment(counters, key, flow) {
-                return Added::Yes;
+        Err(e) if e == -EEXIST => increment(counters, key, flow),
+        Err(e) => {
+            if e == -E2BIG {
+                if let Some(f) = full {
+                    // SAFETY: as above.
+                    unsafe { *f = 1 };
+                }
             }
+            false
         }
-        Err(_) => {}
     }
-    // Full (E2BIG). Userspace inserts the overflow keys before the program runs and keeps them, so
-    // the sum of all counters still equals all matched traffic.
-    let overflow_missing = !increment(counters, &CounterKey::overflow(Direction::from_u8(DIRECTION)), flow);
-    Added::Full { overflow_missing }
 }
 
 /// In-place increment of this CPU's slot. Per-CPU values mean no other CPU writes it, so plain

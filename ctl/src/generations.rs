@@ -131,9 +131,9 @@ fn remove_selected(
             .collect(),
     };
     let (overflow, removable): (Vec<_>, Vec<_>) = selected.into_iter().partition(|k| k.is_overflow());
-    // Their front-cache slots first, then their hash entries: killed in between, the next read
-    // still finds the entries (a slot without its entry would be read too, but never made).
-    let removing: std::collections::HashSet<CounterKey> = removable.iter().copied().collect();
+    // Their front-cache slots first (the overflow keys' too), then their hash entries: killed in
+    // between, the next read still finds the entries.
+    let removing: std::collections::HashSet<CounterKey> = removable.iter().chain(&overflow).copied().collect();
     maps::clear_front(pinned.front(generation)?, |k| removing.contains(k))?;
     let counters = pinned.counters(generation)?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
@@ -180,6 +180,8 @@ fn remove_selected(
             fault::point("reset:deleting")?;
         }
     }
+    // Entries were removed (or, after a crash, may have been): the map may have room again.
+    maps::clear_full_hint(pinned.map_full()?, generation)?;
     Ok(())
 }
 
@@ -369,6 +371,7 @@ fn roll_forward(pinned: &mut Pinned, j: &mut Journal, mut of_active: Option<Vec<
                             .context("taking the record's share out of a counter")?;
                     }
                 }
+                maps::clear_full_hint(pinned.map_full()?, idle)?;
                 journal::set_state(pinned, j, JournalState::Idle)?;
                 journal::clear(pinned)?;
                 return Ok(());

@@ -117,6 +117,14 @@ pub fn clear_front<T: BorrowMut<MapData>>(
     Ok(cleared)
 }
 
+/// Clears generation `generation`'s "map full" hint on every CPU (after removing entries from it;
+/// harmless when it is still full: the next insert that fails sets it again).
+pub fn clear_full_hint<T: BorrowMut<MapData>>(hint: &mut PerCpuArray<T, u32>, generation: u32) -> Result<()> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    hint.set(generation & 1, PerCpuValues::try_from(vec![0u32; cpus])?, 0)
+        .context("clearing the map-full hint")
+}
+
 /// A generation's counters with its front cache added: each key's hash entry plus what its slots
 /// hold.
 pub fn with_front(

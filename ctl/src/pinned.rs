@@ -299,6 +299,7 @@ pub struct Pinned {
     watched_ports: Option<Array<MapData, u8>>,
     counters: [Option<PerCpuHashMap<MapData, CounterKey, Counters>>; 2],
     front: [Option<PerCpuArray<MapData, FrontSlot>>; 2],
+    map_full: Option<PerCpuArray<MapData, u32>>,
     config: Option<Array<MapData, Config>>,
     stats: Option<PerCpuArray<MapData, Stats>>,
     attachments: Option<HashMap<MapData, AttachKey, Attachment>>,
@@ -409,6 +410,7 @@ impl Pinned {
             watched_ports: None,
             counters: [None, None],
             front: [None, None],
+            map_full: None,
             config: None,
             stats: None,
             attachments: None,
@@ -445,6 +447,11 @@ impl Pinned {
             &self.pin,
             front_map(generation),
         )
+    }
+
+    /// The per-generation "map full" hints (see `map_names::MAP_FULL`).
+    pub fn map_full(&mut self) -> Result<&mut PerCpuArray<MapData, u32>> {
+        open_once(&mut self.map_full, &self.pin, map_names::MAP_FULL)
     }
 
     pub fn config(&mut self) -> Result<&mut Array<MapData, Config>> {

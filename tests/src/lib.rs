@@ -266,6 +266,8 @@ impl Harness {
         }
         for generation in [0, 1] {
             portwatch::maps::clear_front(&mut self.front_map(generation)?, |_| true)?;
+            let mut hint: PerCpuArray<_, u32> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::MAP_FULL).unwrap())?;
+            portwatch::maps::clear_full_hint(&mut hint, generation)?;
         }
         self.set_generation(0)
     }

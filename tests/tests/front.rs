@@ -21,7 +21,9 @@ fn colliding_sources() -> (String, String) {
     let src = |i: u32| format!("198.18.{}.{}", 10 + i / 256, i % 256);
     let slot = |i: u32| front_index(&key(&src(i), 443, IPPROTO_TCP, Direction::Ingress));
     let first = slot(0);
-    let other = (1..4096).find(|&i| slot(i) == first).expect("two of 4,096 keys share a slot");
+    let other = (1..4096)
+        .find(|&i| slot(i) == first)
+        .expect("two of 4,096 keys share a slot");
     (src(0), src(other))
 }
 
@@ -33,7 +35,10 @@ fn a_repeat_sender_is_counted_in_its_slot_and_read_with_its_key() {
     h.run(Direction::Ingress, &frame("198.18.9.9")).unwrap();
     let one = h.counter(0, &k).unwrap().expect("the key is counted");
     assert_eq!(one.packets, 1);
-    assert!(h.front(0).unwrap().iter().any(|(key, _)| *key == k), "the key claimed its slot");
+    assert!(
+        h.front(0).unwrap().iter().any(|(key, _)| *key == k),
+        "the key claimed its slot"
+    );
     for _ in 0..9 {
         h.run(Direction::Ingress, &frame("198.18.9.9")).unwrap();
     }
@@ -96,12 +101,18 @@ fn a_key_the_full_map_refuses_claims_no_slot() {
     }
     let k = key(&newcomer, 443, IPPROTO_TCP, Direction::Ingress);
     let all = h.counters(0).unwrap();
-    assert!(!all.contains_key(&k), "a key the map refused is nowhere but in the overflow");
+    assert!(
+        !all.contains_key(&k),
+        "a key the map refused is nowhere but in the overflow"
+    );
     assert!(!h.front(0).unwrap().iter().any(|(key, _)| *key == k));
     let overflow = all[&portwatch_common::CounterKey::overflow(Direction::Ingress)];
     assert_eq!(overflow.packets, 5);
     let stats = h.stats().unwrap();
-    assert_eq!((stats.map_full_packets, stats.map_full_bytes), (overflow.packets, overflow.bytes));
+    assert_eq!(
+        (stats.map_full_packets, stats.map_full_bytes),
+        (overflow.packets, overflow.bytes)
+    );
 }
 
 #[kernel_test]
@@ -122,4 +133,43 @@ fn each_generation_has_its_own_slots() {
     h.clear().unwrap();
     assert!(h.front(0).unwrap().is_empty() && h.front(1).unwrap().is_empty());
     assert!(h.counter(0, &k).unwrap().is_none());
+}
+
+/// The "map full" hint: once an insert found the map full, new keys skip the insert; a reset that
+/// removes entries clears it, so new keys get entries of their own again.
+#[kernel_test]
+fn a_reset_that_makes_room_lets_new_keys_in_again() {
+    use portwatch_tests::{
+        cli::Pw,
+        flood::{counted, frame as flood_frame, remote, PinnedPrograms},
+    };
+    const MAX: u64 = 16;
+    let lo = Pw::on_loopback("fullhint", &["--max-entries", &MAX.to_string()]);
+    let pw = &lo.pw;
+    let mut progs = PinnedPrograms::open(&pw.pin).unwrap();
+    let mut run = |i: u64| {
+        let p = flood_frame(remote(i), Direction::Ingress, 10);
+        progs.run(Direction::Ingress, &p.build(), 1).unwrap();
+        counted(remote(i), Direction::Ingress, &p)
+    };
+    for i in 0..MAX {
+        run(i);
+    }
+    // Full: two newcomers go to the overflow key (the second one without trying an insert).
+    for i in MAX..MAX + 2 {
+        let (key, _) = run(i);
+        assert!(!pw.counters().contains_key(&key));
+    }
+    assert_eq!(pw.stats().map_full_packets, 2);
+    pw.ok(&["reset", "--json"]);
+    // Room again in both generations: a newcomer is counted under its own key.
+    for i in MAX + 2..MAX + 4 {
+        let (key, value) = run(i);
+        assert_eq!(
+            pw.counters().get(&key),
+            Some(&value),
+            "source {i} has its own entry after the reset"
+        );
+    }
+    assert_eq!(pw.stats().map_full_packets, 2);
 }
