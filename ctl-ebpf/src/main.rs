@@ -16,9 +16,9 @@ use aya_ebpf::{
 };
 use parse::Flow;
 use portwatch_common::{
-    front_index, overflow_slot, proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Meta, Stats,
-    DEFAULT_MAX_ENTRIES, FRONT_ENTRIES, MAX_ATTACHMENTS, PORT_COUNT, PortKey, DRAINED_ENTRIES, RESERVED_ENTRIES,
-    Journal, JournalKey,
+    front_index, overflow_slot, proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot,
+    Journal, JournalKey, Meta, PortKey, Stats, DEFAULT_MAX_ENTRIES, DRAINED_ENTRIES, FRONT_ENTRIES, MAX_ATTACHMENTS,
+    PORT_COUNT, RESERVED_ENTRIES,
 };
 
 /// The object's size; `portwatch load --max-entries` sets the real one at load time.
@@ -30,12 +30,10 @@ const E2BIG: i32 = 7;
 static WATCHED_PORTS: Array<u8> = Array::with_max_entries(PORT_COUNT, 0);
 
 #[map(name = "counters_0")]
-static COUNTERS_0: PerCpuHashMap<CounterKey, Counters> =
-    PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
+static COUNTERS_0: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
 
 #[map(name = "counters_1")]
-static COUNTERS_1: PerCpuHashMap<CounterKey, Counters> =
-    PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
+static COUNTERS_1: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_entries(COUNTER_ENTRIES, 0);
 
 #[map(name = "front_0")]
 static FRONT_0: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_ENTRIES, 0);
@@ -114,7 +112,12 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
     stats.matched_packets += flow.packets;
     stats.matched_bytes += flow.bytes;
 
-    let key = CounterKey { remote_ip, port: local_port, proto: flow.proto, direction: DIRECTION };
+    let key = CounterKey {
+        remote_ip,
+        port: local_port,
+        proto: flow.proto,
+        direction: DIRECTION,
+    };
     let generation = CONFIG.get(0).map(Config::active_generation).unwrap_or(0);
     // Two call sites, one map each: the verifier can then inline each map's lookup.
     let full = MAP_FULL.get_ptr_mut(generation & 1);
@@ -139,7 +142,9 @@ enum Added {
     Yes,
     /// The map had no room for a new key; the traffic went to the overflow key unless it was
     /// missing too.
-    Full { overflow_missing: bool },
+    Full {
+        overflow_missing: bool,
+    },
 }
 
 /// Counts `flow` under `key`: through the front cache (see `FrontSlot`), else in the counter map,
@@ -162,7 +167,9 @@ fn add_front<const DIRECTION: u8>(
     let counted = through_front(front, overflow_slot(direction), &overflow, flow, || {
         increment(counters, &overflow, flow)
     });
-    Added::Full { overflow_missing: !counted }
+    Added::Full {
+        overflow_missing: !counted,
+    }
 }
 
 /// A key that owns its slot (`index`) on this CPU adds there. Any other is counted by `count` (in
@@ -228,7 +235,10 @@ fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &
     if known_full {
         return false;
     }
-    let value = Counters { bytes: flow.bytes, packets: flow.packets };
+    let value = Counters {
+        bytes: flow.bytes,
+        packets: flow.packets,
+    };
     match counters.insert(key, &value, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // Another CPU inserted the same new key between our lookup and insert: its slot for this
@@ -249,11 +259,7 @@ fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &
 /// In-place increment of this CPU's slot. Per-CPU values mean no other CPU writes it, so plain
 /// adds lose nothing.
 #[inline(always)]
-fn increment(
-    counters: &PerCpuHashMap<CounterKey, Counters>,
-    key: &CounterKey,
-    flow: &Flow,
-) -> bool {
+fn increment(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow) -> bool {
     match counters.get_ptr_mut(key) {
         Some(value) => {
             // SAFETY: a live per-CPU element; userspace never deletes from the generation the

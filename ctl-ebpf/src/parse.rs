@@ -165,7 +165,15 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, Reason> {
     } else {
         (datagram_len, 1)
     };
-    Ok(Flow { src: l3.src, dst: l3.dst, src_port, dst_port, proto: l3.proto, bytes, packets })
+    Ok(Flow {
+        src: l3.src,
+        dst: l3.dst,
+        src_port,
+        dst_port,
+        proto: l3.proto,
+        bytes,
+        packets,
+    })
 }
 
 /// Returns the ethertype after any in-packet VLAN tags, and the offset of the L3 header.
@@ -233,7 +241,13 @@ fn parse_ipv4(ctx: &TcContext, offset: usize, frame_end: usize, gso: bool) -> Re
     // IPv4-mapped IPv6: ::ffff:a.b.c.d
     let src = [0, 0, IPV4_MAPPED_WORD, ip[3]];
     let dst = [0, 0, IPV4_MAPPED_WORD, ip[4]];
-    Ok(L3 { src, dst, proto, l4_offset: offset + header_len, end })
+    Ok(L3 {
+        src,
+        dst,
+        proto,
+        l4_offset: offset + header_len,
+        end,
+    })
 }
 
 /// IPv6 (steps 4-11): the datagram's length first (payload length, GSO, or the Jumbo Payload
@@ -301,7 +315,13 @@ fn parse_ipv6(ctx: &TcContext, offset: usize, frame_end: usize, gso: bool) -> Re
     }
     let src = [ip[2], ip[3], ip[4], ip[5]];
     let dst = [ip[6], ip[7], ip[8], ip[9]];
-    Ok(L3 { src, dst, proto: next, l4_offset, end })
+    Ok(L3 {
+        src,
+        dst,
+        proto: next,
+        l4_offset,
+        end,
+    })
 }
 
 /// Step 8: the end of an IPv6 datagram whose payload length is 0 and which is not GSO. RFC 2675
@@ -366,5 +386,8 @@ fn jumbogram_end(ctx: &TcContext, offset: usize, next: u8, frame_end: usize) -> 
 
 #[inline(always)]
 fn is_ipv6_ext_header(next: u8) -> bool {
-    matches!(next, NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT)
+    matches!(
+        next,
+        NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST | NEXTHDR_AUTH | NEXTHDR_FRAGMENT
+    )
 }

@@ -42,7 +42,9 @@ fn add(key: &CounterKey, bytes: u64) -> bool {
             (*v).packets += 1;
             true
         },
-        None => COUNTERS.insert(key, &Counters { bytes, packets: 1 }, BPF_NOEXIST as u64).is_ok(),
+        None => COUNTERS
+            .insert(key, &Counters { bytes, packets: 1 }, BPF_NOEXIST as u64)
+            .is_ok(),
     }
 }
 

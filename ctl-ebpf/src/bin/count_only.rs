@@ -17,7 +17,12 @@ static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_e
 
 #[classifier]
 pub fn count_only(ctx: TcContext) -> i32 {
-    let key = CounterKey { remote_ip: [0, 0, 0xffff_0000, ctx.len()], port: 443, proto: 6, direction: 0 };
+    let key = CounterKey {
+        remote_ip: [0, 0, 0xffff_0000, ctx.len()],
+        port: 443,
+        proto: 6,
+        direction: 0,
+    };
     match COUNTERS.get_ptr_mut(&key) {
         // SAFETY: this CPU's slot of a live element.
         Some(v) => unsafe {
