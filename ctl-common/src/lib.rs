@@ -283,6 +283,19 @@ impl CounterKey {
     pub const fn is_overflow(&self) -> bool {
         self.port == 0 && self.proto == 0
     }
+
+    /// Field by field, as the kernel program compares keys (a derived `==` may become a `memcmp`
+    /// call, which BPF has not): the word most likely to differ first.
+    #[inline(always)]
+    pub fn same(&self, other: &CounterKey) -> bool {
+        self.remote_ip[3] == other.remote_ip[3]
+            && self.remote_ip[2] == other.remote_ip[2]
+            && self.remote_ip[1] == other.remote_ip[1]
+            && self.remote_ip[0] == other.remote_ip[0]
+            && self.port == other.port
+            && self.proto == other.proto
+            && self.direction == other.direction
+    }
 }
 
 /// A counter value (one per CPU in the per-CPU maps): L3 bytes and wire packets.

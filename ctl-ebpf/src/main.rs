@@ -7,6 +7,7 @@
 #![no_main]
 
 mod parse;
+mod runtime;
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
@@ -190,7 +191,7 @@ fn through_front(
     // softirq, egress with softirqs off), and userspace writes only the idle generation's slots.
     let slot = unsafe { &mut *slot };
     if slot.owned != 0 {
-        if same_key(&slot.key, key) {
+        if slot.key.same(key) {
             slot.bytes += flow.bytes;
             slot.packets += flow.packets;
             return true;
@@ -207,17 +208,6 @@ fn through_front(
         }
     }
     counted
-}
-
-#[inline(always)]
-fn same_key(a: &CounterKey, b: &CounterKey) -> bool {
-    a.remote_ip[3] == b.remote_ip[3]
-        && a.remote_ip[2] == b.remote_ip[2]
-        && a.remote_ip[1] == b.remote_ip[1]
-        && a.remote_ip[0] == b.remote_ip[0]
-        && a.port == b.port
-        && a.proto == b.proto
-        && a.direction == b.direction
 }
 
 /// Counts `flow` under `key` in the counter map, inserting the key when new; false when the map
@@ -273,13 +263,3 @@ fn increment(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, f
         None => false,
     }
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -11,12 +11,9 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 #[doc(hidden)]
 pub const NOOP_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/noop.bpf.o");
 
-/// Path of a TC program that only does one per-CPU hash lookup and increment, for benchmarks.
-#[doc(hidden)]
-pub const COUNT_ONLY_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/count_only.bpf.o");
-
-/// Paths of the front-cache experiment's programs (issue 13): the hash update as it is, and a
-/// per-CPU direct-mapped cache in front of it, on keys from one sender or many in turn.
+/// Paths of the programs that time portwatch's map update alone (issue 13's front-cache
+/// experiment): the per-CPU hash update, and the front cache in front of it, on keys from one
+/// sender or many in turn.
 #[doc(hidden)]
 pub const BENCH_HASH_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_hash.bpf.o");
 #[doc(hidden)]

@@ -35,3 +35,62 @@ fn every_scenario_and_traffic_kind_runs() {
         );
     }
 }
+
+/// Interrupted (Ctrl-C) in the middle of a scenario, the harness stops, exits 130 and leaves
+/// nothing behind: no namespace, no pin, no process it started (iperf3, tcpdump).
+#[kernel_test]
+fn an_interrupted_run_removes_what_it_made() {
+    use std::{
+        os::unix::process::CommandExt,
+        time::{Duration, Instant},
+    };
+    // In a process group of its own, so that what it started can be found after it exits; the
+    // signal goes to it alone: its own cleanup must stop what it started.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bench-net"))
+        .args(["--smoke"])
+        .process_group(0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mine = |line: &str| line.contains(&format!("-{pid}-"));
+    // Wait until it is inside a portwatch scenario (its pin path exists), bounded.
+    let started = Instant::now();
+    loop {
+        let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| mine(n))
+            .collect();
+        if !pins.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no scenario pinned anything in 60 s"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "bench-net ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let netns = portwatch_tests::netns::sh(&["ip", "netns", "list"]).unwrap();
+    assert!(!netns.lines().any(mine), "namespaces left: {netns}");
+    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| mine(&e.file_name().to_string_lossy()))
+        .collect();
+    assert!(pins.is_empty(), "pins left: {pins:?}");
+    let left = std::process::Command::new("pgrep")
+        .args(["-a", "-g", &pid.to_string()])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(left.trim().is_empty(), "processes of its group left: {left}");
+}

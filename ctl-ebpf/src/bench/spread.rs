@@ -1,6 +1,5 @@
 //! Shared by the front-cache experiment's two programs (`bench_hash`, `bench_cache`): the key of
-//! each run, from one heavy sender or from `SPREAD` senders in turn, and the per-binary items a
-//! `no_std` program needs (panic handler, licence). Not embedded in portwatch.
+//! each run, from one heavy sender or from `SPREAD` senders in turn. Not embedded in portwatch.
 
 use aya_ebpf::{
     macros::map,
@@ -38,12 +37,3 @@ pub fn next_key() -> CounterKey {
         direction: 0,
     }
 }
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -5,6 +5,8 @@
 #![no_std]
 #![no_main]
 
+#[path = "../runtime.rs"]
+mod runtime;
 #[path = "../bench/spread.rs"]
 mod spread;
 
@@ -21,17 +23,6 @@ static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_e
 
 #[map(name = "front")]
 static FRONT: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_SLOTS, 0);
-
-#[inline(always)]
-fn same(a: &CounterKey, b: &CounterKey) -> bool {
-    a.remote_ip[3] == b.remote_ip[3]
-        && a.remote_ip[2] == b.remote_ip[2]
-        && a.remote_ip[1] == b.remote_ip[1]
-        && a.remote_ip[0] == b.remote_ip[0]
-        && a.port == b.port
-        && a.proto == b.proto
-        && a.direction == b.direction
-}
 
 #[inline(always)]
 fn add(key: &CounterKey, bytes: u64) -> bool {
@@ -59,7 +50,7 @@ pub fn bench_cache(ctx: TcContext) -> i32 {
     // SAFETY: this CPU's slot; programs do not nest on a CPU for one hook.
     let slot = unsafe { &mut *slot };
     if slot.owned != 0 {
-        if same(&slot.key, &key) {
+        if slot.key.same(&key) {
             slot.bytes += bytes;
             slot.packets += 1;
         } else {

@@ -3,6 +3,8 @@
 #![no_std]
 #![no_main]
 
+#[path = "../runtime.rs"]
+mod runtime;
 #[path = "../bench/spread.rs"]
 mod spread;
 

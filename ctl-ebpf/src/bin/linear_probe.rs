@@ -6,6 +6,9 @@
 #![no_std]
 #![no_main]
 
+#[path = "../runtime.rs"]
+mod runtime;
+
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, macros::map, maps::Array, programs::TcContext};
 
 #[map(name = "linear_seen")]
@@ -41,12 +44,3 @@ fn record(ctx: &TcContext, slot: u32) {
         }
     }
 }
-
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

@@ -13,6 +13,14 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use portwatch_tests::bench::{markdown, run, Options, Scenario, Traffic, INTERRUPTED};
 
+/// The one of `all` called `wanted`.
+fn named<T: Copy>(all: &[T], name: fn(T) -> &'static str, wanted: &str) -> Result<T> {
+    all.iter()
+        .copied()
+        .find(|t| name(*t) == wanted)
+        .with_context(|| format!("no scenario or traffic named {wanted} (see --help)"))
+}
+
 extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
 }
@@ -31,24 +39,10 @@ fn main() -> Result<()> {
             "--rounds" => options.rounds = value()?.parse()?,
             "--secs" => options.secs = value()?.parse()?,
             "--smoke" => options = Options::smoke(),
-            "--scenario" => {
-                let v = value()?;
-                options.scenarios.push(
-                    *Scenario::ALL
-                        .iter()
-                        .find(|s| s.name() == v)
-                        .with_context(|| format!("no scenario {v}"))?,
-                )
-            }
-            "--traffic" => {
-                let v = value()?;
-                options.traffic.push(
-                    *Traffic::ALL
-                        .iter()
-                        .find(|t| t.name() == v)
-                        .with_context(|| format!("no traffic {v}"))?,
-                )
-            }
+            "--scenario" => options
+                .scenarios
+                .push(named(&Scenario::ALL, Scenario::name, &value()?)?),
+            "--traffic" => options.traffic.push(named(&Traffic::ALL, Traffic::name, &value()?)?),
             "-h" | "--help" => {
                 println!(
                     "bench-net [--rounds N (5)] [--secs S (3)] [--smoke] [--scenario NAME]... [--traffic NAME]...\n\
