@@ -85,7 +85,7 @@ fn main() {
     }
     // `portwatch` is embedded; the benchmark's comparison programs and the tests' probe are only
     // left beside it.
-    for bin in ["portwatch", "noop", "linear_probe", "bench_hash", "bench_cache"] {
+    for bin in ["portwatch", "noop", "linear_probe", "bench_update"] {
         let object = target_dir.join("bpfel-unknown-none/release").join(bin);
         std::fs::copy(&object, out_dir.join(format!("{bin}.bpf.o")))
             .unwrap_or_else(|e| panic!("copying {}: {e}", object.display()));

@@ -11,13 +11,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 #[doc(hidden)]
 pub const NOOP_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/noop.bpf.o");
 
-/// Paths of the programs that time portwatch's map update alone (issue 13's front-cache
-/// experiment): the per-CPU hash update, and the front cache in front of it, on keys from one
-/// sender or many in turn.
+/// Path of the programs that time portwatch's map update alone (`bench_hash`, `bench_cache`: issue
+/// 13's front-cache experiment), for benchmarks.
 #[doc(hidden)]
-pub const BENCH_HASH_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_hash.bpf.o");
-#[doc(hidden)]
-pub const BENCH_CACHE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_cache.bpf.o");
+pub const BENCH_UPDATE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_update.bpf.o");
 
 /// Path of a TC program pair that records each skb's length and linear length, for tests (not
 /// embedded).

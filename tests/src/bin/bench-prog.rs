@@ -83,11 +83,9 @@ fn main() -> Result<()> {
     // times the cache's slots: few own one, most pay the slot check and then the hash).
     let mut experiment = vec![];
     for spread in [1u32, 16384] {
-        for (path, name) in [
-            (portwatch::object::BENCH_HASH_OBJECT_PATH, "bench_hash"),
-            (portwatch::object::BENCH_CACHE_OBJECT_PATH, "bench_cache"),
-        ] {
-            let mut ebpf = load_single(path, name)?;
+        for name in ["bench_hash", "bench_cache"] {
+            // An object of its own for each: maps of its own.
+            let mut ebpf = load_single(portwatch::object::BENCH_UPDATE_OBJECT_PATH, name)?;
             aya::maps::Array::<_, u32>::try_from(ebpf.map_mut("spread").context("spread map")?)?.set(0, spread, 0)?;
             experiment.push((ebpf, name));
         }
