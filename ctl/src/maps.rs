@@ -8,7 +8,9 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, IterableMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use portwatch_common::{CounterKey, Counters, Direction, FrontSlot, Stats, PORT_COUNT};
+use portwatch_common::{
+    front_index, overflow_slot, CounterKey, Counters, Direction, FrontSlot, Stats, FRONT_SLOTS, PORT_COUNT,
+};
 
 use crate::pinned::Pinned;
 
@@ -47,11 +49,13 @@ pub fn read_counters<T: Borrow<MapData>>(
 
 /// What a front cache holds: every owned slot of every CPU as (key, counts), a key once per CPU
 /// at most. One `BPF_MAP_LOOKUP_BATCH` for the whole cache (the slots of every CPU), or one lookup
-/// per slot where the kernel has no batch operations on arrays.
+/// per slot where the kernel has no batch operations on arrays. A slot whose key does not belong
+/// there (a copy that raced a claim on a CPU that reorders stores: see `FrontSlot`) is left out of
+/// this reading.
 pub fn front_entries<T: Borrow<MapData>>(front: &PerCpuArray<T, FrontSlot>) -> Result<Vec<(CounterKey, Counters)>> {
     let mut out = vec![];
-    let mut take = |slot: &FrontSlot| {
-        if slot.owned != 0 {
+    let mut take = |index: u32, slot: &FrontSlot| {
+        if slot.owned != 0 && belongs(index, &slot.key) {
             out.push((
                 slot.key,
                 Counters {
@@ -69,11 +73,17 @@ pub fn front_entries<T: Borrow<MapData>>(front: &PerCpuArray<T, FrontSlot>) -> R
         std::mem::size_of::<u32>(),
         size * cpus,
         front.len() as usize,
-        |_, values, n| {
-            for i in 0..n * cpus {
-                // SAFETY: FrontSlot is plain integers (Pod); whole values as the kernel wrote them
-                // (40 bytes, a multiple of 8: no rounding between CPUs), read unaligned.
-                take(&unsafe { std::ptr::read_unaligned::<FrontSlot>(values[i * size..].as_ptr().cast()) });
+        |keys, values, n| {
+            for i in 0..n {
+                let index = u32::from_ne_bytes(keys[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+                for cpu in 0..cpus {
+                    let at = (i * cpus + cpu) * size;
+                    // SAFETY: FrontSlot is plain integers (Pod); whole values as the kernel wrote
+                    // them (40 bytes, a multiple of 8: no rounding between CPUs), read unaligned.
+                    take(index, &unsafe {
+                        std::ptr::read_unaligned::<FrontSlot>(values[at..].as_ptr().cast())
+                    });
+                }
             }
             seen += n;
         },
@@ -85,10 +95,21 @@ pub fn front_entries<T: Borrow<MapData>>(front: &PerCpuArray<T, FrontSlot>) -> R
     }
     for index in 0..front.len() {
         for slot in front.get(&index, 0).context("reading a front cache")?.iter() {
-            take(slot);
+            take(index, slot);
         }
     }
     Ok(out)
+}
+
+/// Whether `key` can own slot `index`: its hashed slot, or its direction's overflow slot.
+fn belongs(index: u32, key: &CounterKey) -> bool {
+    if index < FRONT_SLOTS {
+        front_index(key) == index
+    } else {
+        Direction::ALL
+            .iter()
+            .any(|&d| index == overflow_slot(d) && *key == CounterKey::overflow(d))
+    }
 }
 
 /// Clears every slot (on every CPU) of a front cache whose key `clear` selects; returns how many.
@@ -315,4 +336,30 @@ pub fn read_generation(pinned: &mut Pinned, generation: u32) -> Result<Vec<(Coun
     let mut out = Vec::new();
     for_each_in_generation(pinned, generation, |k, v| out.push((k, v)))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_holds_only_a_key_that_belongs_there() {
+        let key = CounterKey::with_octets(
+            [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+            443,
+            6,
+            Direction::Ingress,
+        );
+        let index = front_index(&key);
+        assert!(belongs(index, &key));
+        assert!(!belongs((index + 1) % FRONT_SLOTS, &key));
+        assert!(!belongs(overflow_slot(Direction::Ingress), &key));
+        for d in Direction::ALL {
+            assert!(belongs(overflow_slot(d), &CounterKey::overflow(d)));
+        }
+        assert!(!belongs(
+            overflow_slot(Direction::Egress),
+            &CounterKey::overflow(Direction::Ingress)
+        ));
+    }
 }
