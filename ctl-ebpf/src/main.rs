@@ -121,11 +121,10 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
     };
     let generation = CONFIG.get(0).map(Config::active_generation).unwrap_or(0);
     // Two call sites, one map each: the verifier can then inline each map's lookup.
-    let full = MAP_FULL.get_ptr_mut(generation & 1);
     let counted = if generation == 0 {
-        add_front::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow, full)
+        add_front::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow, generation)
     } else {
-        add_front::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow, full)
+        add_front::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow, generation)
     };
     match counted {
         Added::Yes => {}
@@ -156,9 +155,11 @@ fn add_front<const DIRECTION: u8>(
     counters: &PerCpuHashMap<CounterKey, Counters>,
     key: &CounterKey,
     flow: &Flow,
-    full: Option<*mut u32>,
+    generation: u32,
 ) -> Added {
-    if through_front(front, front_index(key), key, flow, || add(counters, key, flow, full)) {
+    if through_front(front, front_index(key), key, flow, || {
+        add(counters, key, flow, generation)
+    }) {
         return Added::Yes;
     }
     // Userspace inserts the overflow keys before the program runs and keeps them, so the sum of
@@ -213,10 +214,12 @@ fn through_front(
 /// Counts `flow` under `key` in the counter map, inserting the key when new; false when the map
 /// has no room for it.
 #[inline(always)]
-fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow, full: Option<*mut u32>) -> bool {
+fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow, generation: u32) -> bool {
     if increment(counters, key, flow) {
         return true;
     }
+    // The hint is looked up only here, for a key the map does not have: not on a known key's path.
+    let full = MAP_FULL.get_ptr_mut(generation & 1);
     // SAFETY: this CPU's value of a per-CPU array (as for `FrontSlot`).
     let known_full = full.is_some_and(|f| unsafe { *f } != 0);
     // The program never deletes: once an insert found the map full, it stays full until userspace

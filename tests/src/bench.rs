@@ -12,7 +12,6 @@ use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -261,18 +260,12 @@ fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
             Active::Portwatch(pw)
         }
         Scenario::Nftables => {
-            let rules = nft_rules();
-            let path = std::env::temp_dir().join(format!("pw-bench-{}.nft", std::process::id()));
-            std::fs::write(&path, rules)?;
-            let loaded = bed.server.exec(&["nft", "-f", path.to_str().unwrap()]);
-            let _ = std::fs::remove_file(&path);
-            loaded?;
+            crate::nft::load(bed, &nft_rules())?;
             Active::Nftables
         }
         Scenario::Capture => {
             let log = std::env::temp_dir().join(format!("pw-bench-tcpdump-{}.log", std::process::id()));
-            let child = Command::new("nsenter")
-                .arg(format!("--net=/run/netns/{}", bed.server.name))
+            let child = in_netns(&bed.server.name)
                 .args(["tcpdump", "-i", &bed.server_if, "-nn", "-s", "128", "-w", "/dev/null"])
                 .arg(format!("port {PORT}"))
                 .stdout(Stdio::null())
@@ -612,9 +605,4 @@ fn figure(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
-}
-
-/// The portwatch binary the scenarios run (for the report's heading).
-pub fn portwatch_used() -> PathBuf {
-    crate::cli::portwatch_bin()
 }

@@ -208,11 +208,8 @@ impl Harness {
     /// The counter of `key` in generation `generation`, summed over CPUs, front cache included
     /// (`None`: the counter map has no such key).
     pub fn counter(&mut self, generation: u32, key: &CounterKey) -> Result<Option<Counters>> {
-        let map = self.counters_map(counters_map(generation))?;
-        let mut value = match map.get(key, 0) {
-            Ok(values) => portwatch::maps::sum(&values),
-            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(mut value) = self.hash_counter(generation, key)? else {
+            return Ok(None);
         };
         for (k, v) in portwatch::maps::front_entries(&self.front_map(generation)?)? {
             if k == *key {

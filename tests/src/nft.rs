@@ -55,11 +55,19 @@ pub fn counters(bed: &Bed) -> BTreeMap<String, Counters> {
 
 /// Installs `RULES` on the bed's server.
 pub fn install(bed: &Bed) {
+    load(bed, RULES).unwrap();
+}
+
+/// Loads an nftables ruleset (`nft -f`) on the bed's server.
+pub fn load(bed: &Bed, rules: &str) -> anyhow::Result<()> {
     // One file per call: tests of one binary run in parallel, and each removes its own.
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("pwtest-nft-{}-{n}.nft", std::process::id()));
-    std::fs::write(&path, RULES).unwrap();
-    bed.server.exec(&["nft", "-f", path.to_str().unwrap()]).unwrap();
+    std::fs::write(&path, rules)?;
+    let loaded = bed
+        .server
+        .exec(&["nft", "-f", path.to_str().expect("a UTF-8 temporary path")]);
     let _ = std::fs::remove_file(&path);
+    loaded.map(drop)
 }

@@ -84,7 +84,7 @@ fn main() -> Result<()> {
         options.secs,
         kernel.trim(),
         cpus,
-        portwatch_tests::bench::portwatch_used().display(),
+        portwatch_tests::cli::portwatch_bin().display(),
         started.elapsed().as_secs_f64()
     );
     print!("{}", markdown(&report));
