@@ -22,87 +22,130 @@ mod watch;
 use anyhow::Result;
 
 use crate::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, ConfigCommand, PortsCommand},
     lifecycle,
     pinned::{check_privileges, ensure_bpffs, Needs, PinPath},
 };
 
-/// The capabilities a verb needs: CAP_BPF to read and write pinned maps, and CAP_NET_ADMIN too to
-/// load TC programs and attach them (README, "Privileges").
-fn needs(command: &Command) -> Needs {
-    match command {
-        Command::Status { .. }
-        | Command::Top(_)
-        | Command::Ports(_)
-        | Command::Reset(_)
-        | Command::Config(_)
-        | Command::Metrics { .. }
-        | Command::Serve { .. } => Needs::Maps,
-        Command::Load(_)
-        | Command::Attach { .. }
-        | Command::Detach { .. }
-        | Command::Unload { .. }
-        | Command::Apply(_)
-        | Command::Watch { .. }
-        | Command::Check
-        | Command::Completions { .. }
-        | Command::Man => Needs::Network,
+/// What the dispatcher does before a verb runs: the capabilities it checks (README,
+/// "Privileges"), whether the pin path must be on bpffs, and whether what a crash interrupted (a
+/// reset, an attach) is finished first. Each command's is in its row of `run`'s table.
+#[derive(Clone, Copy, Debug)]
+struct Policy {
+    /// `None`: the verb prints text made from the command line itself and needs nothing of the
+    /// system.
+    needs: Option<Needs>,
+    bpffs: bool,
+    recover_first: bool,
+}
+
+impl Policy {
+    /// Text made from the command line (`completions`, `man`).
+    const TEXT: Policy = Policy {
+        needs: None,
+        bpffs: false,
+        recover_first: false,
+    };
+    /// Reads pinned maps without the lock (`status`, `top`, `ports list`, `config show`).
+    const READS: Policy = Policy {
+        needs: Some(Needs::Maps),
+        bpffs: true,
+        recover_first: false,
+    };
+    /// Works on pinned maps once what a crash interrupted is finished (`ports add|del|set`,
+    /// `metrics`, `serve`).
+    const MAPS: Policy = Policy {
+        needs: Some(Needs::Maps),
+        bpffs: true,
+        recover_first: true,
+    };
+    /// Loads or attaches programs once what a crash interrupted is finished (`load`, `attach`,
+    /// `detach`, `apply`, `watch`).
+    const NETWORK: Policy = Policy {
+        needs: Some(Needs::Network),
+        bpffs: true,
+        recover_first: true,
+    };
+    /// `reset`: recovers under its own lock, and refuses to go on without recovering.
+    const RESETS: Policy = Policy {
+        needs: Some(Needs::Maps),
+        bpffs: true,
+        recover_first: false,
+    };
+    /// `unload`: likewise, unless forced.
+    const UNLOADS: Policy = Policy {
+        needs: Some(Needs::Network),
+        bpffs: true,
+        recover_first: false,
+    };
+    /// `check`: loads the program through the verifier and pins nothing.
+    const CHECKS: Policy = Policy {
+        needs: Some(Needs::Network),
+        bpffs: false,
+        recover_first: false,
+    };
+
+    /// Checks the environment the policy asks for, once, before the verb.
+    fn prepare(self, pin: &PinPath) -> Result<()> {
+        let Some(needs) = self.needs else {
+            return Ok(());
+        };
+        check_privileges(needs)?;
+        crate::sys::bpf::lift_memlock_limit();
+        if self.bpffs {
+            ensure_bpffs(pin)?;
+        }
+        if self.recover_first {
+            if let Err(e) = lifecycle::recover_interrupted(pin) {
+                eprintln!("portwatch: warning: {e:#}");
+            }
+        }
+        Ok(())
     }
 }
 
-/// Runs the command line's verb.
+/// A verb, ready to run.
+type Verb<'a> = Box<dyn FnOnce() -> Result<()> + 'a>;
+
+/// Runs the command line's verb: one row per command, its policy and its verb.
 pub(crate) fn run(cli: &Cli) -> Result<()> {
-    let pin = PinPath::new(&cli.pin_path);
-    // Printing text made from the command line itself needs nothing of the system.
-    match &cli.command {
-        Command::Completions { shell } => return completions::completions(*shell),
-        Command::Man => return completions::man(),
-        _ => {}
-    }
-    check_privileges(needs(&cli.command))?;
-    crate::sys::bpf::lift_memlock_limit();
-    // `check` pins nothing: it needs no bpffs.
-    if !matches!(cli.command, Command::Check) {
-        ensure_bpffs(&pin)?;
-    }
-    // What a crash interrupted (a reset, an attach) is finished or rolled back by the next command
-    // that takes the lock (reset and unload do it under their own lock, and refuse to go on
-    // without it).
-    let takes_lock = !matches!(
-        cli.command,
-        Command::Status { .. }
-            | Command::Top(_)
-            | Command::Check
-            | Command::Config(_)
-            | Command::Ports(crate::cli::PortsCommand::List { .. })
-            | Command::Reset(_)
-            | Command::Unload { .. }
-    );
-    if takes_lock {
-        if let Err(e) = lifecycle::recover_interrupted(&pin) {
-            eprintln!("portwatch: warning: {e:#}");
-        }
-    }
-    match &cli.command {
-        Command::Load(args) => load::run(&pin, args),
+    let pin = &PinPath::new(&cli.pin_path);
+    let (policy, verb): (Policy, Verb) = match &cli.command {
+        Command::Load(args) => (Policy::NETWORK, Box::new(|| load::run(pin, args))),
         Command::Attach {
             iface,
             direction,
             mode,
             netns,
-        } => attach::attach(&pin, iface, netns.as_deref(), direction.map(Into::into), *mode),
-        Command::Detach { iface, netns } => attach::detach(&pin, iface, netns.as_deref()),
-        Command::Ports(command) => ports::run(&pin, command),
-        Command::Status { json } => status::run(&pin, *json),
-        Command::Top(args) => top::run(&pin, args),
-        Command::Reset(args) => reset::run(&pin, args),
-        Command::Unload { drain_to, force } => unload::run(&pin, drain_to.as_deref(), *force),
-        Command::Check => check::run(),
-        Command::Apply(args) => apply::run(&pin, args),
-        Command::Watch { file } => watch::run(&pin, file),
-        Command::Config(crate::cli::ConfigCommand::Show) => config::show(&pin),
-        Command::Metrics { output, export } => metrics::run(&pin, output.as_deref(), &export.into()),
-        Command::Serve { listen, export } => serve::run(&pin, listen, &export.into()),
-        Command::Completions { .. } | Command::Man => unreachable!("handled above"),
-    }
+        } => (
+            Policy::NETWORK,
+            Box::new(|| attach::attach(pin, iface, netns.as_deref(), direction.map(Into::into), *mode)),
+        ),
+        Command::Detach { iface, netns } => (
+            Policy::NETWORK,
+            Box::new(|| attach::detach(pin, iface, netns.as_deref())),
+        ),
+        Command::Ports(command @ PortsCommand::List { .. }) => (Policy::READS, Box::new(|| ports::run(pin, command))),
+        Command::Ports(command) => (Policy::MAPS, Box::new(|| ports::run(pin, command))),
+        Command::Status { json } => (Policy::READS, Box::new(|| status::run(pin, *json))),
+        Command::Top(args) => (Policy::READS, Box::new(|| top::run(pin, args))),
+        Command::Reset(args) => (Policy::RESETS, Box::new(|| reset::run(pin, args))),
+        Command::Unload { drain_to, force } => (
+            Policy::UNLOADS,
+            Box::new(|| unload::run(pin, drain_to.as_deref(), *force)),
+        ),
+        Command::Check => (Policy::CHECKS, Box::new(check::run)),
+        Command::Apply(args) => (Policy::NETWORK, Box::new(|| apply::run(pin, args))),
+        Command::Watch { file } => (Policy::NETWORK, Box::new(|| watch::run(pin, file))),
+        Command::Config(ConfigCommand::Show) => (Policy::READS, Box::new(|| config::show(pin))),
+        Command::Metrics { output, export } => (
+            Policy::MAPS,
+            Box::new(|| metrics::run(pin, output.as_deref(), &export.into())),
+        ),
+        Command::Serve { listen, export } => (Policy::MAPS, Box::new(|| serve::run(pin, listen, &export.into()))),
+        Command::Completions { shell } => (Policy::TEXT, Box::new(|| completions::completions(*shell))),
+        Command::Man => (Policy::TEXT, Box::new(completions::man)),
+    };
+    policy.prepare(pin)?;
+    verb()
 }
