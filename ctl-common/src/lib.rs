@@ -810,6 +810,14 @@ impl core::ops::AddAssign for Counters {
     }
 }
 
+impl core::ops::Add for Counters {
+    type Output = Counters;
+    fn add(mut self, other: Self) -> Counters {
+        self += other;
+        self
+    }
+}
+
 impl core::ops::AddAssign for Stats {
     fn add_assign(&mut self, mut other: Self) {
         for (mine, theirs) in self.fields_mut().iter_mut().zip(other.fields_mut().iter()) {

@@ -344,6 +344,19 @@ impl From<&ResetArgs> for Filter {
     }
 }
 
+impl From<&ResetArgs> for crate::output::RecordFormat {
+    fn from(args: &ResetArgs) -> crate::output::RecordFormat {
+        use crate::output::RecordFormat;
+        if args.json {
+            RecordFormat::Json
+        } else if args.csv {
+            RecordFormat::Csv
+        } else {
+            RecordFormat::Table { exact: args.exact }
+        }
+    }
+}
+
 /// One direction, for filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OneDirection {

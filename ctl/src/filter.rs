@@ -7,9 +7,12 @@ use std::{
     str::FromStr,
 };
 
-use portwatch_common::{proto_bit, CounterKey, Direction};
+use portwatch_common::{proto_bit, Direction};
 
-use crate::ports::PortSpec;
+use crate::{
+    generation::{Key, Remote},
+    ports::PortSpec,
+};
 
 /// `addr` with every bit past the first `len` cleared.
 pub(crate) fn mask(mut addr: [u8; 16], len: u8) -> [u8; 16] {
@@ -112,28 +115,24 @@ impl Filter {
         self.direction.is_none_or(|d| d == direction)
     }
 
-    /// Whether the counter of `key` is one this filter is about. An overflow entry holds traffic
+    /// Whether the count of `key` is one this filter is about. An overflow count holds traffic
     /// of unknown remote IP, port and protocol: only a filter without a port or IP condition can
     /// say it matches.
-    pub(crate) fn matches(&self, key: &CounterKey) -> bool {
-        if !self.matches_direction(key.direction()) {
+    pub(crate) fn matches(&self, key: &Key) -> bool {
+        if !self.matches_direction(key.direction) {
             return false;
         }
-        if key.is_overflow() {
-            return self.ports.is_empty() && self.cidrs.is_empty();
-        }
+        let ip = match &key.remote {
+            Remote::Overflow => return self.ports.is_empty() && self.cidrs.is_empty(),
+            Remote::Ip(ip) => ip,
+        };
         let bit = proto_bit(key.proto);
         let port_ok = self.ports.is_empty()
             || self
                 .ports
                 .iter()
                 .any(|s| s.ports().contains(&key.port) && s.protocols & bit != 0);
-        // `top` asks this of every counter: the address is only assembled when a prefix is given.
-        let ip_ok = self.cidrs.is_empty() || {
-            let ip = key.remote_ip_octets();
-            self.cidrs.iter().any(|c| c.contains(&ip))
-        };
-        port_ok && ip_ok
+        port_ok && (self.cidrs.is_empty() || self.cidrs.iter().any(|c| c.contains(ip)))
     }
 }
 
@@ -180,7 +179,7 @@ mod tests {
 
     #[test]
     fn a_filter_matches_every_condition_given() {
-        let key = |ip_: &str, port, proto, direction| CounterKey::with_octets(ip(ip_), port, proto, direction);
+        let key = |ip_: &str, port, proto, direction| Key::ip(ip(ip_), port, proto, direction);
         let k = key("198.18.0.7", 443, IPPROTO_TCP, Direction::Ingress);
         assert!(Filter::default().matches(&k));
         let f = Filter {
@@ -206,13 +205,13 @@ mod tests {
             "direction"
         );
         // Overflow traffic has no port or IP: only filters without those conditions match it.
-        let overflow = CounterKey::overflow(Direction::Egress);
+        let overflow = Key::overflow(Direction::Egress);
         assert!(Filter::default().matches(&overflow));
         assert!(!f.matches(&overflow));
         let only_egress = Filter {
             direction: Some(Direction::Egress),
             ..Filter::default()
         };
-        assert!(only_egress.matches(&overflow) && !only_egress.matches(&CounterKey::overflow(Direction::Ingress)));
+        assert!(only_egress.matches(&overflow) && !only_egress.matches(&Key::overflow(Direction::Ingress)));
     }
 }

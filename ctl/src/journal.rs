@@ -7,11 +7,11 @@ use std::{os::fd::AsFd, path::PathBuf};
 use anyhow::{Context, Result};
 use aya::maps::IterableMap;
 use portwatch_common::{
-    CounterKey, Counters, Direction, Journal, JournalKey, JournalKind, JournalState, JOURNAL_FILTER_LEN,
+    CounterKey, Counters, Direction, Journal, JournalKey, JournalKind, JournalState, PortKey, JOURNAL_FILTER_LEN,
     JOURNAL_OUTPUT_FILE, JOURNAL_PATH_LEN,
 };
 
-use crate::{filter::Filter, pinned::Pinned};
+use crate::{filter::Filter, generation::Key, pinned::Pinned};
 
 pub(crate) fn read(pinned: &mut Pinned) -> Result<Journal> {
     pinned.journal()?.get(&0, 0).context("reading the reset journal")
@@ -93,39 +93,86 @@ pub(crate) fn filter(journal: &Journal) -> Result<Filter> {
     Ok(filter)
 }
 
+/// An entry's key in `journal_entries`: a count's key (`Stale`, `Subtract`) or a port's
+/// (`Drained`), as bpffs-layout.md lays them out. The one place that encodes and decodes them.
+trait Entry: Copy {
+    fn encode(&self, kind: JournalKind) -> JournalKey;
+    fn decode(key: &JournalKey) -> Self;
+}
+
+impl Entry for Key {
+    fn encode(&self, kind: JournalKind) -> JournalKey {
+        JournalKey::new(kind, self.counter_key())
+    }
+    fn decode(key: &JournalKey) -> Key {
+        Key::from(key.key)
+    }
+}
+
+/// A port's drained total: its port, protocol and direction in the key's fields, no address.
+impl Entry for PortKey {
+    fn encode(&self, kind: JournalKind) -> JournalKey {
+        let key = CounterKey {
+            remote_ip: [0; 4],
+            port: self.port,
+            proto: self.proto,
+            direction: self.direction,
+        };
+        JournalKey::new(kind, key)
+    }
+    fn decode(key: &JournalKey) -> PortKey {
+        PortKey::of(&key.key)
+    }
+}
+
 /// Writes `entries` as `kind` (replacing what the journal holds of those keys).
-pub(crate) fn put(pinned: &mut Pinned, kind: JournalKind, entries: &[(CounterKey, Counters)]) -> Result<()> {
-    if entries.is_empty() {
-        return Ok(());
-    }
+fn put<K: Entry>(pinned: &mut Pinned, kind: JournalKind, entries: &[(K, Counters)]) -> Result<()> {
     let map = pinned.journal_entries()?;
-    let mut keys = Vec::with_capacity(entries.len() * std::mem::size_of::<JournalKey>());
-    let mut values = Vec::with_capacity(entries.len() * std::mem::size_of::<Counters>());
-    for (key, value) in entries {
-        keys.extend_from_slice(bytes_of(&JournalKey::new(kind, *key)));
-        values.extend_from_slice(bytes_of(value));
-    }
-    match crate::sys::bpf::update_batch(map.map().fd().as_fd(), &keys, &values, entries.len()) {
+    let keys: Vec<JournalKey> = entries.iter().map(|(k, _)| k.encode(kind)).collect();
+    let values: Vec<Counters> = entries.iter().map(|(_, v)| *v).collect();
+    match crate::sys::bpf::update_batch(map.map().fd().as_fd(), &keys, &values) {
         Ok(()) => Ok(()),
-        Err(e) if crate::sys::bpf::batch_unsupported(&e) => entries
+        Err(e) if crate::sys::bpf::batch_unsupported(&e) => keys
             .iter()
-            .try_for_each(|(key, value)| map.insert(JournalKey::new(kind, *key), *value, 0))
+            .zip(values)
+            .try_for_each(|(key, value)| map.insert(key, value, 0))
             .context("writing the reset journal"),
         Err(e) => Err(e).context("writing the reset journal"),
     }
 }
 
-/// The journal's entries of `kind`.
-pub(crate) fn get(pinned: &mut Pinned, kind: JournalKind) -> Result<Vec<(CounterKey, Counters)>> {
+/// The journal's entries of `kind`, sorted by key.
+fn get<K: Entry + Ord>(pinned: &mut Pinned, kind: JournalKind) -> Result<Vec<(K, Counters)>> {
     let mut out = vec![];
     for entry in pinned.journal_entries()?.iter() {
         let (key, value) = entry.context("reading the reset journal")?;
         if key.kind == kind as u8 {
-            out.push((key.key, value));
+            out.push((K::decode(&key), value));
         }
     }
     out.sort_by_key(|(k, _)| *k);
     Ok(out)
+}
+
+/// Writes counts as `Stale` or `Subtract` entries.
+pub(crate) fn put_counts(pinned: &mut Pinned, kind: JournalKind, entries: &[(Key, Counters)]) -> Result<()> {
+    debug_assert!(kind != JournalKind::Drained, "drained totals are ports' (put_drained)");
+    put(pinned, kind, entries)
+}
+
+/// The `Stale` or `Subtract` entries.
+pub(crate) fn counts(pinned: &mut Pinned, kind: JournalKind) -> Result<Vec<(Key, Counters)>> {
+    get(pinned, kind)
+}
+
+/// Writes the drained totals the reset will set once committed.
+pub(crate) fn put_drained(pinned: &mut Pinned, totals: &[(PortKey, Counters)]) -> Result<()> {
+    put(pinned, JournalKind::Drained, totals)
+}
+
+/// The drained totals journaled.
+pub(crate) fn drained(pinned: &mut Pinned) -> Result<Vec<(PortKey, Counters)>> {
+    get(pinned, JournalKind::Drained)
 }
 
 /// Empties `journal_entries` (left over by a reset that ended, or by one rolled back).
@@ -135,37 +182,18 @@ pub(crate) fn clear(pinned: &mut Pinned) -> Result<()> {
         .keys()
         .collect::<Result<_, _>>()
         .context("reading the reset journal")?;
-    for key in keys {
-        match map.remove(&key) {
-            Ok(()) => {}
-            Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(e).context("emptying the reset journal"),
-        }
-    }
-    Ok(())
-}
-
-fn bytes_of<T: Copy>(value: &T) -> &[u8] {
-    // SAFETY: the journal's keys and values are plain integers with no padding (portwatch-common).
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+    crate::sys::bpf::remove_all_if_present(map.map().fd().as_fd(), &keys).context("emptying the reset journal")
 }
 
 /// A fresh reset id: 64 random bits (never 0), printed as 16 hex digits.
 pub(crate) fn new_id() -> u64 {
-    let mut id = [0u8; 8];
-    // SAFETY: getrandom into a buffer we own.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    let id = match n {
-        8 => u64::from_ne_bytes(id),
+    let id = crate::sys::random_u64().unwrap_or_else(|| {
         // No getrandom: the time in nanoseconds and the process id.
-        _ => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            (now.as_nanos() as u64) ^ ((std::process::id() as u64) << 40)
-        }
-    };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (now.as_nanos() as u64) ^ ((std::process::id() as u64) << 40)
+    });
     id.max(1)
 }
 

@@ -10,7 +10,7 @@ pub(crate) mod config;
 pub(crate) mod error;
 pub(crate) mod fault;
 pub(crate) mod filter;
-pub mod generations;
+pub mod generation;
 pub(crate) mod journal;
 pub(crate) mod lifecycle;
 pub mod maps;
@@ -23,6 +23,7 @@ pub(crate) mod ports;
 pub(crate) mod reconcile;
 pub(crate) mod record;
 pub(crate) mod report;
+pub(crate) mod reset;
 pub mod sys;
 
 use std::process::ExitCode;

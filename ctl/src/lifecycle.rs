@@ -5,18 +5,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use aya::{
-    maps::{Array, PerCpuHashMap},
-    programs::SchedClassifier,
-};
+use aya::maps::Array;
 use portwatch_common::{
-    map_names, AttachKey, Attachment, Config, CounterKey, Counters, Direction, Directions, Meta, ATTACH_FLAG_PENDING,
-    LAYOUT_VERSION,
+    map_names, AttachKey, Attachment, Config, Direction, Directions, Meta, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
 };
 
 use crate::{
-    attach, fault, generations, maps,
-    pinned::{Access, Fresh, PinPath, Pinned},
+    attach, fault,
+    pinned::{self, Access, Fresh, PinPath, Pinned},
 };
 
 /// The pins and directories a failed first load must take back, in reverse order of creation.
@@ -81,7 +77,7 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
         armed: true,
     };
     remove_debris(&pin)?;
-    let mut ebpf = crate::object::load(max_entries).context("creating portwatch's maps")?;
+    let mut ebpf = crate::object::load_programs(max_entries)?;
 
     undo.dir(pin.maps_dir())?;
     // `meta` is pinned last, once everything else is: its pin is what says "loaded", so a load
@@ -101,20 +97,16 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
     undo.files.push(barrier);
 
     Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, Config::default(), 0)?;
-    for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
-        let mut counters: PerCpuHashMap<_, CounterKey, Counters> =
-            PerCpuHashMap::try_from(ebpf.map_mut(name).unwrap())?;
-        maps::ensure_overflow_keys(&mut counters)?;
+    for mut generation in pinned::open_generations(&pin)? {
+        generation.ensure_overflow_keys()?;
     }
 
     undo.dir(pin.progs_dir())?;
     for direction in Direction::ALL {
-        let name = direction.program_name();
-        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel's verifier refused {name}"))?;
         let path = pin.prog(direction);
-        prog.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        crate::object::program(&mut ebpf, direction)?
+            .pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
         undo.files.push(path);
     }
     undo.dir(pin.links_dir())?;
@@ -258,7 +250,7 @@ pub(crate) fn has_debris(pin: &PinPath) -> bool {
 }
 
 /// Finishes what an interrupted command left, before a command that takes the lock: a reset
-/// (`generations::recover`) and pending attachment records (`attach::resolve`). Says on stderr
+/// (`reset::recover`) and pending attachment records (`attach::resolve`). Says on stderr
 /// what it did.
 pub(crate) fn recover_interrupted(pin: &PinPath) -> Result<()> {
     let pending = match Pinned::probe(pin, Access::Read) {
@@ -279,6 +271,6 @@ pub(crate) fn recover_interrupted(pin: &PinPath) -> Result<()> {
         return Ok(());
     }
     let mut pinned = Pinned::open(pin, Access::Change)?;
-    generations::recover_and_say(&mut pinned)?;
+    crate::reset::recover_and_say(&mut pinned)?;
     attach::resolve_all(&mut pinned)
 }

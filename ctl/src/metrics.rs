@@ -139,12 +139,12 @@ fn loaded(f: &Families, pinned: &mut Pinned, options: &Options) -> Result<()> {
     let active = pinned.active_generation()?;
     let mut entries = 0u64;
     for generation in [0, 1] {
-        maps::for_each_in_generation(pinned, generation, |key, value| {
+        pinned.generation(generation)?.for_each(|key, value| {
             if key.is_overflow() {
                 return;
             }
             entries += u64::from(generation == active);
-            *per_port.entry(PortKey::of(&key)).or_default() += value;
+            *per_port.entry(key.port_key()).or_default() += value;
             if let Some(view) = &view {
                 view.add(&mut grouped, &key, value);
             }

@@ -1,7 +1,8 @@
 //! The kernel program, built by `build.rs` from `ctl-ebpf` and embedded in the binary.
 
-use aya::{Ebpf, EbpfLoader};
-use portwatch_common::{map_names, DRAINED_ENTRIES, RESERVED_ENTRIES};
+use anyhow::{Context, Result};
+use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
+use portwatch_common::{map_names, Direction, DRAINED_ENTRIES, RESERVED_ENTRIES};
 
 /// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
 /// `portwatch_common::map_names`).
@@ -35,4 +36,25 @@ pub fn load(max_entries: u32) -> Result<Ebpf, aya::EbpfError> {
             size.saturating_mul(2).saturating_add(DRAINED_ENTRIES),
         )
         .load(OBJECT)
+}
+
+/// `load`, then both programs loaded into the kernel through its verifier: what `load` pins, what
+/// `check` asks of the kernel, what the tests run.
+pub fn load_programs(max_entries: u32) -> Result<Ebpf> {
+    let mut ebpf = load(max_entries).context("creating portwatch's maps")?;
+    for direction in Direction::ALL {
+        program(&mut ebpf, direction)?
+            .load()
+            .with_context(|| format!("the kernel's verifier refused {}", direction.program_name()))?;
+    }
+    Ok(ebpf)
+}
+
+/// The program of `direction` in the object.
+pub fn program(ebpf: &mut Ebpf, direction: Direction) -> Result<&mut SchedClassifier> {
+    let name = direction.program_name();
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?
+        .try_into()?)
 }

@@ -7,7 +7,10 @@ use std::{fmt::Write as _, io, net::Ipv6Addr};
 use portwatch_common::{Counters, IPPROTO_TCP};
 use serde::{Serialize, Serializer};
 
-use crate::report::{By, Group, Report, Row};
+use crate::{
+    generation::Key,
+    report::{By, Group, Report, Row, View},
+};
 
 /// `1.5 MiB` style, binary units; exact figures are printed beside it where it matters.
 pub(crate) fn human_bytes(bytes: u64) -> String {
@@ -279,6 +282,39 @@ pub(crate) fn write_json(report: &Report, envelope: &Envelope, w: &mut (impl io:
         json(w, &secs)?;
     }
     w.write_all(b"}\n")
+}
+
+/// How a reset's record is written: one JSON line with the reset's id (`--json`, and the drains of
+/// `unload`/`apply --reload`), CSV, or a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RecordFormat {
+    Json,
+    Csv,
+    Table { exact: bool },
+}
+
+/// A reset's record of `entries` (sorted by key): every key a row of its own (a reset reports at
+/// the finest grain), in `format`.
+pub(crate) fn write_record(
+    entries: &[(Key, Counters)],
+    reset_id: &str,
+    format: RecordFormat,
+    w: &mut dyn io::Write,
+) -> io::Result<()> {
+    let view = View::every_key();
+    let report = Report::new(&view, &view.group_all(entries), None);
+    match format {
+        RecordFormat::Json => {
+            let envelope = Envelope {
+                time: unix_time(),
+                reset: true,
+                reset_id: Some(reset_id.to_string()),
+            };
+            write_json(&report, &envelope, w)
+        }
+        RecordFormat::Csv => w.write_all(csv(&report).as_bytes()),
+        RecordFormat::Table { exact } => w.write_all(table(&report, exact).as_bytes()),
+    }
 }
 
 /// A header line and one line per row, the same columns as the JSON rows.

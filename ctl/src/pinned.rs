@@ -22,21 +22,24 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::SchedClassifier,
 };
+use nix::fcntl::{Flock, FlockArg};
 use portwatch_common::{
-    counters_map, front_map, generation_index, map_names, AttachKey, Attachment, Config, CounterKey, Counters,
-    Direction, FrontSlot, Journal, JournalKey, Meta, PortKey, Stats, LAYOUT_VERSION,
+    generation_index, map_names, AttachKey, Attachment, Config, Counters, Direction, Journal, JournalKey, Meta,
+    PortKey, Stats, LAYOUT_VERSION,
 };
 
-use crate::error::Error;
+use crate::{
+    error::Error,
+    generation::{Generation, Key},
+};
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/portwatch";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
@@ -233,26 +236,25 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
 /// An exclusive lock on the pin directory (flock), held until dropped. Every command that
 /// changes pinned state takes it, so a cron job and a person cannot interleave; readers do not.
 pub struct Lock {
-    _dir: File,
+    _dir: Flock<File>,
 }
 
 impl Lock {
     fn acquire(pin: &PinPath) -> Result<Lock> {
         create_private_dir(&pin.root)?;
-        Lock::take(pin, libc::LOCK_EX)
+        Lock::take(pin, FlockArg::LockExclusive)
     }
 
     /// Shared with other snapshot readers; a change waits for it, and it for a change.
     fn acquire_shared(pin: &PinPath) -> Result<Lock> {
-        Lock::take(pin, libc::LOCK_SH)
+        Lock::take(pin, FlockArg::LockShared)
     }
 
-    fn take(pin: &PinPath, how: libc::c_int) -> Result<Lock> {
+    fn take(pin: &PinPath, how: FlockArg) -> Result<Lock> {
         let dir = File::open(&pin.root).with_context(|| format!("opening {}", pin.root.display()))?;
-        // SAFETY: flock on a valid fd we own.
-        if unsafe { libc::flock(dir.as_raw_fd(), how) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", pin.root.display()));
-        }
+        let dir = Flock::lock(dir, how)
+            .map_err(|(_, errno)| std::io::Error::from(errno))
+            .with_context(|| format!("locking {}", pin.root.display()))?;
         Ok(Lock { _dir: dir })
     }
 }
@@ -297,9 +299,7 @@ pub struct Pinned {
     lock: Option<Lock>,
     access: Access,
     watched_ports: Option<Array<MapData, u8>>,
-    counters: [Option<PerCpuHashMap<MapData, CounterKey, Counters>>; 2],
-    front: [Option<PerCpuArray<MapData, FrontSlot>>; 2],
-    map_full: Option<PerCpuArray<MapData, u32>>,
+    generations: Option<[Generation; 2]>,
     config: Option<Array<MapData, Config>>,
     stats: Option<PerCpuArray<MapData, Stats>>,
     attachments: Option<HashMap<MapData, AttachKey, Attachment>>,
@@ -314,6 +314,11 @@ fn open_map(pin: &PinPath, name: &str) -> Result<Map> {
     let path = pin.map(name);
     let data = MapData::from_pin(&path).with_context(|| format!("opening pinned map {}", path.display()))?;
     Ok(Map::from_map_data(data)?)
+}
+
+/// Both counter generations of the maps pinned at `pin`.
+pub(crate) fn open_generations(pin: &PinPath) -> Result<[Generation; 2]> {
+    Generation::open_both(|name| open_map(pin, name))
 }
 
 /// The map in `slot`, opened from its pin (with its type checked) the first time.
@@ -408,9 +413,7 @@ impl Pinned {
             lock,
             access,
             watched_ports: None,
-            counters: [None, None],
-            front: [None, None],
-            map_full: None,
+            generations: None,
             config: None,
             stats: None,
             attachments: None,
@@ -431,27 +434,23 @@ impl Pinned {
         open_once(&mut self.watched_ports, &self.pin, map_names::WATCHED_PORTS)
     }
 
-    /// The counter map of `generation` (only its bit 0 counts).
-    pub fn counters(&mut self, generation: u32) -> Result<&mut PerCpuHashMap<MapData, CounterKey, Counters>> {
-        open_once(
-            &mut self.counters[generation_index(generation)],
-            &self.pin,
-            counters_map(generation),
-        )
+    /// Counter generation `generation` (only its bit 0 counts): every map it counts into. Both
+    /// are opened on first use.
+    pub fn generation(&mut self, generation: u32) -> Result<&mut Generation> {
+        if self.generations.is_none() {
+            self.generations = Some(open_generations(&self.pin)?);
+        }
+        let generations = self.generations.as_mut().expect("just set");
+        Ok(&mut generations[generation_index(generation)])
     }
 
-    /// The front cache of `generation` (only its bit 0 counts).
-    pub fn front(&mut self, generation: u32) -> Result<&mut PerCpuArray<MapData, FrontSlot>> {
-        open_once(
-            &mut self.front[generation_index(generation)],
-            &self.pin,
-            front_map(generation),
-        )
-    }
-
-    /// The per-generation "map full" hints (see `map_names::MAP_FULL`).
-    pub fn map_full(&mut self) -> Result<&mut PerCpuArray<MapData, u32>> {
-        open_once(&mut self.map_full, &self.pin, map_names::MAP_FULL)
+    /// Every count of both generations: summed per key, they are what was counted since the last
+    /// reset (a key can be in both).
+    pub fn for_each_count(&mut self, mut each: impl FnMut(Key, Counters)) -> Result<()> {
+        for generation in [0, 1] {
+            self.generation(generation)?.for_each(&mut each)?;
+        }
+        Ok(())
     }
 
     pub fn config(&mut self) -> Result<&mut Array<MapData, Config>> {

@@ -15,13 +15,13 @@ use crate::{
     config::{Desired, Wanted},
     error::Error,
     filter::Filter,
-    generations, lifecycle, maps,
+    lifecycle,
+    maps::{self, PortChange},
     netns::NetNs,
-    output::{self, Envelope},
+    output::RecordFormat,
     pinned::{Access, Creating, Pinned},
     ports,
     record::{Output, RecordFile},
-    report::{Report, View},
 };
 
 /// How `apply` may go about it.
@@ -206,11 +206,7 @@ fn planned(pinned: &mut Pinned, desired: &Desired, options: &Options) -> Result<
 enum Done {
     Attached(AttachKey, Attachment),
     Detached(AttachKey, Attachment),
-    /// The port table was `before` (and is written towards `after`).
-    Ports {
-        before: Vec<u8>,
-        after: Vec<u8>,
-    },
+    Ports(PortChange),
 }
 
 /// Detaches, attaches and writes the ports as `plan` says, all or nothing.
@@ -227,11 +223,9 @@ fn carry_out(pinned: &mut Pinned, plan: &Plan) -> Result<()> {
             }
         }
         if plan.ports_before != plan.ports_after {
-            done.push(Done::Ports {
-                before: plan.ports_before.clone(),
-                after: plan.ports_after.clone(),
-            });
-            maps::write_port_changes(pinned.watched_ports()?, &plan.ports_before, &plan.ports_after)?;
+            let change = PortChange::between(plan.ports_before.clone(), plan.ports_after.clone());
+            change.write(pinned)?;
+            done.push(Done::Ports(change));
         }
         Ok(())
     })();
@@ -247,11 +241,10 @@ fn undo(pinned: &mut Pinned, done: Vec<Done>) {
         let undone = match step {
             Done::Attached(key, record) => attach::detach_one(pinned, key, &record),
             Done::Detached(key, record) => reattach(pinned, key, &record),
-            // Writes back every port that differs, whether or not it was written.
-            Done::Ports { before, after } => pinned
-                .watched_ports()
-                .and_then(|map| maps::write_port_changes(map, &after, &before))
-                .map(|_| ()),
+            Done::Ports(change) => {
+                change.undo(pinned);
+                Ok(())
+            }
         };
         if let Err(e) = undone {
             eprintln!("portwatch: while undoing: {e:#}");
@@ -290,16 +283,7 @@ pub(crate) fn detach_and_drain(pinned: &mut Pinned, log: &Path) -> Result<Vec<(A
         }
         done.push(Done::Detached(key, record));
     }
-    let view = View::every_key();
-    let drained = generations::reset(pinned, &Filter::default(), &mut output, |entries, id, w| {
-        let report = Report::new(&view, &view.group_all(entries), None);
-        let envelope = Envelope {
-            time: output::unix_time(),
-            reset: true,
-            reset_id: Some(id.to_string()),
-        };
-        output::write_json(&report, &envelope, w)
-    });
+    let drained = crate::reset::run(pinned, &Filter::default(), &mut output, RecordFormat::Json);
     if let Err(e) = drained {
         // Not committed: the counters are where they were; attach everything again. (Committed
         // but not finished: the next command finishes it; attaching again is still right.)

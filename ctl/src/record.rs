@@ -158,8 +158,8 @@ impl RecordFile {
     /// `/proc/self/fd/1` names.
     fn stdout() -> Option<RecordFile> {
         let mut file = File::from(io::stdout().as_fd().try_clone_to_owned().ok()?);
-        // SAFETY: F_GETFL on an fd we own.
-        let appends = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) } & libc::O_APPEND != 0;
+        let appends = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .is_ok_and(|flags| flags & libc::O_APPEND != 0);
         let len = file.metadata().ok().filter(|m| m.file_type().is_file())?.len();
         let at = file.stream_position().ok()?;
         if !(appends || at == len) {

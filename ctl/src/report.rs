@@ -2,10 +2,11 @@
 //! `top` and `reset` share. Printing the rows is `output`'s.
 
 use anyhow::Result;
-use portwatch_common::{CounterKey, Counters, Direction};
+use portwatch_common::{Counters, Direction};
 
 use crate::{
     filter::{Cidr, Filter},
+    generation::{Key, Remote},
     pinned::Pinned,
 };
 
@@ -94,7 +95,7 @@ impl Grouped {
     }
 
     fn merge(&mut self) {
-        crate::maps::sum_sorted(&mut self.groups);
+        crate::generation::sum_sorted(&mut self.groups);
         self.merged = self.groups.len();
         self.run = self.merged;
     }
@@ -138,15 +139,15 @@ impl View {
         }
     }
 
-    fn group(&self, key: &CounterKey) -> Group {
-        let ip = key.remote_ip_octets();
+    /// The row of the count of remote address `ip` under `key`.
+    fn group(&self, ip: [u8; 16], key: &Key) -> Group {
         match self.by {
             By::Ip => Group::Ip(ip),
             By::IpPort => Group::IpPort {
                 ip,
                 port: key.port,
                 proto: key.proto,
-                direction: key.direction(),
+                direction: key.direction,
             },
             By::Port => Group::Port(key.port),
             By::Cidr => Group::Cidr(Cidr::of(ip, self.prefix4, self.prefix6)),
@@ -154,31 +155,36 @@ impl View {
                 cidr: Cidr::of(ip, self.prefix4, self.prefix6),
                 port: key.port,
                 proto: key.proto,
-                direction: key.direction(),
+                direction: key.direction,
             },
         }
     }
 
-    /// Adds one counter; overflow entries are kept apart (they have no IP, port or protocol), for
+    /// Adds one count; overflow counts are kept apart (they have no IP, port or protocol), for
     /// the view's direction whatever its other conditions.
-    pub fn add(&self, grouped: &mut Grouped, key: &CounterKey, value: Counters) {
-        if key.is_overflow() {
-            if self.filter.matches_direction(key.direction()) {
-                grouped.overflow += value;
+    pub fn add(&self, grouped: &mut Grouped, key: &Key, value: Counters) {
+        match key.remote {
+            Remote::Overflow => {
+                if self.filter.matches_direction(key.direction) {
+                    grouped.overflow += value;
+                }
             }
-        } else if self.filter.matches(key) {
-            grouped.push(self.group(key), value);
+            Remote::Ip(ip) => {
+                if self.filter.matches(key) {
+                    grouped.push(self.group(ip, key), value);
+                }
+            }
         }
     }
 
     /// Both generations of the pinned counters, grouped, in one pass.
     pub fn read(&self, pinned: &mut Pinned) -> Result<Grouped> {
         let mut grouped = Grouped::default();
-        crate::generations::for_each(pinned, |key, value| self.add(&mut grouped, &key, value))?;
+        pinned.for_each_count(|key, value| self.add(&mut grouped, &key, value))?;
         Ok(grouped.finish())
     }
 
-    pub fn group_all<'a>(&self, counters: impl IntoIterator<Item = &'a (CounterKey, Counters)>) -> Grouped {
+    pub fn group_all<'a>(&self, counters: impl IntoIterator<Item = &'a (Key, Counters)>) -> Grouped {
         let mut out = Grouped::default();
         for (key, value) in counters {
             self.add(&mut out, key, *value);
@@ -298,7 +304,7 @@ mod tests {
 
     /// 300,000 counters over 40,000 IPs, each IP on several ports, protocols and directions, in
     /// an order that scatters an IP's entries across the merges `Grouped` does as it grows.
-    fn counters() -> Vec<(CounterKey, Counters)> {
+    fn counters() -> Vec<(Key, Counters)> {
         (0..300_000u64)
             .map(|i| {
                 let ip = ((i * 7919) % 40_000) as u32;
@@ -307,7 +313,7 @@ mod tests {
                 octets[13] += (ip >> 16) as u8;
                 let proto = if i % 3 == 0 { IPPROTO_UDP } else { IPPROTO_TCP };
                 let direction = Direction::from_u8((i % 2) as u8);
-                let key = CounterKey::with_octets(octets, 80 + (i % 5) as u16, proto, direction);
+                let key = Key::ip(octets, 80 + (i % 5) as u16, proto, direction);
                 (
                     key,
                     Counters {
@@ -326,7 +332,8 @@ mod tests {
             let v = view(by, 0);
             let mut expected: BTreeMap<Group, Counters> = BTreeMap::new();
             for (key, value) in &counters {
-                *expected.entry(v.group(key)).or_default() += *value;
+                let Remote::Ip(ip) = key.remote else { unreachable!() };
+                *expected.entry(v.group(ip, key)).or_default() += *value;
             }
             let got = v.group_all(&counters);
             assert_eq!(got.len(), expected.len(), "{by:?}");

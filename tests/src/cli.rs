@@ -9,8 +9,9 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
+use portwatch::generation::Key;
 use portwatch::pinned::{Access, PinPath, Pinned};
-use portwatch_common::{CounterKey, Counters, Stats};
+use portwatch_common::{Counters, Stats};
 
 use crate::netns::Netns;
 
@@ -176,11 +177,14 @@ impl Pw {
     }
 
     /// The active generation's counters, without the overflow keys.
-    pub fn counters(&self) -> BTreeMap<CounterKey, Counters> {
+    pub fn counters(&self) -> BTreeMap<Key, Counters> {
         let mut pinned = self.pinned();
         let generation = pinned.active_generation().unwrap();
         crate::real_counters(
-            &portwatch::maps::read_generation(&mut pinned, generation)
+            &pinned
+                .generation(generation)
+                .unwrap()
+                .read()
                 .unwrap()
                 .into_iter()
                 .collect(),

@@ -9,7 +9,8 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use portwatch_common::{CounterKey, Counters, Direction, IPPROTO_TCP};
+use portwatch::generation::Key;
+use portwatch_common::{Counters, Direction, IPPROTO_TCP};
 
 use crate::packet::Packet;
 
@@ -50,13 +51,13 @@ pub fn frame(remote: IpAddr, direction: Direction, payload: usize) -> Packet {
 }
 
 /// The counter key and counters of one `frame`.
-pub fn counted(remote: IpAddr, direction: Direction, p: &Packet) -> (CounterKey, Counters) {
+pub fn counted(remote: IpAddr, direction: Direction, p: &Packet) -> (Key, Counters) {
     let octets = match remote {
         IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         IpAddr::V6(v6) => v6.octets(),
     };
     (
-        CounterKey::with_octets(octets, PORT, IPPROTO_TCP, direction),
+        Key::ip(octets, PORT, IPPROTO_TCP, direction),
         Counters {
             bytes: p.l3_len() as u64,
             packets: 1,

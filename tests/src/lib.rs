@@ -16,12 +16,15 @@ use std::{collections::BTreeMap, os::fd::AsFd};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, IterableMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, IterableMap, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use portwatch::pinned::{Access, PinPath, Pinned};
-use portwatch_common::{counters_map, front_map, map_names, CounterKey, Counters, Direction, FrontSlot, Stats};
+use portwatch::{
+    generation::{sum, Generation, Key},
+    pinned::{Access, PinPath, Pinned},
+};
+use portwatch_common::{map_names, Counters, Direction, Stats};
 /// `#[kernel_test]`: a `#[test]` that first asks `kernel_available` with its own name.
 pub use portwatch_test_macros::kernel_test;
 
@@ -116,6 +119,8 @@ fn has_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
 /// The embedded object, loaded into the kernel but attached nowhere, for `BPF_PROG_TEST_RUN`.
 pub struct Harness {
     pub ebpf: Ebpf,
+    /// Its counter generations, read as every reader reads them.
+    generations: [Generation; 2],
 }
 
 /// `sizeof(struct __sk_buff)` and the offsets of the fields a test run may set.
@@ -132,24 +137,13 @@ pub struct Run {
 
 impl Harness {
     pub fn new(max_entries: u32) -> Result<Self> {
-        let mut ebpf = portwatch::object::load(max_entries).context("loading the embedded object")?;
-        for direction in Direction::ALL {
-            let name = direction.program_name();
-            let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program missing")?.try_into()?;
-            prog.load().with_context(|| format!("loading {name} into the kernel"))?;
+        let mut ebpf = portwatch::object::load_programs(max_entries)?;
+        let mut generations =
+            Generation::open_both(|name| ebpf.take_map(name).with_context(|| format!("map {name} missing")))?;
+        for generation in &mut generations {
+            generation.ensure_overflow_keys()?;
         }
-        let mut h = Harness { ebpf };
-        for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
-            let mut map = h.counters_map(name)?;
-            portwatch::maps::ensure_overflow_keys(&mut map)?;
-        }
-        Ok(h)
-    }
-
-    fn counters_map(&mut self, name: &str) -> Result<PerCpuHashMap<&mut aya::maps::MapData, CounterKey, Counters>> {
-        Ok(PerCpuHashMap::try_from(
-            self.ebpf.map_mut(name).context("map missing")?,
-        )?)
+        Ok(Harness { ebpf, generations })
     }
 
     /// Watches `port` for the protocols in `flags` (`PROTO_TCP | PROTO_UDP`; 0 unwatches).
@@ -191,27 +185,23 @@ impl Harness {
         self.run_gso(direction, frame, 0, 0, 1)
     }
 
-    fn front_map(&mut self, generation: u32) -> Result<PerCpuArray<&mut aya::maps::MapData, FrontSlot>> {
-        Ok(PerCpuArray::try_from(
-            self.ebpf.map_mut(front_map(generation)).context("map missing")?,
-        )?)
+    fn generation(&self, generation: u32) -> &Generation {
+        &self.generations[(generation & 1) as usize]
     }
 
     /// Counters of generation `generation` (0 or 1), summed over CPUs, overflow keys included,
-    /// with what its front cache holds added (as every reader does).
-    pub fn counters(&mut self, generation: u32) -> Result<BTreeMap<CounterKey, Counters>> {
-        let hash = portwatch::maps::read_counters(&self.counters_map(counters_map(generation))?)?;
-        let front = portwatch::maps::front_entries(&self.front_map(generation)?)?;
-        Ok(portwatch::maps::with_front(hash, front))
+    /// with what its front cache holds added: as every reader reads them.
+    pub fn counters(&mut self, generation: u32) -> Result<BTreeMap<Key, Counters>> {
+        Ok(self.generation(generation).read()?.into_iter().collect())
     }
 
     /// The counter of `key` in generation `generation`, summed over CPUs, front cache included
     /// (`None`: the counter map has no such key).
-    pub fn counter(&mut self, generation: u32, key: &CounterKey) -> Result<Option<Counters>> {
+    pub fn counter(&mut self, generation: u32, key: &Key) -> Result<Option<Counters>> {
         let Some(mut value) = self.hash_counter(generation, key)? else {
             return Ok(None);
         };
-        for (k, v) in portwatch::maps::front_entries(&self.front_map(generation)?)? {
+        for (k, v) in self.front(generation)? {
             if k == *key {
                 value += v;
             }
@@ -220,18 +210,17 @@ impl Harness {
     }
 
     /// The counter of `key` in generation `generation`'s hash map alone (no front cache).
-    pub fn hash_counter(&mut self, generation: u32, key: &CounterKey) -> Result<Option<Counters>> {
-        let map = self.counters_map(counters_map(generation))?;
-        match map.get(key, 0) {
-            Ok(values) => Ok(Some(portwatch::maps::sum(&values))),
+    pub fn hash_counter(&mut self, generation: u32, key: &Key) -> Result<Option<Counters>> {
+        match self.generation(generation).hash().get(&key.counter_key(), 0) {
+            Ok(values) => Ok(Some(sum(&values))),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
     /// The owned slots of generation `generation`'s front cache, every CPU.
-    pub fn front(&mut self, generation: u32) -> Result<Vec<(CounterKey, Counters)>> {
-        portwatch::maps::front_entries(&self.front_map(generation)?)
+    pub fn front(&mut self, generation: u32) -> Result<Vec<(Key, Counters)>> {
+        self.generation(generation).front_slots()
     }
 
     pub fn stats(&mut self) -> Result<Stats> {
@@ -246,25 +235,10 @@ impl Harness {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let mut stats: PerCpuArray<_, Stats> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::STATS).unwrap())?;
         stats.set(0, aya::maps::PerCpuValues::try_from(vec![Stats::default(); cpus])?, 0)?;
-        for name in [map_names::COUNTERS_0, map_names::COUNTERS_1] {
-            let mut map = self.counters_map(name)?;
-            let keys: Vec<CounterKey> = map.keys().collect::<Result<_, _>>()?;
-            for key in keys {
-                if key.is_overflow() {
-                    map.insert(
-                        key,
-                        aya::maps::PerCpuValues::try_from(vec![Counters::default(); cpus])?,
-                        0,
-                    )?;
-                } else {
-                    map.remove(&key)?;
-                }
-            }
-        }
-        for generation in [0, 1] {
-            portwatch::maps::clear_front(&mut self.front_map(generation)?, |_| true)?;
-            let mut hint: PerCpuArray<_, u32> = PerCpuArray::try_from(self.ebpf.map_mut(map_names::MAP_FULL).unwrap())?;
-            portwatch::maps::clear_full_hint(&mut hint, generation)?;
+        for generation in &mut self.generations {
+            // Every key removed (the overflow keys zeroed), their slots cleared, the hint cleared.
+            let keys: Vec<Key> = generation.read()?.into_iter().map(|(k, _)| k).collect();
+            generation.remove(&keys)?;
         }
         self.set_generation(0)
     }
@@ -370,18 +344,18 @@ impl LinearProbe {
     }
 }
 
-/// The counter key of an IP address as the program stores it (IPv4 mapped into IPv6).
-pub fn key(ip: &str, port: u16, proto: u8, direction: Direction) -> CounterKey {
+/// The key of an IP address's count, as readers see it (IPv4 mapped into IPv6).
+pub fn key(ip: &str, port: u16, proto: u8, direction: Direction) -> Key {
     let ip: std::net::IpAddr = ip.parse().unwrap();
     let remote_ip = match ip {
         std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
         std::net::IpAddr::V6(v6) => v6.octets(),
     };
-    CounterKey::with_octets(remote_ip, port, proto, direction)
+    Key::ip(remote_ip, port, proto, direction)
 }
 
 /// The counters without the (zero) overflow keys.
-pub fn real_counters(all: &BTreeMap<CounterKey, Counters>) -> BTreeMap<CounterKey, Counters> {
+pub fn real_counters(all: &BTreeMap<Key, Counters>) -> BTreeMap<Key, Counters> {
     all.iter()
         .filter(|(k, _)| !k.is_overflow())
         .map(|(k, v)| (*k, *v))
@@ -390,34 +364,30 @@ pub fn real_counters(all: &BTreeMap<CounterKey, Counters>) -> BTreeMap<CounterKe
 
 /// Writes `entries` into counter generation `generation` of a pinned portwatch, all of each value
 /// on CPU 0, with `BPF_MAP_UPDATE_BATCH` (a million entries take about a second).
-pub fn fill_counters(pin: &std::path::Path, generation: u32, entries: &[(CounterKey, Counters)]) -> Result<()> {
+pub fn fill_counters(pin: &std::path::Path, generation: u32, entries: &[(Key, Counters)]) -> Result<()> {
     let mut pinned = Pinned::open(&PinPath::new(pin), Access::Read)?;
-    let map = pinned.counters(generation)?.map();
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let map = pinned.generation(generation)?.hash().map();
+    let cpus = portwatch::generation::possible_cpus()?;
     for chunk in entries.chunks(65536) {
-        let mut keys = Vec::with_capacity(chunk.len() * 20);
-        let mut values = vec![0u8; chunk.len() * cpus * 16];
-        for (i, (k, v)) in chunk.iter().enumerate() {
-            // SAFETY: CounterKey is 20 bytes of plain integers.
-            keys.extend_from_slice(unsafe { std::slice::from_raw_parts((k as *const CounterKey).cast::<u8>(), 20) });
-            let at = i * cpus * 16;
-            values[at..at + 8].copy_from_slice(&v.bytes.to_ne_bytes());
-            values[at + 8..at + 16].copy_from_slice(&v.packets.to_ne_bytes());
+        let keys: Vec<_> = chunk.iter().map(|(k, _)| k.counter_key()).collect();
+        let mut values = vec![Counters::default(); chunk.len() * cpus];
+        for (i, (_, v)) in chunk.iter().enumerate() {
+            values[i * cpus] = *v;
         }
-        portwatch::sys::bpf::update_batch(map.fd().as_fd(), &keys, &values, chunk.len())?;
+        portwatch::sys::bpf::update_batch(map.fd().as_fd(), &keys, &values)?;
     }
     Ok(())
 }
 
 /// `n` distinct remote IPs (2001:db8::<i>) on port 443/tcp ingress, with bytes a permutation of
 /// 0..n (7919 is prime and coprime to the powers of ten used), one packet each.
-pub fn synthetic_entries(n: u64) -> Vec<(CounterKey, Counters)> {
+pub fn synthetic_entries(n: u64) -> Vec<(Key, Counters)> {
     (0..n)
         .map(|i| {
             let mut ip = [0u8; 16];
             ip[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
             ip[12..].copy_from_slice(&(i as u32).to_be_bytes());
-            let key = CounterKey::with_octets(ip, 443, portwatch_common::IPPROTO_TCP, Direction::Ingress);
+            let key = Key::ip(ip, 443, portwatch_common::IPPROTO_TCP, Direction::Ingress);
             (
                 key,
                 Counters {

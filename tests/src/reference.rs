@@ -4,13 +4,14 @@
 //! "inside the datagram" is a slice bound here (`get` returning `None`) where the kernel program
 //! compares offsets.
 
-use portwatch_common::{CounterKey, Counters, Direction, NotCounted, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch::generation::Key;
+use portwatch_common::{Counters, Direction, NotCounted, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Where the program must put a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Counted under `key`, with these bytes and packets.
-    Counted { key: CounterKey, counters: Counters },
+    Counted { key: Key, counters: Counters },
     /// TCP or UDP on a port/protocol that is not watched.
     Unwatched,
     /// Not counted, for this reason.
@@ -70,7 +71,7 @@ pub fn classify(frame: &[u8], gso: Gso, direction: Direction, watched: impl Fn(u
                 packets: segs,
             };
             Outcome::Counted {
-                key: CounterKey::with_octets(remote, port, d.proto, direction),
+                key: Key::ip(remote, port, d.proto, direction),
                 counters,
             }
         }

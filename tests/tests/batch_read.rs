@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use portwatch_common::{CounterKey, Counters};
+use portwatch::generation::Key;
+use portwatch_common::Counters;
 use portwatch_tests::{cli::Pw, fill_counters, kernel_test};
 
 /// The batch read `top` and `reset` use (`BPF_MAP_LOOKUP_BATCH`, 16384 entries a call, a reader
@@ -31,11 +32,15 @@ fn batch_and_key_by_key_reads_agree() {
     fill_counters(&pw.pin, 1, &again).unwrap();
 
     let mut pinned = pw.pinned();
-    let mut walked: BTreeMap<CounterKey, Counters> = BTreeMap::new();
-    let mut batched: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let mut walked: BTreeMap<Key, Counters> = BTreeMap::new();
+    let mut batched: BTreeMap<Key, Counters> = BTreeMap::new();
     for generation in [0, 1] {
-        let by_key = portwatch::maps::read_counters(pinned.counters(generation).unwrap()).unwrap();
-        let by_batch = portwatch::maps::read_generation(&mut pinned, generation).unwrap();
+        let generation_maps = pinned.generation(generation).unwrap();
+        let mut by_key: BTreeMap<Key, Counters> = BTreeMap::new();
+        generation_maps
+            .for_each_key_by_key(|k, c| assert!(by_key.insert(k, c).is_none(), "{k:?} handed out twice"))
+            .unwrap();
+        let by_batch = generation_maps.read().unwrap();
         assert_eq!(by_batch.len(), by_key.len(), "generation {generation}");
         assert_eq!(
             by_batch.into_iter().collect::<BTreeMap<_, _>>(),
@@ -46,7 +51,9 @@ fn batch_and_key_by_key_reads_agree() {
             *walked.entry(k).or_default() += c;
         }
     }
-    portwatch::generations::for_each(&mut pinned, |k, c| *batched.entry(k).or_default() += c).unwrap();
+    pinned
+        .for_each_count(|k, c| *batched.entry(k).or_default() += c)
+        .unwrap();
     assert_eq!(batched, walked);
     // Known figures, not only agreement: 40,000 keys plus the two overflow keys per generation.
     let total = batched.values().fold(Counters::default(), |mut a, c| {

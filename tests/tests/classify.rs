@@ -2,6 +2,7 @@
 //! return code (`TC_ACT_UNSPEC`), that the packet left unchanged, the exact counter it landed in
 //! (or that it landed in none) and the exact statistics.
 
+use portwatch::generation::Key;
 use portwatch_common::{
     Counters, Direction,
     Direction::{Egress as EG, Ingress as IN},
@@ -860,9 +861,9 @@ fn a_full_map_sends_new_keys_to_overflow() {
         MAX as usize + 2,
         "the map holds MAX keys plus the two overflow keys"
     );
-    assert_eq!(all[&portwatch_common::CounterKey::overflow(IN)], overflow_in);
-    assert_eq!(all[&portwatch_common::CounterKey::overflow(EG)], overflow_eg);
-    let total = portwatch::maps::sum(&all.values().copied().collect::<Vec<_>>());
+    assert_eq!(all[&Key::overflow(IN)], overflow_in);
+    assert_eq!(all[&Key::overflow(EG)], overflow_eg);
+    let total = portwatch::generation::sum(&all.values().copied().collect::<Vec<_>>());
     assert_eq!(total, sent, "counters plus overflow equal all matched traffic");
     let stats = h.stats().unwrap();
     portwatch_tests::assert_overflow_accounted(&stats, [overflow_in, overflow_eg], sent);

@@ -197,7 +197,7 @@ fn lifecycle(mode: &str) {
     assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, IN)], nft["tcp6_in"]);
     assert_eq!(got[&key(CLIENT_V6[0], 7001, TCP, EG)], nft["tcp6_out"]);
     assert_eq!(got.len(), 6, "{got:#?}");
-    let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
+    let total = portwatch::generation::sum(&got.values().copied().collect::<Vec<_>>());
     let status = pw.status();
     assert_eq!(status["stats"]["matched_packets"], total.packets);
     assert_eq!(status["stats"]["matched_bytes"], total.bytes);

@@ -14,7 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_common::{CounterKey, Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch::generation::Key;
+use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{counters_of, Pw},
     kernel_test, key,
@@ -71,7 +72,7 @@ fn many_commands_at_once_under_traffic_fail_none_and_lose_nothing() {
     let sender = {
         let (bed, stop) = (bed.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut sent: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+            let mut sent: BTreeMap<Key, Counters> = BTreeMap::new();
             let mut round = 0usize;
             // Every source at least once (24 rounds), then until stopped; bounded: 10,000 rounds.
             while (!stop.load(Ordering::SeqCst) || round < 24) && round < 10_000 {
@@ -149,12 +150,12 @@ fn many_commands_at_once_under_traffic_fail_none_and_lose_nothing() {
     eprintln!("commands run: {:?}", ran.lock().unwrap());
     let failures = failures.lock().unwrap();
     assert!(failures.is_empty(), "{} commands failed: {failures:#?}", failures.len());
-    let remotes: std::collections::BTreeSet<[u32; 4]> = sent.keys().map(|k| k.remote_ip).collect();
+    let remotes: std::collections::BTreeSet<_> = sent.keys().map(|k| k.remote).collect();
     assert!(remotes.len() > 4096, "traffic from {} remote addresses", remotes.len());
 
     // The conservation check: every record in the log, plus a last reset, against what was sent.
     pw.ok(&["reset", "--json", "--output", log.to_str().unwrap()]);
-    let mut counted: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let mut counted: BTreeMap<Key, Counters> = BTreeMap::new();
     let text = std::fs::read_to_string(&log).unwrap();
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).unwrap();

@@ -18,7 +18,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_common::{CounterKey, Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch::generation::Key;
+use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{counters_of, Pw},
     kernel_test, key,
@@ -67,7 +68,7 @@ impl Drop for TempFile {
 /// and returns what it sent, per key, in L3 bytes.
 struct Sender {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<BTreeMap<CounterKey, Counters>>,
+    thread: std::thread::JoinHandle<BTreeMap<Key, Counters>>,
 }
 
 impl Sender {
@@ -89,13 +90,13 @@ impl Sender {
         Sender { stop, thread }
     }
 
-    fn stop(self) -> BTreeMap<CounterKey, Counters> {
+    fn stop(self) -> BTreeMap<Key, Counters> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.join().unwrap()
     }
 }
 
-fn send_round(bed: &Bed, round: usize, sent: &mut BTreeMap<CounterKey, Counters>) {
+fn send_round(bed: &Bed, round: usize, sent: &mut BTreeMap<Key, Counters>) {
     for (i, (src, dst)) in SOURCES.iter().enumerate() {
         for port in PORTS {
             let payload = 100 + 10 * i + round % 7;
@@ -107,12 +108,12 @@ fn send_round(bed: &Bed, round: usize, sent: &mut BTreeMap<CounterKey, Counters>
 
 /// The records of `log` plus what is still counted (after a last reset into the log), per key; and
 /// checks the log on the way: every line a whole JSON record, every reset id once.
-fn recorded_and_counted(pw: &Pw, log: &Path) -> BTreeMap<CounterKey, Counters> {
+fn recorded_and_counted(pw: &Pw, log: &Path) -> BTreeMap<Key, Counters> {
     pw.ok(&["reset", "--json", "--output", log.to_str().unwrap()]);
     let text = std::fs::read_to_string(log).unwrap();
     assert!(text.is_empty() || text.ends_with('\n'), "the log ends in a torn line");
     let mut ids = BTreeSet::new();
-    let mut counted: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let mut counted: BTreeMap<Key, Counters> = BTreeMap::new();
     let last = pw.json(&["top", "--by", "ip-port", "-n", "0", "--json"]);
     let records: Vec<Value> = text
         .lines()
@@ -154,7 +155,7 @@ fn exported_per_port(pw: &Pw) -> BTreeMap<u16, Counters> {
         .collect()
 }
 
-fn per_port(sent: &BTreeMap<CounterKey, Counters>) -> BTreeMap<u16, Counters> {
+fn per_port(sent: &BTreeMap<Key, Counters>) -> BTreeMap<u16, Counters> {
     let mut out: BTreeMap<u16, Counters> = PORTS.iter().map(|p| (*p, Counters::default())).collect();
     for (k, c) in sent {
         *out.entry(k.port).or_default() += *c;
@@ -245,7 +246,7 @@ fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
     let log = TempFile::new("phases.jsonl");
     let mut sent = BTreeMap::new();
     let mut round = 0;
-    let mut send = |sent: &mut BTreeMap<CounterKey, Counters>| {
+    let mut send = |sent: &mut BTreeMap<Key, Counters>| {
         send_round(&bed, round, sent);
         round += 1;
     };
@@ -371,7 +372,7 @@ fn a_reset_to_a_pipe_never_loses() {
     let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
     let mut sent = BTreeMap::new();
     send_round(&bed, 0, &mut sent);
-    let total = |m: &BTreeMap<CounterKey, Counters>| {
+    let total = |m: &BTreeMap<Key, Counters>| {
         let mut t = Counters::default();
         m.values().for_each(|c| t += *c);
         t
@@ -719,7 +720,7 @@ fn an_unload_drain_killed_loses_and_doubles_nothing() {
         let r = pw.run(&["unload", "--drain-to", log.as_str()]);
         assert_eq!(r.code, 0, "{point}: {}", r.stderr);
         assert!(!pw.pin.exists());
-        let mut counted: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+        let mut counted: BTreeMap<Key, Counters> = BTreeMap::new();
         for line in std::fs::read_to_string(&log.0).unwrap().lines() {
             let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{point}: {e}: {line}"));
             for r in v["rows"].as_array().unwrap() {

@@ -8,9 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use portwatch::maps::{read_generation, sum};
+use portwatch::generation::{sum, Key};
 use portwatch_common::{
-    CounterKey, Counters,
+    Counters,
     Direction::{Egress as EG, Ingress as IN},
 };
 use portwatch_tests::{
@@ -28,14 +28,11 @@ const HEAVY: u64 = 5;
 const EGRESS_REMOTES: u64 = 1000;
 
 /// Every entry of both counter generations, overflow keys included.
-fn all_counters(pw: &Pw) -> BTreeMap<CounterKey, Counters> {
-    let mut pinned = pw.pinned();
+fn all_counters(pw: &Pw) -> BTreeMap<Key, Counters> {
     let mut all = BTreeMap::new();
-    for generation in 0..2 {
-        for (k, v) in read_generation(&mut pinned, generation).unwrap() {
-            *all.entry(k).or_insert_with(Counters::default) += v;
-        }
-    }
+    pw.pinned()
+        .for_each_count(|k, v| *all.entry(k).or_insert_with(Counters::default) += v)
+        .unwrap();
     all
 }
 
@@ -50,7 +47,7 @@ fn a_spoofed_flood_overflows_exactly_and_top_and_reset_still_work() {
     let mut progs = PinnedPrograms::open(&pw.pin).unwrap();
 
     let mut sent = Counters::default();
-    let mut keys: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let mut keys: BTreeMap<Key, Counters> = BTreeMap::new();
     let mut overflow_in = Counters::default();
     let mut overflow_eg = Counters::default();
     let started = std::time::Instant::now();
@@ -102,8 +99,8 @@ fn a_spoofed_flood_overflows_exactly_and_top_and_reset_still_work() {
         .collect();
     assert_eq!(real.len() as u64, MAX_ENTRIES, "the map is full");
     assert!(real == keys, "the keys that fit hold exactly their traffic");
-    assert_eq!(all[&CounterKey::overflow(IN)], overflow_in);
-    assert_eq!(all[&CounterKey::overflow(EG)], overflow_eg);
+    assert_eq!(all[&Key::overflow(IN)], overflow_in);
+    assert_eq!(all[&Key::overflow(EG)], overflow_eg);
     assert_eq!(
         sum(&all.values().copied().collect::<Vec<_>>()),
         sent,

@@ -2,6 +2,7 @@
 //! and is counted there from then on; keys that share a slot, or that a full map refuses, stay
 //! exact; every reader adds the slots to their keys. `BPF_PROG_TEST_RUN` on the embedded program.
 
+use portwatch::generation::Key;
 use portwatch_common::{front_index, Counters, Direction, IPPROTO_TCP, PROTO_ALL};
 use portwatch_tests::{kernel_test, key, packet::Packet, Harness};
 
@@ -19,7 +20,7 @@ fn times(one: Counters, n: u64) -> Counters {
 /// Two sources whose keys (443/tcp ingress) want the same slot.
 fn colliding_sources() -> (String, String) {
     let src = |i: u32| format!("198.18.{}.{}", 10 + i / 256, i % 256);
-    let slot = |i: u32| front_index(&key(&src(i), 443, IPPROTO_TCP, Direction::Ingress));
+    let slot = |i: u32| front_index(&key(&src(i), 443, IPPROTO_TCP, Direction::Ingress).counter_key());
     let first = slot(0);
     let other = (1..4096)
         .find(|&i| slot(i) == first)
@@ -93,7 +94,10 @@ fn a_key_the_full_map_refuses_claims_no_slot() {
         .map(src)
         .find(|s| {
             let k = key(s, 443, IPPROTO_TCP, Direction::Ingress);
-            (0..MAX).all(|i| front_index(&key(&src(i), 443, IPPROTO_TCP, Direction::Ingress)) != front_index(&k))
+            (0..MAX).all(|i| {
+                front_index(&key(&src(i), 443, IPPROTO_TCP, Direction::Ingress).counter_key())
+                    != front_index(&k.counter_key())
+            })
         })
         .expect("a source with a free slot");
     for _ in 0..5 {
@@ -106,7 +110,7 @@ fn a_key_the_full_map_refuses_claims_no_slot() {
         "a key the map refused is nowhere but in the overflow"
     );
     assert!(!h.front(0).unwrap().iter().any(|(key, _)| *key == k));
-    let overflow = all[&portwatch_common::CounterKey::overflow(Direction::Ingress)];
+    let overflow = all[&Key::overflow(Direction::Ingress)];
     assert_eq!(overflow.packets, 5);
     let stats = h.stats().unwrap();
     assert_eq!(

@@ -14,7 +14,8 @@
 
 use std::collections::BTreeMap;
 
-use portwatch_common::{CounterKey, Counters, Direction, NotCounted, Stats};
+use portwatch::generation::Key;
+use portwatch_common::{Counters, Direction, NotCounted, Stats};
 use portwatch_tests::{
     hostile::{seed_from_env, watched, Generator, Sample, PAGED_SIZES, TEST_RUN_SIZES, WATCHED},
     kernel_test,
@@ -126,7 +127,7 @@ fn hostile_frames_land_where_the_reference_says() {
         h.watch(port, flags).unwrap();
     }
     let mut generator = Generator::new(seed, TEST_RUN_SIZES);
-    let mut expected: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let mut expected: BTreeMap<Key, Counters> = BTreeMap::new();
     let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut refused = 0;
     let mut failures: Vec<String> = vec![];
@@ -329,7 +330,7 @@ fn paged_frames_through_a_veth_land_where_the_reference_says() {
         }
     }
 
-    let mut expected: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let mut expected: BTreeMap<Key, Counters> = BTreeMap::new();
     let mut failures: Vec<String> = vec![];
     let mut before = h.stats().unwrap();
     let (mut egress_seen, mut ingress_seen) = (

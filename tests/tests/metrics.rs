@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch_common::{CounterKey, Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch::generation::Key;
+use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{Pw, Running},
     fill_counters, kernel_test, key,
@@ -193,7 +194,7 @@ fn per_remote_series_and_the_cap() {
     pw.ok(&["ports", "add", "53/udp"]);
     // Port 443/tcp: 10 remotes in 198.18.0.0/24 sending 10..19 bytes; 53/udp: 4 remotes in
     // 2001:db8::/64 sending 100..103.
-    let mut entries: Vec<(CounterKey, Counters)> = (0..10u64)
+    let mut entries: Vec<(Key, Counters)> = (0..10u64)
         .map(|i| {
             (
                 key(&format!("198.18.0.{}", i + 1), 443, IPPROTO_TCP, IN),

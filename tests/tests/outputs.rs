@@ -13,8 +13,9 @@
 
 use std::{fmt::Write as _, path::Path};
 
+use portwatch::generation::Key;
 use portwatch_common::{
-    CounterKey, Counters,
+    Counters,
     Direction::{Egress as EG, Ingress as IN},
     Stats, IPPROTO_TCP, IPPROTO_UDP,
 };
@@ -22,7 +23,7 @@ use portwatch_tests::{cli::Pw, fill_counters, kernel_test, key, netns::Netns};
 
 /// The counters of both generations: IPv4 and IPv6, every port kind, both directions and
 /// protocols, a key in both generations, ties in bytes (broken by the key), overflow traffic.
-fn generation(g: u32) -> Vec<(CounterKey, Counters)> {
+fn generation(g: u32) -> Vec<(Key, Counters)> {
     let c = |bytes, packets| Counters { bytes, packets };
     if g == 0 {
         vec![
@@ -34,7 +35,7 @@ fn generation(g: u32) -> Vec<(CounterKey, Counters)> {
             (key("2001:db8::7", 443, IPPROTO_TCP, IN), c(700_000, 500)),
             (key("2001:db8:0:1::9", 8080, IPPROTO_TCP, EG), c(123_456_789, 90_000)),
             (key("198.19.255.254", 8000, IPPROTO_TCP, IN), c(1023, 1)),
-            (CounterKey::overflow(IN), c(4096, 3)),
+            (Key::overflow(IN), c(4096, 3)),
         ]
     } else {
         vec![

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use portwatch_common::{CounterKey, Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch::generation::Key;
+use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{counters_of, Pw},
     fill_counters, kernel_test, key,
@@ -28,7 +29,7 @@ fn resets_under_traffic_lose_and_double_count_nothing() {
     let sender = {
         let bed = bed.clone();
         std::thread::spawn(move || {
-            let mut sent: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+            let mut sent: BTreeMap<Key, Counters> = BTreeMap::new();
             // Bounded: 40 rounds x 4 sources x 2 ports x 100 datagrams.
             for round in 0..40u64 {
                 for (i, (src, dst)) in sources.iter().enumerate() {
@@ -67,7 +68,7 @@ fn resets_under_traffic_lose_and_double_count_nothing() {
         snapshots.len()
     );
 
-    let mut counted: BTreeMap<CounterKey, Counters> = BTreeMap::new();
+    let mut counted: BTreeMap<Key, Counters> = BTreeMap::new();
     let mut totals = Counters::default();
     for v in snapshots.iter().chain(std::iter::once(&last)) {
         totals += counters_of(&v["totals"]);

@@ -1,6 +1,7 @@
 //! `portwatch top` on known traffic: ordering, grouping (every `--by`), filters, the JSON and CSV
 //! schemas, exact figures and rates; and on a million-entry map.
 
+use portwatch::generation::Remote;
 use std::collections::BTreeMap;
 
 use portwatch_common::Counters;
@@ -210,7 +211,13 @@ fn top_over_a_million_entries() {
     const N: u64 = 1_000_000;
     let entries = portwatch_tests::synthetic_entries(N);
     fill_counters(&pw.pin, 0, &entries).unwrap();
-    let mut expected: Vec<_> = entries.iter().map(|(k, c)| (c.bytes, k.remote_ip_octets())).collect();
+    let mut expected: Vec<_> = entries
+        .iter()
+        .map(|(k, c)| match k.remote {
+            Remote::Ip(ip) => (c.bytes, ip),
+            Remote::Overflow => unreachable!("synthetic entries are addresses"),
+        })
+        .collect();
     expected.sort_unstable_by(|a, b| b.cmp(a));
     let expected: Vec<(String, u64)> = expected[..10]
         .iter()

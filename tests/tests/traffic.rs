@@ -110,7 +110,7 @@ fn counters_equal_the_l3_bytes_and_packets_that_crossed(mode: &str) {
     // Nothing else was counted (the pings that primed the neighbours are ICMP).
     assert_eq!(got.len(), 8, "unexpected keys: {got:#?}");
     let stats = pw.stats();
-    let total = portwatch::maps::sum(&got.values().copied().collect::<Vec<_>>());
+    let total = portwatch::generation::sum(&got.values().copied().collect::<Vec<_>>());
     assert_eq!(
         (stats.matched_packets, stats.matched_bytes),
         (total.packets, total.bytes)

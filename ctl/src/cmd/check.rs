@@ -1,23 +1,16 @@
 //! `portwatch check`: can this kernel run portwatch's program? Loads it through the verifier and
 //! unloads it; pins and attaches nothing.
 
-use anyhow::{Context, Result};
-use aya::programs::SchedClassifier;
+use anyhow::Result;
 use portwatch_common::{Direction, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
 
 pub(super) fn run() -> Result<()> {
-    let mut ebpf = crate::object::load(DEFAULT_MAX_ENTRIES).context("loading the embedded object")?;
+    let mut ebpf = crate::object::load_programs(DEFAULT_MAX_ENTRIES)?;
     for direction in Direction::ALL {
-        let name = direction.program_name();
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .context("program missing from the object")?
-            .try_into()?;
-        prog.load()
-            .with_context(|| format!("the kernel's verifier refused {name}"))?;
-        let info = prog.info()?;
+        let info = crate::object::program(&mut ebpf, direction)?.info()?;
         println!(
-            "{name}: loaded and verified (tag {:016x}, {} bytes JITed)",
+            "{}: loaded and verified (tag {:016x}, {} bytes JITed)",
+            direction.program_name(),
             info.tag(),
             info.size_jitted()
         );

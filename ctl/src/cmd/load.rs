@@ -9,7 +9,8 @@ use crate::{
     attach::{self, Iface},
     cli::LoadArgs,
     error::Error,
-    lifecycle, maps,
+    lifecycle,
+    maps::PortChange,
     netns::NetNs,
     pinned::{Creating, PinPath, Pinned},
     ports::{self, PortSpec},
@@ -72,22 +73,10 @@ fn add_to_loaded(mut pinned: Pinned, args: &LoadArgs, ifaces: &[Iface]) -> Resul
 /// Watches the ports of `args` too and attaches to `ifaces` (what is not attached yet), all or
 /// nothing: if attaching fails, the ports are as they were.
 fn attach_and_watch(pinned: &mut Pinned, ifaces: &[Iface], directions: Directions, args: &LoadArgs) -> Result<()> {
-    let map = pinned.watched_ports()?;
-    let before = maps::port_table(map)?;
-    let mut after = before.clone();
-    ports::add(&mut after, &args.ports);
-    let undo_ports = |pinned: &mut Pinned| {
-        // Writes back every port that differs, whether or not it was written.
-        let _ = pinned
-            .watched_ports()
-            .and_then(|map| maps::write_port_changes(map, &after, &before));
-    };
-    if let Err(e) = maps::write_port_changes(map, &before, &after) {
-        undo_ports(pinned);
-        return Err(e);
-    }
+    let ports = PortChange::new(pinned, |table| ports::add(table, &args.ports))?;
+    ports.write(pinned)?;
     if let Err(e) = attach::attach_all(pinned, ifaces, directions, args.mode) {
-        undo_ports(pinned);
+        ports.undo(pinned);
         return Err(e);
     }
     report_ports(&args.ports);

@@ -5,7 +5,8 @@ use serde::Serialize;
 
 use crate::{
     cli::PortsCommand,
-    maps, output,
+    maps::{self, PortChange},
+    output,
     pinned::{Access, PinPath, Pinned},
     ports::{self, PortSpec},
 };
@@ -22,12 +23,9 @@ pub(super) fn run(pin: &PinPath, command: &PortsCommand) -> Result<()> {
 /// Applies `edit` to the port set and writes only the ports whose flags changed.
 fn change(pin: &PinPath, edit: impl FnOnce(&mut [u8])) -> Result<()> {
     let mut pinned = Pinned::open(pin, Access::Change)?;
-    let map = pinned.watched_ports()?;
-    let before = maps::port_table(map)?;
-    let mut after = before.clone();
-    edit(&mut after);
-    let changed = maps::write_port_changes(map, &before, &after)?;
-    let folded: Vec<String> = ports::fold(&after).iter().map(|s| s.to_string()).collect();
+    let change = PortChange::new(&mut pinned, edit)?;
+    let changed = change.write(&mut pinned)?;
+    let folded: Vec<String> = ports::fold(change.after()).iter().map(|s| s.to_string()).collect();
     println!(
         "{changed} port(s) changed; watching: {}",
         if folded.is_empty() {

@@ -229,10 +229,10 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
 
     let watched_ports = ports::fold(&maps::port_table(pinned.watched_ports()?)?);
     let generation = pinned.active_generation()?;
-    let entries = maps::read_generation(pinned, generation)?
-        .iter()
-        .filter(|(k, _)| !k.is_overflow())
-        .count();
+    let mut entries = 0;
+    pinned.generation(generation)?.for_each(|key, _| {
+        entries += usize::from(!key.is_overflow());
+    })?;
     let stats = maps::read_stats(pinned.stats()?)?;
     let j = journal::read(pinned)?;
     let state = journal::state(&j)?;

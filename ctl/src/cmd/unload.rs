@@ -8,7 +8,7 @@ use anyhow::Result;
 use portwatch_common::{AttachKey, Attachment};
 
 use crate::{
-    attach, generations, lifecycle,
+    attach, lifecycle,
     pinned::{Access, Creating, PinPath, Pinned},
     reconcile,
 };
@@ -28,7 +28,7 @@ pub(super) fn run(pin: &PinPath, drain_to: Option<&Path>, force: bool) -> Result
         println!("nothing is loaded at {}", pin.root.display());
         return Ok(());
     };
-    if let Err(e) = generations::recover_and_say(&mut pinned) {
+    if let Err(e) = crate::reset::recover_and_say(&mut pinned) {
         if !force {
             return Err(e.context(
                 "an interrupted reset holds counts that it may also have written to its record, and it cannot be \

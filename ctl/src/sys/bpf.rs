@@ -1,108 +1,143 @@
-//! The few bpf(2) commands aya 0.14 does not offer: batch lookups, updates and deletes, and the
-//! map-in-map whose update makes the kernel wait for running programs (the reset's barrier).
+//! The few bpf(2) commands aya 0.14 does not offer: batch lookups, updates and deletes over `Pod`
+//! keys and values, and the map-in-map whose update makes the kernel wait for running programs
+//! (the reset's barrier). Every failure is a `SyscallError` naming the command, as aya's own are.
 
 use std::{
     ffi::CString,
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    mem::size_of,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::Path,
 };
 
-const BPF_MAP_CREATE: u32 = 0;
-const BPF_MAP_UPDATE_ELEM: u32 = 2;
-const BPF_OBJ_PIN: u32 = 6;
-const BPF_MAP_LOOKUP_BATCH: u32 = 24;
-const BPF_MAP_UPDATE_BATCH: u32 = 26;
-const BPF_MAP_DELETE_BATCH: u32 = 27;
+pub use aya::sys::SyscallError;
+use aya::Pod;
+use aya_obj::generated::{
+    bpf_attr, bpf_attr__bindgen_ty_1 as MapCreate, bpf_attr__bindgen_ty_2 as ElemUpdate,
+    bpf_attr__bindgen_ty_2__bindgen_ty_1 as ElemValue, bpf_attr__bindgen_ty_3 as Batch,
+    bpf_attr__bindgen_ty_5 as ObjPin, bpf_cmd, bpf_map_type,
+};
 
-const BPF_MAP_TYPE_ARRAY: u32 = 2;
-const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
-
-/// `union bpf_attr`, as bytes: each command fills the fields it uses at their offsets; the rest
-/// stays zero, as the kernel requires.
-#[repr(C, align(8))]
-struct Attr([u8; 128]);
-
-impl Attr {
-    fn new() -> Self {
-        Attr([0; 128])
-    }
-    fn u32(&mut self, offset: usize, v: u32) -> &mut Self {
-        self.0[offset..offset + 4].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn u64(&mut self, offset: usize, v: u64) -> &mut Self {
-        self.0[offset..offset + 8].copy_from_slice(&v.to_ne_bytes());
-        self
-    }
-    fn get_u32(&self, offset: usize) -> u32 {
-        u32::from_ne_bytes(self.0[offset..offset + 4].try_into().unwrap())
-    }
-}
-
-fn bpf(cmd: u32, attr: &mut Attr) -> io::Result<i64> {
-    // SAFETY: attr is a valid, writable bpf_attr-sized buffer for the duration of the call.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, attr.0.as_mut_ptr(), attr.0.len()) };
+/// bpf(2) with `attr`; the error names `call`.
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr, call: &'static str) -> Result<i64, SyscallError> {
+    // SAFETY: attr is a valid, writable `union bpf_attr` for the duration of the call; every
+    // pointer in it points into buffers the caller keeps alive and sized as the command needs.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            (attr as *mut bpf_attr).cast::<libc::c_void>(),
+            size_of::<bpf_attr>(),
+        )
+    };
     if ret < 0 {
-        Err(io::Error::last_os_error())
+        Err(SyscallError {
+            call,
+            io_error: io::Error::last_os_error(),
+        })
     } else {
         Ok(ret)
     }
 }
 
+/// A `union bpf_attr` with every byte zero, as the kernel requires of the fields a command does
+/// not use.
+fn zeroed_attr() -> bpf_attr {
+    // SAFETY: bpf_attr is a union of plain integer structs: all zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// `n` values of `T`, all zero (valid: `T` is `Pod`).
+fn zeroed_vec<T: Pod>(n: usize) -> Vec<T> {
+    // SAFETY: a Pod type is plain bytes; all zero is one of its values.
+    vec![unsafe { std::mem::zeroed::<T>() }; n]
+}
+
 fn create_map(
-    map_type: u32,
-    key: u32,
-    value: u32,
-    entries: u32,
-    inner_fd: Option<BorrowedFd>,
+    map_type: bpf_map_type,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    inner_map: Option<BorrowedFd>,
     name: &str,
-) -> io::Result<OwnedFd> {
-    let mut attr = Attr::new();
-    attr.u32(0, map_type).u32(4, key).u32(8, value).u32(12, entries);
-    if let Some(fd) = inner_fd {
-        attr.u32(20, fd.as_raw_fd() as u32);
+) -> Result<OwnedFd, SyscallError> {
+    let mut create = MapCreate {
+        map_type: map_type as u32,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+        inner_map_fd: inner_map.map_or(0, |fd| fd.as_raw_fd() as u32),
+        numa_node: 0,
+        map_name: [0; 16],
+        map_ifindex: 0,
+        btf_fd: 0,
+        btf_key_type_id: 0,
+        btf_value_type_id: 0,
+        btf_vmlinux_value_type_id: 0,
+        map_extra: 0,
+        value_type_btf_obj_fd: 0,
+        map_token_fd: 0,
+    };
+    for (to, from) in create.map_name.iter_mut().zip(name.bytes().take(15)) {
+        *to = from as libc::c_char;
     }
-    let name = name.as_bytes();
-    attr.0[28..28 + name.len().min(15)].copy_from_slice(&name[..name.len().min(15)]);
-    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_1 = create;
+    let fd = bpf(bpf_cmd::BPF_MAP_CREATE, &mut attr, "bpf_map_create")?;
     // SAFETY: BPF_MAP_CREATE returned a new fd that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Creates the barrier map (an `ARRAY_OF_MAPS` of one slot) and pins it at `path`.
-pub fn create_barrier(path: &Path) -> io::Result<()> {
-    let inner = create_map(BPF_MAP_TYPE_ARRAY, 4, 4, 1, None, "pw_barrier_in")?;
+pub fn create_barrier(path: &Path) -> Result<(), SyscallError> {
+    let inner = barrier_inner()?;
     let outer = create_map(
-        BPF_MAP_TYPE_ARRAY_OF_MAPS,
+        bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS,
         4,
         4,
         1,
-        Some(std::os::fd::AsFd::as_fd(&inner)),
+        Some(inner.as_fd()),
         "pw_barrier",
     )?;
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = Attr::new();
-    attr.u64(0, c_path.as_ptr() as u64).u32(8, outer.as_raw_fd() as u32);
-    bpf(BPF_OBJ_PIN, &mut attr)?;
+    let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| SyscallError {
+        call: "bpf_obj_pin",
+        io_error: io::Error::new(io::ErrorKind::InvalidInput, e),
+    })?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_4 = ObjPin {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: outer.as_raw_fd() as u32,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr, "bpf_obj_pin")?;
     Ok(())
+}
+
+/// The one-entry array a barrier holds.
+fn barrier_inner() -> Result<OwnedFd, SyscallError> {
+    create_map(bpf_map_type::BPF_MAP_TYPE_ARRAY, 4, 4, 1, None, "pw_barrier_in")
 }
 
 /// Returns once every BPF program that was running when it was called has finished: an update of
 /// an `ARRAY_OF_MAPS` makes the kernel `synchronize_rcu()` before returning
 /// (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c). TC programs run inside RCU read-side
 /// sections, so after this no program still holds a value it read before the call.
-pub fn wait_for_running_programs(barrier: BorrowedFd) -> io::Result<()> {
-    let inner = create_map(BPF_MAP_TYPE_ARRAY, 4, 4, 1, None, "pw_barrier_in")?;
+pub fn wait_for_running_programs(barrier: BorrowedFd) -> Result<(), SyscallError> {
+    let inner = barrier_inner()?;
     let key: u32 = 0;
     let value: u32 = inner.as_raw_fd() as u32;
-    let mut attr = Attr::new();
-    attr.u32(0, barrier.as_raw_fd() as u32)
-        .u64(8, &key as *const u32 as u64)
-        .u64(16, &value as *const u32 as u64)
-        .u64(24, 0);
-    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)?;
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_2 = ElemUpdate {
+        map_fd: barrier.as_raw_fd() as u32,
+        key: &key as *const u32 as u64,
+        __bindgen_anon_1: ElemValue {
+            value: &value as *const u32 as u64,
+        },
+        flags: 0,
+    };
+    bpf(bpf_cmd::BPF_MAP_UPDATE_ELEM, &mut attr, "bpf_map_update_elem")?;
     Ok(())
 }
 
@@ -119,51 +154,68 @@ pub(crate) fn lift_memlock_limit() {
 }
 
 /// Whether an error means "this kernel has no batch operations for this map".
-pub fn batch_unsupported(e: &io::Error) -> bool {
+pub fn batch_unsupported(e: &SyscallError) -> bool {
     matches!(
-        e.raw_os_error(),
+        e.io_error.raw_os_error(),
         Some(libc::EINVAL) | Some(libc::ENOTSUP) | Some(524 /* ENOTSUPP */)
     )
 }
 
-/// Every (key, value) of a hash map through `BPF_MAP_LOOKUP_BATCH`, `chunk` entries per call, handed to `each` one call's worth at a time (keys and values
-/// concatenated, and how many), so that reading a large map holds one chunk, not the map.
-/// `value_size` is the bytes of one value as the syscall returns it (for per-CPU maps: the
-/// 8-byte-rounded value times the possible CPUs).
-pub fn lookup_batch(
+/// A batch command's attributes over `keys` (and `values`), `count` entries.
+fn batch_attr<K, V>(map: BorrowedFd, keys: *const K, values: *const V, count: usize) -> bpf_attr {
+    let mut attr = zeroed_attr();
+    attr.batch = Batch {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys as u64,
+        values: values as u64,
+        count: count as u32,
+        map_fd: map.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    attr
+}
+
+/// Every (key, values) of a map through `BPF_MAP_LOOKUP_BATCH`, `chunk` entries per call, handed to
+/// `each` one call's worth at a time, so that reading a large map holds one chunk, not the map.
+/// Each key comes with `values_per_key` values: the possible CPUs for a per-CPU map (whose
+/// values the kernel rounds up to 8 bytes each: `V`'s size must be a multiple of 8 then), 1
+/// otherwise. Keys are laid end to end, as `[K]` is.
+pub fn lookup_batch<K: Pod, V: Pod>(
     map: BorrowedFd,
-    key_size: usize,
-    value_size: usize,
+    values_per_key: usize,
     chunk: usize,
-    mut each: impl FnMut(&[u8], &[u8], usize),
-) -> io::Result<()> {
+    mut each: impl FnMut(&[K], &[V]),
+) -> Result<(), SyscallError> {
+    assert!(
+        values_per_key == 1 || size_of::<V>().is_multiple_of(8),
+        "per-CPU values are 8-byte aligned"
+    );
     let mut chunk = chunk.max(1);
-    let mut keys = vec![0u8; chunk * key_size];
-    let mut values = vec![0u8; chunk * value_size];
-    let mut token = [0u64; 1];
+    let mut keys: Vec<K> = zeroed_vec(chunk);
+    let mut values: Vec<V> = zeroed_vec(chunk * values_per_key);
+    let mut token = 0u64;
     let mut first = true;
     loop {
-        let mut out_token = [0u64; 1];
-        let mut attr = Attr::new();
-        attr.u64(0, if first { 0 } else { token.as_ptr() as u64 })
-            .u64(8, out_token.as_mut_ptr() as u64)
-            .u64(16, keys.as_mut_ptr() as u64)
-            .u64(24, values.as_mut_ptr() as u64)
-            .u32(32, chunk as u32)
-            .u32(36, map.as_raw_fd() as u32);
-        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let got = attr.get_u32(32) as usize;
+        let mut out_token = 0u64;
+        let mut attr = batch_attr(map, keys.as_mut_ptr(), values.as_mut_ptr(), chunk);
+        attr.batch.in_batch = if first { 0 } else { &token as *const u64 as u64 };
+        attr.batch.out_batch = &mut out_token as *mut u64 as u64;
+        let result = bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr, "bpf_map_lookup_batch");
+        // SAFETY: `batch` is the member this command reads and writes.
+        let got = (unsafe { attr.batch.count } as usize).min(chunk);
         match result {
-            Ok(_) => each(&keys[..got * key_size], &values[..got * value_size], got),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                each(&keys[..got * key_size], &values[..got * value_size], got);
+            Ok(_) => each(&keys[..got], &values[..got * values_per_key]),
+            Err(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                each(&keys[..got], &values[..got * values_per_key]);
                 return Ok(());
             }
             // A bucket holds more entries than the buffer: retry the same position with more room.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
+            Err(e) if e.io_error.raw_os_error() == Some(libc::ENOSPC) && got == 0 => {
                 chunk *= 2;
-                keys.resize(chunk * key_size, 0);
-                values.resize(chunk * value_size, 0);
+                keys = zeroed_vec(chunk);
+                values = zeroed_vec(chunk * values_per_key);
                 continue;
             }
             Err(e) => return Err(e),
@@ -173,55 +225,66 @@ pub fn lookup_batch(
     }
 }
 
-/// Deletes `count` keys (concatenated in `keys`) with `BPF_MAP_DELETE_BATCH`.
-pub fn delete_batch(map: BorrowedFd, keys: &[u8], count: usize) -> io::Result<()> {
-    write_batch(
-        BPF_MAP_DELETE_BATCH,
-        "BPF_MAP_DELETE_BATCH deleted",
-        map,
-        keys,
-        None,
-        count,
-    )
-}
-
-/// Writes `count` entries (keys and values concatenated, values as `lookup_batch` returns them)
-/// with `BPF_MAP_UPDATE_BATCH` (the tests and benchmarks fill counter maps with it).
-pub fn update_batch(map: BorrowedFd, keys: &[u8], values: &[u8], count: usize) -> io::Result<()> {
-    write_batch(
-        BPF_MAP_UPDATE_BATCH,
-        "BPF_MAP_UPDATE_BATCH wrote",
-        map,
-        keys,
-        Some(values),
-        count,
-    )
-}
-
-/// One batch command over `count` entries; fails unless the kernel did them all (`did` says what
-/// it did, for the error).
-fn write_batch(
-    cmd: u32,
-    did: &str,
-    map: BorrowedFd,
-    keys: &[u8],
-    values: Option<&[u8]>,
-    count: usize,
-) -> io::Result<()> {
-    if count == 0 {
+/// Writes `keys` with their `values` (`values.len()` a multiple of `keys.len()`: per key, one value
+/// per possible CPU for a per-CPU map, else one) with `BPF_MAP_UPDATE_BATCH`; fails unless the
+/// kernel wrote them all.
+pub fn update_batch<K: Pod, V: Pod>(map: BorrowedFd, keys: &[K], values: &[V]) -> Result<(), SyscallError> {
+    if keys.is_empty() {
         return Ok(());
     }
-    let mut attr = Attr::new();
-    attr.u64(16, keys.as_ptr() as u64)
-        .u32(32, count as u32)
-        .u32(36, map.as_raw_fd() as u32);
-    if let Some(values) = values {
-        attr.u64(24, values.as_ptr() as u64);
+    assert_eq!(values.len() % keys.len(), 0, "the same number of values for every key");
+    let mut attr = batch_attr(map, keys.as_ptr(), values.as_ptr(), keys.len());
+    bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr, "bpf_map_update_batch")?;
+    // SAFETY: `batch` is the member this command writes back.
+    let done = unsafe { attr.batch.count } as usize;
+    if done != keys.len() {
+        return Err(SyscallError {
+            call: "bpf_map_update_batch",
+            io_error: io::Error::other(format!("wrote {done} of {} entries", keys.len())),
+        });
     }
-    bpf(cmd, &mut attr)?;
-    let done = attr.get_u32(32) as usize;
-    if done != count {
-        return Err(io::Error::other(format!("{did} {done} of {count} entries")));
+    Ok(())
+}
+
+/// Removes `key` from a hash map; a key that is not there is not an error (returns false).
+pub fn remove_if_present<K: Pod>(map: BorrowedFd, key: &K) -> Result<bool, SyscallError> {
+    let mut attr = zeroed_attr();
+    attr.__bindgen_anon_2 = ElemUpdate {
+        map_fd: map.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        __bindgen_anon_1: ElemValue { value: 0 },
+        flags: 0,
+    };
+    match bpf(bpf_cmd::BPF_MAP_DELETE_ELEM, &mut attr, "bpf_map_delete_elem") {
+        Ok(_) => Ok(true),
+        Err(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes every key of `keys` from a hash map, those not there skipped: `BPF_MAP_DELETE_BATCH`
+/// (which stops at a missing key: the rest go in the next call), or one `remove_if_present` per
+/// key where the kernel has no batch operations for the map.
+pub fn remove_all_if_present<K: Pod>(map: BorrowedFd, keys: &[K]) -> Result<(), SyscallError> {
+    let mut done = 0;
+    while done < keys.len() {
+        let rest = &keys[done..];
+        let mut attr = batch_attr::<K, u8>(map, rest.as_ptr(), std::ptr::null(), rest.len());
+        let deleted = bpf(bpf_cmd::BPF_MAP_DELETE_BATCH, &mut attr, "bpf_map_delete_batch");
+        // SAFETY: `batch` is the member this command writes back.
+        let count = (unsafe { attr.batch.count } as usize).min(rest.len());
+        match deleted {
+            Ok(_) => return Ok(()),
+            // The key after the `count` deleted is not there.
+            Err(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => done += count + 1,
+            Err(e) if count == 0 && batch_unsupported(&e) => {
+                for key in rest {
+                    remove_if_present(map, key)?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -124,7 +124,7 @@ fn main() -> Result<()> {
         if let Some(front) = ebpf.map("front") {
             let front: aya::maps::PerCpuArray<_, portwatch_common::FrontSlot> =
                 aya::maps::PerCpuArray::try_from(front)?;
-            packets += portwatch::maps::front_entries(&front)?
+            packets += portwatch::generation::front_entries(&front)?
                 .iter()
                 .map(|(_, c)| c.packets)
                 .sum::<u64>();

@@ -24,14 +24,14 @@ use portwatch_tests::{cli::Pw, fill_counters, measure, median, netns::Netns, syn
 /// process, with nothing done to the entries.
 fn batch_read_alone(pin: &std::path::Path) -> Result<f64> {
     let mut pinned = Pinned::open(&PinPath::new(pin), Access::Read)?;
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    let cpus = portwatch::generation::possible_cpus()?;
     let started = Instant::now();
     let mut got = 0;
     for generation in [0, 1] {
-        let map = pinned.counters(generation)?.map();
-        let value_size = std::mem::size_of::<Counters>() * cpus;
-        let key_size = std::mem::size_of::<CounterKey>();
-        portwatch::sys::bpf::lookup_batch(map.fd().as_fd(), key_size, value_size, 16384, |_, _, n| got += n)?;
+        let map = pinned.generation(generation)?.hash().map();
+        portwatch::sys::bpf::lookup_batch::<CounterKey, Counters>(map.fd().as_fd(), cpus, 16384, |keys, _| {
+            got += keys.len()
+        })?;
     }
     std::hint::black_box(got);
     Ok(started.elapsed().as_secs_f64())
