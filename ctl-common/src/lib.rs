@@ -431,7 +431,7 @@ impl NotCounted {
 /// Global statistics, one copy per CPU. Every field is a native-endian `u64`, in this order.
 /// `matched_*` is all traffic counted in the counter maps (overflow included); every other packet the
 /// program saw is in exactly one of `unwatched` or a `NotCounted` reason's field (`non_ip`,
-/// `unknown_l4`, `fragment`, `truncated`, `malformed`, `ext_header_limit`).
+/// `unknown_l4`, `fragment`, `truncated`, `malformed`, `header_limit`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Stats {
@@ -456,7 +456,7 @@ pub struct Stats {
     pub malformed_packets: u64,
     /// More IPv6 extension headers (or VLAN tags, or hop-by-hop options before a Jumbo Payload
     /// option) than the program walks.
-    pub ext_header_limit_packets: u64,
+    pub header_limit_packets: u64,
     /// Matched packets that found the counter map full and went to the overflow key.
     pub map_full_packets: u64,
     /// Their L3 bytes.
@@ -475,7 +475,7 @@ impl Stats {
             NotCounted::Fragment => self.fragment_packets,
             NotCounted::Truncated => self.truncated_packets,
             NotCounted::Malformed => self.malformed_packets,
-            NotCounted::HeaderLimit => self.ext_header_limit_packets,
+            NotCounted::HeaderLimit => self.header_limit_packets,
         }
     }
 
@@ -488,7 +488,7 @@ impl Stats {
             NotCounted::Fragment => &mut self.fragment_packets,
             NotCounted::Truncated => &mut self.truncated_packets,
             NotCounted::Malformed => &mut self.malformed_packets,
-            NotCounted::HeaderLimit => &mut self.ext_header_limit_packets,
+            NotCounted::HeaderLimit => &mut self.header_limit_packets,
         }
     }
 

@@ -122,13 +122,13 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
     let generation = CONFIG.get(0).map(Config::active_generation).unwrap_or(0);
     // Two call sites, one map each: the verifier can then inline each map's lookup.
     let counted = if generation == 0 {
-        add_front::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow, generation)
+        count_key::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow, generation)
     } else {
-        add_front::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow, generation)
+        count_key::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow, generation)
     };
     match counted {
-        Added::Yes => {}
-        Added::Full { overflow_missing } => {
+        Counted::UnderKey => {}
+        Counted::MapFull { overflow_missing } => {
             stats.map_full_packets += flow.packets;
             stats.map_full_bytes += flow.bytes;
             if overflow_missing {
@@ -138,55 +138,56 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
     }
 }
 
-enum Added {
-    Yes,
+/// Where `count_key` counted a flow.
+enum Counted {
+    /// Under its own key.
+    UnderKey,
     /// The map had no room for a new key; the traffic went to the overflow key unless it was
     /// missing too.
-    Full {
-        overflow_missing: bool,
-    },
+    MapFull { overflow_missing: bool },
 }
 
-/// Counts `flow` under `key`: through the front cache (see `FrontSlot`), else in the counter map,
-/// else (the map full) under the overflow key of this direction, itself through the front cache.
+/// Counts `flow` under `key`: in its front-cache slot (see `FrontSlot`), else in the generation's
+/// counter map, else (the map full) under the overflow key of this direction, itself through its
+/// own slot.
 #[inline(always)]
-fn add_front<const DIRECTION: u8>(
+fn count_key<const DIRECTION: u8>(
     front: &PerCpuArray<FrontSlot>,
     counters: &PerCpuHashMap<CounterKey, Counters>,
     key: &CounterKey,
     flow: &Flow,
     generation: u32,
-) -> Added {
-    if through_front(front, front_index(key), key, flow, || {
-        add(counters, key, flow, generation)
+) -> Counted {
+    if count_in_slot(front, front_index(key), key, flow, || {
+        count_in_hash(counters, key, flow, generation)
     }) {
-        return Added::Yes;
+        return Counted::UnderKey;
     }
     // Userspace inserts the overflow keys before the program runs and keeps them, so the sum of
     // all counters still equals all matched traffic. Their slots are their own (`overflow_slot`).
     let direction = Direction::from_u8(DIRECTION);
     let overflow = CounterKey::overflow(direction);
-    let counted = through_front(front, overflow_slot(direction), &overflow, flow, || {
-        increment(counters, &overflow, flow)
+    let counted = count_in_slot(front, overflow_slot(direction), &overflow, flow, || {
+        add_to_entry(counters, &overflow, flow)
     });
-    Added::Full {
+    Counted::MapFull {
         overflow_missing: !counted,
     }
 }
 
-/// A key that owns its slot (`index`) on this CPU adds there. Any other is counted by `count` (in
-/// the counter map: true when under `key` itself), and claims the slot when it is free and `count`
-/// put it in the map.
+/// Counts `flow` in slot `index` when `key` owns that slot on this CPU. Any other key is counted
+/// by `in_hash` (in the counter map: true when under `key` itself), and claims the slot when it is
+/// free and `in_hash` put it in the map.
 #[inline(always)]
-fn through_front(
+fn count_in_slot(
     front: &PerCpuArray<FrontSlot>,
     index: u32,
     key: &CounterKey,
     flow: &Flow,
-    count: impl FnOnce() -> bool,
+    in_hash: impl FnOnce() -> bool,
 ) -> bool {
     let Some(slot) = front.get_ptr_mut(index) else {
-        return count();
+        return in_hash();
     };
     // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU (ingress runs in
     // softirq, egress with softirqs off), and userspace writes only the idle generation's slots.
@@ -197,9 +198,9 @@ fn through_front(
             slot.packets += flow.packets;
             return true;
         }
-        return count();
+        return in_hash();
     }
-    let counted = count();
+    let counted = in_hash();
     if counted {
         // The key first, then `owned` (see `FrontSlot`): volatile stores keep that order.
         // SAFETY: plain stores into this CPU's slot.
@@ -214,8 +215,13 @@ fn through_front(
 /// Counts `flow` under `key` in the counter map, inserting the key when new; false when the map
 /// has no room for it.
 #[inline(always)]
-fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow, generation: u32) -> bool {
-    if increment(counters, key, flow) {
+fn count_in_hash(
+    counters: &PerCpuHashMap<CounterKey, Counters>,
+    key: &CounterKey,
+    flow: &Flow,
+    generation: u32,
+) -> bool {
+    if add_to_entry(counters, key, flow) {
         return true;
     }
     // The hint is looked up only here, for a key the map does not have: not on a known key's path.
@@ -236,7 +242,7 @@ fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &
         Ok(()) => true,
         // Another CPU inserted the same new key between our lookup and insert: its slot for this
         // CPU is zero, so add there instead of losing the packet.
-        Err(e) if e == -EEXIST => increment(counters, key, flow),
+        Err(e) if e == -EEXIST => add_to_entry(counters, key, flow),
         Err(e) => {
             if e == -E2BIG {
                 if let Some(f) = full {
@@ -249,10 +255,10 @@ fn add(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &
     }
 }
 
-/// In-place increment of this CPU's slot. Per-CPU values mean no other CPU writes it, so plain
-/// adds lose nothing.
+/// Adds `flow` in place to this CPU's value of `key`'s entry; false when the map has no entry for
+/// `key`. Per-CPU values mean no other CPU writes it, so plain adds lose nothing.
 #[inline(always)]
-fn increment(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow) -> bool {
+fn add_to_entry(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow) -> bool {
     match counters.get_ptr_mut(key) {
         Some(value) => {
             // SAFETY: a live per-CPU element; userspace never deletes from the generation the

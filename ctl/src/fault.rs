@@ -3,11 +3,40 @@
 //!
 //! `PORTWATCH_FAULT=NAME=ACTION[,NAME=ACTION...]`, where ACTION is `kill` (the process sends itself
 //! SIGKILL there: a crash at that instant), `eio` or `enospc` (the operation there fails with that
-//! error). The names are the phases of a reset (`generations`): `reset:locked`, `reset:prepared`,
-//! `reset:flipped`, `reset:waiting`, `reset:draining`, `reset:writing` (half the record written),
-//! `reset:fsync`, `reset:committed`, `reset:deleting` (half the entries deleted), `reset:deleted`,
-//! `reset:subtracting`, and `reset:delete-batch` (the `BPF_MAP_DELETE_BATCH` call),
-//! `reset:barrier` (the wait's map update).
+//! error). Every point, with the instant it stands for (`ctl/tests/fault_points.rs` fails if this
+//! list and the code's `point` calls differ; `tests/tests/crash.rs` kills or fails each one):
+//!
+//! Loading, attaching, detaching and unloading (`lifecycle`, `attach`):
+//! - `load:before-meta`: a first load's maps, programs and barrier are pinned, `meta` (which makes
+//!   them a loaded state) is not yet.
+//! - `attach:recorded`: an attachment is recorded as pending in `attachments`, not made yet.
+//! - `attach:made`: the attachment is made in the kernel (TCX link or tc filter); its record is
+//!   still pending.
+//! - `detach:detached`: an attachment is undone in the kernel; its record is not removed yet.
+//! - `unload:removing`: after each pin removed before `meta` (by `unload`, or by the removal of
+//!   what an interrupted load or unload left): the state is half removed.
+//!
+//! The phases of a reset (`generations`; `unload --drain-to` drains through one), in order:
+//! - `reset:locked`: the lock is held and an earlier interrupted reset recovered; nothing of this
+//!   one is done yet.
+//! - `reset:prepared`: the idle generation's selected entries are in the journal (`Prepared`);
+//!   the generation is not flipped yet.
+//! - `reset:flipped`: the program writes the other generation now; not waited for yet.
+//! - `reset:barrier`: before each wait for running programs (the barrier map's update; `eio` fails
+//!   it): after the flip, and after a flip back (a roll back, recovery).
+//! - `reset:waiting`: that wait is over: no program writes the generation that was active.
+//! - `reset:draining`: the selected entries of the generation that was active are read; the
+//!   drained totals are not journaled yet.
+//! - `reset:writing`: part of the record is written (half of its first write, flushed).
+//! - `reset:fsync`: the record is written to the file (`Written`), before its fsync (`eio` fails
+//!   the fsync).
+//! - `reset:committed`: the record is durable (`Committed`); nothing is removed yet.
+//! - `reset:delete-batch`: before each `BPF_MAP_DELETE_BATCH` call that removes the recorded
+//!   entries (`eio` fails it).
+//! - `reset:deleting`: half the recorded entries are deleted from the generation that was active.
+//! - `reset:deleted`: they all are (`Deleted`); the generation is not flipped back yet.
+//! - `reset:subtracting`: half of the `Subtract` entries (what stays of the idle generation's
+//!   selected entries) are written back into it.
 
 use std::io;
 

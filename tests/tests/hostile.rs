@@ -71,7 +71,7 @@ fn stats_delta(after: &Stats, before: &Stats) -> Stats {
         fragment_packets: after.fragment_packets - before.fragment_packets,
         truncated_packets: after.truncated_packets - before.truncated_packets,
         malformed_packets: after.malformed_packets - before.malformed_packets,
-        ext_header_limit_packets: after.ext_header_limit_packets - before.ext_header_limit_packets,
+        header_limit_packets: after.header_limit_packets - before.header_limit_packets,
         map_full_packets: after.map_full_packets - before.map_full_packets,
         map_full_bytes: after.map_full_bytes - before.map_full_bytes,
         overflow_missing_packets: after.overflow_missing_packets - before.overflow_missing_packets,

@@ -56,7 +56,7 @@ const STATS: Stats = Stats {
     fragment_packets: 11,
     truncated_packets: 13,
     malformed_packets: 17,
-    ext_header_limit_packets: 19,
+    header_limit_packets: 19,
     map_full_packets: 23,
     map_full_bytes: 29_000,
     overflow_missing_packets: 31,

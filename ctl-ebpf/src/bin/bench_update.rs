@@ -3,9 +3,9 @@
 //! object of its own by the benchmark (so with maps of its own):
 //! - `bench_hash`: the per-CPU hash update (lookup of the 20-byte key, in-place add, insert when
 //!   new), as portwatch did before the front cache;
-//! - `bench_cache`: the same behind portwatch's front cache (`FrontSlot`), as `main.rs` does it: a
-//!   key that owns its slot on this CPU adds there (an inlined array lookup, no call); any other goes
-//!   to the hash and claims the slot when it is free.
+//! - `bench_cache`: the same behind portwatch's front cache (`FrontSlot`), as `main.rs`'s
+//!   `count_in_slot` does it: a key that owns its slot on this CPU adds there (an inlined array
+//!   lookup, no call); any other goes to the hash and claims the slot when it is free.
 //!
 //! Not embedded in portwatch.
 #![no_std]
@@ -59,9 +59,10 @@ fn next_key() -> CounterKey {
     }
 }
 
-/// Counts `bytes` and a packet under `key` in the hash; false when the map has no room.
+/// Counts `bytes` and a packet under `key` in the hash, inserting the key when new (`main.rs`'s
+/// `count_in_hash` without the map-full hint); false when the map has no room.
 #[inline(always)]
-fn add(key: &CounterKey, bytes: u64) -> bool {
+fn count_in_hash(key: &CounterKey, bytes: u64) -> bool {
     match COUNTERS.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a live element.
         Some(v) => unsafe {
@@ -77,7 +78,7 @@ fn add(key: &CounterKey, bytes: u64) -> bool {
 
 #[classifier]
 pub fn bench_hash(ctx: TcContext) -> i32 {
-    add(&next_key(), ctx.len() as u64);
+    count_in_hash(&next_key(), ctx.len() as u64);
     TC_ACT_UNSPEC
 }
 
@@ -86,7 +87,7 @@ pub fn bench_cache(ctx: TcContext) -> i32 {
     let key = next_key();
     let bytes = ctx.len() as u64;
     let Some(slot) = FRONT.get_ptr_mut(front_index(&key)) else {
-        add(&key, bytes);
+        count_in_hash(&key, bytes);
         return TC_ACT_UNSPEC;
     };
     // SAFETY: this CPU's slot; programs do not nest on a CPU for one hook.
@@ -96,9 +97,9 @@ pub fn bench_cache(ctx: TcContext) -> i32 {
             slot.bytes += bytes;
             slot.packets += 1;
         } else {
-            add(&key, bytes);
+            count_in_hash(&key, bytes);
         }
-    } else if add(&key, bytes) {
+    } else if count_in_hash(&key, bytes) {
         // SAFETY: plain stores into this CPU's slot, the key before `owned`.
         unsafe {
             core::ptr::write_volatile(&mut slot.key, key);
