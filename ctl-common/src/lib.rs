@@ -429,15 +429,16 @@ impl NotCounted {
 }
 
 /// Global statistics, one copy per CPU. Every field is a native-endian `u64`, in this order.
-/// `matched_*` is all traffic counted in the counter maps (overflow included); every other packet the
+/// `matched_*` is all traffic of watched ports (counted in the counter maps, overflow included, but
+/// for `overflow_missing_packets`, which never happens in normal operation); every other packet the
 /// program saw is in exactly one of `unwatched` or a `NotCounted` reason's field (`non_ip`,
 /// `unknown_l4`, `fragment`, `truncated`, `malformed`, `header_limit`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Stats {
-    /// Wire packets counted in a counter map.
+    /// Wire packets of a watched port and protocol.
     pub matched_packets: u64,
-    /// L3 bytes counted in a counter map.
+    /// Their L3 bytes.
     pub matched_bytes: u64,
     /// TCP/UDP packets whose port/protocol is not watched.
     pub unwatched_packets: u64,
@@ -457,7 +458,8 @@ pub struct Stats {
     /// More IPv6 extension headers (or VLAN tags, or hop-by-hop options before a Jumbo Payload
     /// option) than the program walks.
     pub header_limit_packets: u64,
-    /// Matched packets that found the counter map full and went to the overflow key.
+    /// Matched packets that found the counter map full: counted under the overflow key (all of
+    /// them but `overflow_missing_packets`).
     pub map_full_packets: u64,
     /// Their L3 bytes.
     pub map_full_bytes: u64,

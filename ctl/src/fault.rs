@@ -16,7 +16,7 @@
 //! - `unload:removing`: after each pin removed before `meta` (by `unload`, or by the removal of
 //!   what an interrupted load or unload left): the state is half removed.
 //!
-//! The phases of a reset (`generations`; `unload --drain-to` drains through one), in order:
+//! The phases of a reset (`reset`; `unload --drain-to` drains through one), in order:
 //! - `reset:locked`: the lock is held and an earlier interrupted reset recovered; nothing of this
 //!   one is done yet.
 //! - `reset:prepared`: the idle generation's selected entries are in the journal (`Prepared`);
@@ -31,8 +31,8 @@
 //! - `reset:fsync`: the record is written to the file (`Written`), before its fsync (`eio` fails
 //!   the fsync).
 //! - `reset:committed`: the record is durable (`Committed`); nothing is removed yet.
-//! - `reset:delete-batch`: before each `BPF_MAP_DELETE_BATCH` call that removes the recorded
-//!   entries (`eio` fails it).
+//! - `reset:delete-batch`: before the `BPF_MAP_DELETE_BATCH` calls of each removal of recorded
+//!   entries (`Generation::remove`; `eio` fails them).
 //! - `reset:deleting`: half the recorded entries are deleted from the generation that was active.
 //! - `reset:deleted`: they all are (`Deleted`); the generation is not flipped back yet.
 //! - `reset:subtracting`: half of the `Subtract` entries (what stays of the idle generation's
