@@ -1,6 +1,6 @@
 //! The pinned reset journal (`maps/journal`, `maps/journal_entries`): what a reset in progress has
 //! done, so that the next command that takes the lock can finish or roll back one that a crash
-//! interrupted. The protocol that writes it is `generations`; this is its storage.
+//! interrupted. The protocol that writes it is `reset`; this is its storage.
 
 use std::{os::fd::AsFd, path::PathBuf};
 

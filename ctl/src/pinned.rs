@@ -470,7 +470,7 @@ impl Pinned {
         open_once(&mut self.drained, &self.pin, map_names::DRAINED)
     }
 
-    /// The reset journal (see `generations`).
+    /// The reset journal (see `reset`).
     pub fn journal(&mut self) -> Result<&mut Array<MapData, Journal>> {
         open_once(&mut self.journal, &self.pin, map_names::JOURNAL)
     }

@@ -1,5 +1,5 @@
 //! Where a reset's record goes: an append-only file, which is the commit log of the exactly-once
-//! protocol (`generations`), or stdout when it is a pipe or a terminal.
+//! protocol (`reset`), or stdout when it is a pipe or a terminal.
 
 use std::{
     fs::File,

@@ -2,7 +2,7 @@
 //! (`Pinned::open` / `probe` / `create`, see `pinned`), act, print, return (the lock goes with
 //! the state). The environment every verb needs (privileges, bpffs) is checked here, once, before
 //! any verb runs. No verb calls another verb: what two verbs share lives in the module of its
-//! concept (`attach`, `ports`, `report`, `output`, `generations`...).
+//! concept (`attach`, `ports`, `report`, `output`, `reset`...).
 
 mod apply;
 mod attach;
