@@ -11,8 +11,8 @@ use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType,
 };
 use portwatch_common::{
-    AttachKey, Attachment, Direction, Directions, ATTACH_FLAG_OWN_QDISC, ATTACH_FLAG_PENDING, ATTACH_FLAG_QDISC_ABSENT,
-    ATTACH_MODE_TC, ATTACH_MODE_TCX,
+    AttachKey, AttachMode, Attachment, Direction, Directions, ATTACH_FLAG_OWN_QDISC, ATTACH_FLAG_PENDING,
+    ATTACH_FLAG_QDISC_ABSENT,
 };
 
 use crate::{
@@ -22,6 +22,8 @@ use crate::{
     pinned::{PinPath, Pinned},
 };
 
+/// The mode an operator asks for (`--mode`, `mode:` in a configuration file); an attachment is
+/// made in one `AttachMode`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -40,7 +42,7 @@ fn announce(iface: &Iface, direction: Direction, record: &Attachment) {
         "attached to {} {} ({}){}",
         iface.name,
         direction.name(),
-        mode_name(record.mode),
+        record.mode().name(),
         iface.netns.suffix()
     );
 }
@@ -65,7 +67,7 @@ pub(crate) fn attach_one(
     let own_qdisc = pinned
         .attachments()?
         .get(&other, 0)
-        .is_ok_and(|r| r.mode == ATTACH_MODE_TC && r.flags & ATTACH_FLAG_OWN_QDISC != 0);
+        .is_ok_and(|r| r.mode() == AttachMode::Tc && r.flags & ATTACH_FLAG_OWN_QDISC != 0);
     // Recorded before it is made: a crash between the two leaves a pending record that the next
     // command resolves (`resolve`), never an attachment that nobody knows of.
     let mut pending = base_record(iface);
@@ -122,7 +124,7 @@ pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -
     let mut done = record;
     done.flags &= !(ATTACH_FLAG_PENDING | ATTACH_FLAG_QDISC_ABSENT);
     let found = if pinned.pin.link(key.netns, key.ifindex, key.direction()).exists() {
-        done.mode = ATTACH_MODE_TCX;
+        done.set_mode(AttachMode::Tcx);
         true
     } else {
         match NetNs::of_attachment(key.netns, &recorded_netns(&record)) {
@@ -134,7 +136,7 @@ pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -
                 let filters = netns.enter(|| crate::sys::netlink::bpf_filters(key.ifindex, egress))??;
                 match filters.into_iter().find(|(_, _, prog)| *prog == id) {
                     Some((priority, handle, _)) => {
-                        done.mode = ATTACH_MODE_TC;
+                        done.set_mode(AttachMode::Tc);
                         done.priority = priority;
                         done.handle = handle;
                         if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
@@ -241,30 +243,29 @@ impl Mode {
         *self == Mode::Auto
     }
 
-    /// The mode an attachment was made in (`Attachment::mode`), to make it again the same way.
-    pub(crate) fn of_record(record: &Attachment) -> Mode {
-        if record.mode == ATTACH_MODE_TCX {
-            Mode::Tcx
-        } else {
-            Mode::Tc
+    /// The one mode this asks for; `None` for `auto`, which takes either.
+    pub(crate) fn required(self) -> Option<AttachMode> {
+        match self {
+            Mode::Auto => None,
+            Mode::Tcx => Some(AttachMode::Tcx),
+            Mode::Tc => Some(AttachMode::Tc),
         }
     }
 
-    /// Whether an attachment made as `record` says is one this mode asks for.
-    pub(crate) fn accepts(self, record: &Attachment) -> bool {
-        match self {
-            Mode::Auto => true,
-            Mode::Tcx => record.mode == ATTACH_MODE_TCX,
-            Mode::Tc => record.mode == ATTACH_MODE_TC,
-        }
+    /// Whether an attachment made in `made` is one this mode asks for.
+    pub(crate) fn accepts(self, made: AttachMode) -> bool {
+        self.required().is_none_or(|mode| mode == made)
     }
 }
 
-pub(crate) fn mode_name(mode: u8) -> &'static str {
-    match mode {
-        ATTACH_MODE_TCX => "tcx",
-        ATTACH_MODE_TC => "tc",
-        _ => "pending",
+/// The mode that makes an attachment again the way it was made. A pending one (not made yet) asks
+/// for `tc`, as it always has.
+impl From<AttachMode> for Mode {
+    fn from(made: AttachMode) -> Mode {
+        match made {
+            AttachMode::Tcx => Mode::Tcx,
+            AttachMode::Tc | AttachMode::Pending => Mode::Tc,
+        }
     }
 }
 
@@ -405,7 +406,7 @@ fn attach(
             // Dropping `link` if pinning fails detaches it: nothing is left half-done.
             link.pin(&path)
                 .with_context(|| format!("pinning the link at {}", path.display()))?;
-            record.mode = ATTACH_MODE_TCX;
+            record.set_mode(AttachMode::Tcx);
         }
         None => {
             let added = match tc::qdisc_add_clsact(&iface.name) {
@@ -433,7 +434,7 @@ fn attach(
                 }
             };
             let link = prog.take_link(id)?;
-            record.mode = ATTACH_MODE_TC;
+            record.set_mode(AttachMode::Tc);
             record.priority = link.priority()?;
             record.handle = link.handle()?.into();
             // The filter must outlive this process: forget the link instead of dropping (which
@@ -451,8 +452,8 @@ fn log_fallback(iface: &str, e: &aya::programs::ProgramError) {
 /// Removes one attachment: unpins (and so detaches) a TCX link, or deletes the exact tc filter
 /// recorded. An interface that no longer exists took its attachments with it; its pin is removed.
 pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> {
-    match record.mode {
-        ATTACH_MODE_TCX => {
+    match record.mode() {
+        AttachMode::Tcx => {
             let path = pin.link(key.netns, key.ifindex, key.direction());
             match PinnedLink::from_pin(&path) {
                 Ok(link) => drop(link.unpin().with_context(|| format!("removing {}", path.display()))?),
@@ -460,7 +461,7 @@ pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Resu
                 Err(_) => std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?,
             }
         }
-        ATTACH_MODE_TC => {
+        AttachMode::Tc => {
             let recorded = recorded_netns(record);
             match NetNs::of_attachment(key.netns, &recorded) {
                 Some(netns) => netns.enter(|| detach_tc_filter(key, record))??,
@@ -479,7 +480,7 @@ pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Resu
                 None => {}
             }
         }
-        _ => {}
+        AttachMode::Pending => {}
     }
     Ok(())
 }
@@ -532,4 +533,56 @@ fn has_errno(e: &aya::programs::ProgramError, errnos: &[i32]) -> bool {
         source = s.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use portwatch_common::{ATTACH_MODE_TC, ATTACH_MODE_TCX};
+
+    use super::*;
+
+    fn record(mode: u8, flags: u8) -> Attachment {
+        Attachment {
+            mode,
+            flags,
+            ..Attachment::default()
+        }
+    }
+
+    #[test]
+    fn a_record_decodes_to_one_mode() {
+        assert_eq!(record(ATTACH_MODE_TCX, 0).mode(), AttachMode::Tcx);
+        assert_eq!(record(ATTACH_MODE_TC, ATTACH_FLAG_OWN_QDISC).mode(), AttachMode::Tc);
+        assert_eq!(record(0, ATTACH_FLAG_PENDING).mode(), AttachMode::Pending);
+        assert_eq!(
+            record(0, ATTACH_FLAG_PENDING | ATTACH_FLAG_QDISC_ABSENT).mode(),
+            AttachMode::Pending
+        );
+        // A byte this version does not know is not an attachment it could detach.
+        assert_eq!(record(7, 0).mode(), AttachMode::Pending);
+        assert_eq!(record(0, 0).mode(), AttachMode::Pending);
+        for mode in [AttachMode::Tcx, AttachMode::Tc, AttachMode::Pending] {
+            let mut r = record(0, ATTACH_FLAG_PENDING | ATTACH_FLAG_OWN_QDISC);
+            r.set_mode(mode);
+            assert_eq!(r.mode(), mode);
+            assert_eq!(r.flags & ATTACH_FLAG_OWN_QDISC, ATTACH_FLAG_OWN_QDISC);
+        }
+        assert_eq!(
+            [AttachMode::Tcx, AttachMode::Tc, AttachMode::Pending].map(AttachMode::name),
+            ["tcx", "tc", "pending"]
+        );
+    }
+
+    #[test]
+    fn a_requested_mode_accepts_what_it_asks_for() {
+        for made in [AttachMode::Tcx, AttachMode::Tc, AttachMode::Pending] {
+            assert!(Mode::Auto.accepts(made));
+            assert_eq!(Mode::Tcx.accepts(made), made == AttachMode::Tcx);
+            assert_eq!(Mode::Tc.accepts(made), made == AttachMode::Tc);
+        }
+        assert_eq!(Mode::from(AttachMode::Tcx), Mode::Tcx);
+        assert_eq!(Mode::from(AttachMode::Tc), Mode::Tc);
+        assert_eq!(Mode::Auto.required(), None);
+        assert_eq!(Mode::Tc.required(), Some(AttachMode::Tc));
+    }
 }

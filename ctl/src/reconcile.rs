@@ -88,11 +88,7 @@ impl Plan {
             lines.push(format!("+ port {spec}"));
         }
         for w in &self.attach {
-            let mode = if w.mode.is_auto() {
-                String::new()
-            } else {
-                format!(" ({})", if w.mode == Mode::Tcx { "tcx" } else { "tc" })
-            };
+            let mode = w.mode.required().map_or(String::new(), |m| format!(" ({})", m.name()));
             lines.push(format!(
                 "+ attach {} {}{mode}{}",
                 w.iface.name,
@@ -113,7 +109,7 @@ fn plan_changes(pinned: &mut Pinned, desired: &Desired) -> Result<Plan> {
         .collect();
     let mut current: Vec<(AttachKey, Attachment)> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
     current.sort_by_key(|(key, _)| *key);
-    let keep = |key: &AttachKey, record: &Attachment| wanted.get(key).is_some_and(|w| w.mode.accepts(record));
+    let keep = |key: &AttachKey, record: &Attachment| wanted.get(key).is_some_and(|w| w.mode.accepts(record.mode()));
     let kept: Vec<AttachKey> = current.iter().filter(|(k, r)| keep(k, r)).map(|(k, _)| *k).collect();
     Ok(Plan {
         load: false,
@@ -269,7 +265,7 @@ fn reattach(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<
         index: key.ifindex,
         netns,
     };
-    attach::attach_one(pinned, &iface, key.direction(), Mode::of_record(record)).map(|_| ())
+    attach::attach_one(pinned, &iface, key.direction(), Mode::from(record.mode())).map(|_| ())
 }
 
 /// Stops counting (detaches everything) and appends every counter to `log` as one JSON line, as

@@ -7,8 +7,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 use anyhow::Result;
 use aya::programs::links::{FdLink, PinnedLink};
 use portwatch_common::{
-    AttachKey, Attachment, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, ATTACH_MODE_TC,
-    ATTACH_MODE_TCX, LAYOUT_VERSION,
+    AttachKey, AttachMode, Attachment, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
 };
 use serde::{Serialize, Serializer};
 
@@ -74,7 +73,9 @@ struct AttachmentStatus {
     /// Its name now, or the name recorded at attach time if it has vanished.
     interface: String,
     link_id: Option<u32>,
-    mode: &'static str,
+    /// `tcx`, `tc`, or `pending`.
+    #[serde(serialize_with = "mode_name")]
+    mode: AttachMode,
     /// The network namespace as it was given (`--netns`); `None`: the one portwatch ran in.
     netns: Option<String>,
     /// An `attach` was interrupted between recording it and making it: the next command that
@@ -115,6 +116,10 @@ struct StatsStatus {
 
 fn direction_name<S: Serializer>(direction: &Direction, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(direction.name())
+}
+
+fn mode_name<S: Serializer>(mode: &AttachMode, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(mode.name())
 }
 
 /// The packets of each `NotCounted` reason: a JSON object keyed by the reasons' names.
@@ -198,18 +203,18 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
     for (key, record) in records {
         let current = attach::current_name(&key, &record);
         let netns = attach::recorded_netns(&record);
-        let link_id = if record.mode == ATTACH_MODE_TCX {
+        let link_id = if record.mode() == AttachMode::Tcx {
             PinnedLink::from_pin(pin.link(key.netns, key.ifindex, key.direction()))
                 .ok()
                 .and_then(|l| FdLink::from(l).info().ok().map(|i| i.id()))
         } else {
             None
         };
-        let tc = record.mode == ATTACH_MODE_TC;
-        let attached = match record.mode {
-            ATTACH_MODE_TCX => link_id.is_some(),
-            ATTACH_MODE_TC => tc_filter_present(pinned, &key, &record),
-            _ => false,
+        let tc = record.mode() == AttachMode::Tc;
+        let attached = match record.mode() {
+            AttachMode::Tcx => link_id.is_some(),
+            AttachMode::Tc => tc_filter_present(pinned, &key, &record),
+            AttachMode::Pending => false,
         };
         attachments.push(AttachmentStatus {
             attached,
@@ -217,7 +222,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
             ifindex: key.ifindex,
             interface: current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
             link_id,
-            mode: attach::mode_name(record.mode),
+            mode: record.mode(),
             netns: (!netns.is_empty()).then_some(netns),
             pending: record.flags & ATTACH_FLAG_PENDING != 0,
             present: current.is_some(),
@@ -292,20 +297,20 @@ fn print_human(status: &Status) {
     for a in &status.attachments {
         let what = match (a.link_id, a.mode) {
             (Some(id), _) => format!("link {id}"),
-            (None, "tc") => format!(
+            (None, AttachMode::Tc) => format!(
                 "prio {} handle {}",
                 a.tc_priority.unwrap_or_default(),
                 a.tc_handle.as_deref().unwrap_or_default()
             ),
-            (None, "tcx") => "link missing".into(),
-            (None, _) => String::new(),
+            (None, AttachMode::Tcx) => "link missing".into(),
+            (None, AttachMode::Pending) => String::new(),
         };
         let netns = a.netns.as_ref().map_or(String::new(), |ns| format!("  netns {ns}"));
         let vanished = match (a.present, &a.netns) {
             _ if a.pending => "  (an attach was interrupted: the next command that takes the lock resolves it)".into(),
             (true, _) if !a.attached => format!(
                 "  ({} missing: `portwatch detach {}{}` removes the record)",
-                if a.mode == "tc" { "filter" } else { "link" },
+                if a.mode == AttachMode::Tc { "filter" } else { "link" },
                 a.interface,
                 a.netns.as_ref().map_or(String::new(), |ns| format!(" --netns {ns}"))
             ),
@@ -320,7 +325,7 @@ fn print_human(status: &Status) {
             "attached {:<16} {:<8} {:<4} {what}{netns}{vanished}",
             a.interface,
             a.direction.name(),
-            a.mode
+            a.mode.name()
         );
     }
     let ports: Vec<String> = status.watched_ports.iter().map(|p| p.to_string()).collect();
