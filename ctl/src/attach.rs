@@ -123,35 +123,28 @@ pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -
     }
     let mut done = record;
     done.flags &= !(ATTACH_FLAG_PENDING | ATTACH_FLAG_QDISC_ABSENT);
-    let found = if pinned.pin.link(key.netns, key.ifindex, key.direction()).exists() {
-        done.set_mode(AttachMode::Tcx);
-        true
-    } else {
-        match NetNs::of_attachment(key.netns, &recorded_netns(&record)) {
-            // The namespace is gone, and the interface with it.
-            None => false,
-            Some(netns) => {
-                let id = pinned.program(key.direction())?.info()?.id();
-                let egress = key.direction() == Direction::Egress;
-                let filters = netns.enter(|| crate::sys::netlink::bpf_filters(key.ifindex, egress))??;
-                match filters.into_iter().find(|(_, _, prog)| *prog == id) {
-                    Some((priority, handle, _)) => {
-                        done.set_mode(AttachMode::Tc);
-                        done.priority = priority;
-                        done.handle = handle;
-                        if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
-                            done.flags |= ATTACH_FLAG_OWN_QDISC;
-                        }
-                        true
-                    }
-                    None => {
-                        if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
-                            netns.enter(|| remove_own_clsact(key.ifindex))?;
-                        }
-                        false
-                    }
+    let found = match is_live(pinned, key, &record)? {
+        Live::Link { .. } => {
+            done.set_mode(AttachMode::Tcx);
+            true
+        }
+        Live::Filter { priority, handle } => {
+            done.set_mode(AttachMode::Tc);
+            done.priority = priority;
+            done.handle = handle;
+            if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
+                done.flags |= ATTACH_FLAG_OWN_QDISC;
+            }
+            true
+        }
+        Live::Gone => {
+            // A namespace that is gone took the interface, and its qdisc, with it.
+            if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
+                if let Some(netns) = NetNs::of_attachment(key.netns, &recorded_netns(&record)) {
+                    netns.enter(|| remove_own_clsact(key.ifindex))?;
                 }
             }
+            false
         }
     };
     let records = pinned.attachments()?;
@@ -177,6 +170,84 @@ pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -
         );
         Ok(None)
     }
+}
+
+/// What the kernel has of an attachment (`is_live`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Live {
+    /// The TCX link pinned for it, with the link's id.
+    Link { id: u32 },
+    /// A cls_bpf filter running this portwatch's program, where it is on the interface.
+    Filter { priority: u16, handle: u32 },
+    /// Nothing: recorded only.
+    Gone,
+}
+
+/// Whether the kernel has the attachment `record` says is at `key`: the one rule of `status`, of
+/// `resolve` and of whatever else asks. TCX: the pin at its link path opens as a link. tc: a
+/// cls_bpf filter on (interface, direction), in the attachment's network namespace, runs this
+/// portwatch's program (by id), with the recorded priority and handle. A pending record (not made
+/// yet, so either mode) takes the link, or any such filter: what completes it.
+pub(crate) fn is_live(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<Live> {
+    let mode = record.mode();
+    if mode != AttachMode::Tc {
+        let link = PinnedLink::from_pin(pinned.pin.link(key.netns, key.ifindex, key.direction()))
+            .ok()
+            .and_then(|link| FdLink::from(link).info().ok());
+        if let Some(info) = link {
+            return Ok(Live::Link { id: info.id() });
+        }
+        if mode == AttachMode::Tcx {
+            return Ok(Live::Gone);
+        }
+    }
+    // A namespace that is gone took the interface, and its filters, with it.
+    let Some(netns) = NetNs::of_attachment(key.netns, &recorded_netns(record)) else {
+        return Ok(Live::Gone);
+    };
+    let id = pinned.program(key.direction())?.info()?.id();
+    let egress = key.direction() == Direction::Egress;
+    let filters = netns.enter(|| crate::sys::netlink::bpf_filters(key.ifindex, egress))??;
+    let recorded = (mode == AttachMode::Tc).then_some((record.priority, record.handle));
+    Ok(filters
+        .into_iter()
+        .find(|&(priority, handle, prog)| prog == id && recorded.is_none_or(|r| r == (priority, handle)))
+        .map_or(Live::Gone, |(priority, handle, _)| Live::Filter { priority, handle }))
+}
+
+/// An attachment as recorded, and what the kernel has of it now (`status`).
+pub(crate) struct Observed {
+    pub key: AttachKey,
+    pub record: Attachment,
+    pub mode: AttachMode,
+    /// `is_live`'s answer; `Gone` when the kernel cannot be asked from here, and for a pending
+    /// record, which is no attachment yet (the next command that takes the lock completes it from
+    /// what `is_live` finds, or removes it).
+    pub live: Live,
+    /// The interface's name now; `None` when it, or its namespace, is gone.
+    pub current_name: Option<String>,
+}
+
+/// Every attachment record, with what the kernel has of it.
+pub(crate) fn observe_all(pinned: &mut Pinned) -> Result<Vec<Observed>> {
+    let records: Vec<(AttachKey, Attachment)> = pinned.attachments()?.iter().collect::<Result<_, _>>()?;
+    Ok(records
+        .into_iter()
+        .map(|(key, record)| {
+            let mode = record.mode();
+            let live = match mode {
+                AttachMode::Pending => Live::Gone,
+                AttachMode::Tcx | AttachMode::Tc => is_live(pinned, key, &record).unwrap_or(Live::Gone),
+            };
+            Observed {
+                key,
+                record,
+                mode,
+                live,
+                current_name: current_name(&key, &record),
+            }
+        })
+        .collect())
 }
 
 /// `resolve` for every pending record.

@@ -5,17 +5,13 @@
 use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Result;
-use aya::programs::links::{FdLink, PinnedLink};
-use portwatch_common::{
-    AttachKey, AttachMode, Attachment, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
-};
+use portwatch_common::{AttachMode, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, LAYOUT_VERSION};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    attach,
+    attach::{self, Live, Observed},
     error::Error,
     journal, lifecycle, maps,
-    netns::NetNs,
     output::{self, human_bytes},
     pinned::{Access, PinPath, Pinned},
     ports::{self, PortSpec},
@@ -135,6 +131,36 @@ impl Serialize for NotCountedFigures {
     }
 }
 
+impl From<Observed> for AttachmentStatus {
+    fn from(seen: Observed) -> AttachmentStatus {
+        let Observed {
+            key,
+            record,
+            mode,
+            live,
+            current_name,
+        } = seen;
+        let netns = attach::recorded_netns(&record);
+        let tc = mode == AttachMode::Tc;
+        AttachmentStatus {
+            attached: live != Live::Gone,
+            direction: key.direction(),
+            ifindex: key.ifindex,
+            present: current_name.is_some(),
+            interface: current_name.unwrap_or_else(|| attach::recorded_name(&record)),
+            link_id: match live {
+                Live::Link { id } => Some(id),
+                Live::Filter { .. } | Live::Gone => None,
+            },
+            mode,
+            netns: (!netns.is_empty()).then_some(netns),
+            pending: record.flags & ATTACH_FLAG_PENDING != 0,
+            tc_handle: tc.then(|| format!("{:x}", record.handle)),
+            tc_priority: tc.then_some(record.priority),
+        }
+    }
+}
+
 impl From<Stats> for StatsStatus {
     fn from(s: Stats) -> StatsStatus {
         StatsStatus {
@@ -198,38 +224,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
             tag: format!("{:016x}", info.tag()),
         });
     }
-    let mut attachments = vec![];
-    let records: Vec<(AttachKey, Attachment)> = pinned.attachments()?.iter().collect::<Result<_, _>>()?;
-    for (key, record) in records {
-        let current = attach::current_name(&key, &record);
-        let netns = attach::recorded_netns(&record);
-        let link_id = if record.mode() == AttachMode::Tcx {
-            PinnedLink::from_pin(pin.link(key.netns, key.ifindex, key.direction()))
-                .ok()
-                .and_then(|l| FdLink::from(l).info().ok().map(|i| i.id()))
-        } else {
-            None
-        };
-        let tc = record.mode() == AttachMode::Tc;
-        let attached = match record.mode() {
-            AttachMode::Tcx => link_id.is_some(),
-            AttachMode::Tc => tc_filter_present(pinned, &key, &record),
-            AttachMode::Pending => false,
-        };
-        attachments.push(AttachmentStatus {
-            attached,
-            direction: key.direction(),
-            ifindex: key.ifindex,
-            interface: current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
-            link_id,
-            mode: record.mode(),
-            netns: (!netns.is_empty()).then_some(netns),
-            pending: record.flags & ATTACH_FLAG_PENDING != 0,
-            present: current.is_some(),
-            tc_handle: tc.then(|| format!("{:x}", record.handle)),
-            tc_priority: tc.then_some(record.priority),
-        });
-    }
+    let mut attachments: Vec<AttachmentStatus> = attach::observe_all(pinned)?.into_iter().map(Into::into).collect();
     attachments.sort_by(|a, b| (&a.netns, &a.interface, a.direction).cmp(&(&b.netns, &b.interface, b.direction)));
 
     let watched_ports = ports::fold(&maps::port_table(pinned.watched_ports()?)?);
@@ -263,22 +258,6 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         stats: stats.into(),
         watched_ports,
     })
-}
-
-/// Whether the recorded tc filter is on its interface, running this portwatch's program.
-fn tc_filter_present(pinned: &mut Pinned, key: &AttachKey, record: &Attachment) -> bool {
-    let Ok(id) = pinned.program(key.direction()).and_then(|p| Ok(p.info()?.id())) else {
-        return false;
-    };
-    let Some(netns) = NetNs::of_attachment(key.netns, &attach::recorded_netns(record)) else {
-        return false;
-    };
-    let egress = key.direction() == Direction::Egress;
-    netns
-        .enter(|| crate::sys::netlink::bpf_filters(key.ifindex, egress))
-        .ok()
-        .and_then(|r| r.ok())
-        .is_some_and(|filters| filters.contains(&(record.priority, record.handle, id)))
 }
 
 fn print_human(status: &Status) {
