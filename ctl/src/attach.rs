@@ -2,7 +2,7 @@
 //! the process) or classic clsact/cls_bpf filters (recorded in the `attachments` map, since they
 //! cannot be pinned). Every attachment, either kind, is recorded there.
 
-use std::io;
+use std::{fmt, io};
 
 use anyhow::{Context, Result};
 use aya::programs::{
@@ -36,29 +36,100 @@ pub enum Mode {
     Tc,
 }
 
-/// Says what was attached, as `load` and `attach` print it.
-fn announce(iface: &Iface, direction: Direction, record: &Attachment) {
-    println!(
-        "attached to {} {} ({}){}",
-        iface.name,
-        direction.name(),
-        record.mode().name(),
-        iface.netns.suffix()
-    );
+/// What attaching and detaching have to say along the way, as it happens; the caller says it (on
+/// stderr, after `portwatch: `). This module prints nothing.
+#[derive(Debug)]
+pub(crate) enum Note {
+    /// `--mode auto` on a kernel that refused the TCX link: the clsact qdisc is used instead.
+    TcxRefused { interface: String, error: String },
+    /// A pending record (an `attach` interrupted) is completed: the kernel has the attachment.
+    Completed { interface: String, direction: Direction },
+    /// A pending record is removed: nothing was attached.
+    Removed { interface: String, direction: Direction },
+    /// Taking back an attachment after a later one failed failed too.
+    UndoFailed(anyhow::Error),
+    /// The clsact qdisc portwatch added stays (empty, so harmless).
+    QdiscLeft { ifindex: u32, error: io::Error },
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Note::TcxRefused { interface, error } => {
+                write!(
+                    f,
+                    "TCX refused on {interface} ({error}); using the classic clsact qdisc"
+                )
+            }
+            Note::Completed { interface, direction } => write!(
+                f,
+                "completed the record of an interrupted attach to {interface} {}",
+                direction.name()
+            ),
+            Note::Removed { interface, direction } => write!(
+                f,
+                "removed the record of an interrupted attach to {interface} {}: nothing was attached",
+                direction.name()
+            ),
+            Note::UndoFailed(e) => write!(f, "while undoing: {e:#}"),
+            Note::QdiscLeft { ifindex, error } => {
+                write!(
+                    f,
+                    "could not remove the clsact qdisc it added to interface {ifindex}: {error}"
+                )
+            }
+        }
+    }
+}
+
+/// What `attach_all` did for one interface and direction, as `load` and `attach` say it.
+#[derive(Debug)]
+pub(crate) enum Step<'a> {
+    /// Attached now, in `mode`.
+    Attached {
+        iface: &'a Iface,
+        direction: Direction,
+        mode: AttachMode,
+    },
+    /// The records show it attached there already.
+    AlreadyAttached { iface: &'a Iface, direction: Direction },
+}
+
+impl fmt::Display for Step<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Step::Attached { iface, direction, mode } => write!(
+                f,
+                "attached to {} {} ({}){}",
+                iface.name,
+                direction.name(),
+                mode.name(),
+                iface.netns.suffix()
+            ),
+            Step::AlreadyAttached { iface, direction } => write!(
+                f,
+                "already attached to {} {}{}",
+                iface.name,
+                direction.name(),
+                iface.netns.suffix()
+            ),
+        }
+    }
 }
 
 /// Attaches the pinned program of `direction` to `iface` and records it; returns `None` when the
 /// records show it attached there already (it never attaches twice). The key and record returned
-/// let a caller undo it with `detach_one`.
+/// let a caller undo it with `detach_one`. What it has to say goes to `say` as it happens.
 pub(crate) fn attach_one(
     pinned: &mut Pinned,
     iface: &Iface,
     direction: Direction,
     mode: Mode,
+    say: &mut dyn FnMut(Note),
 ) -> Result<Option<(AttachKey, Attachment)>> {
     let key = AttachKey::new(iface.netns.inode, iface.index, direction);
     if let Ok(record) = pinned.attachments()?.get(&key, 0) {
-        if resolve(pinned, key, record)?.is_some() {
+        if resolve(pinned, key, record, say)?.is_some() {
             return Ok(None);
         }
     }
@@ -84,7 +155,7 @@ pub(crate) fn attach_one(
     let prog = pinned.program(direction)?;
     let made = iface
         .netns
-        .enter(|| attach(prog, &pin, iface, direction, mode, own_qdisc))
+        .enter(|| attach(prog, &pin, iface, direction, mode, own_qdisc, say))
         .and_then(|r| r);
     let record = match made {
         Ok(record) => record,
@@ -95,7 +166,7 @@ pub(crate) fn attach_one(
     };
     fault::point("attach:made").context("attaching")?;
     if let Err(e) = pinned.attachments()?.insert(key, record, 0) {
-        let _ = detach(&pin, key, &record);
+        let _ = detach(&pin, key, &record, say);
         let _ = pinned.attachments()?.remove(&key);
         return Err(e).context("recording the attachment");
     }
@@ -115,9 +186,15 @@ fn base_record(iface: &Iface) -> Attachment {
 /// Completes or removes a pending record (an `attach` interrupted between recording and
 /// recording what it made), as the kernel says: a pinned TCX link, or a tc filter running this
 /// program on that interface and direction, completes it; nothing removes it (an unpinned TCX
-/// link died with the process), with the clsact qdisc the attach may have added. A record that is
-/// not pending is returned as it is. Returns the record, or `None` when nothing is attached.
-pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -> Result<Option<Attachment>> {
+/// link died with the process), with the clsact qdisc the attach may have added; `say` is told
+/// which. A record that is not pending is returned as it is. Returns the record, or `None` when
+/// nothing is attached.
+pub(crate) fn resolve(
+    pinned: &mut Pinned,
+    key: AttachKey,
+    record: Attachment,
+    say: &mut dyn FnMut(Note),
+) -> Result<Option<Attachment>> {
     if record.flags & ATTACH_FLAG_PENDING == 0 {
         return Ok(Some(record));
     }
@@ -141,7 +218,9 @@ pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -
             // A namespace that is gone took the interface, and its qdisc, with it.
             if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
                 if let Some(netns) = NetNs::of_attachment(key.netns, &recorded_netns(&record)) {
-                    netns.enter(|| remove_own_clsact(key.ifindex))?;
+                    if let Some(note) = netns.enter(|| remove_own_clsact(key.ifindex))? {
+                        say(note);
+                    }
                 }
             }
             false
@@ -152,22 +231,20 @@ pub(crate) fn resolve(pinned: &mut Pinned, key: AttachKey, record: Attachment) -
         records
             .insert(key, done, 0)
             .context("completing an attachment record")?;
-        eprintln!(
-            "portwatch: completed the record of an interrupted attach to {} {}",
-            display_name(&key, &done),
-            key.direction().name()
-        );
+        say(Note::Completed {
+            interface: display_name(&key, &done),
+            direction: key.direction(),
+        });
         Ok(Some(done))
     } else {
         match records.remove(&key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
             Err(e) => return Err(e).context("removing an attachment record"),
         }
-        eprintln!(
-            "portwatch: removed the record of an interrupted attach to {} {}: nothing was attached",
-            display_name(&key, &record),
-            key.direction().name()
-        );
+        say(Note::Removed {
+            interface: display_name(&key, &record),
+            direction: key.direction(),
+        });
         Ok(None)
     }
 }
@@ -251,7 +328,7 @@ pub(crate) fn observe_all(pinned: &mut Pinned) -> Result<Vec<Observed>> {
 }
 
 /// `resolve` for every pending record.
-pub(crate) fn resolve_all(pinned: &mut Pinned) -> Result<()> {
+pub(crate) fn resolve_all(pinned: &mut Pinned, say: &mut dyn FnMut(Note)) -> Result<()> {
     let pending: Vec<_> = pinned
         .attachments()?
         .iter()
@@ -259,17 +336,22 @@ pub(crate) fn resolve_all(pinned: &mut Pinned) -> Result<()> {
         .filter(|(_, r)| r.flags & ATTACH_FLAG_PENDING != 0)
         .collect();
     for (key, record) in pending {
-        resolve(pinned, key, record)?;
+        resolve(pinned, key, record, say)?;
     }
     Ok(())
 }
 
 /// Detaches one attachment and removes its record (a pending one is resolved first).
-pub(crate) fn detach_one(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<()> {
-    let Some(record) = resolve(pinned, key, *record)? else {
+pub(crate) fn detach_one(
+    pinned: &mut Pinned,
+    key: AttachKey,
+    record: &Attachment,
+    say: &mut dyn FnMut(Note),
+) -> Result<()> {
+    let Some(record) = resolve(pinned, key, *record, say)? else {
         return Ok(());
     };
-    detach(&pinned.pin, key, &record)?;
+    detach(&pinned.pin, key, &record, say)?;
     fault::point("detach:detached").context("detaching")?;
     match pinned.attachments()?.remove(&key) {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
@@ -279,26 +361,33 @@ pub(crate) fn detach_one(pinned: &mut Pinned, key: AttachKey, record: &Attachmen
 
 /// Attaches the pinned programs to every interface of `ifaces` in `directions` (skipping what is
 /// attached already), all or nothing: if one fails, those attached before it are detached and
-/// their records removed.
-pub(crate) fn attach_all(pinned: &mut Pinned, ifaces: &[Iface], directions: Directions, mode: Mode) -> Result<()> {
+/// their records removed. `each` is told of each interface and direction as it is done, `say`
+/// what there is to say on the way.
+pub(crate) fn attach_all<'a>(
+    pinned: &mut Pinned,
+    ifaces: &'a [Iface],
+    directions: Directions,
+    mode: Mode,
+    mut each: impl FnMut(Step<'a>),
+    say: &mut dyn FnMut(Note),
+) -> Result<()> {
     let mut done = vec![];
     for iface in ifaces {
         for direction in directions.iter() {
-            match attach_one(pinned, iface, direction, mode) {
-                Ok(None) => println!(
-                    "already attached to {} {}{}",
-                    iface.name,
-                    direction.name(),
-                    iface.netns.suffix()
-                ),
+            match attach_one(pinned, iface, direction, mode, say) {
+                Ok(None) => each(Step::AlreadyAttached { iface, direction }),
                 Ok(Some((key, record))) => {
-                    announce(iface, direction, &record);
+                    each(Step::Attached {
+                        iface,
+                        direction,
+                        mode: record.mode(),
+                    });
                     done.push((key, record));
                 }
                 Err(e) => {
                     for (key, record) in done.iter().rev() {
-                        if let Err(e) = detach_one(pinned, *key, record) {
-                            eprintln!("portwatch: while undoing: {e:#}");
+                        if let Err(e) = detach_one(pinned, *key, record, say) {
+                            say(Note::UndoFailed(e));
                         }
                     }
                     return Err(e);
@@ -434,6 +523,7 @@ fn attach(
     direction: Direction,
     mode: Mode,
     own_qdisc: bool,
+    say: &mut dyn FnMut(Note),
 ) -> Result<Attachment> {
     let mut record = base_record(iface);
     let attach_type = tc_attach_type(direction);
@@ -450,7 +540,10 @@ fn attach(
                 Ok(id) => Some(id),
                 // A kernel without TCX refuses the link (EINVAL); `auto` then uses clsact.
                 Err(e) if mode == Mode::Auto => {
-                    log_fallback(&iface.name, &e);
+                    say(Note::TcxRefused {
+                        interface: iface.name.clone(),
+                        error: e.to_string(),
+                    });
                     None
                 }
                 Err(e) => {
@@ -499,7 +592,9 @@ fn attach(
                 Ok(id) => id,
                 Err(e) => {
                     if added {
-                        remove_own_clsact(iface.index);
+                        if let Some(note) = remove_own_clsact(iface.index) {
+                            say(note);
+                        }
                     }
                     return Err(e).with_context(|| format!("attaching a tc filter to {} {dir}", iface.name));
                 }
@@ -516,13 +611,9 @@ fn attach(
     Ok(record)
 }
 
-fn log_fallback(iface: &str, e: &aya::programs::ProgramError) {
-    eprintln!("portwatch: TCX refused on {iface} ({e}); using the classic clsact qdisc");
-}
-
 /// Removes one attachment: unpins (and so detaches) a TCX link, or deletes the exact tc filter
 /// recorded. An interface that no longer exists took its attachments with it; its pin is removed.
-pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Result<()> {
+pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment, say: &mut dyn FnMut(Note)) -> Result<()> {
     match record.mode() {
         AttachMode::Tcx => {
             let path = pin.link(key.netns, key.ifindex, key.direction());
@@ -535,7 +626,7 @@ pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Resu
         AttachMode::Tc => {
             let recorded = recorded_netns(record);
             match NetNs::of_attachment(key.netns, &recorded) {
-                Some(netns) => netns.enter(|| detach_tc_filter(key, record))??,
+                Some(netns) => netns.enter(|| detach_tc_filter(key, record, say))??,
                 // Recorded without a name: the namespace this command runs in, which it is not.
                 None if recorded.is_empty() => {
                     return Err(Error::Interface(format!(
@@ -557,7 +648,7 @@ pub(crate) fn detach(pin: &PinPath, key: AttachKey, record: &Attachment) -> Resu
 }
 
 /// Deletes the recorded tc filter, in the namespace of its interface.
-fn detach_tc_filter(key: AttachKey, record: &Attachment) -> Result<()> {
+fn detach_tc_filter(key: AttachKey, record: &Attachment, say: &mut dyn FnMut(Note)) -> Result<()> {
     if let Some(name) = ifname_of(key.ifindex) {
         let link = SchedClassifierLink::attached(
             &name,
@@ -573,7 +664,9 @@ fn detach_tc_filter(key: AttachKey, record: &Attachment) -> Result<()> {
             Err(e) => return Err(e).with_context(|| format!("removing the tc filter from {name}")),
         }
         if record.flags & ATTACH_FLAG_OWN_QDISC != 0 {
-            remove_own_clsact(key.ifindex);
+            if let Some(note) = remove_own_clsact(key.ifindex) {
+                say(note);
+            }
         }
     }
     Ok(())
@@ -581,15 +674,17 @@ fn detach_tc_filter(key: AttachKey, record: &Attachment) -> Result<()> {
 
 /// Deletes the clsact qdisc portwatch added to `ifindex` once no filter is left on it: while the
 /// other direction's filter, or another tool's, is there, it stays. Best effort: a qdisc that
-/// cannot be removed is an empty qdisc, harmless, and `tc qdisc del dev IF clsact` removes it.
-fn remove_own_clsact(ifindex: u32) {
+/// cannot be removed is an empty qdisc, harmless, and `tc qdisc del dev IF clsact` removes it: the
+/// note returned says so.
+fn remove_own_clsact(ifindex: u32) -> Option<Note> {
     if crate::sys::netlink::clsact_filter_count(ifindex).is_ok_and(|n| n == 0) {
-        if let Err(e) = crate::sys::netlink::delete_clsact(ifindex) {
-            if e.raw_os_error() != Some(libc::ENOENT) && e.raw_os_error() != Some(libc::EINVAL) {
-                eprintln!("portwatch: could not remove the clsact qdisc it added to interface {ifindex}: {e}");
+        if let Err(error) = crate::sys::netlink::delete_clsact(ifindex) {
+            if error.raw_os_error() != Some(libc::ENOENT) && error.raw_os_error() != Some(libc::EINVAL) {
+                return Some(Note::QdiscLeft { ifindex, error });
             }
         }
     }
+    None
 }
 
 /// Whether `e`, or an error under it, is an OS error with one of `errnos`.

@@ -214,11 +214,11 @@ fn carry_out(pinned: &mut Pinned, plan: &Plan) -> Result<()> {
     let mut done = vec![];
     let result = (|| -> Result<()> {
         for (key, record) in &plan.detach {
-            attach::detach_one(pinned, *key, record)?;
+            attach::detach_one(pinned, *key, record, &mut say)?;
             done.push(Done::Detached(*key, *record));
         }
         for w in &plan.attach {
-            if let Some((key, record)) = attach::attach_one(pinned, &w.iface, w.direction, w.mode)? {
+            if let Some((key, record)) = attach::attach_one(pinned, &w.iface, w.direction, w.mode, &mut say)? {
                 done.push(Done::Attached(key, record));
             }
         }
@@ -241,7 +241,7 @@ fn carry_out(pinned: &mut Pinned, plan: &Plan) -> Result<()> {
 fn undo(pinned: &mut Pinned, done: Vec<Done>) {
     for step in done.into_iter().rev() {
         let undone = match step {
-            Done::Attached(key, record) => attach::detach_one(pinned, key, &record),
+            Done::Attached(key, record) => attach::detach_one(pinned, key, &record, &mut say),
             Done::Detached(key, record) => reattach(pinned, key, &record),
             // Writes back every port that differs, whether or not it was written.
             Done::Ports { before, after } => pinned
@@ -265,7 +265,13 @@ fn reattach(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<
         index: key.ifindex,
         netns,
     };
-    attach::attach_one(pinned, &iface, key.direction(), Mode::from(record.mode())).map(|_| ())
+    attach::attach_one(pinned, &iface, key.direction(), Mode::from(record.mode()), &mut say).map(|_| ())
+}
+
+/// What attaching and detaching have to say on the way, on stderr as it happens (`apply`, `watch`,
+/// `unload --drain-to`).
+fn say(note: attach::Note) {
+    eprintln!("portwatch: {note}");
 }
 
 /// Stops counting (detaches everything) and appends every counter to `log` as one JSON line, as
@@ -280,7 +286,7 @@ pub(crate) fn detach_and_drain(pinned: &mut Pinned, log: &Path) -> Result<Vec<(A
     all.sort_by_key(|(key, _)| *key);
     let mut done = vec![];
     for (key, record) in all {
-        if let Err(e) = attach::detach_one(pinned, key, &record) {
+        if let Err(e) = attach::detach_one(pinned, key, &record, &mut say) {
             undo(pinned, done);
             return Err(e);
         }

@@ -86,7 +86,15 @@ fn attach_and_watch(pinned: &mut Pinned, ifaces: &[Iface], directions: Direction
         undo_ports(pinned);
         return Err(e);
     }
-    if let Err(e) = attach::attach_all(pinned, ifaces, directions, args.mode) {
+    let attached = attach::attach_all(
+        pinned,
+        ifaces,
+        directions,
+        args.mode,
+        |step| println!("{step}"),
+        &mut |note| eprintln!("portwatch: {note}"),
+    );
+    if let Err(e) = attached {
         undo_ports(pinned);
         return Err(e);
     }

@@ -79,7 +79,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
             | Command::Unload { .. }
     );
     if takes_lock {
-        if let Err(e) = lifecycle::recover_interrupted(&pin) {
+        if let Err(e) = lifecycle::recover_interrupted(&pin, &mut |note| eprintln!("portwatch: {note}")) {
             eprintln!("portwatch: warning: {e:#}");
         }
     }
