@@ -458,14 +458,8 @@ impl Iface {
 
 /// The current name of the interface with this index, if it still exists.
 pub(crate) fn ifname_of(index: u32) -> Option<String> {
-    let mut buf = [0u8; libc::IF_NAMESIZE];
-    // SAFETY: buf has IF_NAMESIZE bytes, as if_indextoname requires.
-    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
-    if p.is_null() {
-        return None;
-    }
-    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Some(String::from_utf8_lossy(&buf[..len]).into_owned())
+    let name = nix::net::if_::if_indextoname(index).ok()?;
+    Some(name.to_string_lossy().into_owned())
 }
 
 fn nul_padded(bytes: &[u8]) -> String {
