@@ -70,7 +70,7 @@ struct AttachmentStatus {
     interface: String,
     link_id: Option<u32>,
     /// `tcx`, `tc`, or `pending`.
-    #[serde(serialize_with = "mode_name")]
+    #[serde(serialize_with = "mode_as_str")]
     mode: AttachMode,
     /// The network namespace as it was given (`--netns`); `None`: the one portwatch ran in.
     netns: Option<String>,
@@ -114,7 +114,7 @@ fn direction_name<S: Serializer>(direction: &Direction, serializer: S) -> Result
     serializer.serialize_str(direction.name())
 }
 
-fn mode_name<S: Serializer>(mode: &AttachMode, serializer: S) -> Result<S::Ok, S::Error> {
+fn mode_as_str<S: Serializer>(mode: &AttachMode, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(mode.name())
 }
 
