@@ -215,8 +215,8 @@ pub(crate) fn resolve(
             true
         }
         Live::Gone => {
-            // A namespace that is gone took the interface, and its qdisc, with it.
             if record.flags & ATTACH_FLAG_QDISC_ABSENT != 0 {
+                // A namespace that is gone took the interface, and its qdisc, with it.
                 if let Some(netns) = NetNs::of_attachment(key.netns, &recorded_netns(&record)) {
                     if let Some(note) = netns.enter(|| remove_own_clsact(key.ifindex))? {
                         say(note);
