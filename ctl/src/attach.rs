@@ -459,7 +459,9 @@ impl Iface {
 /// The current name of the interface with this index, if it still exists.
 pub(crate) fn ifname_of(index: u32) -> Option<String> {
     let name = nix::net::if_::if_indextoname(index).ok()?;
-    Some(name.to_string_lossy().into_owned())
+    // nix 0.29 takes a -1 pointer for the error, not the NULL that if_indextoname(3) returns, so
+    // an index with no interface comes back as an empty name; no interface has one.
+    (!name.is_empty()).then(|| name.to_string_lossy().into_owned())
 }
 
 fn nul_padded(bytes: &[u8]) -> String {
@@ -731,6 +733,12 @@ mod tests {
             [AttachMode::Tcx, AttachMode::Tc, AttachMode::Pending].map(AttachMode::name),
             ["tcx", "tc", "pending"]
         );
+    }
+
+    #[test]
+    fn an_index_without_an_interface_has_no_name() {
+        assert_eq!(ifname_of(1).as_deref(), Some("lo"));
+        assert_eq!(ifname_of(u32::MAX), None);
     }
 
     #[test]
