@@ -736,6 +736,62 @@ mod tests {
     }
 
     #[test]
+    fn notes_and_steps_read_as_they_always_have() {
+        let iface = Iface {
+            name: "eth0".into(),
+            index: 2,
+            netns: NetNs::current().unwrap(),
+        };
+        let direction = Direction::Egress;
+        let lines = [
+            Step::Attached {
+                iface: &iface,
+                direction,
+                mode: AttachMode::Tc,
+            }
+            .to_string(),
+            Step::AlreadyAttached {
+                iface: &iface,
+                direction,
+            }
+            .to_string(),
+            Note::TcxRefused {
+                interface: "eth0".into(),
+                error: "EINVAL".into(),
+            }
+            .to_string(),
+            Note::Completed {
+                interface: "eth0".into(),
+                direction,
+            }
+            .to_string(),
+            Note::Removed {
+                interface: "eth0".into(),
+                direction,
+            }
+            .to_string(),
+            Note::UndoFailed(anyhow::anyhow!("no such device").context("detaching")).to_string(),
+            Note::QdiscLeft {
+                ifindex: 2,
+                error: io::Error::from_raw_os_error(libc::EBUSY),
+            }
+            .to_string(),
+        ];
+        assert_eq!(
+            lines,
+            [
+                "attached to eth0 egress (tc)",
+                "already attached to eth0 egress",
+                "TCX refused on eth0 (EINVAL); using the classic clsact qdisc",
+                "completed the record of an interrupted attach to eth0 egress",
+                "removed the record of an interrupted attach to eth0 egress: nothing was attached",
+                "while undoing: detaching: no such device",
+                "could not remove the clsact qdisc it added to interface 2: Device or resource busy (os error 16)",
+            ]
+        );
+    }
+
+    #[test]
     fn an_index_without_an_interface_has_no_name() {
         assert_eq!(ifname_of(1).as_deref(), Some("lo"));
         assert_eq!(ifname_of(u32::MAX), None);
