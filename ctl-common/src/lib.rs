@@ -589,7 +589,8 @@ impl AttachKey {
     }
 }
 
-/// How an attachment was made: a pinned TCX link, or a classic clsact/cls_bpf filter.
+/// `Attachment::mode`: how an attachment was made, a pinned TCX link or a classic clsact/cls_bpf
+/// filter. Read and written only through `Attachment::mode` and `set_mode` (`AttachMode`).
 pub const ATTACH_MODE_TCX: u8 = 1;
 pub const ATTACH_MODE_TC: u8 = 2;
 
@@ -630,6 +631,58 @@ impl Default for Attachment {
             handle: 0,
             ifname: [0; 16],
             netns: [0; ATTACH_NETNS_LEN],
+        }
+    }
+}
+
+/// How an attachment was made, decoded once from its record (`Attachment::mode`): the only reading
+/// of the `mode` byte and the `pending` flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// A TCX link, pinned under `links/`.
+    Tcx,
+    /// A classic clsact qdisc with a cls_bpf filter (its priority and handle recorded).
+    Tc,
+    /// Not made yet: recorded with `ATTACH_FLAG_PENDING` (an `attach` interrupted), or a `mode`
+    /// byte that is neither of the two above.
+    Pending,
+}
+
+impl AttachMode {
+    /// As `status` and the metrics name it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            AttachMode::Tcx => "tcx",
+            AttachMode::Tc => "tc",
+            AttachMode::Pending => "pending",
+        }
+    }
+}
+
+impl Attachment {
+    pub const fn mode(&self) -> AttachMode {
+        if self.flags & ATTACH_FLAG_PENDING != 0 {
+            return AttachMode::Pending;
+        }
+        match self.mode {
+            ATTACH_MODE_TCX => AttachMode::Tcx,
+            ATTACH_MODE_TC => AttachMode::Tc,
+            _ => AttachMode::Pending,
+        }
+    }
+
+    /// Records how the attachment was made (`Tcx`, `Tc`: no longer pending), or that it is not yet
+    /// (`Pending`: `mode` 0 and the `pending` flag).
+    pub fn set_mode(&mut self, mode: AttachMode) {
+        self.mode = match mode {
+            AttachMode::Tcx => ATTACH_MODE_TCX,
+            AttachMode::Tc => ATTACH_MODE_TC,
+            AttachMode::Pending => 0,
+        };
+        if mode == AttachMode::Pending {
+            self.flags |= ATTACH_FLAG_PENDING;
+        } else {
+            self.flags &= !ATTACH_FLAG_PENDING;
         }
     }
 }

@@ -307,7 +307,7 @@ impl FileConfig {
                 .entry((crate::attach::recorded_netns(&record), name))
                 .or_insert((Directions::default(), vec![]));
             slot.0 = Directions::from_bits(slot.0.bits() | key.direction().bit());
-            slot.1.push(Mode::of_record(&record));
+            slot.1.push(Mode::from(record.mode()));
         }
         let interfaces = by_iface
             .into_iter()

@@ -129,8 +129,13 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
 }
 
 /// Detaches every attachment, in a fixed order (the map's own is the kernel's hash order), and
-/// removes its record; `each` is told of each one after it is gone.
-pub(crate) fn detach_all(pinned: &mut Pinned, mut each: impl FnMut(&AttachKey, &Attachment)) -> Result<()> {
+/// removes its record; `each` is told of each one after it is gone, `say` what there is to say on
+/// the way (`attach::Note`).
+pub(crate) fn detach_all(
+    pinned: &mut Pinned,
+    mut each: impl FnMut(&AttachKey, &Attachment),
+    say: &mut dyn FnMut(attach::Note),
+) -> Result<()> {
     // An unload killed halfway may have removed the map already; it had detached everything
     // before it removed anything.
     if !pinned.pin.map(map_names::ATTACHMENTS).exists() {
@@ -139,7 +144,7 @@ pub(crate) fn detach_all(pinned: &mut Pinned, mut each: impl FnMut(&AttachKey, &
     let mut all: Vec<_> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
     all.sort_by_key(|(key, _)| *key);
     for (key, record) in all {
-        attach::detach_one(pinned, key, &record)?;
+        attach::detach_one(pinned, key, &record, say)?;
         each(&key, &record);
     }
     Ok(())
@@ -250,9 +255,9 @@ pub(crate) fn has_debris(pin: &PinPath) -> bool {
 }
 
 /// Finishes what an interrupted command left, before a command that takes the lock: a reset
-/// (`reset::recover`) and pending attachment records (`attach::resolve`). Says on stderr
-/// what it did.
-pub(crate) fn recover_interrupted(pin: &PinPath) -> Result<()> {
+/// (`reset::recover`, which says on stderr what it did) and pending attachment records
+/// (`attach::resolve`, which tells `say`).
+pub(crate) fn recover_interrupted(pin: &PinPath, say: &mut dyn FnMut(attach::Note)) -> Result<()> {
     let pending = match Pinned::probe(pin, Access::Read) {
         Ok(Some(mut pinned)) => {
             let journal = crate::journal::read(&mut pinned).is_ok_and(|j| j.state != 0);
@@ -272,5 +277,5 @@ pub(crate) fn recover_interrupted(pin: &PinPath) -> Result<()> {
     }
     let mut pinned = Pinned::open(pin, Access::Change)?;
     crate::reset::recover_and_say(&mut pinned)?;
-    attach::resolve_all(&mut pinned)
+    attach::resolve_all(&mut pinned, say)
 }

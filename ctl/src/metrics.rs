@@ -188,7 +188,7 @@ fn loaded(f: &Families, pinned: &mut Pinned, options: &Options) -> Result<()> {
                 &attach::display_name(&key, &record),
                 &attach::recorded_netns(&record),
                 key.direction().name(),
-                attach::mode_name(record.mode),
+                record.mode().name(),
             ])
             .set(1);
     }

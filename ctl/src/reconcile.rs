@@ -88,11 +88,7 @@ impl Plan {
             lines.push(format!("+ port {spec}"));
         }
         for w in &self.attach {
-            let mode = if w.mode.is_auto() {
-                String::new()
-            } else {
-                format!(" ({})", if w.mode == Mode::Tcx { "tcx" } else { "tc" })
-            };
+            let mode = w.mode.required().map_or(String::new(), |m| format!(" ({})", m.name()));
             lines.push(format!(
                 "+ attach {} {}{mode}{}",
                 w.iface.name,
@@ -113,7 +109,7 @@ fn plan_changes(pinned: &mut Pinned, desired: &Desired) -> Result<Plan> {
         .collect();
     let mut current: Vec<(AttachKey, Attachment)> = pinned.attachments()?.iter().filter_map(|r| r.ok()).collect();
     current.sort_by_key(|(key, _)| *key);
-    let keep = |key: &AttachKey, record: &Attachment| wanted.get(key).is_some_and(|w| w.mode.accepts(record));
+    let keep = |key: &AttachKey, record: &Attachment| wanted.get(key).is_some_and(|w| w.mode.accepts(record.mode()));
     let kept: Vec<AttachKey> = current.iter().filter(|(k, r)| keep(k, r)).map(|(k, _)| *k).collect();
     Ok(Plan {
         load: false,
@@ -214,11 +210,11 @@ fn carry_out(pinned: &mut Pinned, plan: &Plan) -> Result<()> {
     let mut done = vec![];
     let result = (|| -> Result<()> {
         for (key, record) in &plan.detach {
-            attach::detach_one(pinned, *key, record)?;
+            attach::detach_one(pinned, *key, record, &mut say)?;
             done.push(Done::Detached(*key, *record));
         }
         for w in &plan.attach {
-            if let Some((key, record)) = attach::attach_one(pinned, &w.iface, w.direction, w.mode)? {
+            if let Some((key, record)) = attach::attach_one(pinned, &w.iface, w.direction, w.mode, &mut say)? {
                 done.push(Done::Attached(key, record));
             }
         }
@@ -239,7 +235,7 @@ fn carry_out(pinned: &mut Pinned, plan: &Plan) -> Result<()> {
 fn undo(pinned: &mut Pinned, done: Vec<Done>) {
     for step in done.into_iter().rev() {
         let undone = match step {
-            Done::Attached(key, record) => attach::detach_one(pinned, key, &record),
+            Done::Attached(key, record) => attach::detach_one(pinned, key, &record, &mut say),
             Done::Detached(key, record) => reattach(pinned, key, &record),
             Done::Ports(change) => {
                 change.undo(pinned);
@@ -262,7 +258,13 @@ fn reattach(pinned: &mut Pinned, key: AttachKey, record: &Attachment) -> Result<
         index: key.ifindex,
         netns,
     };
-    attach::attach_one(pinned, &iface, key.direction(), Mode::of_record(record)).map(|_| ())
+    attach::attach_one(pinned, &iface, key.direction(), Mode::from(record.mode()), &mut say).map(|_| ())
+}
+
+/// What attaching and detaching have to say on the way, on stderr as it happens (`apply`, `watch`,
+/// `unload --drain-to`).
+fn say(note: attach::Note) {
+    eprintln!("portwatch: {note}");
 }
 
 /// Stops counting (detaches everything) and appends every counter to `log` as one JSON line, as
@@ -277,7 +279,7 @@ pub(crate) fn detach_and_drain(pinned: &mut Pinned, log: &Path) -> Result<Vec<(A
     all.sort_by_key(|(key, _)| *key);
     let mut done = vec![];
     for (key, record) in all {
-        if let Err(e) = attach::detach_one(pinned, key, &record) {
+        if let Err(e) = attach::detach_one(pinned, key, &record, &mut say) {
             undo(pinned, done);
             return Err(e);
         }

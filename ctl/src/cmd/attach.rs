@@ -22,7 +22,14 @@ pub(super) fn attach(
     let mut pinned = Pinned::open(pin, Access::Change)?;
     let iface = Iface::resolve(iface, &NetNs::from_arg(netns)?)?;
     let directions = directions.unwrap_or_else(|| pinned.meta.directions());
-    attach::attach_all(&mut pinned, &[iface], directions, mode)
+    attach::attach_all(
+        &mut pinned,
+        &[iface],
+        directions,
+        mode,
+        |step| println!("{step}"),
+        &mut |note| eprintln!("portwatch: {note}"),
+    )
 }
 
 pub(super) fn detach(pin: &PinPath, iface: &str, netns: Option<&str>) -> Result<()> {
@@ -60,7 +67,7 @@ pub(super) fn detach(pin: &PinPath, iface: &str, netns: Option<&str>) -> Result<
         .into());
     }
     for (key, record) in matching {
-        attach::detach_one(&mut pinned, key, &record)?;
+        attach::detach_one(&mut pinned, key, &record, &mut |note| eprintln!("portwatch: {note}"))?;
         println!("detached from {iface} {}{in_netns}", key.direction().name());
     }
     Ok(())

@@ -75,7 +75,15 @@ fn add_to_loaded(mut pinned: Pinned, args: &LoadArgs, ifaces: &[Iface]) -> Resul
 fn attach_and_watch(pinned: &mut Pinned, ifaces: &[Iface], directions: Directions, args: &LoadArgs) -> Result<()> {
     let ports = PortChange::new(pinned, |table| ports::add(table, &args.ports))?;
     ports.write(pinned)?;
-    if let Err(e) = attach::attach_all(pinned, ifaces, directions, args.mode) {
+    let attached = attach::attach_all(
+        pinned,
+        ifaces,
+        directions,
+        args.mode,
+        |step| println!("{step}"),
+        &mut |note| eprintln!("portwatch: {note}"),
+    );
+    if let Err(e) = attached {
         ports.undo(pinned);
         return Err(e);
     }

@@ -96,7 +96,7 @@ impl Policy {
             ensure_bpffs(pin)?;
         }
         if self.recover_first {
-            if let Err(e) = lifecycle::recover_interrupted(pin) {
+            if let Err(e) = lifecycle::recover_interrupted(pin, &mut |note| eprintln!("portwatch: {note}")) {
                 eprintln!("portwatch: warning: {e:#}");
             }
         }

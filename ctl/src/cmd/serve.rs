@@ -54,7 +54,7 @@ fn answer(request: Request, pin: &PinPath, options: &Options) -> std::io::Result
     match request.url().split('?').next().unwrap_or("") {
         "/metrics" => {
             // What a crash interrupted (a reset) is finished first, so that the totals are whole.
-            if let Err(e) = lifecycle::recover_interrupted(pin) {
+            if let Err(e) = lifecycle::recover_interrupted(pin, &mut |note| eprintln!("portwatch: {note}")) {
                 eprintln!("portwatch: warning: {e:#}");
             }
             match Pinned::probe(pin, Access::Snapshot).and_then(|mut p| metrics::render(p.as_mut(), options)) {

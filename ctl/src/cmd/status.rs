@@ -5,18 +5,13 @@
 use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Result;
-use aya::programs::links::{FdLink, PinnedLink};
-use portwatch_common::{
-    AttachKey, Attachment, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, ATTACH_MODE_TC,
-    ATTACH_MODE_TCX, LAYOUT_VERSION,
-};
+use portwatch_common::{AttachMode, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, LAYOUT_VERSION};
 use serde::{Serialize, Serializer};
 
 use crate::{
-    attach,
+    attach::{self, Live, Observed},
     error::Error,
     journal, lifecycle, maps,
-    netns::NetNs,
     output::{self, human_bytes},
     pinned::{Access, PinPath, Pinned},
     ports::{self, PortSpec},
@@ -74,7 +69,9 @@ struct AttachmentStatus {
     /// Its name now, or the name recorded at attach time if it has vanished.
     interface: String,
     link_id: Option<u32>,
-    mode: &'static str,
+    /// `tcx`, `tc`, or `pending`.
+    #[serde(serialize_with = "mode_as_str")]
+    mode: AttachMode,
     /// The network namespace as it was given (`--netns`); `None`: the one portwatch ran in.
     netns: Option<String>,
     /// An `attach` was interrupted between recording it and making it: the next command that
@@ -117,6 +114,10 @@ fn direction_name<S: Serializer>(direction: &Direction, serializer: S) -> Result
     serializer.serialize_str(direction.name())
 }
 
+fn mode_as_str<S: Serializer>(mode: &AttachMode, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(mode.name())
+}
+
 /// The packets of each `NotCounted` reason: a JSON object keyed by the reasons' names.
 struct NotCountedFigures(Stats);
 
@@ -127,6 +128,36 @@ impl Serialize for NotCountedFigures {
             .map(|r| (r.name(), self.0.not_counted(*r)))
             .collect();
         by_name.serialize(serializer)
+    }
+}
+
+impl From<Observed> for AttachmentStatus {
+    fn from(seen: Observed) -> AttachmentStatus {
+        let Observed {
+            key,
+            record,
+            mode,
+            live,
+            current_name,
+        } = seen;
+        let netns = attach::recorded_netns(&record);
+        let tc = mode == AttachMode::Tc;
+        AttachmentStatus {
+            attached: live != Live::Gone,
+            direction: key.direction(),
+            ifindex: key.ifindex,
+            present: current_name.is_some(),
+            interface: current_name.unwrap_or_else(|| attach::recorded_name(&record)),
+            link_id: match live {
+                Live::Link { id } => Some(id),
+                Live::Filter { .. } | Live::Gone => None,
+            },
+            mode,
+            netns: (!netns.is_empty()).then_some(netns),
+            pending: record.flags & ATTACH_FLAG_PENDING != 0,
+            tc_handle: tc.then(|| format!("{:x}", record.handle)),
+            tc_priority: tc.then_some(record.priority),
+        }
     }
 }
 
@@ -193,38 +224,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
             tag: format!("{:016x}", info.tag()),
         });
     }
-    let mut attachments = vec![];
-    let records: Vec<(AttachKey, Attachment)> = pinned.attachments()?.iter().collect::<Result<_, _>>()?;
-    for (key, record) in records {
-        let current = attach::current_name(&key, &record);
-        let netns = attach::recorded_netns(&record);
-        let link_id = if record.mode == ATTACH_MODE_TCX {
-            PinnedLink::from_pin(pin.link(key.netns, key.ifindex, key.direction()))
-                .ok()
-                .and_then(|l| FdLink::from(l).info().ok().map(|i| i.id()))
-        } else {
-            None
-        };
-        let tc = record.mode == ATTACH_MODE_TC;
-        let attached = match record.mode {
-            ATTACH_MODE_TCX => link_id.is_some(),
-            ATTACH_MODE_TC => tc_filter_present(pinned, &key, &record),
-            _ => false,
-        };
-        attachments.push(AttachmentStatus {
-            attached,
-            direction: key.direction(),
-            ifindex: key.ifindex,
-            interface: current.clone().unwrap_or_else(|| attach::recorded_name(&record)),
-            link_id,
-            mode: attach::mode_name(record.mode),
-            netns: (!netns.is_empty()).then_some(netns),
-            pending: record.flags & ATTACH_FLAG_PENDING != 0,
-            present: current.is_some(),
-            tc_handle: tc.then(|| format!("{:x}", record.handle)),
-            tc_priority: tc.then_some(record.priority),
-        });
-    }
+    let mut attachments: Vec<AttachmentStatus> = attach::observe_all(pinned)?.into_iter().map(Into::into).collect();
     attachments.sort_by(|a, b| (&a.netns, &a.interface, a.direction).cmp(&(&b.netns, &b.interface, b.direction)));
 
     let watched_ports = ports::fold(&maps::port_table(pinned.watched_ports()?)?);
@@ -260,22 +260,6 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
     })
 }
 
-/// Whether the recorded tc filter is on its interface, running this portwatch's program.
-fn tc_filter_present(pinned: &mut Pinned, key: &AttachKey, record: &Attachment) -> bool {
-    let Ok(id) = pinned.program(key.direction()).and_then(|p| Ok(p.info()?.id())) else {
-        return false;
-    };
-    let Some(netns) = NetNs::of_attachment(key.netns, &attach::recorded_netns(record)) else {
-        return false;
-    };
-    let egress = key.direction() == Direction::Egress;
-    netns
-        .enter(|| crate::sys::netlink::bpf_filters(key.ifindex, egress))
-        .ok()
-        .and_then(|r| r.ok())
-        .is_some_and(|filters| filters.contains(&(record.priority, record.handle, id)))
-}
-
 fn print_human(status: &Status) {
     println!(
         "portwatch loaded at {} (layout {}, direction {})",
@@ -292,20 +276,20 @@ fn print_human(status: &Status) {
     for a in &status.attachments {
         let what = match (a.link_id, a.mode) {
             (Some(id), _) => format!("link {id}"),
-            (None, "tc") => format!(
+            (None, AttachMode::Tc) => format!(
                 "prio {} handle {}",
                 a.tc_priority.unwrap_or_default(),
                 a.tc_handle.as_deref().unwrap_or_default()
             ),
-            (None, "tcx") => "link missing".into(),
-            (None, _) => String::new(),
+            (None, AttachMode::Tcx) => "link missing".into(),
+            (None, AttachMode::Pending) => String::new(),
         };
         let netns = a.netns.as_ref().map_or(String::new(), |ns| format!("  netns {ns}"));
         let vanished = match (a.present, &a.netns) {
             _ if a.pending => "  (an attach was interrupted: the next command that takes the lock resolves it)".into(),
             (true, _) if !a.attached => format!(
                 "  ({} missing: `portwatch detach {}{}` removes the record)",
-                if a.mode == "tc" { "filter" } else { "link" },
+                if a.mode == AttachMode::Tc { "filter" } else { "link" },
                 a.interface,
                 a.netns.as_ref().map_or(String::new(), |ns| format!(" --netns {ns}"))
             ),
@@ -320,7 +304,7 @@ fn print_human(status: &Status) {
             "attached {:<16} {:<8} {:<4} {what}{netns}{vanished}",
             a.interface,
             a.direction.name(),
-            a.mode
+            a.mode.name()
         );
     }
     let ports: Vec<String> = status.watched_ports.iter().map(|p| p.to_string()).collect();

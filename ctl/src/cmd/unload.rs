@@ -51,7 +51,7 @@ pub(super) fn run(pin: &PinPath, drain_to: Option<&Path>, force: bool) -> Result
         detached.iter().for_each(|(key, record)| say(key, record));
         println!("drained every counter into {}", log.display());
     }
-    lifecycle::detach_all(&mut pinned, say)?;
+    lifecycle::detach_all(&mut pinned, say, &mut |note| eprintln!("portwatch: {note}"))?;
     // Whatever is left under the pin path is ours: stale link pins, programs, maps.
     lifecycle::remove(pinned)?.remove_dir()?;
     println!("unloaded: removed every pin under {}", pin.root.display());
