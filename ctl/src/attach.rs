@@ -2,9 +2,10 @@
 //! the process) or classic clsact/cls_bpf filters (recorded in the `attachments` map, since they
 //! cannot be pinned). Every attachment, either kind, is recorded there.
 
-use std::{fmt, io};
+use std::{fmt, io, os::fd::AsFd};
 
 use anyhow::{Context, Result};
+use aya::maps::IterableMap;
 use aya::programs::{
     links::{FdLink, PinnedLink},
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -226,9 +227,9 @@ pub(crate) fn resolve(
             false
         }
     };
-    let records = pinned.attachments()?;
     if found {
-        records
+        pinned
+            .attachments()?
             .insert(key, done, 0)
             .context("completing an attachment record")?;
         say(Note::Completed {
@@ -237,10 +238,7 @@ pub(crate) fn resolve(
         });
         Ok(Some(done))
     } else {
-        match records.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).context("removing an attachment record"),
-        }
+        remove_record(pinned, key)?;
         say(Note::Removed {
             interface: display_name(&key, &record),
             direction: key.direction(),
@@ -353,10 +351,14 @@ pub(crate) fn detach_one(
     };
     detach(&pinned.pin, key, &record, say)?;
     fault::point("detach:detached").context("detaching")?;
-    match pinned.attachments()?.remove(&key) {
-        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(e) => Err(e).context("removing the attachment record"),
-    }
+    remove_record(pinned, key)
+}
+
+/// Removes the record of `key`; one already gone is not an error.
+fn remove_record(pinned: &mut Pinned, key: AttachKey) -> Result<()> {
+    let records = pinned.attachments()?;
+    crate::sys::bpf::remove_if_present(records.map().fd().as_fd(), &key).context("removing an attachment record")?;
+    Ok(())
 }
 
 /// Attaches the pinned programs to every interface of `ifaces` in `directions` (skipping what is
