@@ -123,13 +123,19 @@ impl Pw {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_of(&portwatch_bin(), args)
+    }
+
+    /// `command`, run by another portwatch binary (a build of another commit, for benchmarks side
+    /// by side on the same pinned state).
+    pub fn command_of(&self, bin: &Path, args: &[&str]) -> Command {
         let mut cmd = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg(portwatch_bin());
+                c.arg(format!("--net=/run/netns/{ns}")).arg(bin);
                 c
             }
-            None => Command::new(portwatch_bin()),
+            None => Command::new(bin),
         };
         cmd.arg("--pin-path").arg(&self.pin).args(args);
         cmd
