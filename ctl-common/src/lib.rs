@@ -6,7 +6,7 @@
 
 /// Bumped whenever a pinned map's name, type, key, value or meaning changes. A `ctl` that finds
 /// pinned state of another version refuses to touch it.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Map names, as they appear in the object file and as the pin file names under the pin path.
 pub mod map_names {
@@ -20,10 +20,37 @@ pub mod map_names {
     pub const FRONT_0: &str = "front_0";
     /// `PERCPU_ARRAY[FRONT_SLOTS]` of `FrontSlot`: generation 1's front cache.
     pub const FRONT_1: &str = "front_1";
-    /// `PERCPU_ARRAY[2]` of `u32`, indexed by generation: 1 once an insert into that generation's
-    /// counter map failed for lack of room (the program never deletes, so it stays full until
-    /// userspace removes entries, and userspace then clears the hint). While set, new keys go
-    /// straight to the overflow key.
+    /// `PERCPU_HASH` `CounterKey -> Counters` (the address masked to its /24 or /48):
+    /// generation 0's prefix tier, where a remote that finds the per-IP map full is counted.
+    pub const TIER1_0: &str = "tier1_0";
+    pub const TIER1_1: &str = "tier1_1";
+    /// `PERCPU_HASH` `CounterKey -> Counters` (the address masked to its /16 or /32): the wide
+    /// prefix tier, for a remote that finds the prefix tier full too.
+    pub const TIER2_0: &str = "tier2_0";
+    pub const TIER2_1: &str = "tier2_1";
+    /// `PERCPU_ARRAY[2 * FRONT_SLOTS]` of `FrontSlot`: the two prefix tiers' front caches (tier 1's
+    /// slots first), as `front_<g>` is the per-IP map's.
+    pub const TIER_FRONT_0: &str = "tier_front_0";
+    pub const TIER_FRONT_1: &str = "tier_front_1";
+    /// `PERCPU_HASH` (not preallocated) `PortKey -> Counters`: the per-port overflow, for a remote
+    /// that finds both prefix tiers full.
+    pub const PORT_OVERFLOW_0: &str = "port_overflow_0";
+    pub const PORT_OVERFLOW_1: &str = "port_overflow_1";
+    /// `PERCPU_ARRAY[PORT_SLOTS]` of `PortSlot`: per port, protocol and direction, what went to the
+    /// per-port overflow on this CPU, and the distinct-source registers of everything counted past
+    /// the per-IP map.
+    pub const PORT_SLOTS_0: &str = "port_slots_0";
+    pub const PORT_SLOTS_1: &str = "port_slots_1";
+    /// `ARRAY` (`BPF_F_MMAPABLE`, `TierSizes::filter_words` entries) of `u64`, eight one-byte
+    /// marks each: which keys may be in the generation's per-IP map and prefix tiers
+    /// (`filter_index`), so that a key that cannot be there skips the hash lookup once a map is
+    /// full.
+    pub const FILTER_0: &str = "filter_0";
+    pub const FILTER_1: &str = "filter_1";
+    /// `PERCPU_ARRAY[8]` of `u32`, indexed by `full_hint_index(generation, tier)`: 1 once an insert
+    /// into that generation's map of that tier failed for lack of room (the program never deletes,
+    /// so it stays full until userspace removes entries, and userspace then clears the hint). While
+    /// set, new keys go straight to the next tier.
     pub const MAP_FULL: &str = "map_full";
     /// `ARRAY[1]` of `Config`: what the program reads on every packet.
     pub const CONFIG: &str = "config";
@@ -54,12 +81,24 @@ pub mod map_names {
     pub const JOURNAL_ENTRIES: &str = "journal_entries";
 
     /// The maps of the object (the barrier is created by `load`).
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 25] = [
         WATCHED_PORTS,
         COUNTERS_0,
         COUNTERS_1,
         FRONT_0,
         FRONT_1,
+        TIER1_0,
+        TIER1_1,
+        TIER2_0,
+        TIER2_1,
+        TIER_FRONT_0,
+        TIER_FRONT_1,
+        PORT_OVERFLOW_0,
+        PORT_OVERFLOW_1,
+        PORT_SLOTS_0,
+        PORT_SLOTS_1,
+        FILTER_0,
+        FILTER_1,
         MAP_FULL,
         CONFIG,
         STATS,
@@ -92,6 +131,140 @@ pub const fn front_map(generation: u32) -> &'static str {
         map_names::FRONT_0
     } else {
         map_names::FRONT_1
+    }
+}
+
+/// The names of every map a generation counts into: the one place that pairs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenerationMaps {
+    pub counters: &'static str,
+    pub front: &'static str,
+    pub tier1: &'static str,
+    pub tier2: &'static str,
+    pub tier_front: &'static str,
+    pub port_overflow: &'static str,
+    pub port_slots: &'static str,
+    pub filter: &'static str,
+}
+
+/// The maps of generation `generation` (only its bit 0 counts).
+pub const fn generation_maps(generation: u32) -> GenerationMaps {
+    use map_names::*;
+    if generation_index(generation) == 0 {
+        GenerationMaps {
+            counters: COUNTERS_0,
+            front: FRONT_0,
+            tier1: TIER1_0,
+            tier2: TIER2_0,
+            tier_front: TIER_FRONT_0,
+            port_overflow: PORT_OVERFLOW_0,
+            port_slots: PORT_SLOTS_0,
+            filter: FILTER_0,
+        }
+    } else {
+        GenerationMaps {
+            counters: COUNTERS_1,
+            front: FRONT_1,
+            tier1: TIER1_1,
+            tier2: TIER2_1,
+            tier_front: TIER_FRONT_1,
+            port_overflow: PORT_OVERFLOW_1,
+            port_slots: PORT_SLOTS_1,
+            filter: FILTER_1,
+        }
+    }
+}
+
+/// Where a remote's traffic is counted: by address while the per-IP map has room, then by
+/// ever wider prefix, then by port alone. Stored as one byte (`as u8`) in `JournalKey::tier`, and
+/// the index of a tier's "map full" hint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Tier {
+    /// The per-IP map (`counters_<g>`): one remote address.
+    Ip = 0,
+    /// `tier1_<g>`: the remote's /24 (IPv4) or /48 (IPv6).
+    Prefix = 1,
+    /// `tier2_<g>`: the remote's /16 (IPv4) or /32 (IPv6).
+    WidePrefix = 2,
+    /// `port_overflow_<g>` and the port slots: the port, protocol and direction alone.
+    Port = 3,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 4] = [Tier::Ip, Tier::Prefix, Tier::WidePrefix, Tier::Port];
+
+    pub const fn from_u8(byte: u8) -> Option<Tier> {
+        Some(match byte {
+            0 => Tier::Ip,
+            1 => Tier::Prefix,
+            2 => Tier::WidePrefix,
+            3 => Tier::Port,
+            _ => return None,
+        })
+    }
+
+    /// As the outputs name it (`tier` in JSON, the metrics' `tier` label).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Tier::Ip => "ip",
+            Tier::Prefix => "prefix",
+            Tier::WidePrefix => "wide-prefix",
+            Tier::Port => "port",
+        }
+    }
+
+    /// The prefix length a tier keeps of an IPv4 address (0: none).
+    pub const fn prefix4(self) -> u8 {
+        match self {
+            Tier::Ip => 32,
+            Tier::Prefix => 24,
+            Tier::WidePrefix => 16,
+            Tier::Port => 0,
+        }
+    }
+
+    /// The prefix length a tier keeps of an IPv6 address (0: none).
+    pub const fn prefix6(self) -> u8 {
+        match self {
+            Tier::Ip => 128,
+            Tier::Prefix => 48,
+            Tier::WidePrefix => 32,
+            Tier::Port => 0,
+        }
+    }
+}
+
+/// Whether a `CounterKey::remote_ip` is an IPv4-mapped address (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub const fn is_ipv4_mapped(remote_ip: &[u32; 4]) -> bool {
+    remote_ip[0] == 0 && remote_ip[1] == 0 && remote_ip[2] == IPV4_MAPPED_WORD
+}
+
+/// A word of address bytes in network order with only its first `bytes` bytes kept.
+const fn keep_bytes(bytes: usize) -> u32 {
+    let mut kept = [0u8; 4];
+    let mut i = 0;
+    while i < bytes {
+        kept[i] = 0xff;
+        i += 1;
+    }
+    u32::from_ne_bytes(kept)
+}
+
+/// `remote_ip` masked to the prefix `tier` keeps (`Tier::prefix4` of an IPv4-mapped address,
+/// `Tier::prefix6` of an IPv6 one; every prefix length is a whole number of bytes). `Tier::Ip`
+/// keeps the address, `Tier::Port` none of it.
+#[inline(always)]
+pub const fn mask_remote(remote_ip: [u32; 4], tier: Tier) -> [u32; 4] {
+    let [a, b, c, d] = remote_ip;
+    match tier {
+        Tier::Ip => remote_ip,
+        Tier::Port => [0; 4],
+        Tier::Prefix if is_ipv4_mapped(&remote_ip) => [a, b, c, d & keep_bytes(3)],
+        Tier::WidePrefix if is_ipv4_mapped(&remote_ip) => [a, b, c, d & keep_bytes(2)],
+        Tier::Prefix => [a, b & keep_bytes(2), 0, 0],
+        Tier::WidePrefix => [a, 0, 0, 0],
     }
 }
 
@@ -340,6 +513,17 @@ pub struct FrontSlot {
     pub packets: u64,
 }
 
+/// The front-cache slot of a prefix tier's key: `front_index` within the tier's half of
+/// `tier_front_<g>` (tier 1's first).
+#[inline(always)]
+pub const fn tier_slot(tier: Tier, key: &CounterKey) -> u32 {
+    let base = if matches!(tier, Tier::WidePrefix) { FRONT_SLOTS } else { 0 };
+    base + front_index(key)
+}
+
+/// Entries of `tier_front_<g>`.
+pub const TIER_FRONT_ENTRIES: u32 = 2 * FRONT_SLOTS;
+
 /// The slot a key may own in a front cache: a multiplicative hash of its words, `FRONT_BITS` bits.
 #[inline(always)]
 pub const fn front_index(key: &CounterKey) -> u32 {
@@ -354,11 +538,15 @@ pub const fn front_index(key: &CounterKey) -> u32 {
 }
 
 /// What the program reads on every packet. Bytes 0..4 `generation` (only bit 0 is used: which
-/// `counters_N` map is written), 4..8 reserved (zero).
+/// generation's maps are written), 4..8 `filter_mask` (the filters' entries minus one: a power of
+/// two minus one), 8..12 `seed` (random, set by `load`: the filter and distinct-source hashes
+/// depend on it, so that a sender cannot choose addresses that collide), 12..16 reserved (zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
     pub generation: u32,
+    pub filter_mask: u32,
+    pub seed: u32,
     pub _reserved: u32,
 }
 
@@ -366,6 +554,126 @@ impl Config {
     /// The generation the program writes: 0 or 1 (see `counters_map`).
     pub const fn active_generation(&self) -> u32 {
         generation_index(self.generation) as u32
+    }
+}
+
+/// The byte of a generation's filter that says whether `key` may be in the map of `tier` (a
+/// multiplicative hash of its words, the tier and `seed`; the caller keeps the bits of
+/// `Config::filter_mask`). The program sets it before it inserts the key, and never clears it;
+/// userspace zeroes a filter and sets the bytes of the keys left when it removes entries (idle
+/// generations only). A byte that is set for a key the map does not have costs one hash lookup.
+#[inline(always)]
+pub const fn filter_index(key: &CounterKey, tier: Tier, seed: u32) -> u32 {
+    let mut h = seed ^ (tier as u32).wrapping_mul(0x27d4_eb2f);
+    h = (h ^ key.remote_ip[0]).wrapping_mul(0x9e37_79b1);
+    h = (h ^ key.remote_ip[1]).rotate_left(13).wrapping_mul(0x85eb_ca6b);
+    h = (h ^ key.remote_ip[2]).rotate_left(13).wrapping_mul(0xc2b2_ae35);
+    h = (h ^ key.remote_ip[3]).rotate_left(13).wrapping_mul(0x9e37_79b1);
+    h ^= (key.port as u32) << 16 | (key.proto as u32) << 8 | key.direction as u32;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^ (h >> 15)
+}
+
+/// The element of `map_full` that holds the hint of `tier`'s map in `generation`.
+#[inline(always)]
+pub const fn full_hint_index(generation: u32, tier: Tier) -> u32 {
+    (generation & 1) * 4 + tier as u32
+}
+
+/// Registers of a distinct-source sketch (HyperLogLog): 2^HLL_BITS one-byte registers.
+pub const HLL_BITS: u32 = 12;
+pub const HLL_REGISTERS: usize = 1 << HLL_BITS;
+
+// TEMPORARY stand-ins for the shared distinct-source hash (replaced by branch issue-19-hll).
+#[inline(always)]
+pub fn source_hash(remote_ip: &[u32; 4], seed: u32) -> u32 {
+    let mut h = seed;
+    let mut i = 0;
+    while i < 4 {
+        h = (h ^ remote_ip[i]).wrapping_mul(0x9e37_79b1);
+        h ^= h >> 15;
+        i += 1;
+    }
+    h
+}
+
+#[inline(always)]
+pub fn hll_register(hash: u32) -> (u32, u8) {
+    let index = hash >> (32 - HLL_BITS);
+    let mut rest = hash << HLL_BITS >> HLL_BITS;
+    let mut rank = 1u8;
+    if rest == 0 {
+        return (index, (33 - HLL_BITS) as u8);
+    }
+    if rest & 0xffff == 0 {
+        rank += 16;
+        rest >>= 16;
+    }
+    if rest & 0xff == 0 {
+        rank += 8;
+        rest >>= 8;
+    }
+    if rest & 0xf == 0 {
+        rank += 4;
+        rest >>= 4;
+    }
+    if rest & 0x3 == 0 {
+        rank += 2;
+        rest >>= 2;
+    }
+    if rest & 0x1 == 0 {
+        rank += 1;
+    }
+    (index, rank)
+}
+
+/// Entries of `map_full`: two generations of four tiers (the per-port overflow has no hint).
+pub const FULL_HINTS: u32 = 8;
+
+/// Entries of the per-port overflow (`port_overflow_<g>`): every port, protocol and direction
+/// (not preallocated: it takes memory for the ports that overflowed only).
+pub const PORT_OVERFLOW_ENTRIES: u32 = PORT_COUNT * 4;
+
+/// Port slots per CPU (`port_slots_<g>`), a power of two. A port, protocol and direction takes
+/// the first free of its two slots (`port_slot_index`) the first time its traffic passes the
+/// per-IP map on a CPU, and keeps it until a reset clears it.
+pub const PORT_SLOT_BITS: u32 = 6;
+pub const PORT_SLOTS: u32 = 1 << PORT_SLOT_BITS;
+
+/// One of the two port slots a port, protocol and direction may take (`choice` 0 or 1).
+#[inline(always)]
+pub const fn port_slot_index(key: &PortKey, choice: u32) -> u32 {
+    let x = (key.port as u32) << 16 | (key.proto as u32) << 8 | key.direction as u32;
+    let multiplier = if choice == 0 { 0x9e37_79b1 } else { 0x85eb_ca6b };
+    x.wrapping_mul(multiplier) >> (32 - PORT_SLOT_BITS)
+}
+
+/// A port slot (`port_slots_<g>`, per CPU): owned by a port, protocol and direction on this CPU,
+/// with what the per-port overflow counted here for it, and the distinct-source registers of
+/// every remote counted past the per-IP map for it on this CPU (`hll_register`; readers merge the
+/// CPUs' registers by maximum).
+///
+/// Bytes 0..4 `owned` (1 once claimed), 4..8 `key` (a `PortKey`), 8..16 `bytes`, 16..24
+/// `packets`, 24..24+HLL_REGISTERS `registers`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortSlot {
+    pub owned: u32,
+    pub key: PortKey,
+    pub bytes: u64,
+    pub packets: u64,
+    pub registers: [u8; HLL_REGISTERS],
+}
+
+impl Default for PortSlot {
+    fn default() -> PortSlot {
+        PortSlot {
+            owned: 0,
+            key: PortKey::new(0, 0, Direction::Ingress),
+            bytes: 0,
+            packets: 0,
+            registers: [0; HLL_REGISTERS],
+        }
     }
 }
 
@@ -506,20 +814,75 @@ const STATS_FIELDS: usize = 12;
 
 /// Pinned metadata, written once by `load`. Bytes 0..4 `layout_version`, 4..8 `max_entries` (the
 /// user's figure, without `RESERVED_ENTRIES`), 8 `directions` (a `Directions`: bit 0 ingress, bit 1
-/// egress), 9..16 reserved (zero).
+/// egress), 9..12 reserved (zero), 12..16 `prefix_entries` and 16..20 `wide_prefix_entries` (the
+/// prefix tiers' sizes), 20..24 reserved (zero).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Meta {
     pub layout_version: u32,
     pub max_entries: u32,
     pub directions: u8,
-    pub _reserved: [u8; 7],
+    pub _reserved: [u8; 3],
+    pub prefix_entries: u32,
+    pub wide_prefix_entries: u32,
+    pub _reserved2: u32,
 }
 
 impl Meta {
     /// The directions `load` was given.
     pub const fn directions(&self) -> Directions {
         Directions::from_bits(self.directions)
+    }
+
+    /// The sizes of the tiers `load` was given.
+    pub const fn sizes(&self) -> TierSizes {
+        TierSizes {
+            ip: self.max_entries,
+            prefix: self.prefix_entries,
+            wide_prefix: self.wide_prefix_entries,
+        }
+    }
+}
+
+/// How many keys each tier of a counter generation holds (the per-IP map's overflow keys come on
+/// top of `ip`; the per-port overflow holds every port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierSizes {
+    pub ip: u32,
+    pub prefix: u32,
+    pub wide_prefix: u32,
+}
+
+impl TierSizes {
+    /// The prefix tiers' sizes when `load` is given only `--max-entries`: a quarter and a
+    /// sixteenth of it, at least 1,024 and 256.
+    pub const fn derived(ip: u32) -> TierSizes {
+        let prefix = ip / 4;
+        let wide_prefix = ip / 16;
+        TierSizes {
+            ip,
+            prefix: if prefix < 1024 { 1024 } else { prefix },
+            wide_prefix: if wide_prefix < 256 { 256 } else { wide_prefix },
+        }
+    }
+
+    /// The bytes of each filter (`filter_<g>`): 16 per key the per-IP map and the prefix tiers can
+    /// hold, rounded up to a power of two (a filter a sixteenth full sends one new key in sixteen to
+    /// a hash lookup), at most 2^30.
+    pub const fn filter_bytes(&self) -> u32 {
+        let keys = self.ip as u64 + RESERVED_ENTRIES as u64 + self.prefix as u64 + self.wide_prefix as u64;
+        let bytes = (keys * 16).next_power_of_two();
+        if bytes > 1 << 30 {
+            1 << 30
+        } else {
+            bytes as u32
+        }
+    }
+
+    /// The entries of each filter: `u64` elements of eight filter bytes (an array map stores every
+    /// element in 8 bytes, whatever its value's size).
+    pub const fn filter_words(&self) -> u32 {
+        self.filter_bytes() / 8
     }
 }
 
@@ -807,21 +1170,25 @@ pub enum JournalKind {
 }
 
 /// Key of the `journal_entries` map (24 bytes): 0..20 a `CounterKey`, 20 `kind` (a
-/// `JournalKind`), 21..24 reserved.
+/// `JournalKind`), 21 `tier` (a `Tier`: which map of the generation the key is of; for a
+/// per-port key its `PortKey` is in the `CounterKey`'s `port`, `proto` and `direction`, address
+/// zero), 22..24 reserved.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct JournalKey {
     pub key: CounterKey,
     pub kind: u8,
-    pub _reserved: [u8; 3],
+    pub tier: u8,
+    pub _reserved: [u8; 2],
 }
 
 impl JournalKey {
-    pub const fn new(kind: JournalKind, key: CounterKey) -> JournalKey {
+    pub const fn new(kind: JournalKind, tier: Tier, key: CounterKey) -> JournalKey {
         JournalKey {
             key,
             kind: kind as u8,
-            _reserved: [0; 3],
+            tier: tier as u8,
+            _reserved: [0; 2],
         }
     }
 }
@@ -840,6 +1207,7 @@ mod pod {
     unsafe impl aya::Pod for super::Attachment {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::FrontSlot {}
+    unsafe impl aya::Pod for super::PortSlot {}
 }
 
 // Layouts are a contract with pinned state and with other tools: fail the build if one moves.
@@ -847,13 +1215,15 @@ const _: () = {
     assert!(core::mem::size_of::<CounterKey>() == 20);
     assert!(core::mem::align_of::<CounterKey>() == 4);
     assert!(core::mem::size_of::<Counters>() == 16);
-    assert!(core::mem::size_of::<Config>() == 8);
+    assert!(core::mem::size_of::<Config>() == 16);
     assert!(core::mem::size_of::<Stats>() == STATS_FIELDS * 8);
-    assert!(core::mem::size_of::<Meta>() == 16);
+    assert!(core::mem::size_of::<Meta>() == 24);
     assert!(core::mem::size_of::<AttachKey>() == 16);
     assert!(core::mem::size_of::<Attachment>() == 88);
     assert!(core::mem::size_of::<PortKey>() == 4);
     assert!(core::mem::size_of::<FrontSlot>() == 40);
+    assert!(core::mem::size_of::<PortSlot>() == 24 + HLL_REGISTERS);
+    assert!((24 + HLL_REGISTERS) % 8 == 0);
     assert!(core::mem::size_of::<Journal>() == 5192);
     assert!(core::mem::size_of::<JournalKey>() == 24);
 };

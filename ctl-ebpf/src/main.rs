@@ -5,24 +5,29 @@
 //! `parse` turns headers into a `Flow`; this file turns a `Flow` into map updates.
 #![no_std]
 #![no_main]
+// `opaque`'s empty asm block (the build sets RUSTC_BOOTSTRAP, as aya-ebpf needs it too).
+#![feature(asm_experimental_arch)]
 
 mod parse;
 mod runtime;
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_UNSPEC},
     macros::{classifier, map},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use parse::Flow;
 use portwatch_common::{
-    front_index, overflow_slot, proto_bit, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot,
-    Journal, JournalKey, Meta, PortKey, Stats, DEFAULT_MAX_ENTRIES, DRAINED_ENTRIES, FRONT_ENTRIES, MAX_ATTACHMENTS,
-    PORT_COUNT, RESERVED_ENTRIES,
+    filter_index, front_index, full_hint_index, hll_register, mask_remote, overflow_slot, port_slot_index, proto_bit,
+    source_hash, tier_slot, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Journal,
+    JournalKey, Meta, PortKey, PortSlot, Stats, Tier, TierSizes, DEFAULT_MAX_ENTRIES, DRAINED_ENTRIES, FRONT_ENTRIES,
+    FULL_HINTS, HLL_REGISTERS, MAX_ATTACHMENTS, PORT_COUNT, PORT_OVERFLOW_ENTRIES, PORT_SLOTS, RESERVED_ENTRIES,
+    TIER_FRONT_ENTRIES,
 };
 
-/// The object's size; `portwatch load --max-entries` sets the real one at load time.
+/// The object's sizes; `portwatch load` sets the real ones at load time.
+const DEFAULT_SIZES: TierSizes = TierSizes::derived(DEFAULT_MAX_ENTRIES);
 const COUNTER_ENTRIES: u32 = DEFAULT_MAX_ENTRIES + RESERVED_ENTRIES;
 const EEXIST: i32 = 17;
 const E2BIG: i32 = 7;
@@ -42,9 +47,51 @@ static FRONT_0: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_ENT
 #[map(name = "front_1")]
 static FRONT_1: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_ENTRIES, 0);
 
-/// Per generation, per CPU: 1 once an insert found the counter map full (see `map_names::MAP_FULL`).
+#[map(name = "tier1_0")]
+static TIER1_0: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_entries(DEFAULT_SIZES.prefix, 0);
+
+#[map(name = "tier1_1")]
+static TIER1_1: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_entries(DEFAULT_SIZES.prefix, 0);
+
+#[map(name = "tier2_0")]
+static TIER2_0: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_entries(DEFAULT_SIZES.wide_prefix, 0);
+
+#[map(name = "tier2_1")]
+static TIER2_1: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_entries(DEFAULT_SIZES.wide_prefix, 0);
+
+#[map(name = "tier_front_0")]
+static TIER_FRONT_0: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(TIER_FRONT_ENTRIES, 0);
+
+#[map(name = "tier_front_1")]
+static TIER_FRONT_1: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(TIER_FRONT_ENTRIES, 0);
+
+/// Not preallocated: memory for the ports that overflowed only.
+#[map(name = "port_overflow_0")]
+static PORT_OVERFLOW_0: PerCpuHashMap<PortKey, Counters> =
+    PerCpuHashMap::with_max_entries(PORT_OVERFLOW_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "port_overflow_1")]
+static PORT_OVERFLOW_1: PerCpuHashMap<PortKey, Counters> =
+    PerCpuHashMap::with_max_entries(PORT_OVERFLOW_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "port_slots_0")]
+static PORT_SLOTS_0: PerCpuArray<PortSlot> = PerCpuArray::with_max_entries(PORT_SLOTS, 0);
+
+#[map(name = "port_slots_1")]
+static PORT_SLOTS_1: PerCpuArray<PortSlot> = PerCpuArray::with_max_entries(PORT_SLOTS, 0);
+
+/// Eight filter bytes per element (an array's elements take 8 bytes each whatever their size).
+/// Mmapable: userspace zeroes and refills an idle generation's filter in place.
+#[map(name = "filter_0")]
+static FILTER_0: Array<u64> = Array::with_max_entries(DEFAULT_SIZES.filter_words(), BPF_F_MMAPABLE);
+
+#[map(name = "filter_1")]
+static FILTER_1: Array<u64> = Array::with_max_entries(DEFAULT_SIZES.filter_words(), BPF_F_MMAPABLE);
+
+/// Per generation and tier, per CPU: 1 once an insert found that map full (see
+/// `map_names::MAP_FULL`).
 #[map(name = "map_full")]
-static MAP_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(2, 0);
+static MAP_FULL: PerCpuArray<u32> = PerCpuArray::with_max_entries(FULL_HINTS, 0);
 
 #[map(name = "config")]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -119,60 +166,132 @@ fn count<const DIRECTION: u8>(flow: &Flow, stats: &mut Stats) {
         proto: flow.proto,
         direction: DIRECTION,
     };
-    let generation = CONFIG.get(0).map(Config::active_generation).unwrap_or(0);
-    // Two call sites, one map each: the verifier can then inline each map's lookup.
-    let counted = if generation == 0 {
-        count_key::<DIRECTION>(&FRONT_0, &COUNTERS_0, &key, flow, generation)
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+    // Two call sites, one generation's maps each: the verifier can then inline each map's lookup.
+    let counted = if config.active_generation() == 0 {
+        let maps = Generation {
+            index: 0,
+            counters: &COUNTERS_0,
+            front: &FRONT_0,
+            tier1: &TIER1_0,
+            tier2: &TIER2_0,
+            tier_front: &TIER_FRONT_0,
+            port_overflow: &PORT_OVERFLOW_0,
+            port_slots: &PORT_SLOTS_0,
+            filter: &FILTER_0,
+        };
+        count_key::<DIRECTION>(&maps, &key, flow, &config)
     } else {
-        count_key::<DIRECTION>(&FRONT_1, &COUNTERS_1, &key, flow, generation)
+        let maps = Generation {
+            index: 1,
+            counters: &COUNTERS_1,
+            front: &FRONT_1,
+            tier1: &TIER1_1,
+            tier2: &TIER2_1,
+            tier_front: &TIER_FRONT_1,
+            port_overflow: &PORT_OVERFLOW_1,
+            port_slots: &PORT_SLOTS_1,
+            filter: &FILTER_1,
+        };
+        count_key::<DIRECTION>(&maps, &key, flow, &config)
     };
     match counted {
         Counted::UnderKey => {}
-        Counted::MapFull { overflow_missing } => {
+        Counted::PastPerIp { counted } => {
             stats.map_full_packets += flow.packets;
             stats.map_full_bytes += flow.bytes;
-            if overflow_missing {
+            if !counted {
                 stats.overflow_missing_packets += flow.packets;
             }
         }
     }
 }
 
-/// Where `count_key` counted a flow.
-enum Counted {
-    /// Under its own key.
-    UnderKey,
-    /// The map had no room for a new key; the traffic went to the overflow key unless it was
-    /// missing too.
-    MapFull { overflow_missing: bool },
+/// The maps of the generation the program writes.
+struct Generation<'a> {
+    index: u32,
+    counters: &'a PerCpuHashMap<CounterKey, Counters>,
+    front: &'a PerCpuArray<FrontSlot>,
+    tier1: &'a PerCpuHashMap<CounterKey, Counters>,
+    tier2: &'a PerCpuHashMap<CounterKey, Counters>,
+    tier_front: &'a PerCpuArray<FrontSlot>,
+    port_overflow: &'a PerCpuHashMap<PortKey, Counters>,
+    port_slots: &'a PerCpuArray<PortSlot>,
+    filter: &'a Array<u64>,
 }
 
-/// Counts `flow` under `key`: in its front-cache slot (see `FrontSlot`), else in the generation's
-/// counter map, else (the map full) under the overflow key of this direction, itself through its
-/// own slot.
+/// Where `count_key` counted a flow.
+enum Counted {
+    /// Under its own key, in the per-IP map.
+    UnderKey,
+    /// Past the per-IP map, which was full: under its prefix, its wide prefix, its port, or (the
+    /// per-port overflow out of memory, never in normal operation) the overflow key; `counted` is
+    /// false when even that was missing.
+    PastPerIp { counted: bool },
+}
+
+/// Counts `flow` in the first tier with room for it (see `Tier`): under `key` in the per-IP map
+/// (through its front-cache slot); else, the per-IP map full, under its /24 or /48, then its /16
+/// or /32 (each through its own slot and filter), then its port alone (its port slot, else the
+/// per-port overflow map), else the overflow key. A key that exists in a tier keeps counting
+/// there. Everything past the per-IP map also goes into its port's distinct-source registers.
 #[inline(always)]
-fn count_key<const DIRECTION: u8>(
-    front: &PerCpuArray<FrontSlot>,
-    counters: &PerCpuHashMap<CounterKey, Counters>,
-    key: &CounterKey,
-    flow: &Flow,
-    generation: u32,
-) -> Counted {
-    if count_in_slot(front, front_index(key), key, flow, || {
-        count_in_hash(counters, key, flow, generation)
+fn count_key<const DIRECTION: u8>(g: &Generation, key: &CounterKey, flow: &Flow, config: &Config) -> Counted {
+    if count_in_slot(g.front, front_index(key), key, flow, || {
+        count_in_hash(g, Tier::Ip, g.counters, key, flow, config)
     }) {
         return Counted::UnderKey;
     }
-    // Userspace inserts the overflow keys before the program runs and keeps them, so the sum of
-    // all counters still equals all matched traffic. Their slots are their own (`overflow_slot`).
+    let port = PortKey::of(key);
+    let mut slot = port_slot(g.port_slots, &port);
+    if let Some(slot) = slot.as_deref_mut() {
+        let (index, rank) = hll_register(source_hash(&key.remote_ip, config.seed));
+        let register = &mut slot.registers[index as usize % HLL_REGISTERS];
+        if *register < rank {
+            *register = rank;
+        }
+    }
+    if count_in_prefix_tier(g, Tier::Prefix, g.tier1, key, flow, config)
+        || count_in_prefix_tier(g, Tier::WidePrefix, g.tier2, key, flow, config)
+    {
+        return Counted::PastPerIp { counted: true };
+    }
+    if let Some(slot) = slot {
+        slot.bytes += flow.bytes;
+        slot.packets += flow.packets;
+        return Counted::PastPerIp { counted: true };
+    }
+    if count_in_port_overflow(g.port_overflow, &port, flow) {
+        return Counted::PastPerIp { counted: true };
+    }
+    // Userspace inserts the overflow keys before the program runs and keeps them. Their slots are
+    // their own (`overflow_slot`).
     let direction = Direction::from_u8(DIRECTION);
     let overflow = CounterKey::overflow(direction);
-    let counted = count_in_slot(front, overflow_slot(direction), &overflow, flow, || {
-        add_to_entry(counters, &overflow, flow)
+    let counted = count_in_slot(g.front, overflow_slot(direction), &overflow, flow, || {
+        add_to_entry(g.counters, &overflow, flow)
     });
-    Counted::MapFull {
-        overflow_missing: !counted,
-    }
+    Counted::PastPerIp { counted }
+}
+
+/// Counts `flow` under `key`'s prefix in the prefix tier `tier` (whose map is `map`), through the
+/// tier's front-cache slot of that prefix; false when the tier has no room for it.
+#[inline(always)]
+fn count_in_prefix_tier(
+    g: &Generation,
+    tier: Tier,
+    map: &PerCpuHashMap<CounterKey, Counters>,
+    key: &CounterKey,
+    flow: &Flow,
+    config: &Config,
+) -> bool {
+    let prefix = CounterKey {
+        remote_ip: mask_remote(key.remote_ip, tier),
+        ..*key
+    };
+    count_in_slot(g.tier_front, tier_slot(tier, &prefix), &prefix, flow, || {
+        count_in_hash(g, tier, map, &prefix, flow, config)
+    })
 }
 
 /// Counts `flow` in slot `index` when `key` owns that slot on this CPU. Any other key is counted
@@ -212,37 +331,57 @@ fn count_in_slot(
     counted
 }
 
-/// Counts `flow` under `key` in the counter map, inserting the key when new; false when the map
-/// has no room for it.
+/// Counts `flow` under `key` in `map`, the generation's map of `tier`, inserting the key when new;
+/// false when the map has no room for it. Once the map is known full, a key its filter byte says
+/// was never inserted is refused without a lookup.
 #[inline(always)]
 fn count_in_hash(
-    counters: &PerCpuHashMap<CounterKey, Counters>,
+    g: &Generation,
+    tier: Tier,
+    map: &PerCpuHashMap<CounterKey, Counters>,
     key: &CounterKey,
     flow: &Flow,
-    generation: u32,
+    config: &Config,
 ) -> bool {
-    if add_to_entry(counters, key, flow) {
-        return true;
-    }
-    // The hint is looked up only here, for a key the map does not have: not on a known key's path.
-    let full = MAP_FULL.get_ptr_mut(generation & 1);
+    // The hint and the filter are looked at only here, for a key without a front slot: not on a
+    // known key's path.
+    let full = MAP_FULL.get_ptr_mut(full_hint_index(g.index, tier));
     // SAFETY: this CPU's value of a per-CPU array (as for `FrontSlot`).
     let known_full = full.is_some_and(|f| unsafe { *f } != 0);
+    let byte = filter_index(key, tier, config.seed) & config.filter_mask;
+    let mark = match g.filter.get_ptr_mut(byte >> 3) {
+        // SAFETY: a byte of the 8-byte element `byte / 8` (`byte % 8` < 8).
+        Some(word) => Some(unsafe { opaque(word.cast::<u8>()).add((byte & 7) as usize) }),
+        None => None,
+    };
+    // SAFETY: a byte of an array map; every CPU only ever stores 1 into it (a lost race stores the
+    // same value), and userspace rewrites it only in an idle generation.
+    if known_full && mark.is_some_and(|m| unsafe { *m } == 0) {
+        return false;
+    }
+    if add_to_entry(map, key, flow) {
+        return true;
+    }
     // The program never deletes: once an insert found the map full, it stays full until userspace
-    // removes entries, and userspace clears the hint when it does. Meanwhile a new key goes straight
-    // to the overflow key instead of paying for an insert that cannot succeed.
+    // removes entries, and userspace clears the hint when it does. Meanwhile a new key goes
+    // straight to the next tier instead of paying for an insert that cannot succeed.
     if known_full {
         return false;
+    }
+    // Marked before the insert: a key in the map is always marked.
+    if let Some(m) = mark {
+        // SAFETY: as above.
+        unsafe { *m = 1 };
     }
     let value = Counters {
         bytes: flow.bytes,
         packets: flow.packets,
     };
-    match counters.insert(key, &value, BPF_NOEXIST as u64) {
+    match map.insert(key, &value, BPF_NOEXIST as u64) {
         Ok(()) => true,
         // Another CPU inserted the same new key between our lookup and insert: its slot for this
         // CPU is zero, so add there instead of losing the packet.
-        Err(e) if e == -EEXIST => add_to_entry(counters, key, flow),
+        Err(e) if e == -EEXIST => add_to_entry(map, key, flow),
         Err(e) => {
             if e == -E2BIG {
                 if let Some(f) = full {
@@ -255,10 +394,21 @@ fn count_in_hash(
     }
 }
 
+/// `ptr`, which the optimizer can no longer relate to what it was computed from, so that it cannot
+/// move arithmetic on it above the null check that made it valid: the verifier refuses pointer
+/// arithmetic on a map value it has not seen checked.
+#[inline(always)]
+fn opaque<T>(mut ptr: *mut T) -> *mut T {
+    // SAFETY: one move of the register onto itself (an empty block would leave the BTF line
+    // information two lines at one instruction, which the kernel refuses).
+    unsafe { core::arch::asm!("{0} = {0}", inout(reg) ptr) };
+    ptr
+}
+
 /// Adds `flow` in place to this CPU's value of `key`'s entry; false when the map has no entry for
 /// `key`. Per-CPU values mean no other CPU writes it, so plain adds lose nothing.
 #[inline(always)]
-fn add_to_entry(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey, flow: &Flow) -> bool {
+fn add_to_entry<K>(counters: &PerCpuHashMap<K, Counters>, key: &K, flow: &Flow) -> bool {
     match counters.get_ptr_mut(key) {
         Some(value) => {
             // SAFETY: a live per-CPU element; userspace never deletes from the generation the
@@ -270,5 +420,50 @@ fn add_to_entry(counters: &PerCpuHashMap<CounterKey, Counters>, key: &CounterKey
             true
         }
         None => false,
+    }
+}
+
+/// The port slot of `port` on this CPU: the one of its two it owns, or the first of them that is
+/// free, claimed now (the key first, then `owned`); `None` when other ports own both.
+#[inline(always)]
+fn port_slot<'a>(slots: &'a PerCpuArray<PortSlot>, port: &PortKey) -> Option<&'a mut PortSlot> {
+    let mut free: Option<*mut PortSlot> = None;
+    for choice in [0, 1] {
+        let Some(slot) = slots.get_ptr_mut(port_slot_index(port, choice)) else {
+            continue;
+        };
+        // SAFETY: this CPU's slot of a per-CPU array, as in `count_in_slot`.
+        let owned = unsafe { &*slot };
+        if owned.owned == 0 {
+            free = free.or(Some(slot));
+        } else if owned.key.port == port.port && owned.key.proto == port.proto && owned.key.direction == port.direction {
+            // SAFETY: as above.
+            return Some(unsafe { &mut *slot });
+        }
+    }
+    let slot = free?;
+    // SAFETY: as above; plain stores into this CPU's slot, the key before `owned`.
+    unsafe {
+        core::ptr::write_volatile(&mut (*slot).key, *port);
+        core::ptr::write_volatile(&mut (*slot).owned, 1);
+        Some(&mut *slot)
+    }
+}
+
+/// Counts `flow` under `port` in the per-port overflow map, inserting it when new; false when the
+/// kernel has no memory for it.
+#[inline(always)]
+fn count_in_port_overflow(map: &PerCpuHashMap<PortKey, Counters>, port: &PortKey, flow: &Flow) -> bool {
+    if add_to_entry(map, port, flow) {
+        return true;
+    }
+    let value = Counters {
+        bytes: flow.bytes,
+        packets: flow.packets,
+    };
+    match map.insert(port, &value, BPF_NOEXIST as u64) {
+        Ok(()) => true,
+        Err(e) if e == -EEXIST => add_to_entry(map, port, flow),
+        Err(_) => false,
     }
 }

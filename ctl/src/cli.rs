@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use portwatch_common::{Direction, Directions, DEFAULT_MAX_ENTRIES, MAX_ENTRIES_LIMIT};
+use portwatch_common::{Direction, Directions, TierSizes, DEFAULT_MAX_ENTRIES, MAX_ENTRIES_LIMIT};
 
 use crate::{
     attach::Mode,
@@ -176,10 +176,18 @@ pub struct LoadArgs {
     #[arg(long, value_enum)]
     pub direction: Option<DirectionArg>,
     #[arg(long, value_name = "N", value_parser = parse_max_entries, help = format!(
-        "Remote-IP keys the counter map holds; past it, new remote IPs go to an overflow entry \
-         [default: {DEFAULT_MAX_ENTRIES}]"
+        "Remote-IP keys the per-IP map holds; past it, new remote IPs are counted under their \
+         prefix (README, \"Under a flood\") [default: {DEFAULT_MAX_ENTRIES}]"
     ))]
     pub max_entries: Option<u32>,
+    /// Keys of the prefix tier (a remote's /24 or /48, once the per-IP map is full)
+    /// [default: a quarter of --max-entries, at least 1024]
+    #[arg(long, value_name = "N", value_parser = parse_max_entries)]
+    pub prefix_entries: Option<u32>,
+    /// Keys of the wide prefix tier (a remote's /16 or /32, once the prefix tier is full too)
+    /// [default: a sixteenth of --max-entries, at least 256]
+    #[arg(long, value_name = "N", value_parser = parse_max_entries)]
+    pub wide_prefix_entries: Option<u32>,
     /// How to attach: TCX links, falling back to clsact when refused (auto), or force one
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
@@ -498,10 +506,23 @@ fn parse_interval(s: &str) -> Result<f64, String> {
     }
 }
 
+impl LoadArgs {
+    /// The tier sizes asked for: `--max-entries` (or its default), the prefix tiers derived from it
+    /// unless given.
+    pub(crate) fn sizes(&self) -> TierSizes {
+        let derived = TierSizes::derived(self.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES));
+        TierSizes {
+            prefix: self.prefix_entries.unwrap_or(derived.prefix),
+            wide_prefix: self.wide_prefix_entries.unwrap_or(derived.wide_prefix),
+            ..derived
+        }
+    }
+}
+
 fn parse_max_entries(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
     match n {
-        0 => Err("--max-entries must be at least 1".into()),
+        0 => Err("a number of entries must be at least 1".into()),
         n if n > MAX_ENTRIES_LIMIT => Err(format!(
             "{n} is more than the {MAX_ENTRIES_LIMIT} entries portwatch allows"
         )),

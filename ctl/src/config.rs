@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use portwatch_common::{Direction, Directions, DEFAULT_MAX_ENTRIES, MAX_ENTRIES_LIMIT, PROTO_ALL};
+use portwatch_common::{Direction, Directions, TierSizes, DEFAULT_MAX_ENTRIES, MAX_ENTRIES_LIMIT, PROTO_ALL};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::{
@@ -32,9 +32,16 @@ pub(crate) struct FileConfig {
     /// Where the programs, links and maps are pinned (on bpffs); none: `--pin-path`, or its default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin_path: Option<PathBuf>,
-    /// Remote-IP keys each counter map holds.
+    /// Remote-IP keys each per-IP map holds.
     #[serde(default = "default_max_entries", deserialize_with = "max_entries")]
     pub max_entries: u32,
+    /// Keys of the prefix tier (a remote's /24 or /48 past the per-IP map); none: derived from
+    /// `max_entries`.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_entries")]
+    pub prefix_entries: Option<u32>,
+    /// Keys of the wide prefix tier (a remote's /16 or /32); none: derived from `max_entries`.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_entries")]
+    pub wide_prefix_entries: Option<u32>,
     /// The directions of the program set, and of every interface that does not say.
     #[serde(
         default = "both",
@@ -92,6 +99,10 @@ fn max_entries<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         }
     }
     d.deserialize_u64(Visitor)
+}
+
+fn some_entries<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    max_entries(d).map(Some)
 }
 
 /// `ingress`, `egress` or `both`, as `--direction` takes them; as a derived enum, so that
@@ -175,7 +186,7 @@ impl Serialize for Spec {
 /// namespace.
 pub(crate) struct Desired {
     pub pin: PinPath,
-    pub max_entries: u32,
+    pub sizes: TierSizes,
     pub directions: Directions,
     /// One flags byte per port, as the `watched_ports` map holds them.
     pub port_table: Vec<u8>,
@@ -273,9 +284,14 @@ impl FileConfig {
                 });
             }
         }
+        let derived = TierSizes::derived(self.max_entries);
         Ok(Desired {
             pin,
-            max_entries: self.max_entries,
+            sizes: TierSizes {
+                prefix: self.prefix_entries.unwrap_or(derived.prefix),
+                wide_prefix: self.wide_prefix_entries.unwrap_or(derived.wide_prefix),
+                ..derived
+            },
             directions: self.direction,
             port_table,
             attachments,
@@ -323,9 +339,14 @@ impl FileConfig {
                 },
             })
             .collect();
+        let sizes = pinned.meta.sizes();
+        let derived = TierSizes::derived(sizes.ip);
         Ok(FileConfig {
             pin_path: Some(pinned.pin.root.clone()),
-            max_entries: pinned.meta.max_entries,
+            max_entries: sizes.ip,
+            // Written only when they are not what `max_entries` makes them.
+            prefix_entries: (sizes.prefix != derived.prefix).then_some(sizes.prefix),
+            wide_prefix_entries: (sizes.wide_prefix != derived.wide_prefix).then_some(sizes.wide_prefix),
             direction: directions,
             ports: ports::fold(&table).into_iter().map(Spec).collect(),
             interfaces,

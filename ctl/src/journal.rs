@@ -7,7 +7,7 @@ use std::{os::fd::AsFd, path::PathBuf};
 use anyhow::{Context, Result};
 use aya::maps::IterableMap;
 use portwatch_common::{
-    CounterKey, Counters, Direction, Journal, JournalKey, JournalKind, JournalState, PortKey, JOURNAL_FILTER_LEN,
+    CounterKey, Counters, Direction, Journal, JournalKey, JournalKind, JournalState, PortKey, Tier, JOURNAL_FILTER_LEN,
     JOURNAL_OUTPUT_FILE, JOURNAL_PATH_LEN,
 };
 
@@ -100,12 +100,13 @@ trait Entry: Copy {
     fn decode(key: &JournalKey) -> Self;
 }
 
+/// A count's key with the tier whose map it is in (the overflow key is the per-IP map's).
 impl Entry for Key {
     fn encode(&self, kind: JournalKind) -> JournalKey {
-        JournalKey::new(kind, self.counter_key())
+        JournalKey::new(kind, self.tier().unwrap_or(Tier::Ip), self.counter_key())
     }
     fn decode(key: &JournalKey) -> Key {
-        Key::from(key.key)
+        Key::of_tier(Tier::from_u8(key.tier).unwrap_or(Tier::Ip), key.key)
     }
 }
 
@@ -118,7 +119,7 @@ impl Entry for PortKey {
             proto: self.proto,
             direction: self.direction,
         };
-        JournalKey::new(kind, key)
+        JournalKey::new(kind, Tier::Ip, key)
     }
     fn decode(key: &JournalKey) -> PortKey {
         PortKey::of(&key.key)

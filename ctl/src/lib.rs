@@ -4,6 +4,7 @@
 //! The modules the test crate and the benchmarks use are public; the rest is the binary's.
 
 pub(crate) mod attach;
+pub mod cidr;
 pub(crate) mod cli;
 pub(crate) mod cmd;
 pub(crate) mod config;
@@ -24,6 +25,7 @@ pub(crate) mod reconcile;
 pub(crate) mod record;
 pub(crate) mod report;
 pub(crate) mod reset;
+pub mod sources;
 pub mod sys;
 
 use std::process::ExitCode;

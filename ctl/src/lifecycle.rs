@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use aya::maps::Array;
 use portwatch_common::{
-    map_names, AttachKey, Attachment, Config, Direction, Directions, Meta, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
+    map_names, AttachKey, Attachment, Config, Direction, Directions, Meta, TierSizes, ATTACH_FLAG_PENDING,
+    LAYOUT_VERSION,
 };
 
 use crate::{
@@ -62,10 +63,10 @@ impl Created {
     }
 }
 
-/// Creates the maps (`max_entries` remote-IP keys in each counter generation) and programs and pins
+/// Creates the maps (`sizes` keys in each tier of each counter generation) and programs and pins
 /// them under `fresh`'s pin path, then opens them under the lock `fresh` holds. A failure removes
 /// what this created.
-pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> Result<Created> {
+pub(crate) fn create(fresh: Fresh, sizes: TierSizes, directions: Directions) -> Result<Created> {
     let pin: PinPath = fresh.pin.clone();
     let mut undo = Undo {
         files: vec![],
@@ -77,7 +78,7 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
         armed: true,
     };
     remove_debris(&pin)?;
-    let mut ebpf = crate::object::load_programs(max_entries)?;
+    let mut ebpf = crate::object::load_programs(sizes)?;
 
     undo.dir(pin.maps_dir())?;
     // `meta` is pinned last, once everything else is: its pin is what says "loaded", so a load
@@ -96,7 +97,13 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
     crate::sys::bpf::create_barrier(&barrier).with_context(|| format!("creating {}", barrier.display()))?;
     undo.files.push(barrier);
 
-    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, Config::default(), 0)?;
+    let config = Config {
+        generation: 0,
+        filter_mask: sizes.filter_bytes() - 1,
+        seed: crate::sys::random_u64().map_or(0x5eed_5eed, |r| r as u32),
+        _reserved: 0,
+    };
+    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, config, 0)?;
     for mut generation in pinned::open_generations(&pin)? {
         generation.ensure_overflow_keys()?;
     }
@@ -112,9 +119,12 @@ pub(crate) fn create(fresh: Fresh, max_entries: u32, directions: Directions) -> 
     undo.dir(pin.links_dir())?;
     let meta = Meta {
         layout_version: LAYOUT_VERSION,
-        max_entries,
+        max_entries: sizes.ip,
         directions: directions.bits(),
-        _reserved: [0; 7],
+        _reserved: [0; 3],
+        prefix_entries: sizes.prefix,
+        wide_prefix_entries: sizes.wide_prefix,
+        _reserved2: 0,
     };
     Array::<_, Meta>::try_from(ebpf.map_mut(map_names::META).unwrap())?.set(0, meta, 0)?;
     fault::point("load:before-meta").context("loading")?;

@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result};
 use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
-use portwatch_common::{map_names, Direction, DRAINED_ENTRIES, RESERVED_ENTRIES};
+use portwatch_common::{
+    generation_maps, map_names, Direction, TierSizes, DRAINED_ENTRIES, PORT_OVERFLOW_ENTRIES, RESERVED_ENTRIES,
+};
 
 /// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
 /// `portwatch_common::map_names`).
@@ -22,26 +24,37 @@ pub const BENCH_UPDATE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_upda
 #[doc(hidden)]
 pub const LINEAR_PROBE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/linear_probe.bpf.o");
 
-/// Loads the object with room for `max_entries` remote-IP keys in each counter generation (the
-/// reserved overflow keys come on top). Programs are not yet loaded into the kernel.
-pub fn load(max_entries: u32) -> Result<Ebpf, aya::EbpfError> {
-    let size = max_entries.saturating_add(RESERVED_ENTRIES);
-    EbpfLoader::new()
-        .map_max_entries(map_names::COUNTERS_0, size)
-        .map_max_entries(map_names::COUNTERS_1, size)
-        // A reset journals the idle generation's entries, then what stays of each, and the drained
-        // totals of every port.
+/// Loads the object with room for `sizes` keys in each tier of each counter generation (the
+/// per-IP map's reserved overflow keys come on top). Programs are not yet loaded into the kernel.
+pub fn load(sizes: TierSizes) -> Result<Ebpf, aya::EbpfError> {
+    let ip = sizes.ip.saturating_add(RESERVED_ENTRIES);
+    let mut loader = EbpfLoader::new();
+    for generation in [0, 1] {
+        let maps = generation_maps(generation);
+        loader
+            .map_max_entries(maps.counters, ip)
+            .map_max_entries(maps.tier1, sizes.prefix)
+            .map_max_entries(maps.tier2, sizes.wide_prefix)
+            .map_max_entries(maps.filter, sizes.filter_words());
+    }
+    // A reset journals the idle generation's entries (every tier), then what stays of each, and
+    // the drained totals of every port.
+    let generation = ip
+        .saturating_add(sizes.prefix)
+        .saturating_add(sizes.wide_prefix)
+        .saturating_add(PORT_OVERFLOW_ENTRIES);
+    loader
         .map_max_entries(
             map_names::JOURNAL_ENTRIES,
-            size.saturating_mul(2).saturating_add(DRAINED_ENTRIES),
+            generation.saturating_mul(2).saturating_add(DRAINED_ENTRIES),
         )
         .load(OBJECT)
 }
 
 /// `load`, then both programs loaded into the kernel through its verifier: what `load` pins, what
 /// `check` asks of the kernel, what the tests run.
-pub fn load_programs(max_entries: u32) -> Result<Ebpf> {
-    let mut ebpf = load(max_entries).context("creating portwatch's maps")?;
+pub fn load_programs(sizes: TierSizes) -> Result<Ebpf> {
+    let mut ebpf = load(sizes).context("creating portwatch's maps")?;
     for direction in Direction::ALL {
         program(&mut ebpf, direction)?
             .load()

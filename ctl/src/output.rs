@@ -4,12 +4,14 @@
 
 use std::{fmt::Write as _, io, net::Ipv6Addr};
 
-use portwatch_common::{Counters, IPPROTO_TCP};
+use portwatch_common::{Counters, Tier, IPPROTO_TCP};
 use serde::{Serialize, Serializer};
 
 use crate::{
+    cidr::Cidr,
     generation::Key,
     report::{By, Group, Report, Row, View},
+    sources,
 };
 
 /// `1.5 MiB` style, binary units; exact figures are printed beside it where it matters.
@@ -144,6 +146,10 @@ pub(crate) fn columns(by: By, rates: bool) -> Vec<Column> {
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Cell {
     Text(String),
+    /// The remote of a row counted past the per-IP map (`Group::tier`), where an address or the
+    /// view's prefix would be: a prefix tier's prefix, or (`None`) any remote (the per-port
+    /// overflow).
+    PastPerIp(Option<Cidr>),
     Port(u16),
     Bytes(u64),
     Packets(u64),
@@ -161,16 +167,31 @@ fn cell(row: &Row, column: Column) -> Cell {
     let text = |s: String| Cell::Text(s);
     match (column, &row.group) {
         (Column::Ip, Group::Ip(ip) | Group::IpPort { ip, .. }) => text(format_ip(ip)),
+        (Column::Ip, Group::Prefix(cidr) | Group::PrefixPort { cidr, .. }) => Cell::PastPerIp(Some(*cidr)),
+        (Column::Ip | Column::Cidr, Group::AnyRemotePort { .. }) => Cell::PastPerIp(None),
         (Column::Cidr, Group::Cidr(cidr) | Group::CidrPort { cidr, .. }) => text(cidr.to_string()),
-        (Column::Port, Group::IpPort { port, .. } | Group::Port(port) | Group::CidrPort { port, .. }) => {
-            Cell::Port(*port)
-        }
-        (Column::Proto, Group::IpPort { proto, .. } | Group::CidrPort { proto, .. }) => {
-            text(proto_name(*proto).to_string())
-        }
-        (Column::Direction, Group::IpPort { direction, .. } | Group::CidrPort { direction, .. }) => {
-            text(direction.name().to_string())
-        }
+        (
+            Column::Port,
+            Group::IpPort { port, .. }
+            | Group::Port(port)
+            | Group::CidrPort { port, .. }
+            | Group::PrefixPort { port, .. }
+            | Group::AnyRemotePort { port, .. },
+        ) => Cell::Port(*port),
+        (
+            Column::Proto,
+            Group::IpPort { proto, .. }
+            | Group::CidrPort { proto, .. }
+            | Group::PrefixPort { proto, .. }
+            | Group::AnyRemotePort { proto, .. },
+        ) => text(proto_name(*proto).to_string()),
+        (
+            Column::Direction,
+            Group::IpPort { direction, .. }
+            | Group::CidrPort { direction, .. }
+            | Group::PrefixPort { direction, .. }
+            | Group::AnyRemotePort { direction, .. },
+        ) => text(direction.name().to_string()),
         (Column::Bytes, _) => Cell::Bytes(row.counters.bytes),
         (Column::Packets, _) => Cell::Packets(row.counters.packets),
         (Column::BytesPerSec, _) => Cell::ByteRate(row.rate.map(|r| r.bytes)),
@@ -186,6 +207,8 @@ impl Cell {
         let bytes = |b: u64| if exact { b.to_string() } else { human_bytes(b) };
         match self {
             Cell::Text(s) => s.clone(),
+            Cell::PastPerIp(Some(cidr)) => format!("{cidr} {MARK}"),
+            Cell::PastPerIp(None) => format!("{MARK} (any)"),
             Cell::Port(p) => p.to_string(),
             Cell::Bytes(b) => bytes(*b),
             Cell::Packets(p) => p.to_string(),
@@ -200,6 +223,8 @@ impl Cell {
     fn csv(&self) -> String {
         match self {
             Cell::Text(s) => s.clone(),
+            Cell::PastPerIp(Some(cidr)) => cidr.to_string(),
+            Cell::PastPerIp(None) => MARK.to_string(),
             Cell::Port(p) => p.to_string(),
             Cell::Bytes(n) | Cell::Packets(n) => n.to_string(),
             Cell::ByteRate(Some(r)) | Cell::PacketRate(Some(r)) => format!("{r:.1}"),
@@ -213,6 +238,7 @@ impl Serialize for Cell {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
             Cell::Text(s) => serializer.serialize_str(s),
+            Cell::PastPerIp(cidr) => cidr.map(|c| c.to_string()).serialize(serializer),
             Cell::Port(p) => serializer.serialize_u16(*p),
             Cell::Bytes(n) | Cell::Packets(n) => serializer.serialize_u64(*n),
             Cell::ByteRate(r) | Cell::PacketRate(r) => r.serialize(serializer),
@@ -232,6 +258,66 @@ impl From<Counters> for Figures {
         Figures {
             bytes: c.bytes,
             packets: c.packets,
+        }
+    }
+}
+
+/// The marker of a row counted past the per-IP map, in a table.
+const MARK: &str = "*";
+
+/// `by_tier` in a JSON report: what was counted per address, per prefix, per wide prefix and per
+/// port alone.
+#[derive(Serialize)]
+struct ByTier {
+    ip: Figures,
+    prefix: Figures,
+    #[serde(rename = "wide-prefix")]
+    wide_prefix: Figures,
+    port: Figures,
+}
+
+impl From<&Report> for ByTier {
+    fn from(report: &Report) -> ByTier {
+        let of = |tier| Figures::from(report.by_tier.of(tier));
+        ByTier {
+            ip: of(Tier::Ip),
+            prefix: of(Tier::Prefix),
+            wide_prefix: of(Tier::WidePrefix),
+            port: of(Tier::Port),
+        }
+    }
+}
+
+/// `sources` in a JSON report: per port, protocol and direction, the distinct remote addresses
+/// counted past the per-IP map, estimated, with the estimate's standard error.
+#[derive(Serialize)]
+struct SourceEstimates {
+    standard_error: f64,
+    ports: Vec<SourceEstimate>,
+}
+
+#[derive(Serialize)]
+struct SourceEstimate {
+    port: u16,
+    proto: &'static str,
+    direction: &'static str,
+    estimate: u64,
+}
+
+impl From<&Report> for SourceEstimates {
+    fn from(report: &Report) -> SourceEstimates {
+        SourceEstimates {
+            standard_error: sources::STANDARD_ERROR,
+            ports: report
+                .sources
+                .iter()
+                .map(|(port, estimate)| SourceEstimate {
+                    port: port.port,
+                    proto: proto_name(port.proto),
+                    direction: port.direction().name(),
+                    estimate: *estimate,
+                })
+                .collect(),
         }
     }
 }
@@ -268,15 +354,29 @@ pub(crate) fn write_json(report: &Report, envelope: &Envelope, w: &mut (impl io:
             if j > 0 {
                 w.write_all(b",")?;
             }
-            write!(w, "\"{}\":", column.key())?;
-            json(w, &cell)?;
+            match (&cell, row.group.tier()) {
+                // A row counted past the per-IP map says its tier, and names its prefix `cidr`
+                // (no `ip`), or no remote at all (the per-port overflow).
+                (Cell::PastPerIp(Some(cidr)), Some(tier)) => write!(w, "\"cidr\":\"{cidr}\",\"tier\":\"{}\"", tier.name())?,
+                (Cell::PastPerIp(_), tier) => write!(w, "\"tier\":\"{}\"", tier.unwrap_or(Tier::Port).name())?,
+                _ => {
+                    write!(w, "\"{}\":", column.key())?;
+                    json(w, &cell)?;
+                }
+            }
         }
         w.write_all(b"}")?;
     }
     w.write_all(b"],\"totals\":")?;
     json(w, &Figures::from(report.totals))?;
+    w.write_all(b",\"by_tier\":")?;
+    json(w, &ByTier::from(report))?;
     w.write_all(b",\"overflow\":")?;
     json(w, &Figures::from(report.overflow))?;
+    if !report.sources.is_empty() {
+        w.write_all(b",\"sources\":")?;
+        json(w, &SourceEstimates::from(report))?;
+    }
     if let Some(secs) = report.interval {
         w.write_all(b",\"interval_secs\":")?;
         json(w, &secs)?;
@@ -375,9 +475,16 @@ pub(crate) fn table(report: &Report, exact: bool) -> String {
     if report.rows.is_empty() {
         let _ = writeln!(out, "(no traffic counted)");
     }
+    if report.rows.iter().any(|r| r.group.tier().is_some()) {
+        let _ = writeln!(out, "{}", FOOTNOTE);
+    }
     let _ = writeln!(out, "{}", summary(report));
     out
 }
+
+/// Under a table with marked rows.
+pub(crate) const FOOTNOTE: &str = "* counted past the per-IP map, which was full: under its prefix (a /24 or /48, or a \
+     /16 or /32 once those were full too), or, as (any), under its port alone";
 
 /// The line under a table (and over the live screen): totals with exact bytes, how many rows,
 /// and the overflow traffic.
@@ -389,15 +496,41 @@ pub(crate) fn summary(report: &Report) -> String {
     } else {
         format!("{} rows", report.total_rows)
     };
-    format!(
-        "total: {} ({} bytes), {} packets; {shown}; overflow (map full): {} ({} bytes), {} packets",
+    let figure = |c: Counters| format!("{} ({} bytes)", human_bytes(c.bytes), c.bytes);
+    let mut line = format!(
+        "total: {} ({} bytes), {} packets; {shown}",
         human_bytes(report.totals.bytes),
         report.totals.bytes,
         report.totals.packets,
-        human_bytes(report.overflow.bytes),
-        report.overflow.bytes,
-        report.overflow.packets
-    )
+    );
+    let past = report.by_tier.past_per_ip();
+    if past != Counters::default() {
+        let tiers = &report.by_tier;
+        let _ = write!(
+            line,
+            "; per IP {}, per prefix {}, per port only {}",
+            figure(tiers.of(Tier::Ip)),
+            figure(tiers.of(Tier::Prefix) + tiers.of(Tier::WidePrefix)),
+            figure(tiers.of(Tier::Port))
+        );
+        let sources: u64 = report.sources.iter().map(|(_, n)| n).sum();
+        if !report.sources.is_empty() {
+            let _ = write!(
+                line,
+                "; about {sources} distinct sources past the per-IP map (standard error {:.1}%)",
+                sources::STANDARD_ERROR * 100.0
+            );
+        }
+    }
+    if report.overflow != Counters::default() {
+        let _ = write!(
+            line,
+            "; unattributed (no tier had room): {}, {} packets",
+            figure(report.overflow),
+            report.overflow.packets
+        );
+    }
+    line
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use portwatch_common::{AttachKey, Attachment, Directions, LAYOUT_VERSION, PORT_COUNT};
+use portwatch_common::{AttachKey, Attachment, LAYOUT_VERSION, PORT_COUNT};
 
 use crate::{
     attach::{self, Iface, Mode},
@@ -29,8 +29,8 @@ use crate::{
 pub(crate) struct Options {
     /// Print the plan, change nothing.
     pub dry_run: bool,
-    /// A change of `max_entries` or `direction` unloads and loads again, after draining every
-    /// counter into `drain_to`.
+    /// A change of `max_entries` (or a tier's size) or `direction` unloads and loads again, after
+    /// draining every counter into `drain_to`.
     pub reload: bool,
     pub drain_to: Option<PathBuf>,
 }
@@ -39,8 +39,8 @@ pub(crate) struct Options {
 struct Plan {
     /// Nothing is loaded, or a reload: a first load with the file's settings.
     load: bool,
-    /// Loaded with other settings: (max_entries, directions) now.
-    reload_from: Option<(u32, Directions)>,
+    /// Loaded with other settings: what differs, as `differences` says it.
+    reload_from: Option<Vec<Difference>>,
     detach: Vec<(AttachKey, Attachment)>,
     ports_before: Vec<u8>,
     ports_after: Vec<u8>,
@@ -50,14 +50,11 @@ struct Plan {
 impl Plan {
     fn lines(&self, desired: &Desired, drain_to: Option<&Path>) -> Vec<String> {
         let mut lines = vec![];
-        if let Some((max, dirs)) = self.reload_from {
-            let mut what = vec![];
-            if max != desired.max_entries {
-                what.push(format!("max_entries {max} -> {}", desired.max_entries));
-            }
-            if dirs != desired.directions {
-                what.push(format!("direction {} -> {}", dirs.name(), desired.directions.name()));
-            }
+        if let Some(differences) = &self.reload_from {
+            let what: Vec<String> = differences
+                .iter()
+                .map(|d| format!("{} {} -> {}", d.setting, d.loaded, d.wanted))
+                .collect();
             lines.push(format!(
                 "~ reload {}: {}; every counter drained into {} first",
                 desired.pin.root.display(),
@@ -68,7 +65,7 @@ impl Plan {
             lines.push(format!(
                 "+ load {} (layout {LAYOUT_VERSION}, {} counter entries, direction {})",
                 desired.pin.root.display(),
-                desired.max_entries,
+                desired.sizes.ip,
                 desired.directions.name()
             ));
         }
@@ -150,7 +147,7 @@ pub(crate) fn apply(desired: &Desired, options: &Options) -> Result<Vec<String>>
     match Pinned::create(pin)? {
         Creating::Empty(fresh) => {
             let plan = plan_first_load(desired);
-            let mut created = lifecycle::create(fresh, desired.max_entries, desired.directions)?;
+            let mut created = lifecycle::create(fresh, desired.sizes, desired.directions)?;
             carry_out(&mut created.pinned, &plan)?;
             created.keep();
             Ok(plan.lines(desired, None))
@@ -168,22 +165,53 @@ pub(crate) fn apply(desired: &Desired, options: &Options) -> Result<Vec<String>>
     }
 }
 
+/// A setting of the loaded state that the file wants otherwise.
+struct Difference {
+    setting: &'static str,
+    loaded: String,
+    wanted: String,
+}
+
+/// What a reload would change: the settings `load` fixed that differ from the file's.
+fn differences(pinned: &Pinned, desired: &Desired) -> Vec<Difference> {
+    let (loaded, dirs) = (pinned.meta.sizes(), pinned.meta.directions());
+    let mut out = vec![];
+    let mut differ = |setting, loaded: String, wanted: String| {
+        if loaded != wanted {
+            out.push(Difference {
+                setting,
+                loaded,
+                wanted,
+            });
+        }
+    };
+    differ("max_entries", loaded.ip.to_string(), desired.sizes.ip.to_string());
+    differ(
+        "prefix_entries",
+        loaded.prefix.to_string(),
+        desired.sizes.prefix.to_string(),
+    );
+    differ(
+        "wide_prefix_entries",
+        loaded.wide_prefix.to_string(),
+        desired.sizes.wide_prefix.to_string(),
+    );
+    differ("direction", dirs.name().into(), desired.directions.name().into());
+    out
+}
+
 /// The plan for loaded state; settings that differ need `--reload`, or are refused.
 fn planned(pinned: &mut Pinned, desired: &Desired, options: &Options) -> Result<Plan> {
-    let (max, dirs) = (pinned.meta.max_entries, pinned.meta.directions());
-    if max == desired.max_entries && dirs == desired.directions {
+    let differences = differences(pinned, desired);
+    if differences.is_empty() {
         return plan_changes(pinned, desired);
     }
-    let what = match (max != desired.max_entries, dirs != desired.directions) {
-        (true, true) => format!(
-            "max_entries {max} and direction {}, the file {} and {}",
-            dirs.name(),
-            desired.max_entries,
-            desired.directions.name()
-        ),
-        (true, false) => format!("max_entries {max}, the file {}", desired.max_entries),
-        _ => format!("direction {}, the file {}", dirs.name(), desired.directions.name()),
-    };
+    let names: Vec<String> = differences
+        .iter()
+        .map(|d| format!("{} {}", d.setting, d.loaded))
+        .collect();
+    let wanted: Vec<&str> = differences.iter().map(|d| d.wanted.as_str()).collect();
+    let what = format!("{}, the file {}", names.join(" and "), wanted.join(" and "));
     if !options.reload || options.drain_to.is_none() {
         return Err(Error::Conflict(format!(
             "portwatch is loaded at {} with {what}: that needs a reload; run `portwatch unload` first \
@@ -194,7 +222,7 @@ fn planned(pinned: &mut Pinned, desired: &Desired, options: &Options) -> Result<
         .into());
     }
     let mut plan = plan_first_load(desired);
-    plan.reload_from = Some((max, dirs));
+    plan.reload_from = Some(differences);
     Ok(plan)
 }
 
@@ -325,7 +353,7 @@ fn reload(mut pinned: Pinned, desired: &Desired, plan: &Plan, options: &Options)
 
 /// A first load with `desired`'s settings, then `plan`.
 fn make(fresh: crate::pinned::Fresh, desired: &Desired, plan: &Plan) -> Result<()> {
-    let mut created = lifecycle::create(fresh, desired.max_entries, desired.directions)?;
+    let mut created = lifecycle::create(fresh, desired.sizes, desired.directions)?;
     carry_out(&mut created.pinned, plan)?;
     created.keep();
     Ok(())

@@ -2,7 +2,7 @@
 //! `top` and `reset` share. Printing the rows is `output`'s.
 
 use anyhow::Result;
-use portwatch_common::{Counters, Direction};
+use portwatch_common::{Counters, Direction, PortKey, Tier};
 
 use crate::{
     filter::{Cidr, Filter},
@@ -60,6 +60,53 @@ pub enum Group {
         proto: u8,
         direction: Direction,
     },
+    /// `--by ip`: a prefix tier's count (the per-IP map was full): a prefix, not an address.
+    Prefix(Cidr),
+    /// `--by ip-port`: likewise, on a port.
+    PrefixPort {
+        cidr: Cidr,
+        port: u16,
+        proto: u8,
+        direction: Direction,
+    },
+    /// `--by ip-port`, `--by cidr-port`: the per-port overflow, of any remote.
+    AnyRemotePort {
+        port: u16,
+        proto: u8,
+        direction: Direction,
+    },
+}
+
+impl Group {
+    /// The tier a row's counts were kept in, when it is not an address's or a chosen prefix's:
+    /// the rows a table marks.
+    pub fn tier(&self) -> Option<Tier> {
+        match self {
+            Group::Prefix(cidr) | Group::PrefixPort { cidr, .. } => cidr.tier(),
+            Group::AnyRemotePort { .. } => Some(Tier::Port),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes and packets per tier (`Tier as usize`): how much of what a view shows was counted per
+/// address, per prefix, per wide prefix and per port alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TierTotals(pub [Counters; 4]);
+
+impl TierTotals {
+    pub fn of(&self, tier: Tier) -> Counters {
+        self.0[tier as usize]
+    }
+
+    /// What was counted past the per-IP map (every tier but `Tier::Ip`).
+    pub fn past_per_ip(&self) -> Counters {
+        self.0[1..].iter().fold(Counters::default(), |acc, c| acc + *c)
+    }
+
+    pub fn all(&self) -> Counters {
+        self.0.iter().fold(Counters::default(), |acc, c| acc + *c)
+    }
 }
 
 /// Counters grouped under a view, and the overflow traffic it cannot attribute.
@@ -78,6 +125,8 @@ pub struct Grouped {
     merged: usize,
     run: usize,
     pub overflow: Counters,
+    /// Everything the view's filter kept, per tier (rows and what has no row under the view).
+    pub by_tier: TierTotals,
 }
 
 impl Grouped {
@@ -160,20 +209,63 @@ impl View {
         }
     }
 
+    /// The row of a prefix tier's count of `cidr` under `key`: under a prefix grouping, its
+    /// prefix (the view's, or the tier's when that is coarser: its counts cannot be split).
+    fn group_prefix(&self, cidr: Cidr, key: &Key) -> Option<Group> {
+        let at_most = cidr.at_most(self.prefix4, self.prefix6);
+        Some(match self.by {
+            By::Ip => Group::Prefix(cidr),
+            By::IpPort => Group::PrefixPort {
+                cidr,
+                port: key.port,
+                proto: key.proto,
+                direction: key.direction,
+            },
+            By::Port => Group::Port(key.port),
+            By::Cidr => Group::Cidr(at_most),
+            By::CidrPort => Group::CidrPort {
+                cidr: at_most,
+                port: key.port,
+                proto: key.proto,
+                direction: key.direction,
+            },
+        })
+    }
+
+    /// The row of a per-port overflow count: none when the view groups by remote alone (it is in
+    /// the totals, per port only).
+    fn group_any_remote(&self, key: &Key) -> Option<Group> {
+        match self.by {
+            By::Ip | By::Cidr => None,
+            By::Port => Some(Group::Port(key.port)),
+            By::IpPort | By::CidrPort => Some(Group::AnyRemotePort {
+                port: key.port,
+                proto: key.proto,
+                direction: key.direction,
+            }),
+        }
+    }
+
     /// Adds one count; overflow counts are kept apart (they have no IP, port or protocol), for
     /// the view's direction whatever its other conditions.
     pub fn add(&self, grouped: &mut Grouped, key: &Key, value: Counters) {
-        match key.remote {
+        let group = match key.remote {
             Remote::Overflow => {
                 if self.filter.matches_direction(key.direction) {
                     grouped.overflow += value;
                 }
+                return;
             }
-            Remote::Ip(ip) => {
-                if self.filter.matches(key) {
-                    grouped.push(self.group(ip, key), value);
-                }
-            }
+            _ if !self.filter.matches(key) => return,
+            Remote::Ip(ip) => Some(self.group(ip, key)),
+            Remote::Prefix(cidr) => self.group_prefix(cidr, key),
+            Remote::AnyRemote => self.group_any_remote(key),
+        };
+        if let Some(tier) = key.tier() {
+            grouped.by_tier.0[tier as usize] += value;
+        }
+        if let Some(group) = group {
+            grouped.push(group, value);
         }
     }
 
@@ -210,10 +302,16 @@ pub struct Row {
 pub struct Report {
     pub by: By,
     pub rows: Vec<Row>,
-    /// Every row the filters kept (not only those shown), plus the overflow traffic when no
-    /// `--port` filter excludes it: the figure the table adds up to.
+    /// Everything the filters kept (every row, not only those shown, and what has no row under
+    /// the view: per-port overflow under `--by ip`), plus the overflow traffic when no `--port`
+    /// filter excludes it: the figure the table adds up to.
     pub totals: Counters,
     pub overflow: Counters,
+    /// The totals but the overflow, per tier.
+    pub by_tier: TierTotals,
+    /// The distinct remote addresses counted past the per-IP map, estimated, per port, protocol
+    /// and direction the filters kept (filled in by the readers that ask for it: `top`).
+    pub sources: Vec<(PortKey, u64)>,
     pub interval: Option<f64>,
     /// Rows before `-n` cut the list.
     pub total_rows: usize,
@@ -246,7 +344,7 @@ impl Report {
             }
         };
         let order = |a: &Row, b: &Row| metric(b).total_cmp(&metric(a)).then_with(|| a.group.cmp(&b.group));
-        let mut totals = Counters::default();
+        let mut totals = now.by_tier.all();
         let mut rows: Vec<Row> = Vec::new();
         // With -n, keep at most 2n candidates and cut back to n when full: a million groups cost a
         // pass, not a sort, and no row list as large as the map.
@@ -254,7 +352,6 @@ impl Report {
         let keep = if view.limit > 0 { view.limit } else { usize::MAX };
         let mut cut = f64::NEG_INFINITY;
         for entry in now.iter() {
-            totals += entry.1;
             let candidate = row(entry);
             if metric(&candidate) < cut {
                 continue;
@@ -277,6 +374,8 @@ impl Report {
             rows,
             totals,
             overflow: now.overflow,
+            by_tier: now.by_tier,
+            sources: vec![],
             interval: before.map(|(_, s)| s),
             total_rows: now.len(),
         }

@@ -301,16 +301,10 @@ impl<'p> Reset<'p> {
     }
 
     fn set_config(&mut self, generation: u32) -> Result<()> {
-        self.pinned
-            .config()?
-            .set(
-                0,
-                Config {
-                    generation,
-                    _reserved: 0,
-                },
-                0,
-            )
+        let config = self.pinned.config()?;
+        let now = config.get(&0, 0).context("reading the config map")?;
+        config
+            .set(0, Config { generation, ..now }, 0)
             .context("writing the config map")
     }
 

@@ -2,10 +2,10 @@
 //! unloads it; pins and attaches nothing.
 
 use anyhow::Result;
-use portwatch_common::{Direction, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
+use portwatch_common::{Direction, TierSizes, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
 
 pub(super) fn run() -> Result<()> {
-    let mut ebpf = crate::object::load_programs(DEFAULT_MAX_ENTRIES)?;
+    let mut ebpf = crate::object::load_programs(TierSizes::derived(DEFAULT_MAX_ENTRIES))?;
     for direction in Direction::ALL {
         let info = crate::object::program(&mut ebpf, direction)?.info()?;
         println!(

@@ -3,7 +3,7 @@
 //! When already loaded, it adds the new interfaces and ports and never attaches twice.
 
 use anyhow::Result;
-use portwatch_common::{Directions, DEFAULT_MAX_ENTRIES, LAYOUT_VERSION};
+use portwatch_common::{Directions, LAYOUT_VERSION};
 
 use crate::{
     attach::{self, Iface},
@@ -28,12 +28,15 @@ pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
         Creating::Loaded(pinned) => return add_to_loaded(*pinned, args, &ifaces),
         Creating::Empty(fresh) => fresh,
     };
-    let max_entries = args.max_entries.unwrap_or(DEFAULT_MAX_ENTRIES);
+    let sizes = args.sizes();
     let directions = args.direction.map(Directions::from).unwrap_or(Directions::BOTH);
-    let mut created = lifecycle::create(fresh, max_entries, directions)?;
+    let mut created = lifecycle::create(fresh, sizes, directions)?;
     println!(
-        "loaded portwatch at {} (layout {LAYOUT_VERSION}, {max_entries} counter entries)",
-        pin.root.display()
+        "loaded portwatch at {} (layout {LAYOUT_VERSION}, {} counter entries; prefix tiers {} and {})",
+        pin.root.display(),
+        sizes.ip,
+        sizes.prefix,
+        sizes.wide_prefix
     );
     // Attachments are taken back by `attach_all` itself; the pins when `created` is dropped.
     attach_and_watch(&mut created.pinned, &ifaces, directions, args)?;
@@ -44,13 +47,18 @@ pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
 
 fn add_to_loaded(mut pinned: Pinned, args: &LoadArgs, ifaces: &[Iface]) -> Result<()> {
     let pin = &pinned.pin;
-    if let Some(max) = args.max_entries {
-        if max != pinned.meta.max_entries {
+    let loaded = pinned.meta.sizes();
+    let asked = args.sizes();
+    for (flag, given, now, wanted) in [
+        ("--max-entries", args.max_entries, loaded.ip, asked.ip),
+        ("--prefix-entries", args.prefix_entries, loaded.prefix, asked.prefix),
+        ("--wide-prefix-entries", args.wide_prefix_entries, loaded.wide_prefix, asked.wide_prefix),
+    ] {
+        if given.is_some() && wanted != now {
             return Err(Error::Conflict(format!(
-                "portwatch is loaded at {} with --max-entries {}; to change it to {max}, run `portwatch unload` \
+                "portwatch is loaded at {} with {flag} {now}; to change it to {wanted}, run `portwatch unload` \
                  first (this clears the counters), then load again",
                 pin.root.display(),
-                pinned.meta.max_entries
             ))
             .into());
         }
