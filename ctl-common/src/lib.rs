@@ -517,7 +517,11 @@ pub struct FrontSlot {
 /// `tier_front_<g>` (tier 1's first).
 #[inline(always)]
 pub const fn tier_slot(tier: Tier, key: &CounterKey) -> u32 {
-    let base = if matches!(tier, Tier::WidePrefix) { FRONT_SLOTS } else { 0 };
+    let base = if matches!(tier, Tier::WidePrefix) {
+        FRONT_SLOTS
+    } else {
+        0
+    };
     base + front_index(key)
 }
 

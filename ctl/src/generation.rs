@@ -201,10 +201,8 @@ pub struct Generation {
 impl Generation {
     /// Both generations, each map opened by `open` (given its name: from its pin, or from a loaded
     /// object) and checked to have its type. A map the two share (`map_full`) is opened once and
-    /// held by both; `config` is read once (the filters' seed and size never change after `load`).
-    pub fn open_both(mut open: impl FnMut(&str) -> Result<Map>) -> Result<[Generation; 2]> {
-        let config: Array<MapData, Config> = typed(open(map_names::CONFIG)?, map_names::CONFIG)?;
-        let config = config.get(&0, 0).context("reading the config map")?;
+    /// held by both. `config` gives the filters' seed and size (they never change after `load`).
+    pub fn open_both(config: &Config, mut open: impl FnMut(&str) -> Result<Map>) -> Result<[Generation; 2]> {
         let map_full: PerCpuArray<MapData, u32> = typed(open(map_names::MAP_FULL)?, map_names::MAP_FULL)?;
         let again = map_full
             .map()
@@ -264,10 +262,15 @@ impl Generation {
     /// next, as with the hashes alone.
     pub fn for_each(&self, mut each: impl FnMut(Key, Counters)) -> Result<()> {
         let [tier1_slots, tier2_slots] = self.tier_slots_by_key()?;
-        let port_slots = self.port_slots_by_key()?.0;
+        let port_slots = self.port_slots_by_key()?;
         read_map(&self.counters, self.front_by_key()?, Key::from, &mut each)?;
         read_map(&self.tier1, tier1_slots, |k| Key::of_tier(Tier::Prefix, k), &mut each)?;
-        read_map(&self.tier2, tier2_slots, |k| Key::of_tier(Tier::WidePrefix, k), &mut each)?;
+        read_map(
+            &self.tier2,
+            tier2_slots,
+            |k| Key::of_tier(Tier::WidePrefix, k),
+            &mut each,
+        )?;
         read_map(&self.port_overflow, port_slots, Key::any_remote, &mut each)
     }
 
@@ -275,10 +278,15 @@ impl Generation {
     /// (public so that a test compares the two).
     pub fn for_each_key_by_key(&self, mut each: impl FnMut(Key, Counters)) -> Result<()> {
         let [tier1_slots, tier2_slots] = self.tier_slots_by_key()?;
-        let port_slots = self.port_slots_by_key()?.0;
+        let port_slots = self.port_slots_by_key()?;
         walk_map(&self.counters, self.front_by_key()?, Key::from, &mut each)?;
         walk_map(&self.tier1, tier1_slots, |k| Key::of_tier(Tier::Prefix, k), &mut each)?;
-        walk_map(&self.tier2, tier2_slots, |k| Key::of_tier(Tier::WidePrefix, k), &mut each)?;
+        walk_map(
+            &self.tier2,
+            tier2_slots,
+            |k| Key::of_tier(Tier::WidePrefix, k),
+            &mut each,
+        )?;
         walk_map(&self.port_overflow, port_slots, Key::any_remote, &mut each)
     }
 
@@ -289,10 +297,14 @@ impl Generation {
         Ok(out)
     }
 
-    /// The distinct-source registers of each port, protocol and direction, every CPU's merged:
-    /// the remote addresses counted past the per-IP map in this generation.
-    pub fn sources(&self) -> Result<HashMap<PortKey, Sketch>> {
-        Ok(self.port_slots_by_key()?.1)
+    /// Merges into `into` the distinct-source registers of each port, protocol and direction,
+    /// every CPU's: the remote addresses counted past the per-IP map in this generation.
+    pub fn merge_sources(&self, into: &mut std::collections::BTreeMap<PortKey, Sketch>) -> Result<()> {
+        read_slots::<PortSlot>(&self.port_slots, |_, slot| {
+            if slot.owned != 0 {
+                into.entry(slot.key).or_insert_with(Sketch::new).merge(&slot.registers);
+            }
+        })
     }
 
     /// What the per-IP map's front cache holds, summed per key over slots and CPUs.
@@ -308,9 +320,15 @@ impl Generation {
     fn tier_slots_by_key(&self) -> Result<[HashMap<CounterKey, Counters>; 2]> {
         let mut by_tier = [HashMap::new(), HashMap::new()];
         read_slots::<FrontSlot>(&self.tier_front, |index, slot| {
-            let tier = if index < FRONT_SLOTS { Tier::Prefix } else { Tier::WidePrefix };
+            let tier = if index < FRONT_SLOTS {
+                Tier::Prefix
+            } else {
+                Tier::WidePrefix
+            };
             if slot.owned != 0 && tier_slot(tier, &slot.key) == index {
-                *by_tier[(tier == Tier::WidePrefix) as usize].entry(slot.key).or_default() += Counters {
+                *by_tier[(tier == Tier::WidePrefix) as usize]
+                    .entry(slot.key)
+                    .or_default() += Counters {
                     bytes: slot.bytes,
                     packets: slot.packets,
                 };
@@ -319,21 +337,19 @@ impl Generation {
         Ok(by_tier)
     }
 
-    /// What the port slots hold, per port, protocol and direction: the per-port overflow's counts
-    /// summed, and the distinct-source registers merged.
-    fn port_slots_by_key(&self) -> Result<(HashMap<PortKey, Counters>, HashMap<PortKey, Sketch>)> {
+    /// What the port slots hold for the per-port overflow, summed per port, protocol and
+    /// direction.
+    fn port_slots_by_key(&self) -> Result<HashMap<PortKey, Counters>> {
         let mut counts: HashMap<PortKey, Counters> = HashMap::new();
-        let mut sketches: HashMap<PortKey, Sketch> = HashMap::new();
         read_slots::<PortSlot>(&self.port_slots, |_, slot| {
             if slot.owned != 0 {
                 *counts.entry(slot.key).or_default() += Counters {
                     bytes: slot.bytes,
                     packets: slot.packets,
                 };
-                sketches.entry(slot.key).or_insert_with(Sketch::new).merge(&slot.registers);
             }
         })?;
-        Ok((counts, sketches))
+        Ok(counts)
     }
 
     /// Removes `keys` from this generation: their slots first, then their entries (killed in
@@ -418,11 +434,14 @@ impl Generation {
                 }
             };
             let batched =
-                sys::bpf::lookup_batch::<CounterKey, Counters>(map.map().fd().as_fd(), cpus, BATCH_CHUNK, |k, _| mark(k));
+                sys::bpf::lookup_batch::<CounterKey, Counters>(map.map().fd().as_fd(), cpus, BATCH_CHUNK, |k, _| {
+                    mark(k)
+                });
             match batched {
                 Ok(()) => {}
                 Err(e) if sys::bpf::batch_unsupported(&e) => {
-                    let keys: Vec<CounterKey> = map.keys().collect::<Result<_, _>>().context("reading a counter map")?;
+                    let keys: Vec<CounterKey> =
+                        map.keys().collect::<Result<_, _>>().context("reading a counter map")?;
                     mark(&keys);
                 }
                 Err(e) => return Err(e).context("reading a counter map"),
@@ -433,8 +452,15 @@ impl Generation {
 
     /// Clears every slot (on every CPU) of the keys `by_tier` has.
     fn clear_slots<V>(&mut self, by_tier: &ByTier<V>) -> Result<()> {
-        let ip: HashSet<CounterKey> = by_tier.ip.iter().map(|(k, _)| *k).chain(by_tier.overflow.iter().copied()).collect();
-        clear_slots(&mut self.front, |_, slot: &FrontSlot| slot.owned != 0 && ip.contains(&slot.key))?;
+        let ip: HashSet<CounterKey> = by_tier
+            .ip
+            .iter()
+            .map(|(k, _)| *k)
+            .chain(by_tier.overflow.iter().copied())
+            .collect();
+        clear_slots(&mut self.front, |_, slot: &FrontSlot| {
+            slot.owned != 0 && ip.contains(&slot.key)
+        })?;
         let prefix: [HashSet<CounterKey>; 2] = [
             by_tier.prefix.iter().map(|(k, _)| *k).collect(),
             by_tier.wide_prefix.iter().map(|(k, _)| *k).collect(),
@@ -443,7 +469,9 @@ impl Generation {
             slot.owned != 0 && prefix[(index >= FRONT_SLOTS) as usize].contains(&slot.key)
         })?;
         let ports: HashSet<PortKey> = by_tier.port.iter().map(|(k, _)| *k).collect();
-        clear_slots(&mut self.port_slots, |_, slot: &PortSlot| slot.owned != 0 && ports.contains(&slot.key))
+        clear_slots(&mut self.port_slots, |_, slot: &PortSlot| {
+            slot.owned != 0 && ports.contains(&slot.key)
+        })
     }
 
     /// The per-IP hash itself, for tests and benchmarks of the kernel program's maps (readers use
@@ -627,12 +655,17 @@ fn take_slots<K: Eq + Hash>(slots: &mut HashMap<K, Counters>, key: &K) -> Counte
 fn read_slots<S: Pod>(slots: &PerCpuArray<MapData, S>, mut each: impl FnMut(u32, &S)) -> Result<()> {
     let cpus = possible_cpus()?;
     let mut seen = false;
-    let batched = sys::bpf::lookup_batch::<u32, S>(slots.map().fd().as_fd(), cpus, slots.len() as usize, |indexes, values| {
-        for (index, per_cpu) in indexes.iter().zip(values.chunks_exact(cpus)) {
-            per_cpu.iter().for_each(|slot| each(*index, slot));
-        }
-        seen = true;
-    });
+    let batched = sys::bpf::lookup_batch::<u32, S>(
+        slots.map().fd().as_fd(),
+        cpus,
+        slots.len() as usize,
+        |indexes, values| {
+            for (index, per_cpu) in indexes.iter().zip(values.chunks_exact(cpus)) {
+                per_cpu.iter().for_each(|slot| each(*index, slot));
+            }
+            seen = true;
+        },
+    );
     match batched {
         Ok(()) => return Ok(()),
         Err(e) if !seen && sys::bpf::batch_unsupported(&e) => {}

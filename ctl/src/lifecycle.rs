@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use aya::maps::Array;
 use portwatch_common::{
-    map_names, AttachKey, Attachment, Config, Direction, Directions, Meta, TierSizes, ATTACH_FLAG_PENDING,
-    LAYOUT_VERSION,
+    map_names, AttachKey, Attachment, Direction, Directions, Meta, TierSizes, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
 };
 
 use crate::{
@@ -97,13 +96,6 @@ pub(crate) fn create(fresh: Fresh, sizes: TierSizes, directions: Directions) -> 
     crate::sys::bpf::create_barrier(&barrier).with_context(|| format!("creating {}", barrier.display()))?;
     undo.files.push(barrier);
 
-    let config = Config {
-        generation: 0,
-        filter_mask: sizes.filter_bytes() - 1,
-        seed: crate::sys::random_u64().map_or(0x5eed_5eed, |r| r as u32),
-        _reserved: 0,
-    };
-    Array::<_, Config>::try_from(ebpf.map_mut(map_names::CONFIG).unwrap())?.set(0, config, 0)?;
     for mut generation in pinned::open_generations(&pin)? {
         generation.ensure_overflow_keys()?;
     }

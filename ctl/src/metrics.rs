@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use portwatch_common::{Counters, Direction, NotCounted, PortKey, LAYOUT_VERSION};
+use portwatch_common::{Counters, Direction, NotCounted, PortKey, Tier, TierSizes, LAYOUT_VERSION};
 use prometheus::{core::Collector, Counter, Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::{
@@ -137,13 +137,14 @@ fn loaded(f: &Families, pinned: &mut Pinned, options: &Options) -> Result<()> {
     let mut per_port: BTreeMap<PortKey, Counters> = BTreeMap::new();
     let mut grouped = Grouped::default();
     let active = pinned.active_generation()?;
-    let mut entries = 0u64;
+    // Per tier: the active generation's entries, and what both counted since the last reset.
+    let mut entries = [0u64; 4];
+    let mut per_tier = [Counters::default(); 4];
     for generation in [0, 1] {
         pinned.generation(generation)?.for_each(|key, value| {
-            if key.is_overflow() {
-                return;
-            }
-            entries += u64::from(generation == active);
+            let Some(tier) = key.tier() else { return };
+            entries[tier as usize] += u64::from(generation == active);
+            per_tier[tier as usize] += value;
             *per_port.entry(key.port_key()).or_default() += value;
             if let Some(view) = &view {
                 view.add(&mut grouped, &key, value);
@@ -194,19 +195,31 @@ fn loaded(f: &Families, pinned: &mut Pinned, options: &Options) -> Result<()> {
     }
     f.gauge(
         "portwatch_map_entries",
-        "Remote-IP keys in the counter map the program writes now",
-        entries as i64,
+        "Remote-IP keys in the per-IP map the program writes now",
+        entries[Tier::Ip as usize] as i64,
     );
     f.gauge(
         "portwatch_map_max_entries",
-        "Remote-IP keys the counter map holds; past it, new remote IPs go to the overflow entry",
+        "Remote-IP keys the per-IP map holds; past it, new remote IPs are counted under their prefix",
         i64::from(pinned.meta.max_entries),
     );
+    tiers(f, &entries, &per_tier, pinned.meta.sizes());
+    let estimates = f.gauge_vec(
+        "portwatch_overflow_sources_estimate",
+        "Distinct remote addresses counted past the per-IP map since the last reset, per watched port, protocol \
+         and direction (HyperLogLog, standard error 1.6%)",
+        &port_labels,
+    );
+    for (port, sketch) in pinned.sources()? {
+        let labels = labels_of(&port);
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        estimates.with_label_values(&labels).set(sketch.estimate() as i64);
+    }
 
     let stats = maps::read_stats(pinned.stats()?)?;
     f.counter(
         "portwatch_map_full_packets_total",
-        "Packets of new remote IPs that found the counter map full (counted in the overflow entry)",
+        "Packets of new remote IPs that found the per-IP map full (counted past it: under a prefix or a port)",
         stats.map_full_packets,
     );
     f.counter(
@@ -230,6 +243,43 @@ fn loaded(f: &Families, pinned: &mut Pinned, options: &Options) -> Result<()> {
             .inc_by(stats.not_counted(reason));
     }
     programs(f, pinned)
+}
+
+/// Per tier (`ip`, `prefix`, `wide-prefix`, `port`): what it counted since the last reset, its
+/// keys in the active generation and (but the per-port overflow's) how many it holds.
+fn tiers(f: &Families, entries: &[u64; 4], counted: &[Counters; 4], sizes: TierSizes) {
+    let bytes = f.counter_vec(
+        "portwatch_tier_bytes_total",
+        "L3 bytes counted per tier since the last reset: per remote IP, per prefix (/24 or /48), per wide prefix \
+         (/16 or /32), per port only",
+        &["tier"],
+    );
+    let packets = f.counter_vec(
+        "portwatch_tier_packets_total",
+        "Wire packets counted per tier since the last reset",
+        &["tier"],
+    );
+    let keys = f.gauge_vec(
+        "portwatch_tier_entries",
+        "Keys per tier in the generation the program writes now",
+        &["tier"],
+    );
+    let max = f.gauge_vec("portwatch_tier_max_entries", "Keys a tier holds", &["tier"]);
+    for tier in Tier::ALL {
+        let i = tier as usize;
+        bytes.with_label_values(&[tier.name()]).inc_by(counted[i].bytes);
+        packets.with_label_values(&[tier.name()]).inc_by(counted[i].packets);
+        keys.with_label_values(&[tier.name()]).set(entries[i] as i64);
+        let held = match tier {
+            Tier::Ip => Some(sizes.ip),
+            Tier::Prefix => Some(sizes.prefix),
+            Tier::WidePrefix => Some(sizes.wide_prefix),
+            Tier::Port => None,
+        };
+        if let Some(held) = held {
+            max.with_label_values(&[tier.name()]).set(i64::from(held));
+        }
+    }
 }
 
 /// The programs' own cost, when the kernel counts it (`sysctl kernel.bpf_stats_enabled=1`).
@@ -274,8 +324,20 @@ struct Series {
 /// their port's `other` first (`portwatch_series_dropped` counts them).
 fn remotes(f: &Families, grouped: &Grouped, per_remote: PerRemote, max_series: usize) {
     let mut by_port: BTreeMap<PortKey, Vec<(String, Counters)>> = BTreeMap::new();
+    // The per-port overflow has no remote to name: it is its port's `other` from the start.
+    let mut other: BTreeMap<PortKey, Counters> = BTreeMap::new();
     for (group, counters) in grouped.iter() {
         let (port, remote) = match group {
+            Group::AnyRemotePort { port, proto, direction } => {
+                *other.entry(PortKey::new(*port, *proto, *direction)).or_default() += *counters;
+                continue;
+            }
+            Group::PrefixPort {
+                cidr,
+                port,
+                proto,
+                direction,
+            } => (PortKey::new(*port, *proto, *direction), cidr.to_string()),
             Group::IpPort {
                 ip,
                 port,
@@ -294,7 +356,6 @@ fn remotes(f: &Families, grouped: &Grouped, per_remote: PerRemote, max_series: u
     }
     // Per port: the largest first (by bytes, then the remote for a stable order).
     let mut named: Vec<Series> = vec![];
-    let mut other: BTreeMap<PortKey, Counters> = BTreeMap::new();
     for (port, mut remotes) in by_port {
         remotes.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then_with(|| a.0.cmp(&b.0)));
         let keep = match per_remote {

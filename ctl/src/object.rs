@@ -1,9 +1,9 @@
 //! The kernel program, built by `build.rs` from `ctl-ebpf` and embedded in the binary.
 
 use anyhow::{Context, Result};
-use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
+use aya::{maps::Array, programs::SchedClassifier, Ebpf, EbpfLoader};
 use portwatch_common::{
-    generation_maps, map_names, Direction, TierSizes, DRAINED_ENTRIES, PORT_OVERFLOW_ENTRIES, RESERVED_ENTRIES,
+    generation_maps, map_names, Config, Direction, TierSizes, DRAINED_ENTRIES, PORT_OVERFLOW_ENTRIES, RESERVED_ENTRIES,
 };
 
 /// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
@@ -51,10 +51,23 @@ pub fn load(sizes: TierSizes) -> Result<Ebpf, aya::EbpfError> {
         .load(OBJECT)
 }
 
-/// `load`, then both programs loaded into the kernel through its verifier: what `load` pins, what
-/// `check` asks of the kernel, what the tests run.
+/// `load`, its `config` set (generation 0, the filters' size and a random seed), then both
+/// programs loaded into the kernel through its verifier: what `load` pins, what `check` asks of
+/// the kernel, what the tests run.
 pub fn load_programs(sizes: TierSizes) -> Result<Ebpf> {
     let mut ebpf = load(sizes).context("creating portwatch's maps")?;
+    let config = Config {
+        generation: 0,
+        filter_mask: sizes.filter_bytes() - 1,
+        seed: crate::sys::random_u64().map_or(0x5eed_5eed, |r| r as u32),
+        _reserved: 0,
+    };
+    let map = ebpf
+        .map_mut(map_names::CONFIG)
+        .context("map config missing from the object")?;
+    Array::<_, Config>::try_from(map)?
+        .set(0, config, 0)
+        .context("writing the config map")?;
     for direction in Direction::ALL {
         program(&mut ebpf, direction)?
             .load()

@@ -357,7 +357,9 @@ pub(crate) fn write_json(report: &Report, envelope: &Envelope, w: &mut (impl io:
             match (&cell, row.group.tier()) {
                 // A row counted past the per-IP map says its tier, and names its prefix `cidr`
                 // (no `ip`), or no remote at all (the per-port overflow).
-                (Cell::PastPerIp(Some(cidr)), Some(tier)) => write!(w, "\"cidr\":\"{cidr}\",\"tier\":\"{}\"", tier.name())?,
+                (Cell::PastPerIp(Some(cidr)), Some(tier)) => {
+                    write!(w, "\"cidr\":\"{cidr}\",\"tier\":\"{}\"", tier.name())?
+                }
                 (Cell::PastPerIp(_), tier) => write!(w, "\"tier\":\"{}\"", tier.unwrap_or(Tier::Port).name())?,
                 _ => {
                     write!(w, "\"{}\":", column.key())?;
@@ -483,7 +485,8 @@ pub(crate) fn table(report: &Report, exact: bool) -> String {
 }
 
 /// Under a table with marked rows.
-pub(crate) const FOOTNOTE: &str = "* counted past the per-IP map, which was full: under its prefix (a /24 or /48, or a \
+pub(crate) const FOOTNOTE: &str =
+    "* counted past the per-IP map, which was full: under its prefix (a /24 or /48, or a \
      /16 or /32 once those were full too), or, as (any), under its port alone";
 
 /// The line under a table (and over the live screen): totals with exact bytes, how many rows,

@@ -39,6 +39,7 @@ use portwatch_common::{
 use crate::{
     error::Error,
     generation::{Generation, Key},
+    sources::Sketch,
 };
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/portwatch";
@@ -318,7 +319,9 @@ fn open_map(pin: &PinPath, name: &str) -> Result<Map> {
 
 /// Both counter generations of the maps pinned at `pin`.
 pub(crate) fn open_generations(pin: &PinPath) -> Result<[Generation; 2]> {
-    Generation::open_both(|name| open_map(pin, name))
+    let config: Array<MapData, Config> = Array::try_from(open_map(pin, map_names::CONFIG)?)?;
+    let config = config.get(&0, 0).context("reading the config map")?;
+    Generation::open_both(&config, |name| open_map(pin, name))
 }
 
 /// The map in `slot`, opened from its pin (with its type checked) the first time.
@@ -442,6 +445,16 @@ impl Pinned {
         }
         let generations = self.generations.as_mut().expect("just set");
         Ok(&mut generations[generation_index(generation)])
+    }
+
+    /// The distinct-source registers of both generations, merged per port, protocol and
+    /// direction: the remote addresses counted past the per-IP map since the last reset.
+    pub fn sources(&mut self) -> Result<std::collections::BTreeMap<PortKey, Sketch>> {
+        let mut merged: std::collections::BTreeMap<PortKey, Sketch> = Default::default();
+        for generation in [0, 1] {
+            self.generation(generation)?.merge_sources(&mut merged)?;
+        }
+        Ok(merged)
     }
 
     /// Every count of both generations: summed per key, they are what was counted since the last

@@ -127,6 +127,8 @@ pub struct Grouped {
     pub overflow: Counters,
     /// Everything the view's filter kept, per tier (rows and what has no row under the view).
     pub by_tier: TierTotals,
+    /// The distinct-source estimates of the ports the filter keeps (`View::read` only).
+    pub sources: Vec<(PortKey, u64)>,
 }
 
 impl Grouped {
@@ -269,10 +271,18 @@ impl View {
         }
     }
 
-    /// Both generations of the pinned counters, grouped, in one pass.
+    /// Both generations of the pinned counters, grouped, in one pass; with the distinct-source
+    /// estimates of the ports the filter keeps.
     pub fn read(&self, pinned: &mut Pinned) -> Result<Grouped> {
         let mut grouped = Grouped::default();
         pinned.for_each_count(|key, value| self.add(&mut grouped, &key, value))?;
+        grouped.sources = pinned
+            .sources()?
+            .into_iter()
+            .filter(|(port, _)| self.filter.matches(&Key::any_remote(*port)))
+            .map(|(port, sketch)| (port, sketch.estimate()))
+            .filter(|(_, estimate)| *estimate > 0)
+            .collect();
         Ok(grouped.finish())
     }
 
@@ -375,7 +385,7 @@ impl Report {
             totals,
             overflow: now.overflow,
             by_tier: now.by_tier,
-            sources: vec![],
+            sources: now.sources.clone(),
             interval: before.map(|(_, s)| s),
             total_rows: now.len(),
         }

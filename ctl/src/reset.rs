@@ -37,7 +37,7 @@ use portwatch_common::{Config, Counters, Journal, JournalKind, JournalState, Por
 use crate::{
     fault,
     filter::Filter,
-    generation::{sum_sorted, Generation, Key},
+    generation::{sum_sorted, Generation, Key, Remote},
     journal,
     output::{self, RecordFormat},
     pinned::Pinned,
@@ -105,7 +105,44 @@ pub(crate) fn run(pinned: &mut Pinned, filter: &Filter, to: &mut Output, format:
     reset.roll_forward(Some(read)).context(
         "the reset's record is written, but removing the counts it holds failed; until the next portwatch command \
          that takes the lock finishes it (`portwatch status` shows it), they are also still counted",
-    )
+    )?;
+    say_what_was_left(pinned, filter)
+}
+
+/// A reset by `--ip` takes the prefix tiers' counts its prefixes hold whole; one wider than them
+/// (a /16 when `--ip` names a /24), or a per-port count (any remote), may hold addresses of theirs
+/// but others too, and stays: says how many, on stderr.
+fn say_what_was_left(pinned: &mut Pinned, filter: &Filter) -> Result<()> {
+    if filter.cidrs.is_empty() {
+        return Ok(());
+    }
+    let (mut wider, mut any) = (std::collections::BTreeSet::new(), 0u64);
+    pinned.for_each_count(|key, value| {
+        if filter.overlaps_only(&key) && value != Counters::default() {
+            match key.remote {
+                Remote::Prefix(cidr) => {
+                    wider.insert(cidr);
+                }
+                _ => any += value.bytes,
+            }
+        }
+    })?;
+    if !wider.is_empty() {
+        let list: Vec<String> = wider.iter().map(|c| c.to_string()).collect();
+        eprintln!(
+            "portwatch: kept the counts of {} wider than --ip ({}): they were counted past the per-IP map and may \
+             hold other addresses too; reset them with an --ip that holds them, or without --ip",
+            if list.len() == 1 { "a prefix" } else { "prefixes" },
+            list.join(", ")
+        );
+    }
+    if any > 0 {
+        eprintln!(
+            "portwatch: kept {any} bytes counted per port only (any remote) on the ports reset: they have no address \
+             to match --ip; a reset without --ip takes them"
+        );
+    }
+    Ok(())
 }
 
 /// A reset in progress: the journal as it stands, and the pinned state it works on. Each method

@@ -43,11 +43,7 @@ impl Sketch {
     /// # Panics
     /// If `registers` is not `HLL_REGISTERS` bytes long: a map value of another layout.
     pub fn merge(&mut self, registers: &[u8]) {
-        assert_eq!(
-            registers.len(),
-            HLL_REGISTERS,
-            "a sketch has {HLL_REGISTERS} registers"
-        );
+        assert_eq!(registers.len(), HLL_REGISTERS, "a sketch has {HLL_REGISTERS} registers");
         for (mine, theirs) in self.registers.iter_mut().zip(registers) {
             *mine = (*mine).max(*theirs);
         }
@@ -119,7 +115,11 @@ mod tests {
     /// bytes only.
     fn ipv4(i: u32) -> [u32; 4] {
         assert!(i < 1 << 22);
-        words(Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i).to_ipv6_mapped().octets())
+        words(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i)
+                .to_ipv6_mapped()
+                .octets(),
+        )
     }
 
     /// The `i`th address of 2001:db8:1000::/36.
@@ -152,7 +152,10 @@ mod tests {
                     }
                     let estimate = sketch.estimate();
                     let error = relative_error(estimate, n);
-                    println!("{family} seed {seed:#010x}: {n} addresses, estimate {estimate} ({:+.2}%)", 100.0 * (estimate as f64 - n as f64) / n as f64);
+                    println!(
+                        "{family} seed {seed:#010x}: {n} addresses, estimate {estimate} ({:+.2}%)",
+                        100.0 * (estimate as f64 - n as f64) / n as f64
+                    );
                     assert!(
                         error <= PROMISE,
                         "{family}, seed {seed:#x}: {n} distinct addresses estimated as {estimate}"
@@ -289,7 +292,11 @@ mod tests {
     fn reference_register(hash: u32) -> (u32, u8) {
         let rank_bits = 32 - HLL_BITS;
         let rest = hash & ((1 << rank_bits) - 1);
-        let rank = if rest == 0 { rank_bits + 1 } else { rest.trailing_zeros() + 1 };
+        let rank = if rest == 0 {
+            rank_bits + 1
+        } else {
+            rest.trailing_zeros() + 1
+        };
         (hash >> rank_bits, rank as u8)
     }
 

@@ -24,7 +24,7 @@ use portwatch::{
     generation::{sum, Generation, Key},
     pinned::{Access, PinPath, Pinned},
 };
-use portwatch_common::{map_names, Counters, Direction, Stats};
+use portwatch_common::{map_names, Counters, Direction, Stats, TierSizes};
 /// `#[kernel_test]`: a `#[test]` that first asks `kernel_available` with its own name.
 pub use portwatch_test_macros::kernel_test;
 
@@ -137,9 +137,12 @@ pub struct Run {
 
 impl Harness {
     pub fn new(max_entries: u32) -> Result<Self> {
-        let mut ebpf = portwatch::object::load_programs(max_entries)?;
-        let mut generations =
-            Generation::open_both(|name| ebpf.take_map(name).with_context(|| format!("map {name} missing")))?;
+        let mut ebpf = portwatch::object::load_programs(TierSizes::derived(max_entries))?;
+        let config: Array<_, portwatch_common::Config> = Array::try_from(ebpf.map(map_names::CONFIG).unwrap())?;
+        let config = config.get(&0, 0)?;
+        let mut generations = Generation::open_both(&config, |name| {
+            ebpf.take_map(name).with_context(|| format!("map {name} missing"))
+        })?;
         for generation in &mut generations {
             generation.ensure_overflow_keys()?;
         }
@@ -247,14 +250,8 @@ impl Harness {
     pub fn set_generation(&mut self, generation: u32) -> Result<()> {
         let mut config: Array<_, portwatch_common::Config> =
             Array::try_from(self.ebpf.map_mut(map_names::CONFIG).unwrap())?;
-        config.set(
-            0,
-            portwatch_common::Config {
-                generation,
-                _reserved: 0,
-            },
-            0,
-        )?;
+        let now = config.get(&0, 0)?;
+        config.set(0, portwatch_common::Config { generation, ..now }, 0)?;
         Ok(())
     }
 }

@@ -52,7 +52,12 @@ fn add_to_loaded(mut pinned: Pinned, args: &LoadArgs, ifaces: &[Iface]) -> Resul
     for (flag, given, now, wanted) in [
         ("--max-entries", args.max_entries, loaded.ip, asked.ip),
         ("--prefix-entries", args.prefix_entries, loaded.prefix, asked.prefix),
-        ("--wide-prefix-entries", args.wide_prefix_entries, loaded.wide_prefix, asked.wide_prefix),
+        (
+            "--wide-prefix-entries",
+            args.wide_prefix_entries,
+            loaded.wide_prefix,
+            asked.wide_prefix,
+        ),
     ] {
         if given.is_some() && wanted != now {
             return Err(Error::Conflict(format!(

@@ -5,7 +5,9 @@
 use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Result;
-use portwatch_common::{AttachMode, Direction, JournalState, NotCounted, Stats, ATTACH_FLAG_PENDING, LAYOUT_VERSION};
+use portwatch_common::{
+    AttachMode, Direction, JournalState, NotCounted, Stats, Tier, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
+};
 use serde::{Serialize, Serializer};
 
 use crate::{
@@ -97,6 +99,43 @@ struct CounterUse {
     entries: usize,
     generation: u32,
     max_entries: u32,
+    /// The distinct remote addresses counted past the per-IP map since the last reset, estimated,
+    /// per port, protocol and direction.
+    sources: Vec<SourceUse>,
+    /// The estimates' standard error (a fraction: 0.016 is 1.6%).
+    sources_standard_error: f64,
+    /// Every tier: its keys in the active generation, its size, and what it counted since the last
+    /// reset (both generations).
+    tiers: Vec<TierUse>,
+    /// Counted under the overflow key since the last reset: no tier had room (never in normal
+    /// operation).
+    unattributed: Figures,
+}
+
+#[derive(Serialize)]
+struct TierUse {
+    bytes: u64,
+    entries: usize,
+    /// `null` for the per-port overflow, which holds every port.
+    max_entries: Option<u32>,
+    packets: u64,
+    /// `ip`, `prefix`, `wide-prefix` or `port`.
+    tier: &'static str,
+}
+
+#[derive(Serialize)]
+struct SourceUse {
+    #[serde(serialize_with = "direction_name")]
+    direction: Direction,
+    estimate: u64,
+    port: u16,
+    proto: &'static str,
+}
+
+#[derive(Serialize, Default)]
+struct Figures {
+    bytes: u64,
+    packets: u64,
 }
 
 #[derive(Serialize)]
@@ -229,10 +268,48 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
 
     let watched_ports = ports::fold(&maps::port_table(pinned.watched_ports()?)?);
     let generation = pinned.active_generation()?;
-    let mut entries = 0;
-    pinned.generation(generation)?.for_each(|key, _| {
-        entries += usize::from(!key.is_overflow());
-    })?;
+    let sizes = pinned.meta.sizes();
+    let mut tiers: Vec<TierUse> = Tier::ALL
+        .iter()
+        .map(|tier| TierUse {
+            tier: tier.name(),
+            entries: 0,
+            max_entries: match tier {
+                Tier::Ip => Some(sizes.ip),
+                Tier::Prefix => Some(sizes.prefix),
+                Tier::WidePrefix => Some(sizes.wide_prefix),
+                Tier::Port => None,
+            },
+            bytes: 0,
+            packets: 0,
+        })
+        .collect();
+    let mut unattributed = Figures::default();
+    for g in [0, 1] {
+        pinned.generation(g)?.for_each(|key, value| {
+            let Some(tier) = key.tier() else {
+                unattributed.bytes += value.bytes;
+                unattributed.packets += value.packets;
+                return;
+            };
+            let t = &mut tiers[tier as usize];
+            t.entries += usize::from(g == generation);
+            t.bytes += value.bytes;
+            t.packets += value.packets;
+        })?;
+    }
+    let entries = tiers[Tier::Ip as usize].entries;
+    let sources = pinned
+        .sources()?
+        .into_iter()
+        .map(|(port, sketch)| SourceUse {
+            port: port.port,
+            proto: output::proto_name(port.proto),
+            direction: port.direction(),
+            estimate: sketch.estimate(),
+        })
+        .filter(|s| s.estimate > 0)
+        .collect();
     let stats = maps::read_stats(pinned.stats()?)?;
     let j = journal::read(pinned)?;
     let state = journal::state(&j)?;
@@ -248,6 +325,10 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
             entries,
             generation,
             max_entries: pinned.meta.max_entries,
+            tiers,
+            unattributed,
+            sources,
+            sources_standard_error: crate::sources::STANDARD_ERROR,
         },
         direction: pinned.meta.directions().name(),
         layout_version: LAYOUT_VERSION,
@@ -332,6 +413,40 @@ fn print_human(status: &Status) {
         "counter entries {} of {} (generation {})",
         c.entries, c.max_entries, c.generation
     );
+    let past: Vec<String> = c.tiers[1..]
+        .iter()
+        .map(|t| {
+            let size = t.max_entries.map_or(String::new(), |m| format!(" of {m}"));
+            format!(
+                "{} {}{size} entries, {} ({} bytes)",
+                t.tier,
+                t.entries,
+                human_bytes(t.bytes),
+                t.bytes
+            )
+        })
+        .collect();
+    println!("past the per-IP map: {}", past.join("; "));
+    if !c.sources.is_empty() {
+        let sources: Vec<String> = c
+            .sources
+            .iter()
+            .map(|s| format!("{}/{} {} about {}", s.port, s.proto, s.direction.name(), s.estimate))
+            .collect();
+        println!(
+            "distinct sources past the per-IP map: {} (standard error {:.1}%)",
+            sources.join(", "),
+            c.sources_standard_error * 100.0
+        );
+    }
+    if c.unattributed.packets > 0 {
+        println!(
+            "unattributed (no tier had room): {} packets, {} ({} bytes)",
+            c.unattributed.packets,
+            human_bytes(c.unattributed.bytes),
+            c.unattributed.bytes
+        );
+    }
     let s = &status.stats;
     println!(
         "matched {} packets, {} ({} bytes)",
@@ -346,7 +461,7 @@ fn print_human(status: &Status) {
         .collect();
     println!("not counted: {}", not_counted.join(", "));
     println!(
-        "map full: {} packets, {} ({} bytes) in the overflow entry",
+        "map full: {} packets, {} ({} bytes) counted past the per-IP map",
         s.map_full_packets,
         human_bytes(s.map_full_bytes),
         s.map_full_bytes
