@@ -584,53 +584,6 @@ pub const fn full_hint_index(generation: u32, tier: Tier) -> u32 {
     (generation & 1) * 4 + tier as u32
 }
 
-/// Registers of a distinct-source sketch (HyperLogLog): 2^HLL_BITS one-byte registers.
-pub const HLL_BITS: u32 = 12;
-pub const HLL_REGISTERS: usize = 1 << HLL_BITS;
-
-// TEMPORARY stand-ins for the shared distinct-source hash (replaced by branch issue-19-hll).
-#[inline(always)]
-pub fn source_hash(remote_ip: &[u32; 4], seed: u32) -> u32 {
-    let mut h = seed;
-    let mut i = 0;
-    while i < 4 {
-        h = (h ^ remote_ip[i]).wrapping_mul(0x9e37_79b1);
-        h ^= h >> 15;
-        i += 1;
-    }
-    h
-}
-
-#[inline(always)]
-pub fn hll_register(hash: u32) -> (u32, u8) {
-    let index = hash >> (32 - HLL_BITS);
-    let mut rest = hash << HLL_BITS >> HLL_BITS;
-    let mut rank = 1u8;
-    if rest == 0 {
-        return (index, (33 - HLL_BITS) as u8);
-    }
-    if rest & 0xffff == 0 {
-        rank += 16;
-        rest >>= 16;
-    }
-    if rest & 0xff == 0 {
-        rank += 8;
-        rest >>= 8;
-    }
-    if rest & 0xf == 0 {
-        rank += 4;
-        rest >>= 4;
-    }
-    if rest & 0x3 == 0 {
-        rank += 2;
-        rest >>= 2;
-    }
-    if rest & 0x1 == 0 {
-        rank += 1;
-    }
-    (index, rank)
-}
-
 /// Entries of `map_full`: two generations of four tiers (the per-port overflow has no hint).
 pub const FULL_HINTS: u32 = 8;
 

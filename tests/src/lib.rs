@@ -23,8 +23,9 @@ use aya::{
 use portwatch::{
     generation::{sum, Generation, Key},
     pinned::{Access, PinPath, Pinned},
+    sources::Sketch,
 };
-use portwatch_common::{map_names, Counters, Direction, Stats, TierSizes};
+use portwatch_common::{map_names, Counters, Direction, PortKey, Stats, TierSizes};
 /// `#[kernel_test]`: a `#[test]` that first asks `kernel_available` with its own name.
 pub use portwatch_test_macros::kernel_test;
 
@@ -137,7 +138,12 @@ pub struct Run {
 
 impl Harness {
     pub fn new(max_entries: u32) -> Result<Self> {
-        let mut ebpf = portwatch::object::load_programs(TierSizes::derived(max_entries))?;
+        Harness::with_sizes(TierSizes::derived(max_entries))
+    }
+
+    /// With tiers of these sizes (small ones fill with a few sources).
+    pub fn with_sizes(sizes: TierSizes) -> Result<Self> {
+        let mut ebpf = portwatch::object::load_programs(sizes)?;
         let config: Array<_, portwatch_common::Config> = Array::try_from(ebpf.map(map_names::CONFIG).unwrap())?;
         let config = config.get(&0, 0)?;
         let mut generations = Generation::open_both(&config, |name| {
@@ -219,6 +225,14 @@ impl Harness {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The distinct-source registers of generation `generation`, merged per port, protocol and
+    /// direction.
+    pub fn sources(&mut self, generation: u32) -> Result<BTreeMap<PortKey, Sketch>> {
+        let mut out = BTreeMap::new();
+        self.generation(generation).merge_sources(&mut out)?;
+        Ok(out)
     }
 
     /// The owned slots of generation `generation`'s front cache, every CPU.
@@ -498,17 +512,22 @@ pub fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// A full map's accounting: everything the program matched (`stats.matched_*`) is `sent`, and the
-/// two overflow entries (ingress, egress) hold exactly what `stats.map_full_*` counted.
-pub fn assert_overflow_accounted(stats: &Stats, overflow: [Counters; 2], sent: Counters) {
+/// A full map's accounting: everything the program matched (`stats.matched_*`) is `sent`, and what
+/// was counted past the per-IP map (every tier but it, and the overflow keys) is exactly what
+/// `stats.map_full_*` counted.
+pub fn assert_past_per_ip_accounted(stats: &Stats, past_per_ip: Counters, sent: Counters) {
     assert_eq!((stats.matched_packets, stats.matched_bytes), (sent.packets, sent.bytes));
-    let overflowed = Counters {
-        bytes: overflow[0].bytes + overflow[1].bytes,
-        packets: overflow[0].packets + overflow[1].packets,
-    };
     assert_eq!(
         (stats.map_full_packets, stats.map_full_bytes),
-        (overflowed.packets, overflowed.bytes),
-        "stats.map_full_* account for the overflow"
+        (past_per_ip.packets, past_per_ip.bytes),
+        "stats.map_full_* account for what was counted past the per-IP map"
     );
+}
+
+/// What `counts` holds past the per-IP map: every key but the per-IP ones.
+pub fn past_per_ip(counts: &BTreeMap<Key, Counters>) -> Counters {
+    counts
+        .iter()
+        .filter(|(k, _)| !matches!(k.remote, portwatch::generation::Remote::Ip(_)))
+        .fold(Counters::default(), |acc, (_, c)| acc + *c)
 }

@@ -2,9 +2,11 @@
 //! return code (`TC_ACT_UNSPEC`), that the packet left unchanged, the exact counter it landed in
 //! (or that it landed in none) and the exact statistics.
 
-use portwatch::generation::Key;
+use std::collections::BTreeMap;
+
+use portwatch::generation::{Key, Remote};
 use portwatch_common::{
-    Counters, Direction,
+    Counters, Direction, PortKey, TierSizes,
     Direction::{Egress as EG, Ingress as IN},
     NotCounted as Reason, Stats, IPPROTO_TCP as TCP, IPPROTO_UDP as UDP, PROTO_ALL, PROTO_TCP, PROTO_UDP,
 };
@@ -814,58 +816,70 @@ fn the_generation_bit_selects_the_counter_map() {
     );
 }
 
-/// A full counter map never hides traffic: what finds no room goes to the overflow key of its
-/// direction, and the counters still add up to every matched byte and packet.
+/// A full per-IP map hides no traffic and moves none: a new source is counted under its /24 (or
+/// /48), then, that tier full, under its /16 (or /32), then under its port alone; a key that exists
+/// in a tier keeps counting there; every source past the per-IP map goes into its port's
+/// distinct-source registers; `stats.map_full_*` is exactly what went past the per-IP map.
 #[kernel_test]
-fn a_full_map_sends_new_keys_to_overflow() {
-    const MAX: u32 = 8;
-    let mut h = Harness::new(MAX).unwrap();
+fn a_full_map_counts_new_sources_under_their_prefix_then_their_port() {
+    let sizes = TierSizes {
+        ip: 4,
+        prefix: 2,
+        wide_prefix: 1,
+    };
+    let mut h = Harness::with_sizes(sizes).unwrap();
     watch_defaults(&mut h);
     let mut sent = Counters::default();
-    let mut overflow_in = Counters::default();
-    let mut overflow_eg = Counters::default();
-    // 12 sources on ingress, then 3 more on egress: the first 8 keys fit, the rest overflow.
-    for i in 0..15u32 {
-        let (dir, p) = if i < 12 {
-            (
-                IN,
-                Packet::udp4(&format!("198.18.2.{i}"), 5000, S4, 53).payload(10 + i as usize),
-            )
-        } else {
-            (
-                EG,
-                Packet::udp4(S4, 53, &format!("198.18.2.{i}"), 5000).payload(10 + i as usize),
-            )
-        };
-        // Each key twice: once to insert, once to increment (or to overflow twice).
-        for _ in 0..2 {
-            let run = h.run(dir, &p.build()).unwrap();
-            assert_eq!(run.return_code, TC_ACT_UNSPEC);
+    let mut counted: BTreeMap<Key, Counters> = BTreeMap::new();
+    let prefix = |cidr: &str, direction| Key {
+        remote: Remote::Prefix(cidr.parse().unwrap()),
+        port: 53,
+        proto: UDP,
+        direction,
+    };
+    let port_only = |direction| Key::any_remote(PortKey::new(53, UDP, direction));
+    // (remote, direction, where it must be counted), in the order sent.
+    let plan: Vec<(&str, Direction, Key)> = vec![
+        ("198.18.1.1", IN, key("198.18.1.1", 53, UDP, IN)),
+        ("198.18.1.2", IN, key("198.18.1.2", 53, UDP, IN)),
+        ("198.18.1.3", IN, key("198.18.1.3", 53, UDP, IN)),
+        ("198.18.1.4", EG, key("198.18.1.4", 53, UDP, EG)),
+        // The per-IP map is full (4 keys): new sources go to their /24, then /16, then the port.
+        ("198.18.1.5", IN, prefix("198.18.1.0/24", IN)),
+        ("198.18.2.1", IN, prefix("198.18.2.0/24", IN)),
+        ("198.18.3.1", IN, prefix("198.18.0.0/16", IN)),
+        ("198.19.0.1", IN, port_only(IN)),
+        ("2001:db8:1::1", IN, port_only(IN)),
+        ("198.18.9.9", EG, port_only(EG)),
+        // Keys that exist keep counting where they are.
+        ("198.18.1.1", IN, key("198.18.1.1", 53, UDP, IN)),
+        ("198.18.1.9", IN, prefix("198.18.1.0/24", IN)),
+        ("198.18.3.7", IN, prefix("198.18.0.0/16", IN)),
+        ("198.19.0.2", IN, port_only(IN)),
+    ];
+    for (i, (remote, direction, at)) in plan.iter().enumerate() {
+        let p = match (*direction, remote.contains(':')) {
+            (IN, false) => Packet::udp4(remote, 5000, S4, 53),
+            (IN, true) => Packet::udp6(remote, 5000, S6, 53),
+            (_, _) => Packet::udp4(S4, 53, remote, 5000),
         }
+        .payload(10 + i);
+        let run = h.run(*direction, &p.build()).unwrap();
+        assert_eq!(run.return_code, TC_ACT_UNSPEC);
         let c = Counters {
-            bytes: 2 * p.l3_len() as u64,
-            packets: 2,
+            bytes: p.l3_len() as u64,
+            packets: 1,
         };
         sent += c;
-        if i >= MAX {
-            if dir == IN {
-                overflow_in += c
-            } else {
-                overflow_eg += c
-            }
-        }
+        *counted.entry(*at).or_default() += c;
     }
-    let all = h.counters(0).unwrap();
-    assert_eq!(
-        all.len(),
-        MAX as usize + 2,
-        "the map holds MAX keys plus the two overflow keys"
-    );
-    assert_eq!(all[&Key::overflow(IN)], overflow_in);
-    assert_eq!(all[&Key::overflow(EG)], overflow_eg);
-    let total = portwatch::generation::sum(&all.values().copied().collect::<Vec<_>>());
-    assert_eq!(total, sent, "counters plus overflow equal all matched traffic");
-    let stats = h.stats().unwrap();
-    portwatch_tests::assert_overflow_accounted(&stats, [overflow_in, overflow_eg], sent);
-    assert_eq!(stats.overflow_missing_packets, 0);
+    let all = real_counters(&h.counters(0).unwrap());
+    assert_eq!(all, counted, "each datagram in the tier its source found room in");
+    let past = portwatch_tests::past_per_ip(&all);
+    portwatch_tests::assert_past_per_ip_accounted(&h.stats().unwrap(), past, sent);
+    // Sources past the per-IP map: 6 on 53/udp ingress, 1 on egress.
+    let sources = h.sources(0).unwrap();
+    let estimate = |direction| sources[&PortKey::new(53, UDP, direction)].estimate();
+    assert_eq!((estimate(IN), estimate(EG)), (6, 1));
+    assert_eq!(h.stats().unwrap().overflow_missing_packets, 0);
 }

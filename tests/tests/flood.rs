@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use portwatch::generation::{sum, Key};
+use portwatch::generation::{sum, Key, Remote};
 use portwatch_common::{
     Counters,
     Direction::{Egress as EG, Ingress as IN},
@@ -37,7 +37,7 @@ fn all_counters(pw: &Pw) -> BTreeMap<Key, Counters> {
 }
 
 #[kernel_test]
-fn a_spoofed_flood_overflows_exactly_and_top_and_reset_still_work() {
+fn a_spoofed_flood_is_counted_exactly_past_the_per_ip_map_and_top_and_reset_still_work() {
     let sources: u64 = std::env::var("PORTWATCH_FLOOD_SOURCES")
         .map(|s| s.parse().expect("PORTWATCH_FLOOD_SOURCES is a count"))
         .unwrap_or(DEFAULT_SOURCES);
@@ -48,8 +48,7 @@ fn a_spoofed_flood_overflows_exactly_and_top_and_reset_still_work() {
 
     let mut sent = Counters::default();
     let mut keys: BTreeMap<Key, Counters> = BTreeMap::new();
-    let mut overflow_in = Counters::default();
-    let mut overflow_eg = Counters::default();
+    let mut past_per_ip = Counters::default();
     let started = std::time::Instant::now();
     // Every source once, in order: the first MAX_ENTRIES fill the map, the others find it full.
     for i in 0..sources {
@@ -61,7 +60,7 @@ fn a_spoofed_flood_overflows_exactly_and_top_and_reset_still_work() {
         if i < MAX_ENTRIES {
             keys.insert(key, c);
         } else {
-            overflow_in += c;
+            past_per_ip += c;
         }
     }
     let flood_secs = started.elapsed().as_secs_f64();
@@ -79,36 +78,36 @@ fn a_spoofed_flood_overflows_exactly_and_top_and_reset_still_work() {
         sent += c;
         *keys.get_mut(&key).unwrap() += c;
     }
-    // Replies to addresses never seen: no room, the egress overflow key.
+    // Replies to addresses never seen: no room, counted past the per-IP map.
     for j in 0..EGRESS_REMOTES {
         let ip = remote(sources + j);
         let p = frame(ip, EG, (j % 13) as usize);
         progs.run(EG, &p.build(), 1).unwrap();
         let c = counted(ip, EG, &p).1;
         sent += c;
-        overflow_eg += c;
+        past_per_ip += c;
     }
 
-    // The map: exactly the keys that fit, each to the byte, and the overflow keys; together,
-    // everything sent.
+    // The per-IP map: exactly the keys that fit, each to the byte; past it, the prefix tiers and
+    // the per-port overflow; together, everything sent.
     let all = all_counters(pw);
-    let real: BTreeMap<_, _> = all
+    let per_ip: BTreeMap<_, _> = all
         .iter()
-        .filter(|(k, _)| !k.is_overflow())
+        .filter(|(k, _)| matches!(k.remote, Remote::Ip(_)))
         .map(|(k, v)| (*k, *v))
         .collect();
-    assert_eq!(real.len() as u64, MAX_ENTRIES, "the map is full");
-    assert!(real == keys, "the keys that fit hold exactly their traffic");
-    assert_eq!(all[&Key::overflow(IN)], overflow_in);
-    assert_eq!(all[&Key::overflow(EG)], overflow_eg);
+    assert_eq!(per_ip.len() as u64, MAX_ENTRIES, "the per-IP map is full");
+    assert!(per_ip == keys, "the keys that fit hold exactly their traffic");
+    assert_eq!(portwatch_tests::past_per_ip(&all), past_per_ip);
     assert_eq!(
         sum(&all.values().copied().collect::<Vec<_>>()),
         sent,
-        "entries + overflow = sent"
+        "every tier together = sent"
     );
     let stats = pw.stats();
-    portwatch_tests::assert_overflow_accounted(&stats, [overflow_in, overflow_eg], sent);
+    portwatch_tests::assert_past_per_ip_accounted(&stats, past_per_ip, sent);
     assert_eq!(stats.overflow_missing_packets, 0);
+    assert_eq!(all.get(&Key::overflow(IN)).copied().unwrap_or_default(), Counters::default());
 
     // top on the full map: the heavy hitters in order, totals and overflow exact.
     let top = pw.json(&["top", "-n", &HEAVY.to_string(), "--json"]);
@@ -119,31 +118,17 @@ fn a_spoofed_flood_overflows_exactly_and_top_and_reset_still_work() {
         assert_eq!(row["ip"], ip.to_string(), "top row {k}: {row}");
         assert_eq!(counters_of(row), keys[&counted(ip, IN, &frame(ip, IN, 0)).0]);
     }
-    assert_eq!(
-        counters_of(&top["totals"]),
-        sent,
-        "top's totals: every row plus the overflow"
-    );
-    let overflowed = Counters {
-        bytes: overflow_in.bytes + overflow_eg.bytes,
-        packets: overflow_in.packets + overflow_eg.packets,
-    };
-    assert_eq!(counters_of(&top["overflow"]), overflowed);
+    assert_eq!(counters_of(&top["totals"]), sent, "top's totals: everything, every tier");
+    assert_eq!(counters_of(&top["overflow"]), Counters::default());
+    assert_eq!(counters_of(&top["by_tier"]["ip"]), sum(&keys.values().copied().collect::<Vec<_>>()));
 
-    // reset on the full map: every key once, with the overflow, and the map has room again.
+    // reset on the full map: every key of every tier once, and the map has room again.
     let reset = pw.json(&["reset", "--json"]);
     let rows = reset["rows"].as_array().unwrap();
-    assert_eq!(rows.len() as u64, MAX_ENTRIES);
+    assert!(rows.len() as u64 > MAX_ENTRIES, "per-IP rows and rows past the per-IP map");
     let drained = sum(&rows.iter().map(counters_of).collect::<Vec<_>>());
-    assert_eq!(
-        Counters {
-            bytes: drained.bytes + counters_of(&reset["overflow"]).bytes,
-            packets: drained.packets + counters_of(&reset["overflow"]).packets,
-        },
-        sent,
-        "reset printed everything sent"
-    );
-    assert_eq!(counters_of(&reset["overflow"]), overflowed);
+    assert_eq!(drained, sent, "reset printed everything sent");
+    assert_eq!(counters_of(&reset["overflow"]), Counters::default());
     let after = pw.json(&["top", "--json"]);
     assert_eq!(counters_of(&after["totals"]), Counters::default());
     let newcomer = remote(sources + EGRESS_REMOTES);

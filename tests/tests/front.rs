@@ -2,7 +2,7 @@
 //! and is counted there from then on; keys that share a slot, or that a full map refuses, stay
 //! exact; every reader adds the slots to their keys. `BPF_PROG_TEST_RUN` on the embedded program.
 
-use portwatch::generation::Key;
+use portwatch::generation::{Key, Remote};
 use portwatch_common::{front_index, Counters, Direction, IPPROTO_TCP, PROTO_ALL};
 use portwatch_tests::{kernel_test, key, packet::Packet, Harness};
 
@@ -89,7 +89,7 @@ fn a_key_the_full_map_refuses_claims_no_slot() {
     for i in 0..MAX {
         h.run(Direction::Ingress, &frame(&src(i))).unwrap();
     }
-    // A newcomer whose slot is free: the map is full, so it goes to the overflow key, every time.
+    // A newcomer whose slot is free: the map is full, so it goes to its /24, every time.
     let newcomer = (MAX..255)
         .map(src)
         .find(|s| {
@@ -107,15 +107,19 @@ fn a_key_the_full_map_refuses_claims_no_slot() {
     let all = h.counters(0).unwrap();
     assert!(
         !all.contains_key(&k),
-        "a key the map refused is nowhere but in the overflow"
+        "a key the map refused is nowhere but under its prefix"
     );
     assert!(!h.front(0).unwrap().iter().any(|(key, _)| *key == k));
-    let overflow = all[&Key::overflow(Direction::Ingress)];
-    assert_eq!(overflow.packets, 5);
+    let prefix = Key {
+        remote: Remote::Prefix("198.18.20.0/24".parse().unwrap()),
+        ..k
+    };
+    let under_prefix = all[&prefix];
+    assert_eq!(under_prefix.packets, 5);
     let stats = h.stats().unwrap();
     assert_eq!(
         (stats.map_full_packets, stats.map_full_bytes),
-        (overflow.packets, overflow.bytes)
+        (under_prefix.packets, under_prefix.bytes)
     );
 }
 
@@ -159,7 +163,7 @@ fn a_reset_that_makes_room_lets_new_keys_in_again() {
     for i in 0..MAX {
         run(i);
     }
-    // Full: two newcomers go to the overflow key (the second one without trying an insert).
+    // Full: two newcomers go past the per-IP map (the second one without trying an insert).
     for i in MAX..MAX + 2 {
         let (key, _) = run(i);
         assert!(!pw.counters().contains_key(&key));
