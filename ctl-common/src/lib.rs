@@ -1207,3 +1207,101 @@ impl core::ops::AddAssign for Stats {
         }
     }
 }
+
+// Distinct sources: the hash of a remote address and its place in a HyperLogLog sketch. The kernel
+// program and userspace must compute exactly the same thing, so both are defined here only.
+
+/// Bits of a hash that pick a HyperLogLog register: a sketch has `HLL_REGISTERS` one-byte
+/// registers, and its standard error is 1.04/sqrt(HLL_REGISTERS) = 1.04/64, about 1.6%.
+pub const HLL_BITS: u32 = 12;
+/// Registers of a sketch (4096), indexed by the top `HLL_BITS` bits of a `source_hash`.
+pub const HLL_REGISTERS: usize = 1 << HLL_BITS;
+
+/// Murmur3's 32-bit finalizer: a bijection of `u32` in which each input bit flips each output bit
+/// with probability close to 1/2.
+#[inline(always)]
+const fn fmix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^= x >> 16;
+    x
+}
+
+/// The 32-bit hash of a remote address that the distinct-source sketches count (`hll_register`),
+/// keyed with `seed`, a random value chosen at each load: without it, nobody can pick addresses
+/// that share a register, and the hash of an address means nothing outside that load.
+///
+/// `remote_ip` is as `CounterKey::remote_ip` holds it: word `i` is bytes `4i..4i+4` of the 16-byte
+/// address in network order (IPv4 as `::ffff:a.b.c.d`), read as a native-endian `u32`
+/// (little-endian on bpfel, x86_64 and aarch64: the kernel program and userspace of one machine
+/// read the same words). All arithmetic wraps modulo 2^32:
+///
+/// ```text
+/// fmix32(x) = x ^= x >> 16; x *= 0x85ebca6b; x ^= x >> 13; x *= 0xc2b2ae35; x ^= x >> 16
+/// h = seed
+/// h = fmix32(h ^ remote_ip[0]); h = fmix32(h ^ remote_ip[1])
+/// h = fmix32(h ^ remote_ip[2]); h = fmix32(h ^ remote_ip[3])
+/// source_hash = h
+/// ```
+///
+/// Each word goes through a whole murmur3 finalizer before the next one is mixed in. Murmur3's own
+/// block function turns a chosen difference of one word into a difference of the state's bit 31
+/// alone, whatever the seed, and the next word cancels it: pairs of words collide for every seed
+/// (Aumasson and Bernstein, "Hash-flooding DoS reloaded", 2012), and a flood from chosen IPv6
+/// sources could hide three in four of them. Through `fmix32`, the likeliest output difference of
+/// any one- or two-bit input difference occurs with probability about 2^-6 (measured: 0x80008000
+/// in), so such a pair collides in one load in 64. `fmix32` is a bijection: two addresses that
+/// differ in one word only (any two IPv4 addresses, two IPv6 addresses of one /96) never collide.
+/// Cost: 8 multiplications, 12 shifts, 16 xors, no branch.
+#[inline(always)]
+pub const fn source_hash(remote_ip: &[u32; 4], seed: u32) -> u32 {
+    let mut h = seed;
+    h = fmix32(h ^ remote_ip[0]);
+    h = fmix32(h ^ remote_ip[1]);
+    h = fmix32(h ^ remote_ip[2]);
+    fmix32(h ^ remote_ip[3])
+}
+
+/// Where `hash` (a `source_hash`) goes in a sketch: `(index, rank)`.
+///
+/// `index` is bits 31..20 of `hash` (`hash >> (32 - HLL_BITS)`), so always below `HLL_REGISTERS`.
+/// `rank` is 1 + the number of trailing zero bits of bits 19..0 (`hash & 0xf_ffff`): 1 when bit 0
+/// is set, 20 when bit 19 is the lowest set bit, 21 when all 20 bits are zero. A register holds the
+/// largest rank stored into it, 0 while none was: `if registers[index] < rank { registers[index] =
+/// rank }`.
+///
+/// A fixed binary search (16, 8, 4, 2, 1 bits), no loop and no `trailing_zeros`: BPF has no
+/// count-trailing-zeros instruction, and what LLVM emits for one is not always accepted.
+#[inline(always)]
+pub const fn hll_register(hash: u32) -> (u32, u8) {
+    const RANK_BITS: u32 = 32 - HLL_BITS;
+    let index = hash >> RANK_BITS;
+    // A stop bit above the rank's bits: never zero, and at most RANK_BITS trailing zeros.
+    let mut rest = (hash & ((1 << RANK_BITS) - 1)) | (1 << RANK_BITS);
+    let mut rank = 1;
+    if rest & 0xffff == 0 {
+        rest >>= 16;
+        rank += 16;
+    }
+    if rest & 0xff == 0 {
+        rest >>= 8;
+        rank += 8;
+    }
+    if rest & 0xf == 0 {
+        rest >>= 4;
+        rank += 4;
+    }
+    if rest & 0x3 == 0 {
+        rest >>= 2;
+        rank += 2;
+    }
+    if rest & 0x1 == 0 {
+        rank += 1;
+    }
+    (index, rank)
+}
+
+// The rank's bits and their stop bit fit in a u32, a rank in a u8, an index in the registers.
+const _: () = assert!(HLL_BITS >= 1 && HLL_BITS <= 16 && HLL_REGISTERS == 1 << HLL_BITS);

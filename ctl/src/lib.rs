@@ -25,6 +25,7 @@ pub(crate) mod reconcile;
 pub(crate) mod record;
 pub(crate) mod report;
 pub(crate) mod reset;
+pub mod sources;
 pub mod sys;
 
 use std::process::ExitCode;
