@@ -21,7 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
     cli::{Pw, Running},
-    netns::{Bed, CLIENT_V4, SERVER_V4},
+    netns::{Bed, Netns, CLIENT_V4, SERVER_V4},
 };
 
 /// The port every traffic kind uses and every scenario watches.
@@ -211,16 +211,31 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> 
 }
 
 /// What a scenario keeps running during the traffic; dropping it takes the scenario down.
-enum Active {
+enum Active<'a> {
     Nothing,
     /// Dropping the object closes its TCX links: detached.
     Hook(#[allow(dead_code)] aya::Ebpf),
     Portwatch(Pw),
-    Nftables,
+    /// Dropping it deletes the table.
+    Nftables(#[allow(dead_code)] NftTable<'a>),
     Capture(Running),
 }
 
-fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
+/// The nftables scenario's table on the server, deleted on drop: loaded again into a table that
+/// is still there, `nft -f` would append its rules to the chains, and every later scenario would
+/// pay for them.
+struct NftTable<'a>(&'a Netns);
+
+/// The nftables scenario's table (`table inet pwbench`).
+const NFT_TABLE: &str = "pwbench";
+
+impl Drop for NftTable<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.exec(&["nft", "delete", "table", "inet", NFT_TABLE]);
+    }
+}
+
+fn start(bed: &Bed, scenario: Scenario) -> Result<Active<'_>> {
     let port = PORT.to_string();
     Ok(match scenario {
         Scenario::None => Active::Nothing,
@@ -261,7 +276,7 @@ fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
         }
         Scenario::Nftables => {
             crate::nft::load(bed, &nft_rules())?;
-            Active::Nftables
+            Active::Nftables(NftTable(&bed.server))
         }
         Scenario::Capture => {
             let log = std::env::temp_dir().join(format!("pw-bench-tcpdump-{}.log", std::process::id()));
@@ -306,7 +321,7 @@ fn nft_rules() -> String {
         sets += &format!("  set {name} {{ type {ty}; size 65536; flags dynamic; counter; }}\n");
     }
     format!(
-        "table inet pwbench {{\n{sets}  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+        "table inet {NFT_TABLE} {{\n{sets}  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
          meta l4proto {{ tcp, udp }} th dport {PORT} update @src4 {{ ip saddr }}\n    \
          meta l4proto {{ tcp, udp }} th dport {PORT} update @src6 {{ ip6 saddr }}\n  }}\n  \
          chain output {{\n    type filter hook output priority 0; policy accept;\n    \
@@ -339,7 +354,7 @@ fn verify(active: Active, scenario: Scenario) -> Result<()> {
             let status = running.terminate();
             ensure!(status.success(), "tcpdump ended with {status}");
         }
-        Active::Hook(_) | Active::Nftables | Active::Nothing => {}
+        Active::Hook(_) | Active::Nftables(_) | Active::Nothing => {}
     }
     Ok(())
 }
