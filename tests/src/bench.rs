@@ -140,6 +140,11 @@ impl Traffic {
             Traffic::Flood | Traffic::Flood6 => "packets/s reaching UDP",
         }
     }
+
+    /// Whether the traffic is IPv6 (`flood6`); the others go to the server's IPv4 address.
+    fn is_ipv6(self) -> bool {
+        self == Traffic::Flood6
+    }
 }
 
 /// Distinct sources of a spoofed flood, used in turn: they fit a 65,536-entry map or nftables set.
@@ -286,8 +291,7 @@ enum Active<'a> {
     /// Dropping the object closes its TCX links: detached.
     Hook(#[allow(dead_code)] aya::Ebpf),
     Portwatch(Pw),
-    /// Dropping it deletes the table.
-    Nftables(#[allow(dead_code)] NftTable<'a>),
+    Nftables(NftTable<'a>),
     Capture(Running),
 }
 
@@ -298,6 +302,39 @@ struct NftTable<'a>(&'a Netns);
 
 /// The nftables scenario's table (`table inet pwbench`).
 const NFT_TABLE: &str = "pwbench";
+
+/// What a per-source set of the nftables scenario holds.
+#[derive(Debug)]
+struct PerSource {
+    sources: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+impl NftTable<'_> {
+    /// The sources in `set` (`src4`, `src6`...) and what their counters counted.
+    fn per_source(&self, set: &str) -> Result<PerSource> {
+        let json = self.0.exec(&["nft", "-j", "list", "set", "inet", NFT_TABLE, set])?;
+        let v: serde_json::Value = serde_json::from_str(&json).context("nft's JSON")?;
+        let listed = v["nftables"]
+            .as_array()
+            .and_then(|items| items.iter().find_map(|item| item.get("set")))
+            .with_context(|| format!("nft listed no set {set}"))?;
+        // An empty set has no "elem".
+        let elements = listed["elem"].as_array().map_or(&[][..], Vec::as_slice);
+        let mut counted = PerSource {
+            sources: elements.len() as u64,
+            packets: 0,
+            bytes: 0,
+        };
+        for element in elements {
+            let counter = &element["elem"]["counter"];
+            counted.packets += counter["packets"].as_u64().context("an element's packets")?;
+            counted.bytes += counter["bytes"].as_u64().context("an element's bytes")?;
+        }
+        Ok(counted)
+    }
+}
 
 impl Drop for NftTable<'_> {
     fn drop(&mut self) {
@@ -401,8 +438,12 @@ fn nft_rules() -> String {
 }
 
 /// After the traffic: the scenario did what it says (portwatch counted the traffic; in the full
-/// map, into the overflow keys; the capture saw packets).
-fn verify(active: Active, scenario: Scenario) -> Result<()> {
+/// map, into the overflow keys; nftables counted it per source, in the set of its family; the
+/// capture saw packets). A flood's datagrams differ only in their source, so every packet counted
+/// must be one of them (its length), and in the full map every one must have gone to the overflow
+/// keys.
+fn verify(active: Active, scenario: Scenario, traffic: Traffic) -> Result<()> {
+    let flood_datagram = Flood::of(traffic).map(|flood| flood.template().len() as u64);
     match active {
         Active::Portwatch(pw) => {
             let stats = pw.stats();
@@ -412,6 +453,22 @@ fn verify(active: Active, scenario: Scenario) -> Result<()> {
                     stats.map_full_packets > 0,
                     "the map was not full: nothing went to the overflow keys"
                 );
+            }
+            if let Some(len) = flood_datagram {
+                ensure!(
+                    stats.matched_bytes == stats.matched_packets * len,
+                    "portwatch counted {} bytes in {} packets, not the flood's {len}-byte datagrams",
+                    stats.matched_bytes,
+                    stats.matched_packets
+                );
+                if scenario == Scenario::FullMap {
+                    ensure!(
+                        stats.map_full_packets == stats.matched_packets,
+                        "only {} of the flood's {} packets went to the overflow keys",
+                        stats.map_full_packets,
+                        stats.matched_packets
+                    );
+                }
             }
             if scenario == Scenario::Many {
                 let entries = pw.status()["counters"]["entries"]
@@ -424,7 +481,18 @@ fn verify(active: Active, scenario: Scenario) -> Result<()> {
             let status = running.terminate();
             ensure!(status.success(), "tcpdump ended with {status}");
         }
-        Active::Hook(_) | Active::Nftables(_) | Active::Nothing => {}
+        Active::Nftables(table) => {
+            let set = if traffic.is_ipv6() { "src6" } else { "src4" };
+            let counted = table.per_source(set)?;
+            ensure!(counted.packets > 0, "nftables counted nothing in {set}");
+            if let Some(len) = flood_datagram {
+                ensure!(
+                    counted.bytes == counted.packets * len && counted.sources > 1,
+                    "nftables' {set} is not the flood's {len}-byte datagrams from many sources: {counted:?}"
+                );
+            }
+        }
+        Active::Hook(_) | Active::Nothing => {}
     }
     Ok(())
 }
@@ -454,7 +522,7 @@ fn measure(bed: &Bed, scenario: Scenario, traffic: Traffic, secs: u64) -> Result
         Traffic::Flood | Traffic::Flood6 => flood(bed, secs, Flood::of(traffic).expect("a flood"))?,
     };
     let after = (busy_ns()?, veth_packets(bed)?);
-    verify(active, scenario)?;
+    verify(active, scenario, traffic)?;
     let packets = after.1 - before.1;
     ensure!(packets > 0, "no packet crossed the veth");
     Ok(Sample {
