@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks, from a fresh clone: installs what is missing (iperf3, tcpdump, nftables: the
 # bootstrap), builds in release mode and runs the network harness (bench-net: every traffic kind
-# under every scenario, alternating, 5 rounds of 3 s; about 10 minutes on 2 cores), then the
+# under every scenario, alternating, 5 rounds of 3 s; about 11 minutes on 2 cores), then the
 # per-packet cost of the kernel program (bench-prog). Arguments go to bench-net (--rounds N,
 # --secs S, --scenario NAME, --traffic NAME, --smoke). Tables on stdout (Markdown), progress on
 # stderr. Traffic stays inside two throwaway namespaces; Ctrl-C stops it and removes them.

@@ -5,13 +5,14 @@
 //! round, the scenarios in alternation (A B C ... A B C ...), so a noisy neighbour hits them alike;
 //! the report gives each one's median, min-max and its ratio to no monitoring in the same round.
 //!
-//! Traffic stays inside the namespaces: the server is 198.18.0.1, the client 198.18.0.2, and the
-//! flood's spoofed sources are 198.19.1.0 and up (never routed anywhere).
+//! Traffic stays inside the namespaces: the server is 198.18.0.1 and 2001:db8::1, the client
+//! 198.18.0.2, and the floods' spoofed sources are 198.19.1.0 and up, and 2001:db8:f100::100 and up
+//! (never routed anywhere).
 
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     process::{Command, Stdio},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -21,7 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::{
     cli::{Pw, Running},
-    netns::{Bed, CLIENT_V4, SERVER_V4},
+    netns::{Bed, Netns, CLIENT_V4, SERVER_V4, SERVER_V6},
 };
 
 /// The port every traffic kind uses and every scenario watches.
@@ -99,10 +100,17 @@ pub enum Traffic {
     Udp64,
     Connections,
     Flood,
+    Flood6,
 }
 
 impl Traffic {
-    pub const ALL: [Traffic; 4] = [Traffic::Tcp, Traffic::Udp64, Traffic::Connections, Traffic::Flood];
+    pub const ALL: [Traffic; 5] = [
+        Traffic::Tcp,
+        Traffic::Udp64,
+        Traffic::Connections,
+        Traffic::Flood,
+        Traffic::Flood6,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -110,6 +118,7 @@ impl Traffic {
             Traffic::Udp64 => "udp64",
             Traffic::Connections => "connections",
             Traffic::Flood => "flood",
+            Traffic::Flood6 => "flood6",
         }
     }
 
@@ -119,6 +128,7 @@ impl Traffic {
             Traffic::Udp64 => "iperf3 UDP, 64-byte payloads, unlimited rate",
             Traffic::Connections => "short TCP connections (connect, 1 byte, close), 2 clients",
             Traffic::Flood => "spoofed UDP flood, 64-byte payloads, every packet from a new source",
+            Traffic::Flood6 => "spoofed IPv6 UDP flood, 64-byte payloads, every packet from a new source",
         }
     }
 
@@ -127,8 +137,73 @@ impl Traffic {
             Traffic::Tcp => "Gbit/s received",
             Traffic::Udp64 => "packets/s received",
             Traffic::Connections => "connections/s",
-            Traffic::Flood => "packets/s reaching UDP",
+            Traffic::Flood | Traffic::Flood6 => "packets/s reaching UDP",
         }
+    }
+
+    /// Whether the traffic is IPv6 (`flood6`); the others go to the server's IPv4 address.
+    fn is_ipv6(self) -> bool {
+        self == Traffic::Flood6
+    }
+}
+
+/// Distinct sources of a spoofed flood, used in turn: they fit a 65,536-entry map or nftables set.
+pub const FLOOD_SOURCES: u32 = 65280;
+
+/// A spoofed flood (`Traffic::Flood`, `Traffic::Flood6`): 64-byte UDP datagrams from a raw socket
+/// to `PORT` on the server's address of one family, each from the next of `FLOOD_SOURCES` addresses
+/// that differ in their last 16 bits (256 and up): 198.19.1.0 to 198.19.255.255, or
+/// 2001:db8:f100::100 to 2001:db8:f100::ffff. No interface has them and the server has no route to
+/// them, so it answers nothing (`flood` checks that no port unreachable left).
+#[derive(Clone, Copy, Debug)]
+struct Flood {
+    server: IpAddr,
+    /// The sources' network: the first source is this plus 256.
+    sources: IpAddr,
+}
+
+impl Flood {
+    const PAYLOAD: usize = 64;
+
+    fn of(traffic: Traffic) -> Option<Flood> {
+        match traffic {
+            Traffic::Flood => Some(Flood {
+                server: SERVER_V4.parse().expect("SERVER_V4 is an address"),
+                sources: IpAddr::V4(Ipv4Addr::new(198, 19, 0, 0)),
+            }),
+            Traffic::Flood6 => Some(Flood {
+                server: SERVER_V6.parse().expect("SERVER_V6 is an address"),
+                sources: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xf100, 0, 0, 0, 0, 0)),
+            }),
+            Traffic::Tcp | Traffic::Udp64 | Traffic::Connections => None,
+        }
+    }
+
+    /// A datagram from the sources' network address itself, the IP header included: every
+    /// datagram of the flood is this one with another source (and UDP checksum).
+    fn template(self) -> Vec<u8> {
+        crate::netns::spoofed_udp(self.sources, self.server, 40000, PORT, Flood::PAYLOAD)
+    }
+
+    /// The byte offsets of the source address's last 16 bits and of the UDP checksum.
+    fn offsets(self) -> (usize, usize) {
+        match self.server {
+            IpAddr::V4(_) => (14, 26),
+            IpAddr::V6(_) => (22, 46),
+        }
+    }
+}
+
+/// The UDP checksum of a datagram whose checksum was `checksum` once a 16-bit word of what it
+/// covers (the pseudo-header's source address included) goes from 0 to `word`: RFC 1624's
+/// incremental update, HC' = ~(~HC + m'), with 0 sent as 0xffff (0 means "none", which IPv6
+/// forbids).
+fn checksum_with(checksum: u16, word: u16) -> u16 {
+    let sum = u32::from(!checksum) + u32::from(word);
+    let folded = (sum & 0xffff) + (sum >> 16);
+    match !(folded as u16) {
+        0 => 0xffff,
+        c => c,
     }
 }
 
@@ -211,16 +286,63 @@ pub fn run(options: &Options, mut progress: impl FnMut(&str)) -> Result<Report> 
 }
 
 /// What a scenario keeps running during the traffic; dropping it takes the scenario down.
-enum Active {
+enum Active<'a> {
     Nothing,
     /// Dropping the object closes its TCX links: detached.
     Hook(#[allow(dead_code)] aya::Ebpf),
     Portwatch(Pw),
-    Nftables,
+    Nftables(NftTable<'a>),
     Capture(Running),
 }
 
-fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
+/// The nftables scenario's table on the server, deleted on drop: loaded again into a table that
+/// is still there, `nft -f` would append its rules to the chains, and every later scenario would
+/// pay for them.
+struct NftTable<'a>(&'a Netns);
+
+/// The nftables scenario's table (`table inet pwbench`).
+const NFT_TABLE: &str = "pwbench";
+
+/// What a per-source set of the nftables scenario holds.
+#[derive(Debug)]
+struct PerSource {
+    sources: u64,
+    packets: u64,
+    bytes: u64,
+}
+
+impl NftTable<'_> {
+    /// The sources in `set` (`src4`, `src6`...) and what their counters counted.
+    fn per_source(&self, set: &str) -> Result<PerSource> {
+        let json = self.0.exec(&["nft", "-j", "list", "set", "inet", NFT_TABLE, set])?;
+        let v: serde_json::Value = serde_json::from_str(&json).context("nft's JSON")?;
+        let listed = v["nftables"]
+            .as_array()
+            .and_then(|items| items.iter().find_map(|item| item.get("set")))
+            .with_context(|| format!("nft listed no set {set}"))?;
+        // An empty set has no "elem".
+        let elements = listed["elem"].as_array().map_or(&[][..], Vec::as_slice);
+        let mut counted = PerSource {
+            sources: elements.len() as u64,
+            packets: 0,
+            bytes: 0,
+        };
+        for element in elements {
+            let counter = &element["elem"]["counter"];
+            counted.packets += counter["packets"].as_u64().context("an element's packets")?;
+            counted.bytes += counter["bytes"].as_u64().context("an element's bytes")?;
+        }
+        Ok(counted)
+    }
+}
+
+impl Drop for NftTable<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.exec(&["nft", "delete", "table", "inet", NFT_TABLE]);
+    }
+}
+
+fn start(bed: &Bed, scenario: Scenario) -> Result<Active<'_>> {
     let port = PORT.to_string();
     Ok(match scenario {
         Scenario::None => Active::Nothing,
@@ -261,7 +383,7 @@ fn start(bed: &Bed, scenario: Scenario) -> Result<Active> {
         }
         Scenario::Nftables => {
             crate::nft::load(bed, &nft_rules())?;
-            Active::Nftables
+            Active::Nftables(NftTable(&bed.server))
         }
         Scenario::Capture => {
             let log = std::env::temp_dir().join(format!("pw-bench-tcpdump-{}.log", std::process::id()));
@@ -306,7 +428,7 @@ fn nft_rules() -> String {
         sets += &format!("  set {name} {{ type {ty}; size 65536; flags dynamic; counter; }}\n");
     }
     format!(
-        "table inet pwbench {{\n{sets}  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
+        "table inet {NFT_TABLE} {{\n{sets}  chain input {{\n    type filter hook input priority 0; policy accept;\n    \
          meta l4proto {{ tcp, udp }} th dport {PORT} update @src4 {{ ip saddr }}\n    \
          meta l4proto {{ tcp, udp }} th dport {PORT} update @src6 {{ ip6 saddr }}\n  }}\n  \
          chain output {{\n    type filter hook output priority 0; policy accept;\n    \
@@ -316,8 +438,12 @@ fn nft_rules() -> String {
 }
 
 /// After the traffic: the scenario did what it says (portwatch counted the traffic; in the full
-/// map, into the overflow keys; the capture saw packets).
-fn verify(active: Active, scenario: Scenario) -> Result<()> {
+/// map, into the overflow keys; nftables counted it per source, in the set of its family; the
+/// capture saw packets). A flood's datagrams differ only in their source, so every packet counted
+/// must be one of them (its length), and in the full map every one must have gone to the overflow
+/// keys.
+fn verify(active: Active, scenario: Scenario, traffic: Traffic) -> Result<()> {
+    let flood_datagram = Flood::of(traffic).map(|flood| flood.template().len() as u64);
     match active {
         Active::Portwatch(pw) => {
             let stats = pw.stats();
@@ -327,6 +453,22 @@ fn verify(active: Active, scenario: Scenario) -> Result<()> {
                     stats.map_full_packets > 0,
                     "the map was not full: nothing went to the overflow keys"
                 );
+            }
+            if let Some(len) = flood_datagram {
+                ensure!(
+                    stats.matched_bytes == stats.matched_packets * len,
+                    "portwatch counted {} bytes in {} packets, not the flood's {len}-byte datagrams",
+                    stats.matched_bytes,
+                    stats.matched_packets
+                );
+                if scenario == Scenario::FullMap {
+                    ensure!(
+                        stats.map_full_packets == stats.matched_packets,
+                        "only {} of the flood's {} packets went to the overflow keys",
+                        stats.map_full_packets,
+                        stats.matched_packets
+                    );
+                }
             }
             if scenario == Scenario::Many {
                 let entries = pw.status()["counters"]["entries"]
@@ -339,7 +481,18 @@ fn verify(active: Active, scenario: Scenario) -> Result<()> {
             let status = running.terminate();
             ensure!(status.success(), "tcpdump ended with {status}");
         }
-        Active::Hook(_) | Active::Nftables | Active::Nothing => {}
+        Active::Nftables(table) => {
+            let set = if traffic.is_ipv6() { "src6" } else { "src4" };
+            let counted = table.per_source(set)?;
+            ensure!(counted.packets > 0, "nftables counted nothing in {set}");
+            if let Some(len) = flood_datagram {
+                ensure!(
+                    counted.bytes == counted.packets * len && counted.sources > 1,
+                    "nftables' {set} is not the flood's {len}-byte datagrams from many sources: {counted:?}"
+                );
+            }
+        }
+        Active::Hook(_) | Active::Nothing => {}
     }
     Ok(())
 }
@@ -366,10 +519,10 @@ fn measure(bed: &Bed, scenario: Scenario, traffic: Traffic, secs: u64) -> Result
             (packets - lost) / seconds
         }
         Traffic::Connections => connections(bed, secs)?,
-        Traffic::Flood => flood(bed, secs)?,
+        Traffic::Flood | Traffic::Flood6 => flood(bed, secs, Flood::of(traffic).expect("a flood"))?,
     };
     let after = (busy_ns()?, veth_packets(bed)?);
-    verify(active, scenario)?;
+    verify(active, scenario, traffic)?;
     let packets = after.1 - before.1;
     ensure!(packets > 0, "no packet crossed the veth");
     Ok(Sample {
@@ -497,47 +650,85 @@ fn connections(bed: &Bed, secs: u64) -> Result<f64> {
     Ok(completed.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
-/// A spoofed flood for `secs`: 64-byte UDP datagrams to the server's port, each from the next of
-/// 65,280 source addresses (198.19.1.0 and up, round robin). Datagrams per second that reached the
-/// server's UDP layer.
-fn flood(bed: &Bed, secs: u64) -> Result<f64> {
-    let before = bed.udp_received()?;
+/// A spoofed flood for `secs` (see `Flood`): datagrams per second that reached the server's UDP
+/// layer. It checks that their checksums held there and that the server answered none of them.
+fn flood(bed: &Bed, secs: u64, flood: Flood) -> Result<f64> {
+    const CHECKSUM_ERRORS: [&str; 2] = ["Udp:InCsumErrors", "Udp6InCsumErrors"];
+    const UNREACHABLES_SENT: [&str; 2] = ["Icmp:OutDestUnreachs", "Icmp6OutDestUnreachs"];
+    let before = (
+        bed.udp_received()?,
+        bed.server_snmp(&CHECKSUM_ERRORS)?,
+        bed.server_snmp(&UNREACHABLES_SENT)?,
+    );
     let started = Instant::now();
     let deadline = started + Duration::from_secs(secs);
-    let dst: Ipv4Addr = SERVER_V4.parse()?;
-    bed.client.enter(|| -> Result<()> {
+    let to = nix::sys::socket::SockaddrStorage::from(SocketAddr::new(flood.server, 0));
+    let template = flood.template();
+    let (source_at, checksum_at) = flood.offsets();
+    let template_checksum = u16::from_be_bytes([template[checksum_at], template[checksum_at + 1]]);
+    let (sent, last_error) = bed.client.enter(|| -> Result<(u64, Option<nix::Error>)> {
+        let family = match flood.server {
+            IpAddr::V4(_) => libc::AF_INET,
+            IpAddr::V6(_) => libc::AF_INET6,
+        };
+        // IPPROTO_RAW: the datagram is sent with the IP header it has (IPv6: IPV6_HDRINCL is
+        // implied), so its source is whatever it says.
         // SAFETY: a plain socket(2); the fd is owned below.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        let fd = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW) };
         ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
         // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
         let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        let to = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0));
-        let template = crate::netns::spoofed_udp("198.19.1.0".parse()?, dst.into(), 40000, PORT, 64);
         let mut packet = template.clone();
+        let (mut sent, mut last_error) = (0, None);
         let mut i: u32 = 0;
         loop {
             if i.is_multiple_of(256) && (Instant::now() >= deadline || INTERRUPTED.load(Ordering::Relaxed)) {
                 break;
             }
-            // Source 198.19.1.0 + i (mod 65,280). IPv4 with a raw socket: the kernel fills in the
-            // header checksum; the UDP checksum is 0 ("none"), valid for IPv4.
-            let host = 256 + i % 65280;
-            packet[12..16].copy_from_slice(&[198, 19, (host >> 8) as u8, host as u8]);
-            packet[26..28].copy_from_slice(&[0, 0]);
-            let _ = nix::sys::socket::sendto(
+            // The next source (round robin). IPv4: the kernel fills in the header checksum, and
+            // the UDP checksum is 0 ("none"), valid for IPv4. IPv6 has no header checksum and
+            // requires the UDP one, which covers the source: updated for the new last 16 bits.
+            let host = (256 + i % FLOOD_SOURCES) as u16;
+            packet[source_at..source_at + 2].copy_from_slice(&host.to_be_bytes());
+            let checksum = match flood.server {
+                IpAddr::V4(_) => 0,
+                IpAddr::V6(_) => checksum_with(template_checksum, host),
+            };
+            packet[checksum_at..checksum_at + 2].copy_from_slice(&checksum.to_be_bytes());
+            match nix::sys::socket::sendto(
                 std::os::fd::AsRawFd::as_raw_fd(&sock),
                 &packet,
                 &to,
                 nix::sys::socket::MsgFlags::empty(),
-            );
+            ) {
+                Ok(_) => sent += 1,
+                // A full queue (ENOBUFS) drops a datagram: part of what the flood measures.
+                Err(e) => last_error = Some(e),
+            }
             i = i.wrapping_add(1);
         }
-        Ok(())
+        Ok((sent, last_error))
     })??;
     check_interrupt()?;
+    ensure!(
+        sent > 0,
+        "no datagram could be sent to {}: {last_error:?}",
+        flood.server
+    );
     // What is still in the backlog arrives within moments.
     std::thread::sleep(Duration::from_millis(50));
-    Ok((bed.udp_received()? - before) as f64 / started.elapsed().as_secs_f64())
+    let received = bed.udp_received()? - before.0;
+    let checksum_errors = bed.server_snmp(&CHECKSUM_ERRORS)? - before.1;
+    ensure!(
+        checksum_errors == 0,
+        "{checksum_errors} of {received} datagrams had a bad UDP checksum"
+    );
+    let unreachables = bed.server_snmp(&UNREACHABLES_SENT)? - before.2;
+    ensure!(
+        unreachables == 0,
+        "the server answered the flood: {unreachables} port unreachables sent"
+    );
+    Ok(received as f64 / started.elapsed().as_secs_f64())
 }
 
 /// The report as Markdown tables, one per traffic kind: median, min-max, the median of the
@@ -604,5 +795,34 @@ fn figure(v: f64) -> String {
         out
     } else {
         format!("{v:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each flood datagram, the template with another source and its checksum updated, is the
+    /// datagram built whole from that source: right bytes, right checksum.
+    #[test]
+    fn a_flood_datagram_is_the_one_built_from_its_source() {
+        for traffic in [Traffic::Flood, Traffic::Flood6] {
+            let flood = Flood::of(traffic).unwrap();
+            let template = flood.template();
+            let (source_at, checksum_at) = flood.offsets();
+            let template_checksum = u16::from_be_bytes([template[checksum_at], template[checksum_at + 1]]);
+            for host in (0..FLOOD_SOURCES).map(|i| (256 + i) as u16) {
+                let source = match flood.sources {
+                    IpAddr::V4(net) => IpAddr::V4(Ipv4Addr::from(u32::from(net) + u32::from(host))),
+                    IpAddr::V6(net) => IpAddr::V6(Ipv6Addr::from(u128::from(net) + u128::from(host))),
+                };
+                let whole = crate::netns::spoofed_udp(source, flood.server, 40000, PORT, Flood::PAYLOAD);
+                let mut updated = template.clone();
+                updated[source_at..source_at + 2].copy_from_slice(&host.to_be_bytes());
+                updated[checksum_at..checksum_at + 2]
+                    .copy_from_slice(&checksum_with(template_checksum, host).to_be_bytes());
+                assert_eq!(updated, whole, "{traffic:?} from {source}");
+            }
+        }
     }
 }

@@ -203,7 +203,7 @@ impl Bed {
 
     /// The sum of the named counters of the server namespace's `/proc/net/snmp` (`"Udp:NoPorts"`,
     /// `"Tcp:InSegs"`) and `/proc/net/snmp6` (`"Udp6NoPorts"`).
-    fn server_snmp(&self, wanted: &[&str]) -> Result<u64> {
+    pub(crate) fn server_snmp(&self, wanted: &[&str]) -> Result<u64> {
         self.server.enter(|| -> Result<u64> {
             let mut total = 0;
             let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;

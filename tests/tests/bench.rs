@@ -1,9 +1,11 @@
 //! The benchmark harness's smoke run (`bench-net --smoke`): one short round of every traffic kind
 //! under every scenario, so the harness cannot rot. Its figures are not judged here (timing
 //! belongs in BENCHMARKS.md); that every measurement ran, moved packets, and that each scenario
-//! did what it says (portwatch counted the traffic, the full map overflowed, tcpdump ran and exited
-//! cleanly) is: `bench::run` checks those after each measurement and fails otherwise. The full
-//! run is `tests/bench.sh`, not part of CI. Host only: tests/kernels.sh leaves it out.
+//! did what it says (portwatch counted the traffic, the full map overflowed, nftables counted it in
+//! its family's per-source set, tcpdump ran and exited cleanly) and that the floods' datagrams, IPv4
+//! and IPv6, reached the server's UDP layer with good checksums and unanswered is: `bench::run`
+//! checks those after each measurement and fails otherwise. The full run is `tests/bench.sh`, not
+//! part of CI. Host only: tests/kernels.sh leaves it out.
 
 use portwatch_tests::{
     bench::{run, Options, Scenario, Traffic},

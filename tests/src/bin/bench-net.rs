@@ -6,7 +6,8 @@
 //!
 //!     bench-net [--rounds N] [--secs S] [--scenario NAME]... [--traffic NAME]...
 //!
-//! Scenarios: none hook tcx tc many nftables capture full. Traffic: tcp udp64 connections flood.
+//! Scenarios: none hook tcx tc many nftables capture full. Traffic: tcp udp64 connections flood
+//! flood6.
 //! Interrupted (SIGINT, SIGTERM), it stops at the next step and removes its namespaces and pins.
 
 use anyhow::{bail, Context, Result};
@@ -47,7 +48,7 @@ fn main() -> Result<()> {
                 println!(
                     "bench-net [--rounds N (5)] [--secs S (3)] [--smoke] [--scenario NAME]... [--traffic NAME]...\n\
                      scenarios: none hook tcx tc many nftables capture full (default: all; none is always run)\n\
-                     traffic: tcp udp64 connections flood (default: all)"
+                     traffic: tcp udp64 connections flood flood6 (default: all)"
                 );
                 return Ok(());
             }
