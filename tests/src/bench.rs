@@ -438,10 +438,10 @@ fn nft_rules() -> String {
 }
 
 /// After the traffic: the scenario did what it says (portwatch counted the traffic; in the full
-/// map, into the overflow keys; nftables counted it per source, in the set of its family; the
-/// capture saw packets). A flood's datagrams differ only in their source, so every packet counted
-/// must be one of them (its length), and in the full map every one must have gone to the overflow
-/// keys.
+/// map, past the per-IP map: under prefixes and ports; nftables counted it per source, in the set
+/// of its family; the capture saw packets). A flood's datagrams differ only in their source, so
+/// every packet counted must be one of them (its length), and in the full map every one must have
+/// been counted past the per-IP map.
 fn verify(active: Active, scenario: Scenario, traffic: Traffic) -> Result<()> {
     let flood_datagram = Flood::of(traffic).map(|flood| flood.template().len() as u64);
     match active {
@@ -451,7 +451,7 @@ fn verify(active: Active, scenario: Scenario, traffic: Traffic) -> Result<()> {
             if scenario == Scenario::FullMap {
                 ensure!(
                     stats.map_full_packets > 0,
-                    "the map was not full: nothing went to the overflow keys"
+                    "the map was not full: nothing was counted past the per-IP map"
                 );
             }
             if let Some(len) = flood_datagram {
@@ -464,7 +464,7 @@ fn verify(active: Active, scenario: Scenario, traffic: Traffic) -> Result<()> {
                 if scenario == Scenario::FullMap {
                     ensure!(
                         stats.map_full_packets == stats.matched_packets,
-                        "only {} of the flood's {} packets went to the overflow keys",
+                        "only {} of the flood's {} packets were counted past the per-IP map",
                         stats.map_full_packets,
                         stats.matched_packets
                     );
