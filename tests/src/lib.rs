@@ -12,11 +12,11 @@ pub mod packet;
 pub mod reference;
 pub mod rng;
 
-use std::{collections::BTreeMap, os::fd::AsFd};
+use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{Array, IterableMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
@@ -375,19 +375,16 @@ pub fn real_counters(all: &BTreeMap<Key, Counters>) -> BTreeMap<Key, Counters> {
 
 /// Writes `entries` into counter generation `generation` of a pinned portwatch, all of each value
 /// on CPU 0, with `BPF_MAP_UPDATE_BATCH` (a million entries take about a second).
+/// Each key goes into its tier's map (a prefix into its prefix tier, `Key::any_remote` into the
+/// per-port overflow), and the generation's filter marks them, as if the program had inserted
+/// them. A zero entry is not written.
 pub fn fill_counters(pin: &std::path::Path, generation: u32, entries: &[(Key, Counters)]) -> Result<()> {
     let mut pinned = Pinned::open(&PinPath::new(pin), Access::Read)?;
-    let map = pinned.generation(generation)?.hash().map();
-    let cpus = portwatch::generation::possible_cpus()?;
+    let generation = pinned.generation(generation)?;
     for chunk in entries.chunks(65536) {
-        let keys: Vec<_> = chunk.iter().map(|(k, _)| k.counter_key()).collect();
-        let mut values = vec![Counters::default(); chunk.len() * cpus];
-        for (i, (_, v)) in chunk.iter().enumerate() {
-            values[i * cpus] = *v;
-        }
-        portwatch::sys::bpf::update_batch(map.fd().as_fd(), &keys, &values)?;
+        generation.set(chunk)?;
     }
-    Ok(())
+    generation.refill_filter()
 }
 
 /// `n` distinct remote IPs (2001:db8::<i>) on port 443/tcp ingress, with bytes a permutation of

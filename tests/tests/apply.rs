@@ -177,7 +177,10 @@ fn apply_makes_the_pinned_state_match_the_file() {
     let log = TestFile::new("drain.jsonl");
     let out = apply(&pw, &c, &["--reload", "--drain-to", log.as_str()]);
     assert!(
-        out.starts_with(&format!("~ reload {pin}: max_entries 65536 -> 1000;")),
+        // The prefix tiers' sizes derive from max_entries: they change with it.
+        out.starts_with(&format!(
+            "~ reload {pin}: max_entries 65536 -> 1000, prefix_entries 16384 -> 1024, wide_prefix_entries 4096 -> 256;"
+        )),
         "{out}"
     );
     let after = bed.send_udp(CLIENT_V4[0], SERVER_V4, 7002, 5, 200).unwrap();

@@ -515,8 +515,11 @@ fn another_layout_version_is_refused(mode: &str) {
         ];
         let bytes: Vec<String> = v.to_le_bytes().iter().map(|b| b.to_string()).collect();
         cmd.extend(bytes.iter().map(String::as_str));
-        // max_entries 65536, directions both, reserved zero
-        cmd.extend(["0", "0", "1", "0", "3", "0", "0", "0", "0", "0", "0", "0"]);
+        // max_entries 65536, directions both, reserved zero, the prefix tiers 16384 and 4096,
+        // reserved zero
+        cmd.extend([
+            "0", "0", "1", "0", "3", "0", "0", "0", "0", "64", "0", "0", "0", "16", "0", "0", "0", "0", "0", "0",
+        ]);
         sh(&cmd).unwrap();
     };
     set_version(99);

@@ -13,16 +13,27 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use portwatch::generation::Key;
+use portwatch::generation::{Key, Remote};
 use portwatch_common::{
     Counters,
     Direction::{Egress as EG, Ingress as IN},
-    Stats, IPPROTO_TCP, IPPROTO_UDP,
+    PortKey, Stats, IPPROTO_TCP, IPPROTO_UDP,
 };
 use portwatch_tests::{cli::Pw, fill_counters, kernel_test, key, netns::Netns};
 
+/// A prefix tier's key.
+fn prefix(cidr: &str, port: u16, proto: u8, direction: portwatch_common::Direction) -> Key {
+    Key {
+        remote: Remote::Prefix(cidr.parse().unwrap()),
+        port,
+        proto,
+        direction,
+    }
+}
+
 /// The counters of both generations: IPv4 and IPv6, every port kind, both directions and
-/// protocols, a key in both generations, ties in bytes (broken by the key), overflow traffic.
+/// protocols, a key in both generations, ties in bytes (broken by the key), every tier, overflow
+/// traffic.
 fn generation(g: u32) -> Vec<(Key, Counters)> {
     let c = |bytes, packets| Counters { bytes, packets };
     if g == 0 {
@@ -35,6 +46,10 @@ fn generation(g: u32) -> Vec<(Key, Counters)> {
             (key("2001:db8::7", 443, IPPROTO_TCP, IN), c(700_000, 500)),
             (key("2001:db8:0:1::9", 8080, IPPROTO_TCP, EG), c(123_456_789, 90_000)),
             (key("198.19.255.254", 8000, IPPROTO_TCP, IN), c(1023, 1)),
+            // Past the per-IP map: a prefix, a wide prefix, a port alone, and the overflow key.
+            (prefix("198.51.100.0/24", 443, IPPROTO_TCP, IN), c(2_000_000, 1500)),
+            (prefix("2001:db8::/32", 53, IPPROTO_UDP, IN), c(5_000, 50)),
+            (Key::any_remote(PortKey::new(443, IPPROTO_TCP, IN)), c(64_000, 1000)),
             (Key::overflow(IN), c(4096, 3)),
         ]
     } else {
