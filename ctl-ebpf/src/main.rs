@@ -237,10 +237,14 @@ enum Counted {
 /// there. Everything past the per-IP map also goes into its port's distinct-source registers.
 #[inline(always)]
 fn count_key<const DIRECTION: u8>(g: &Generation, key: &CounterKey, flow: &Flow, config: &Config) -> Counted {
-    if count_in_slot(g.front, front_index(key), key, flow, || {
-        count_in_hash(g, Tier::Ip, g.counters, key, flow, config)
-    }) {
-        return Counted::UnderKey;
+    match front_slot(g.front, front_index(key), key, flow) {
+        Front::Hit => return Counted::UnderKey,
+        front => {
+            if count_in_hash(g, Tier::Ip, g.counters, key, flow, config) {
+                front.claim(key);
+                return Counted::UnderKey;
+            }
+        }
     }
     let port = PortKey::of(key);
     let mut slot = port_slot(g.port_slots, &port);
@@ -268,9 +272,16 @@ fn count_key<const DIRECTION: u8>(g: &Generation, key: &CounterKey, flow: &Flow,
     // their own (`overflow_slot`).
     let direction = Direction::from_u8(DIRECTION);
     let overflow = CounterKey::overflow(direction);
-    let counted = count_in_slot(g.front, overflow_slot(direction), &overflow, flow, || {
-        add_to_entry(g.counters, &overflow, flow)
-    });
+    let counted = match front_slot(g.front, overflow_slot(direction), &overflow, flow) {
+        Front::Hit => true,
+        front => {
+            let counted = add_to_entry(g.counters, &overflow, flow);
+            if counted {
+                front.claim(&overflow);
+            }
+            counted
+        }
+    };
     Counted::PastPerIp { counted }
 }
 
@@ -289,46 +300,64 @@ fn count_in_prefix_tier(
         remote_ip: mask_remote(key.remote_ip, tier),
         ..*key
     };
-    count_in_slot(g.tier_front, tier_slot(tier, &prefix), &prefix, flow, || {
-        count_in_hash(g, tier, map, &prefix, flow, config)
-    })
+    match front_slot(g.tier_front, tier_slot(tier, &prefix), &prefix, flow) {
+        Front::Hit => true,
+        front => {
+            let counted = count_in_hash(g, tier, map, &prefix, flow, config);
+            if counted {
+                front.claim(&prefix);
+            }
+            counted
+        }
+    }
 }
 
-/// Counts `flow` in slot `index` when `key` owns that slot on this CPU. Any other key is counted
-/// by `in_hash` (in the counter map: true when under `key` itself), and claims the slot when it is
-/// free and `in_hash` put it in the map.
+/// What a key's front-cache slot did with a flow.
+enum Front<'a> {
+    /// The key owns the slot on this CPU: the flow is counted there.
+    Hit,
+    /// Nobody owns it: the key claims it once it has an entry in the map (`claim`).
+    Free(&'a mut FrontSlot),
+    /// Another key owns it, or there is no such slot.
+    Taken,
+}
+
+impl Front<'_> {
+    /// Claims a free slot for `key`, counted in the map just now: from the next packet on it is
+    /// counted in the slot. The key first, then `owned` (see `FrontSlot`): volatile stores keep
+    /// that order.
+    #[inline(always)]
+    fn claim(self, key: &CounterKey) {
+        if let Front::Free(slot) = self {
+            // SAFETY: plain stores into this CPU's slot.
+            unsafe {
+                core::ptr::write_volatile(&mut slot.key, *key);
+                core::ptr::write_volatile(&mut slot.owned, 1);
+            }
+        }
+    }
+}
+
+/// Counts `flow` in slot `index` of `front` when `key` owns it on this CPU; else says whether the
+/// slot is free to claim. (No closure: the verifier would get it as a function of its own, a call
+/// on every packet.)
 #[inline(always)]
-fn count_in_slot(
-    front: &PerCpuArray<FrontSlot>,
-    index: u32,
-    key: &CounterKey,
-    flow: &Flow,
-    in_hash: impl FnOnce() -> bool,
-) -> bool {
+fn front_slot<'a>(front: &'a PerCpuArray<FrontSlot>, index: u32, key: &CounterKey, flow: &Flow) -> Front<'a> {
     let Some(slot) = front.get_ptr_mut(index) else {
-        return in_hash();
+        return Front::Taken;
     };
     // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU (ingress runs in
     // softirq, egress with softirqs off), and userspace writes only the idle generation's slots.
     let slot = unsafe { &mut *slot };
-    if slot.owned != 0 {
-        if slot.key.same(key) {
-            slot.bytes += flow.bytes;
-            slot.packets += flow.packets;
-            return true;
-        }
-        return in_hash();
+    if slot.owned == 0 {
+        return Front::Free(slot);
     }
-    let counted = in_hash();
-    if counted {
-        // The key first, then `owned` (see `FrontSlot`): volatile stores keep that order.
-        // SAFETY: plain stores into this CPU's slot.
-        unsafe {
-            core::ptr::write_volatile(&mut slot.key, *key);
-            core::ptr::write_volatile(&mut slot.owned, 1);
-        }
+    if slot.key.same(key) {
+        slot.bytes += flow.bytes;
+        slot.packets += flow.packets;
+        return Front::Hit;
     }
-    counted
+    Front::Taken
 }
 
 /// Counts `flow` under `key` in `map`, the generation's map of `tier`, inserting the key when new;
@@ -432,7 +461,7 @@ fn port_slot<'a>(slots: &'a PerCpuArray<PortSlot>, port: &PortKey) -> Option<&'a
         let Some(slot) = slots.get_ptr_mut(port_slot_index(port, choice)) else {
             continue;
         };
-        // SAFETY: this CPU's slot of a per-CPU array, as in `count_in_slot`.
+        // SAFETY: this CPU's slot of a per-CPU array, as in `front_slot`.
         let owned = unsafe { &*slot };
         if owned.owned == 0 {
             free = free.or(Some(slot));

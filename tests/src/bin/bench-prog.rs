@@ -3,9 +3,9 @@
 //! per-CPU hash lookup of a 20-byte key and an increment; `bench_cache`: the same behind
 //! portwatch's front cache), from one heavy sender and from 16,384 senders in turn, all measured in
 //! the same run. The kinds are interleaved round by round and the median round is reported, so a
-//! noisy neighbour hits all of them alike. Two kinds run on a full counter map (a spoofed flood's
-//! state): a packet whose key exists, and one from a new source, which finds no room and goes to
-//! the overflow key.
+//! noisy neighbour hits all of them alike. Three kinds run in a spoofed flood's state: on a full
+//! per-IP map, a packet whose key exists, and one from a new source whose /24 the prefix tier holds;
+//! with every tier full, one from a new prefix, counted under its port alone.
 //!
 //!     cargo run --release -p portwatch-tests --bin bench-prog -- [ROUNDS] [REPEAT]
 
@@ -14,7 +14,8 @@ use aya::{
     programs::{SchedClassifier, TestRun, TestRunOptions},
     Ebpf,
 };
-use portwatch_common::{Direction, PROTO_ALL};
+use portwatch::generation::Key;
+use portwatch_common::{Direction, PortKey, TierSizes, IPPROTO_TCP, PROTO_ALL};
 use portwatch_tests::{packet::Packet, Harness};
 
 fn load_single(path: &str, program: &str) -> Result<Ebpf> {
@@ -39,6 +40,11 @@ fn main() -> Result<()> {
     let rounds: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(15);
     let repeat: u32 = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1_000_000);
 
+    // Every run on one CPU: the per-CPU state (front caches, "map full" hints) is warm as on a
+    // busy CPU, and a run never lands on a CPU that has not seen the set-up.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu)?;
     let mut noop = load_single(portwatch::object::NOOP_OBJECT_PATH, "noop")?;
     let mut h = Harness::new(65536)?;
     h.watch(443, PROTO_ALL)?;
@@ -65,7 +71,25 @@ fn main() -> Result<()> {
         full.run(Direction::Ingress, &from(i).payload(100).build())?;
     }
     let existing = from(7).payload(100).build();
-    let newcomer = from(FULL).payload(100).build();
+    // The first newcomer finds the map full (and marks its filter byte before the insert that
+    // fails, and sets the hint); its /24 enters the prefix tier. The one timed is another source of
+    // that /24: a new source whose prefix is known, as most packets of a flood from a few prefixes.
+    full.run(Direction::Ingress, &from(FULL).payload(100).build())?;
+    let newcomer = from(FULL + 1).payload(100).build();
+    // Every tier full: 4 sources fill the per-IP map, two /24s the prefix tier, one /16 the wide
+    // tier; then every packet of a new /16 goes to its port alone (a spray over more prefixes than
+    // the tiers hold: the first packet of a prefix, each time).
+    let mut tiers_full = Harness::with_sizes(TierSizes {
+        ip: 4,
+        prefix: 2,
+        wide_prefix: 1,
+    })?;
+    tiers_full.watch(443, PROTO_ALL)?;
+    for src in ["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4", "198.18.1.5", "198.18.2.1", "198.18.3.1"] {
+        tiers_full.run(Direction::Ingress, &Packet::tcp4(src, 40000, "198.18.0.1", 443).payload(100).build())?;
+    }
+    let spray = Packet::tcp4("198.19.7.7", 40000, "198.18.0.1", 443).payload(100).build();
+    tiers_full.run(Direction::Ingress, &spray)?;
 
     let kinds = [
         "do-nothing TC program (the floor)",
@@ -73,7 +97,8 @@ fn main() -> Result<()> {
         "portwatch: matched IPv6 UDP",
         "portwatch: unwatched IPv4 TCP",
         "portwatch: matched IPv4 TCP, key exists, map full",
-        "portwatch: matched IPv4 TCP, new source, map full (overflow key)",
+        "portwatch: matched IPv4 TCP, new source, map full, its /24 in the prefix tier",
+        "portwatch: matched IPv4 TCP, new source, every tier full (its port alone)",
         "map update alone, per-CPU hash (bench_hash), one heavy sender",
         "map update alone, front cache + hash (bench_cache), one heavy sender",
         "map update alone, per-CPU hash (bench_hash), 16,384 senders in turn",
@@ -108,8 +133,14 @@ fn main() -> Result<()> {
                     .as_nanos() as f64,
             );
         }
+        samples[6].push(
+            tiers_full
+                .run_gso(Direction::Ingress, &spray, 0, 0, repeat)?
+                .duration
+                .as_nanos() as f64,
+        );
         for (i, (ebpf, name)) in experiment.iter_mut().enumerate() {
-            samples[i + 6].push(run_single(ebpf, name, &tcp4, repeat)?);
+            samples[i + 7].push(run_single(ebpf, name, &tcp4, repeat)?);
         }
     }
     // Exact: every run of the experiment's programs is in the hash or in a cache slot.
@@ -131,12 +162,22 @@ fn main() -> Result<()> {
         }
         anyhow::ensure!(packets == runs, "{name} counted {packets} packets of {runs} runs");
     }
-    // The full map stayed full, and the newcomer went to the overflow key every time.
+    // The full map stayed full, and the newcomers went past it every time: under their /24, or,
+    // every tier full, under their port.
+    let runs = rounds as u64 * u64::from(repeat);
     let stats = full.stats()?;
     anyhow::ensure!(
-        stats.map_full_packets == rounds as u64 * u64::from(repeat),
-        "the full map's newcomer overflowed {} times",
+        stats.map_full_packets == runs + 1,
+        "the full map's newcomers went past it {} times",
         stats.map_full_packets
+    );
+    let counted = tiers_full.counters(0)?;
+    let port_only = counted[&Key::any_remote(PortKey::new(443, IPPROTO_TCP, Direction::Ingress))];
+    anyhow::ensure!(
+        port_only.packets == runs + 1,
+        "with every tier full, {} of {} packets were counted under their port alone",
+        port_only.packets,
+        runs + 1
     );
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
