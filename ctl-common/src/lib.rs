@@ -542,16 +542,17 @@ pub const fn front_index(key: &CounterKey) -> u32 {
 }
 
 /// What the program reads on every packet. Bytes 0..4 `generation` (only bit 0 is used: which
-/// generation's maps are written), 4..8 `filter_mask` (the filters' entries minus one: a power of
+/// generation's maps are written), 4..8 `filter_mask` (the filters' bytes minus one: a power of
 /// two minus one), 8..12 `seed` (random, set by `load`: the filter and distinct-source hashes
-/// depend on it, so that a sender cannot choose addresses that collide), 12..16 reserved (zero).
+/// depend on it, so that a sender cannot choose addresses that collide), 12..16 `seed_v4`
+/// (`source_seed_v4(seed)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Config {
     pub generation: u32,
     pub filter_mask: u32,
     pub seed: u32,
-    pub _reserved: u32,
+    pub seed_v4: u32,
 }
 
 impl Config {
@@ -561,21 +562,21 @@ impl Config {
     }
 }
 
-/// The byte of a generation's filter that says whether `key` may be in the map of `tier` (a
-/// multiplicative hash of its words, the tier and `seed`; the caller keeps the bits of
-/// `Config::filter_mask`). The program sets it before it inserts the key, and never clears it;
-/// userspace zeroes a filter and sets the bytes of the keys left when it removes entries (idle
-/// generations only). A byte that is set for a key the map does not have costs one hash lookup.
+/// The byte of a generation's filter that says whether `key` may be in the map of `tier`: the
+/// key's words folded (each rotated by its place, so that no byte of the address cancels another),
+/// then mixed with the tier and `seed` by murmur3's finalizer (`fmix32`), whose low bits, the ones
+/// the caller keeps (`Config::filter_mask`), depend on every input bit. The program sets the byte
+/// before it inserts the key, and never clears it; userspace zeroes a filter and sets the bytes of
+/// the keys left when it removes entries (idle generations only). A byte that is set for a key the
+/// map does not have costs one hash lookup.
 #[inline(always)]
 pub const fn filter_index(key: &CounterKey, tier: Tier, seed: u32) -> u32 {
-    let mut h = seed ^ (tier as u32).wrapping_mul(0x27d4_eb2f);
-    h = (h ^ key.remote_ip[0]).wrapping_mul(0x9e37_79b1);
-    h = (h ^ key.remote_ip[1]).rotate_left(13).wrapping_mul(0x85eb_ca6b);
-    h = (h ^ key.remote_ip[2]).rotate_left(13).wrapping_mul(0xc2b2_ae35);
-    h = (h ^ key.remote_ip[3]).rotate_left(13).wrapping_mul(0x9e37_79b1);
-    h ^= (key.port as u32) << 16 | (key.proto as u32) << 8 | key.direction as u32;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^ (h >> 15)
+    let folded = key.remote_ip[0]
+        ^ key.remote_ip[1].rotate_left(8)
+        ^ key.remote_ip[2].rotate_left(16)
+        ^ key.remote_ip[3].rotate_left(24)
+        ^ ((key.port as u32) << 16 | (key.proto as u32) << 8 | key.direction as u32).rotate_left(4);
+    fmix32(folded ^ seed ^ (tier as u32).wrapping_mul(0x9e37_79b9))
 }
 
 /// The element of `map_full` that holds the hint of `tier`'s map in `generation`.
@@ -1262,6 +1263,23 @@ pub const fn source_hash(remote_ip: &[u32; 4], seed: u32) -> u32 {
     h = fmix32(h ^ remote_ip[1]);
     h = fmix32(h ^ remote_ip[2]);
     fmix32(h ^ remote_ip[3])
+}
+
+/// `source_hash`'s state after the three words every IPv4-mapped address shares (`::ffff:`): what
+/// `load` stores in `Config::seed_v4`, so that the program hashes an IPv4 remote in one round.
+pub const fn source_seed_v4(seed: u32) -> u32 {
+    fmix32(fmix32(fmix32(seed) ^ 0) ^ IPV4_MAPPED_WORD)
+}
+
+/// `source_hash(remote_ip, seed)`, in one round for an IPv4-mapped address (`seed_v4` is
+/// `source_seed_v4(seed)`).
+#[inline(always)]
+pub const fn source_hash_fast(remote_ip: &[u32; 4], seed: u32, seed_v4: u32) -> u32 {
+    if is_ipv4_mapped(remote_ip) {
+        fmix32(seed_v4 ^ remote_ip[3])
+    } else {
+        source_hash(remote_ip, seed)
+    }
 }
 
 /// Where `hash` (a `source_hash`) goes in a sketch: `(index, rank)`.

@@ -20,7 +20,7 @@ use aya_ebpf::{
 use parse::Flow;
 use portwatch_common::{
     filter_index, front_index, full_hint_index, hll_register, mask_remote, overflow_slot, port_slot_index, proto_bit,
-    source_hash, tier_slot, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Journal,
+    source_hash_fast, tier_slot, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Journal,
     JournalKey, Meta, PortKey, PortSlot, Stats, Tier, TierSizes, DEFAULT_MAX_ENTRIES, DRAINED_ENTRIES, FRONT_ENTRIES,
     FULL_HINTS, HLL_REGISTERS, MAX_ATTACHMENTS, PORT_COUNT, PORT_OVERFLOW_ENTRIES, PORT_SLOTS, RESERVED_ENTRIES,
     TIER_FRONT_ENTRIES,
@@ -249,7 +249,7 @@ fn count_key<const DIRECTION: u8>(g: &Generation, key: &CounterKey, flow: &Flow,
     let port = PortKey::of(key);
     let mut slot = port_slot(g.port_slots, &port);
     if let Some(slot) = slot.as_deref_mut() {
-        let (index, rank) = hll_register(source_hash(&key.remote_ip, config.seed));
+        let (index, rank) = hll_register(source_hash_fast(&key.remote_ip, config.seed, config.seed_v4));
         let register = &mut slot.registers[index as usize % HLL_REGISTERS];
         if *register < rank {
             *register = rank;
@@ -452,31 +452,29 @@ fn add_to_entry<K>(counters: &PerCpuHashMap<K, Counters>, key: &K, flow: &Flow) 
     }
 }
 
-/// The port slot of `port` on this CPU: the one of its two it owns, or the first of them that is
-/// free, claimed now (the key first, then `owned`); `None` when other ports own both.
+/// The port slot of `port` on this CPU: the first of its two that it owns or that is free (claimed
+/// now, the key first, then `owned`); `None` when other ports own both. (A port that took its
+/// second slot may later take its first too, freed by a reset: readers add a port's slots.)
 #[inline(always)]
 fn port_slot<'a>(slots: &'a PerCpuArray<PortSlot>, port: &PortKey) -> Option<&'a mut PortSlot> {
-    let mut free: Option<*mut PortSlot> = None;
+    // The second slot is looked at only when another port owns the first.
     for choice in [0, 1] {
-        let Some(slot) = slots.get_ptr_mut(port_slot_index(port, choice)) else {
-            continue;
-        };
+        let slot = slots.get_ptr_mut(port_slot_index(port, choice))?;
         // SAFETY: this CPU's slot of a per-CPU array, as in `front_slot`.
-        let owned = unsafe { &*slot };
-        if owned.owned == 0 {
-            free = free.or(Some(slot));
-        } else if owned.key.port == port.port && owned.key.proto == port.proto && owned.key.direction == port.direction {
-            // SAFETY: as above.
-            return Some(unsafe { &mut *slot });
+        let slot = unsafe { &mut *slot };
+        if slot.owned == 0 {
+            // SAFETY: plain stores into this CPU's slot, the key before `owned`.
+            unsafe {
+                core::ptr::write_volatile(&mut slot.key, *port);
+                core::ptr::write_volatile(&mut slot.owned, 1);
+            }
+            return Some(slot);
+        }
+        if slot.key.port == port.port && slot.key.proto == port.proto && slot.key.direction == port.direction {
+            return Some(slot);
         }
     }
-    let slot = free?;
-    // SAFETY: as above; plain stores into this CPU's slot, the key before `owned`.
-    unsafe {
-        core::ptr::write_volatile(&mut (*slot).key, *port);
-        core::ptr::write_volatile(&mut (*slot).owned, 1);
-        Some(&mut *slot)
-    }
+    None
 }
 
 /// Counts `flow` under `port` in the per-port overflow map, inserting it when new; false when the

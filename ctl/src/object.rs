@@ -3,7 +3,8 @@
 use anyhow::{Context, Result};
 use aya::{maps::Array, programs::SchedClassifier, Ebpf, EbpfLoader};
 use portwatch_common::{
-    generation_maps, map_names, Config, Direction, TierSizes, DRAINED_ENTRIES, PORT_OVERFLOW_ENTRIES, RESERVED_ENTRIES,
+    generation_maps, map_names, source_seed_v4, Config, Direction, TierSizes, DRAINED_ENTRIES, PORT_OVERFLOW_ENTRIES,
+    RESERVED_ENTRIES,
 };
 
 /// The ELF object of `ctl-ebpf` (programs `portwatch_ingress` / `portwatch_egress`, maps in
@@ -56,11 +57,12 @@ pub fn load(sizes: TierSizes) -> Result<Ebpf, aya::EbpfError> {
 /// the kernel, what the tests run.
 pub fn load_programs(sizes: TierSizes) -> Result<Ebpf> {
     let mut ebpf = load(sizes).context("creating portwatch's maps")?;
+    let seed = crate::sys::random_u64().map_or(0x5eed_5eed, |r| r as u32);
     let config = Config {
         generation: 0,
         filter_mask: sizes.filter_bytes() - 1,
-        seed: crate::sys::random_u64().map_or(0x5eed_5eed, |r| r as u32),
-        _reserved: 0,
+        seed,
+        seed_v4: source_seed_v4(seed),
     };
     let map = ebpf
         .map_mut(map_names::CONFIG)

@@ -101,6 +101,26 @@ mod tests {
 
     use super::*;
 
+    /// The program hashes an IPv4 remote in one round from `Config::seed_v4`: the same hash.
+    #[test]
+    fn the_fast_hash_is_the_hash() {
+        use portwatch_common::{source_hash, source_hash_fast, source_seed_v4, CounterKey, Direction};
+        for seed in [0, 1, 0x9e37_79b9, u32::MAX] {
+            for octets in [
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 7, 7],
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0],
+                [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 198, 18, 7, 7],
+            ] {
+                let remote = CounterKey::with_octets(octets, 1, 6, Direction::Ingress).remote_ip;
+                assert_eq!(
+                    source_hash_fast(&remote, seed, source_seed_v4(seed)),
+                    source_hash(&remote, seed)
+                );
+            }
+        }
+    }
+
     /// Seeds chosen before any test ran, not after: simple, bit-dense and random-looking ones.
     const SEEDS: [u32; 6] = [0, 1, 0x9e37_79b9, 0xdead_beef, 0x5bd1_e995, u32::MAX];
 

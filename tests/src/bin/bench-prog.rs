@@ -76,20 +76,45 @@ fn main() -> Result<()> {
     // that /24: a new source whose prefix is known, as most packets of a flood from a few prefixes.
     full.run(Direction::Ingress, &from(FULL).payload(100).build())?;
     let newcomer = from(FULL + 1).payload(100).build();
-    // Every tier full: 4 sources fill the per-IP map, two /24s the prefix tier, one /16 the wide
-    // tier; then every packet of a new /16 goes to its port alone (a spray over more prefixes than
-    // the tiers hold: the first packet of a prefix, each time).
+    // Every tier full: 4 sources fill the per-IP map, two /24s the prefix tier, 2001:db8::/32 the
+    // wide prefix tier; a source of another /16 then finds every tier full (and its prefixes,
+    // marked before their inserts failed, set the hints). Every packet of a source from a /16 never
+    // seen before goes to its port alone, without a hash lookup: a spray over more prefixes than
+    // the tiers hold, in the steady state of a flood.
     let mut tiers_full = Harness::with_sizes(TierSizes {
         ip: 4,
         prefix: 2,
         wide_prefix: 1,
     })?;
     tiers_full.watch(443, PROTO_ALL)?;
-    for src in ["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4", "198.18.1.5", "198.18.2.1", "198.18.3.1"] {
-        tiers_full.run(Direction::Ingress, &Packet::tcp4(src, 40000, "198.18.0.1", 443).payload(100).build())?;
+    for src in [
+        "198.18.1.1",
+        "198.18.1.2",
+        "198.18.1.3",
+        "198.18.1.4",
+        "198.18.1.5",
+        "198.18.2.1",
+    ] {
+        tiers_full.run(
+            Direction::Ingress,
+            &Packet::tcp4(src, 40000, "198.18.0.1", 443).payload(100).build(),
+        )?;
     }
-    let spray = Packet::tcp4("198.19.7.7", 40000, "198.18.0.1", 443).payload(100).build();
-    tiers_full.run(Direction::Ingress, &spray)?;
+    tiers_full.run(
+        Direction::Ingress,
+        &Packet::tcp6("2001:db8:1::1", 40000, "2001:db8::1", 443)
+            .payload(100)
+            .build(),
+    )?;
+    tiers_full.run(
+        Direction::Ingress,
+        &Packet::tcp4("198.18.3.1", 40000, "198.18.0.1", 443)
+            .payload(100)
+            .build(),
+    )?;
+    let spray = Packet::tcp4("198.19.7.7", 40000, "198.18.0.1", 443)
+        .payload(100)
+        .build();
 
     let kinds = [
         "do-nothing TC program (the floor)",
