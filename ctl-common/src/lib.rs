@@ -724,13 +724,14 @@ pub struct Stats {
     /// More IPv6 extension headers (or VLAN tags, or hop-by-hop options before a Jumbo Payload
     /// option) than the program walks.
     pub header_limit_packets: u64,
-    /// Matched packets that found the counter map full: counted under the overflow key (all of
-    /// them but `overflow_missing_packets`).
+    /// Matched packets that found the per-IP map full: counted past it, in a prefix tier, the
+    /// per-port overflow or (no tier with room) the overflow key; all of them but
+    /// `overflow_missing_packets`.
     pub map_full_packets: u64,
     /// Their L3 bytes.
     pub map_full_bytes: u64,
-    /// Matched packets that found the map full and no overflow key (only if userspace failed to
-    /// insert it; never in normal operation). Their bytes are in `matched_bytes` only.
+    /// Matched packets that found no tier with room and no overflow key (never in normal
+    /// operation). Their bytes are in `matched_bytes` only.
     pub overflow_missing_packets: u64,
 }
 
