@@ -258,7 +258,8 @@ impl View {
                 }
                 return;
             }
-            _ if !self.filter.matches(key) => return,
+            // A port slot that only holds distinct-source registers has no count: no row.
+            _ if !self.filter.matches(key) || value == Counters::default() => return,
             Remote::Ip(ip) => Some(self.group(ip, key)),
             Remote::Prefix(cidr) => self.group_prefix(cidr, key),
             Remote::AnyRemote => self.group_any_remote(key),
