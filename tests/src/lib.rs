@@ -521,6 +521,19 @@ pub fn assert_past_per_ip_accounted(stats: &Stats, past_per_ip: Counters, sent: 
     );
 }
 
+/// The samples of one metric in the Prometheus text format (`portwatch metrics`): labels (as
+/// written, `{direction="ingress",port="9000",proto="udp"}`) -> value.
+pub fn metric_samples(text: &str, metric: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(metric))
+        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .map(|rest| {
+            let (labels, value) = rest.rsplit_once(' ').unwrap();
+            (labels.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
 /// What `counts` holds past the per-IP map: every key but the per-IP ones.
 pub fn past_per_ip(counts: &BTreeMap<Key, Counters>) -> Counters {
     counts
