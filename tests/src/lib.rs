@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod flood;
 pub mod hostile;
+pub mod mix;
 pub mod netns;
 pub mod nft;
 pub mod packet;
