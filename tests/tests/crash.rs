@@ -1,7 +1,9 @@
 //! Resets that die: SIGKILL at random instants of `reset --json --output FILE` under traffic, a
 //! kill in each named phase of the protocol (debug builds' `PORTWATCH_FAULT` points), and failures
 //! of its syscalls. Afterwards the file has no torn line, every record has its own reset id, and
-//! the records plus what is still counted equal, key by key, what the senders put on the wire.
+//! the records plus what is still counted equal, key by key, what the senders put on the wire. The
+//! same kills in a flood-filled state, every tier of both generations full of spoofed sources:
+//! exact per port, and no source, prefix or wide prefix holding more than it sent.
 //!
 //! Seeded: `PORTWATCH_CRASH_SEED=N` replays a run (the seed is printed); `PORTWATCH_CRASH_RUNS=N`
 //! sets how many resets are killed (default 50).
@@ -18,11 +20,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch::generation::Key;
-use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_UDP};
+use portwatch::{
+    cidr::Cidr,
+    generation::{Key, Remote},
+};
+use portwatch_common::{Counters, Direction::Ingress as IN, Tier, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{counters_of, rows_by_key, Pw},
-    kernel_test, key,
+    kernel_test, key, mix,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     rng::{seed_from_env, Rng},
 };
@@ -349,6 +354,139 @@ fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
         assert_eq!(exported_per_port(&pw), per_port(&sent), "after a kill at {phase}");
     }
     assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+}
+
+/// `load` of the tiered test: a per-IP map of 64 keys, a prefix tier of 16 and a wide prefix tier
+/// of 2, so that one `spoofed_round` fills them all in whichever generation it lands, and the rest
+/// of it goes to the per-port overflow.
+const TIERED: [&str; 8] = [
+    "--max-entries",
+    "64",
+    "--prefix-entries",
+    "16",
+    "--wide-prefix-entries",
+    "2",
+    "--direction",
+    "ingress",
+];
+
+/// A round of the flood mix (`portwatch_tests::mix`): 400 spoofed datagrams to the two ports from
+/// heavy prefixes and the spray, the same for the same round number.
+fn spoofed_round(bed: &Bed, round: usize, sent: &mut BTreeMap<Key, Counters>) {
+    let datagrams = mix::datagrams(&mut Rng::new(round as u64), 400, &PORTS.map(|p| (p, 1)));
+    bed.send_spoofed(&datagrams).unwrap();
+    mix::add_sent(sent, &datagrams);
+}
+
+/// Which tiers hold traffic in each generation of `pw`.
+fn tiers_in_each_generation(pw: &Pw) -> [BTreeSet<Tier>; 2] {
+    let mut pinned = pw.pinned();
+    [0, 1].map(|g| {
+        let mut tiers = BTreeSet::new();
+        pinned
+            .generation(g)
+            .unwrap()
+            .for_each(|key, c| {
+                if c.packets > 0 {
+                    tiers.extend(key.tier());
+                }
+            })
+            .unwrap();
+        tiers
+    })
+}
+
+/// What the records plus the counters (`counted`, per key of every tier) may hold of what was
+/// sent (`sent`, per source and port): exactly what was sent per port; and at most what was sent
+/// under any key's remote, per port, at each granularity: a source's own key; a /24 or /48 (its
+/// sources' keys and its own); a /16 or /32 (the same, and its prefixes'). Where a byte was counted
+/// depends on which tier had room when it came, and after a reset in which generation; it is
+/// counted once, under a key that holds its source.
+fn assert_held_where_sent(counted: &BTreeMap<Key, Counters>, sent: &BTreeMap<Key, Counters>) {
+    assert_eq!(per_port(counted), per_port(sent), "records plus counters, per port");
+    for tier in [Tier::Ip, Tier::Prefix, Tier::WidePrefix] {
+        // The key's remote at `tier`'s granularity, if it is that fine.
+        let at_tier = |key: &Key| -> Option<(Cidr, u16)> {
+            let addr = match key.remote {
+                Remote::Ip(ip) => ip,
+                Remote::Prefix(cidr) if cidr.tier() <= Some(tier) => cidr.addr(),
+                _ => return None,
+            };
+            Some((Cidr::of(addr, tier.prefix4(), tier.prefix6()), key.port))
+        };
+        let sum = |counts: &BTreeMap<Key, Counters>| {
+            let mut out: BTreeMap<(Cidr, u16), Counters> = BTreeMap::new();
+            for (k, c) in counts {
+                if let Some(group) = at_tier(k) {
+                    *out.entry(group).or_default() += *c;
+                }
+            }
+            out
+        };
+        let sent = sum(sent);
+        for ((remote, port), c) in sum(counted) {
+            let most = sent.get(&(remote, port)).copied().unwrap_or_default();
+            assert!(
+                c.bytes <= most.bytes && c.packets <= most.packets,
+                "{remote} on {port}, at the {} tier: {c:?} counted, {most:?} sent",
+                tier.name()
+            );
+        }
+    }
+}
+
+/// Resets killed in a flood-filled, tiered state: every round of spoofed traffic fills the per-IP
+/// map, both prefix tiers and the per-port overflow of the generation it lands in, and a reset
+/// killed after its flip leaves the next round in the other one, so both are full. A kill in each
+/// named phase, then 50 (PORTWATCH_CRASH_RUNS) at random instants under that traffic; each
+/// followed by a reset that finishes or rolls it back. The export's per-port totals never lose or
+/// double a byte; at the end the records plus the counters equal what was sent per port, and hold
+/// at most what was sent under every source, prefix and wide prefix.
+#[kernel_test]
+fn resets_killed_in_a_tiered_flood_lose_and_double_nothing() {
+    let mut rng = seeded("resets_killed_in_a_tiered_flood");
+    let bed = Arc::new(Bed::new(false).unwrap());
+    bed.accept_any_source().unwrap();
+    let pw = Pw::load_with(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"], &TIERED);
+    let log = TempFile::new("tiered.jsonl");
+    let mut sent = BTreeMap::new();
+    // The sender's rounds are numbered from 0: these from 10,000, another traffic.
+    let mut round = 10_000;
+    let mut send = |sent: &mut BTreeMap<Key, Counters>| {
+        spoofed_round(&bed, round, sent);
+        round += 1;
+    };
+    let every_tier: BTreeSet<Tier> = Tier::ALL.into_iter().collect();
+    for (phase, state) in RESET_PHASES {
+        send(&mut sent);
+        reset_killed_at(&pw, &log, "draining");
+        send(&mut sent);
+        assert_eq!(
+            tiers_in_each_generation(&pw),
+            [every_tier.clone(), every_tier.clone()],
+            "before the kill at {phase}: both generations past every tier"
+        );
+        reset_killed_at(&pw, &log, phase);
+        assert_eq!(interrupted_state(&pw).as_deref(), state, "killed at {phase}");
+        send(&mut sent);
+        let r = pw.run(&["reset", "--json", "--output", log.as_str()]);
+        assert_eq!(r.code, 0, "after a kill at {phase}: {}", r.stderr);
+        assert_eq!(interrupted_state(&pw), None);
+        assert_eq!(exported_per_port(&pw), per_port(&sent), "after a kill at {phase}");
+    }
+
+    send(&mut sent);
+    let when = KillWindow::measure(&pw, &log);
+    let sender = Sender::start(&bed, spoofed_round);
+    kill_resets_at_random_instants(&pw, &log, &mut rng, crash_runs(), &when);
+    for (k, c) in sender.stop() {
+        *sent.entry(k).or_default() += c;
+    }
+    assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
+    let counted = recorded_and_counted(&pw, &log.0);
+    let tiers: BTreeSet<Tier> = counted.keys().filter_map(Key::tier).collect();
+    assert_eq!(tiers, every_tier, "the records hold every tier");
+    assert_held_where_sent(&counted, &sent);
 }
 
 /// Failures rather than kills: a failing `BPF_MAP_DELETE_BATCH` (after the record is written: the
