@@ -9,7 +9,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use portwatch::{cidr::Cidr, generation::Key};
+use portwatch::generation::Key;
 use portwatch_common::{Counters, Direction, IPPROTO_UDP};
 
 use crate::{
@@ -115,11 +115,6 @@ pub fn add_sent(sent: &mut BTreeMap<Key, Counters>, datagrams: &[Spoofed]) {
             packets: 1,
         };
     }
-}
-
-/// Whether `cidr` (a `HEAVY` or `SPRAY` range) holds the address `ip` (16 bytes, IPv4 mapped).
-pub fn holds(cidr: &str, ip: &[u8; 16]) -> bool {
-    cidr.parse::<Cidr>().expect("a CIDR").contains(ip)
 }
 
 /// The nftables table of `rules`.
