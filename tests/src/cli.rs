@@ -9,9 +9,12 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use portwatch::generation::Key;
-use portwatch::pinned::{Access, PinPath, Pinned};
-use portwatch_common::{Counters, Stats};
+use portwatch::{
+    cidr::Cidr,
+    generation::{Key, Remote},
+    pinned::{Access, PinPath, Pinned},
+};
+use portwatch_common::{Counters, Direction, Stats, IPPROTO_TCP, IPPROTO_UDP};
 
 use crate::netns::Netns;
 
@@ -82,6 +85,60 @@ pub fn counters_of(v: &serde_json::Value) -> Counters {
         bytes: v["bytes"].as_u64().unwrap(),
         packets: v["packets"].as_u64().unwrap(),
     }
+}
+
+/// The key a row of `top --by ip-port --json` or of a reset's record is of: an `ip`; a prefix
+/// tier's `cidr`, whose `tier` must be the one its length is of; or (`"tier": "port"`, neither
+/// `ip` nor `cidr`) the per-port overflow. Any other shape fails, naming the row.
+pub fn key_of(row: &serde_json::Value) -> Key {
+    let text = |field: &str| {
+        row.get(field)
+            .map(|v| v.as_str().unwrap_or_else(|| panic!("{field} in {row}")))
+    };
+    let remote = match (text("ip"), text("cidr"), text("tier")) {
+        (Some(ip), None, None) => {
+            let ip: std::net::IpAddr = ip.parse().unwrap_or_else(|e| panic!("{e}: {row}"));
+            Remote::Ip(match ip {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            })
+        }
+        (None, Some(cidr), Some(tier)) => {
+            let cidr: Cidr = cidr.parse().unwrap_or_else(|e| panic!("{e}: {row}"));
+            assert_eq!(
+                cidr.tier().map(|t| t.name()),
+                Some(tier),
+                "a row's tier is the one its prefix's length is of: {row}"
+            );
+            Remote::Prefix(cidr)
+        }
+        (None, None, Some("port")) => Remote::AnyRemote,
+        _ => panic!("a row of no known shape: {row}"),
+    };
+    Key {
+        remote,
+        port: row["port"].as_u64().unwrap_or_else(|| panic!("no port: {row}")) as u16,
+        proto: match text("proto") {
+            Some("tcp") => IPPROTO_TCP,
+            Some("udp") => IPPROTO_UDP,
+            _ => panic!("no proto: {row}"),
+        },
+        direction: match text("direction") {
+            Some("ingress") => Direction::Ingress,
+            Some("egress") => Direction::Egress,
+            _ => panic!("no direction: {row}"),
+        },
+    }
+}
+
+/// Every row of `top --by ip-port --json` or of a reset's record, by key (each key once).
+pub fn rows_by_key(report: &serde_json::Value) -> BTreeMap<Key, Counters> {
+    let mut out = BTreeMap::new();
+    for row in report["rows"].as_array().unwrap_or_else(|| panic!("no rows: {report}")) {
+        let previous = out.insert(key_of(row), counters_of(row));
+        assert!(previous.is_none(), "a key twice: {row}");
+    }
+    out
 }
 
 /// A finished command.

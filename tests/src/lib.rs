@@ -6,6 +6,7 @@ pub mod bench;
 pub mod cli;
 pub mod flood;
 pub mod hostile;
+pub mod mix;
 pub mod netns;
 pub mod nft;
 pub mod packet;
@@ -519,6 +520,19 @@ pub fn assert_past_per_ip_accounted(stats: &Stats, past_per_ip: Counters, sent: 
         (past_per_ip.packets, past_per_ip.bytes),
         "stats.map_full_* account for what was counted past the per-IP map"
     );
+}
+
+/// The samples of one metric in the Prometheus text format (`portwatch metrics`): labels (as
+/// written, `{direction="ingress",port="9000",proto="udp"}`) -> value.
+pub fn metric_samples(text: &str, metric: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(metric))
+        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .map(|rest| {
+            let (labels, value) = rest.rsplit_once(' ').unwrap();
+            (labels.to_string(), value.parse().unwrap())
+        })
+        .collect()
 }
 
 /// What `counts` holds past the per-IP map: every key but the per-IP ones.

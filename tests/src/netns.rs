@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::AsFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -309,52 +309,66 @@ impl Bed {
     /// `sources`, whatever they are: a raw socket writes them into the IP header, so thousands of
     /// remote addresses need no address on any interface (call `accept_any_source` first).
     /// Returns once the server's stack has taken them all in, with the L3 bytes of each datagram.
-    pub fn send_spoofed_udp(&self, sources: &[std::net::IpAddr], dst: &str, port: u16, size: usize) -> Result<u64> {
-        use std::net::IpAddr;
+    pub fn send_spoofed_udp(&self, sources: &[IpAddr], dst: &str, port: u16, size: usize) -> Result<u64> {
         let dst: IpAddr = dst.parse()?;
-        let before = self.udp_received()?;
-        let mut l3 = 0;
-        self.client.enter(|| -> Result<()> {
-            let family = if dst.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-            // SAFETY: a plain socket(2); the fd is owned below.
-            let fd = unsafe { libc::socket(family, libc::SOCK_RAW, libc::IPPROTO_RAW) };
-            anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
-            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            for src in sources {
-                let packet = spoofed_udp(*src, dst, 40000, port, size);
-                l3 = packet.len() as u64;
-                let sent = match dst {
-                    IpAddr::V4(d) => {
-                        let addr = nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(d, 0));
-                        nix::sys::socket::sendto(
-                            std::os::fd::AsRawFd::as_raw_fd(&sock),
-                            &packet,
-                            &addr,
-                            nix::sys::socket::MsgFlags::empty(),
-                        )
-                    }
-                    IpAddr::V6(d) => {
-                        let addr = nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(d, 0, 0, 0));
-                        nix::sys::socket::sendto(
-                            std::os::fd::AsRawFd::as_raw_fd(&sock),
-                            &packet,
-                            &addr,
-                            nix::sys::socket::MsgFlags::empty(),
-                        )
-                    }
-                };
-                sent.with_context(|| format!("sending from {src}"))?;
-            }
-            Ok(())
+        let datagrams: Vec<Spoofed> = sources
+            .iter()
+            .map(|&src| Spoofed {
+                src,
+                dst,
+                port,
+                payload: size,
+            })
+            .collect();
+        self.send_spoofed(&datagrams)?;
+        Ok(datagrams.first().map_or(0, |d| d.l3_len()))
+    }
+
+    /// Sends `datagrams` in their order, each from its own source, whatever it is (see
+    /// `send_spoofed_udp`), and returns once the server's stack has taken every one in. They go
+    /// out in runs of `SPOOFED_RUN`, each taken in before the next is sent: a veth hands what it
+    /// sends to the receiving CPU's backlog, which drops past `net.core.netdev_max_backlog` (1000)
+    /// packets, silently, if the softirq that empties it falls behind (it does once ksoftirqd takes
+    /// it over); a run never fills it. Bounded: 5 s per run.
+    pub fn send_spoofed(&self, datagrams: &[Spoofed]) -> Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        // One raw socket per family, opened in the client: a socket stays in the namespace it was
+        // made in, whichever this thread is in when it sends.
+        let [v4, v6] = self.client.enter(|| -> Result<[OwnedFd; 2]> {
+            let open = |family| -> Result<OwnedFd> {
+                // IPPROTO_RAW: the datagram is sent with the IP header it has (IPv6: IPV6_HDRINCL
+                // is implied), so its source is whatever it says.
+                // SAFETY: a plain socket(2); the fd is owned at once.
+                let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+                anyhow::ensure!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+                // SAFETY: fd was just returned by socket(2) and is owned by nothing else.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            };
+            Ok([open(libc::AF_INET)?, open(libc::AF_INET6)?])
         })??;
-        self.wait_for(
-            || self.udp_received(),
-            before,
-            sources.len() as u64,
-            &format!("spoofed datagrams to {dst}"),
-        )?;
-        Ok(l3)
+        for run in datagrams.chunks(SPOOFED_RUN) {
+            let before = self.udp_received()?;
+            for d in run {
+                let packet = spoofed_udp(d.src, d.dst, 40000, d.port, d.payload);
+                let sent = match d.dst {
+                    IpAddr::V4(dst) => nix::sys::socket::sendto(
+                        v4.as_raw_fd(),
+                        &packet,
+                        &nix::sys::socket::SockaddrIn::from(std::net::SocketAddrV4::new(dst, 0)),
+                        nix::sys::socket::MsgFlags::empty(),
+                    ),
+                    IpAddr::V6(dst) => nix::sys::socket::sendto(
+                        v6.as_raw_fd(),
+                        &packet,
+                        &nix::sys::socket::SockaddrIn6::from(std::net::SocketAddrV6::new(dst, 0, 0, 0)),
+                        nix::sys::socket::MsgFlags::empty(),
+                    ),
+                };
+                sent.with_context(|| format!("sending from {} to {}:{}", d.src, d.dst, d.port))?;
+            }
+            self.wait_for(|| self.udp_received(), before, run.len() as u64, "spoofed datagrams")?;
+        }
+        Ok(())
     }
 
     /// Opens a TCP listener on the server side, connects from `src`, sends `bytes` bytes, waits for
@@ -481,16 +495,31 @@ fn nix_tcp_socket(src: SocketAddr, dst: SocketAddr) -> Result<TcpStream> {
     Ok(TcpStream::from(fd))
 }
 
+/// Datagrams `Bed::send_spoofed` sends in one run before it waits for the server to take them
+/// in: well below the receiving backlog's 1000 packets.
+pub const SPOOFED_RUN: usize = 250;
+
+/// A UDP datagram from any source address (`Bed::send_spoofed`): `payload` zero bytes from
+/// `src`, port 40000, to `dst:port`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spoofed {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub port: u16,
+    pub payload: usize,
+}
+
+impl Spoofed {
+    /// Its bytes from the IP header on, as portwatch and nftables count them.
+    pub fn l3_len(&self) -> u64 {
+        let ip_header = if self.dst.is_ipv4() { 20 } else { 40 };
+        (ip_header + 8 + self.payload) as u64
+    }
+}
+
 /// An IP header and a UDP datagram of `size` zero bytes, for a raw socket (`IPPROTO_RAW`): the
 /// kernel fills in the IPv4 header checksum; the UDP checksum is computed (IPv6 needs it).
-pub(crate) fn spoofed_udp(
-    src: std::net::IpAddr,
-    dst: std::net::IpAddr,
-    sport: u16,
-    dport: u16,
-    size: usize,
-) -> Vec<u8> {
-    use std::net::IpAddr;
+pub(crate) fn spoofed_udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, size: usize) -> Vec<u8> {
     let udp_len = 8 + size;
     let mut udp = Vec::with_capacity(udp_len);
     udp.extend_from_slice(&sport.to_be_bytes());

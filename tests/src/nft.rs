@@ -1,5 +1,6 @@
 //! nftables counters on a bed's server, one per (family, protocol, direction), on the traffic of
-//! TCP port 7001 and UDP port 7002: an independent count, to the byte, of what crossed.
+//! TCP port 7001 and UDP port 7002: an independent count, to the byte, of what crossed. Tests with
+//! rules of their own load them with `load` and read them with `table_counters`.
 
 use std::collections::BTreeMap;
 
@@ -31,11 +32,16 @@ table inet pwtest {
 }
 ";
 
-/// The counters, by name (`tcp4_in`, `tcp6_out`...).
+/// The counters of `RULES`, by name (`tcp4_in`, `tcp6_out`...).
 pub fn counters(bed: &Bed) -> BTreeMap<String, Counters> {
+    table_counters(bed, "pwtest")
+}
+
+/// The named counters of the bed's server's `inet` table `table`, by name.
+pub fn table_counters(bed: &Bed, table: &str) -> BTreeMap<String, Counters> {
     let json = bed
         .server
-        .exec(&["nft", "-j", "list", "counters", "table", "inet", "pwtest"])
+        .exec(&["nft", "-j", "list", "counters", "table", "inet", table])
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     let mut out = BTreeMap::new();

@@ -1,7 +1,9 @@
 //! Resets that die: SIGKILL at random instants of `reset --json --output FILE` under traffic, a
 //! kill in each named phase of the protocol (debug builds' `PORTWATCH_FAULT` points), and failures
 //! of its syscalls. Afterwards the file has no torn line, every record has its own reset id, and
-//! the records plus what is still counted equal, key by key, what the senders put on the wire.
+//! the records plus what is still counted equal, key by key, what the senders put on the wire. The
+//! same kills in a flood-filled state, every tier of both generations full of spoofed sources:
+//! exact per port, and no source, prefix or wide prefix holding more than it sent.
 //!
 //! Seeded: `PORTWATCH_CRASH_SEED=N` replays a run (the seed is printed); `PORTWATCH_CRASH_RUNS=N`
 //! sets how many resets are killed (default 50).
@@ -18,11 +20,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portwatch::generation::Key;
-use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch::{
+    cidr::Cidr,
+    generation::{Key, Remote},
+};
+use portwatch_common::{Counters, Direction::Ingress as IN, Tier, IPPROTO_UDP};
 use portwatch_tests::{
-    cli::{counters_of, Pw},
-    kernel_test, key,
+    cli::{counters_of, rows_by_key, Pw},
+    kernel_test, key, mix,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     rng::{seed_from_env, Rng},
 };
@@ -64,25 +69,28 @@ impl Drop for TempFile {
     }
 }
 
-/// Sends UDP from every source to every port in a thread until stopped (bounded: 2,000 rounds),
-/// and returns what it sent, per key, in L3 bytes.
+/// Sends rounds of UDP (`send_round`, or another round) in a thread until stopped (bounded: 2,000
+/// rounds), and returns what it sent, per key, in L3 bytes.
 struct Sender {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<BTreeMap<Key, Counters>>,
 }
 
+/// A round of traffic: its number, and what it sent added per key.
+type Round = fn(&Bed, usize, &mut BTreeMap<Key, Counters>);
+
 impl Sender {
-    fn start(bed: &Arc<Bed>) -> Sender {
+    fn start(bed: &Arc<Bed>, round: Round) -> Sender {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (bed, stop) = (bed.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut sent = BTreeMap::new();
-                for round in 0..2000usize {
+                for n in 0..2000usize {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    send_round(&bed, round, &mut sent);
+                    round(&bed, n, &mut sent);
                 }
                 sent
             })
@@ -124,10 +132,8 @@ fn recorded_and_counted(pw: &Pw, log: &Path) -> BTreeMap<Key, Counters> {
             assert!(ids.insert(id.as_str().unwrap().to_string()), "reset id {id} twice");
         }
         assert_eq!(counters_of(&v["overflow"]), Counters::default());
-        for r in v["rows"].as_array().unwrap() {
-            let proto = if r["proto"] == "tcp" { IPPROTO_TCP } else { IPPROTO_UDP };
-            let k = key(r["ip"].as_str().unwrap(), r["port"].as_u64().unwrap() as u16, proto, IN);
-            *counted.entry(k).or_default() += counters_of(r);
+        for (k, c) in rows_by_key(v) {
+            *counted.entry(k).or_default() += c;
         }
     }
     counted
@@ -168,34 +174,54 @@ fn interrupted_state(pw: &Pw) -> Option<String> {
     status["reset_interrupted"]["state"].as_str().map(str::to_string)
 }
 
-/// 50 `reset --json --output FILE` runs (PORTWATCH_CRASH_RUNS), each killed with SIGKILL at a
-/// random instant within about one reset's duration, each followed by a normal reset into the same
-/// file, while UDP flows from four sources to two watched ports. Some kills must land inside a
-/// reset (the journal shows it), or the test tested nothing.
-#[kernel_test]
-fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
-    let mut rng = seeded("resets_killed_at_random_instants");
-    let runs: usize = std::env::var("PORTWATCH_CRASH_RUNS")
+/// How many resets the tests kill at random instants: `PORTWATCH_CRASH_RUNS`, default 50.
+fn crash_runs() -> usize {
+    std::env::var("PORTWATCH_CRASH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
-    let bed = Arc::new(Bed::new(false).unwrap());
-    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
-    let log = TempFile::new("killed.jsonl");
-    // How long a command takes to get going here (a reader that opens the state), and a whole
-    // reset: kills land uniformly from most of the former to 1.5 times the latter, where the reset
-    // does its work (under emulation, starting a process is most of a reset's time).
-    let mean = |args: &[&str]| {
-        let started = Instant::now();
-        for _ in 0..5 {
-            pw.ok(args);
+        .unwrap_or(50)
+}
+
+/// When to kill a reset of `pw` into `log`: from most of the time a command takes to get going
+/// here (a reader that opens the state) to 1.5 times a whole reset, where the reset does its work
+/// (under emulation, starting a process is most of a reset's time). Measured before the traffic
+/// starts.
+struct KillWindow {
+    startup: Duration,
+    window: Duration,
+    reset_time: Duration,
+}
+
+impl KillWindow {
+    fn measure(pw: &Pw, log: &TempFile) -> KillWindow {
+        let mean = |args: &[&str]| {
+            let started = Instant::now();
+            for _ in 0..5 {
+                pw.ok(args);
+            }
+            started.elapsed() / 5
+        };
+        let startup = mean(&["top", "-n", "1", "--json"]) * 4 / 5;
+        let reset_time = mean(&["reset", "--json", "--output", log.as_str()]);
+        KillWindow {
+            startup,
+            window: (reset_time * 3 / 2).saturating_sub(startup),
+            reset_time,
         }
-        started.elapsed() / 5
-    };
-    let startup = mean(&["top", "-n", "1", "--json"]) * 4 / 5;
-    let reset_time = mean(&["reset", "--json", "--output", log.as_str()]);
-    let window = (reset_time * 3 / 2).saturating_sub(startup);
-    let sender = Sender::start(&bed);
+    }
+}
+
+/// `runs` `reset --json --output LOG`, each killed with SIGKILL at a random instant of `when`, each
+/// followed by a normal reset into the same file, which must finish what the killed one left. Some
+/// kills must land inside a reset (the journal shows it), or nothing was tested. Returns where the
+/// kills left the journal.
+fn kill_resets_at_random_instants(
+    pw: &Pw,
+    log: &TempFile,
+    rng: &mut Rng,
+    runs: usize,
+    when: &KillWindow,
+) -> BTreeMap<String, usize> {
     let mut landed: BTreeMap<String, usize> = BTreeMap::new();
     for _ in 0..runs {
         let mut child = pw
@@ -204,26 +230,26 @@ fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let delay = startup + Duration::from_micros(rng.below(window.as_micros().max(1) as usize) as u64);
+        let delay = when.startup + Duration::from_micros(rng.below(when.window.as_micros().max(1) as usize) as u64);
         std::thread::sleep(delay);
         let _ = child.kill();
         let status = child.wait().unwrap();
         let state = match status.signal() {
-            Some(9) => interrupted_state(&pw).unwrap_or_else(|| "none (before or after)".into()),
+            Some(9) => interrupted_state(pw).unwrap_or_else(|| "none (before or after)".into()),
             _ => "finished before the kill".into(),
         };
         *landed.entry(state).or_default() += 1;
         pw.ok(&["reset", "--json", "--output", log.as_str()]);
         assert_eq!(
-            interrupted_state(&pw),
+            interrupted_state(pw),
             None,
             "a reset after a crash finishes what it left"
         );
     }
-    let sent = sender.stop();
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
-    eprintln!("start {startup:?}, reset {reset_time:?}; where the {runs} kills left the journal: {landed:?}");
+    eprintln!(
+        "start {:?}, reset {:?}; where the {runs} kills left the journal: {landed:?}",
+        when.startup, when.reset_time
+    );
     let inside: usize = landed
         .iter()
         .filter(|(state, _)| !state.starts_with("none") && !state.starts_with("finished"))
@@ -233,7 +259,57 @@ fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
         inside * 10 >= runs,
         "only {inside} of {runs} kills landed inside a reset: {landed:?}"
     );
+    landed
+}
+
+/// 50 `reset --json --output FILE` runs (PORTWATCH_CRASH_RUNS), each killed with SIGKILL at a
+/// random instant within about one reset's duration, each followed by a normal reset into the same
+/// file, while UDP flows from four sources to two watched ports. Some kills must land inside a
+/// reset (the journal shows it), or the test tested nothing.
+#[kernel_test]
+fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
+    let mut rng = seeded("resets_killed_at_random_instants");
+    let bed = Arc::new(Bed::new(false).unwrap());
+    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
+    let log = TempFile::new("killed.jsonl");
+    let when = KillWindow::measure(&pw, &log);
+    let sender = Sender::start(&bed, send_round);
+    kill_resets_at_random_instants(&pw, &log, &mut rng, crash_runs(), &when);
+    let sent = sender.stop();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
     assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+}
+
+/// The phases of a reset a kill can stop it in (`PORTWATCH_FAULT=reset:PHASE=kill`), in order,
+/// with what `status` then says of the reset it interrupted.
+const RESET_PHASES: [(&str, Option<&str>); 11] = [
+    ("locked", None),
+    ("prepared", Some("prepared")),
+    ("flipped", Some("prepared")),
+    ("waiting", Some("prepared")),
+    ("draining", Some("prepared")),
+    ("writing", Some("writing")),
+    ("fsync", Some("written")),
+    ("committed", Some("committed")),
+    ("deleting", Some("committed")),
+    ("deleted", Some("deleted")),
+    ("subtracting", Some("subtracting")),
+];
+
+/// `reset --json --output LOG`, killed at `phase` (`PORTWATCH_FAULT`), which it must reach.
+fn reset_killed_at(pw: &Pw, log: &TempFile, phase: &str) {
+    let out = pw
+        .command(&["reset", "--json", "--output", log.as_str()])
+        .env("PORTWATCH_FAULT", format!("reset:{phase}=kill"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "the reset did not reach {phase}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A kill in each named phase, under traffic, with stale entries in the idle generation (a reset
@@ -250,34 +326,8 @@ fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
         send_round(&bed, round, sent);
         round += 1;
     };
-    let killed_at = |phase: &str| {
-        let out = pw
-            .command(&["reset", "--json", "--output", log.as_str()])
-            .env("PORTWATCH_FAULT", format!("reset:{phase}=kill"))
-            .output()
-            .unwrap();
-        assert_eq!(
-            out.status.signal(),
-            Some(9),
-            "the reset did not reach {phase}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    // (phase, what `status` says of the reset it interrupted)
-    let phases = [
-        ("locked", None),
-        ("prepared", Some("prepared")),
-        ("flipped", Some("prepared")),
-        ("waiting", Some("prepared")),
-        ("draining", Some("prepared")),
-        ("writing", Some("writing")),
-        ("fsync", Some("written")),
-        ("committed", Some("committed")),
-        ("deleting", Some("committed")),
-        ("deleted", Some("deleted")),
-        ("subtracting", Some("subtracting")),
-    ];
-    for (phase, state) in phases {
+    let killed_at = |phase: &str| reset_killed_at(&pw, &log, phase);
+    for (phase, state) in RESET_PHASES {
         send(&mut sent);
         // Killed after its flip: what is sent next lands in the generation that is idle again once
         // the next command rolls that reset back.
@@ -304,6 +354,139 @@ fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
         assert_eq!(exported_per_port(&pw), per_port(&sent), "after a kill at {phase}");
     }
     assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+}
+
+/// `load` of the tiered test: a per-IP map of 64 keys, a prefix tier of 16 and a wide prefix tier
+/// of 2, so that one `spoofed_round` fills them all in whichever generation it lands, and the rest
+/// of it goes to the per-port overflow.
+const TIERED: [&str; 8] = [
+    "--max-entries",
+    "64",
+    "--prefix-entries",
+    "16",
+    "--wide-prefix-entries",
+    "2",
+    "--direction",
+    "ingress",
+];
+
+/// A round of the flood mix (`portwatch_tests::mix`): 400 spoofed datagrams to the two ports from
+/// heavy prefixes and the spray, the same for the same round number.
+fn spoofed_round(bed: &Bed, round: usize, sent: &mut BTreeMap<Key, Counters>) {
+    let datagrams = mix::datagrams(&mut Rng::new(round as u64), 400, &PORTS.map(|p| (p, 1)));
+    bed.send_spoofed(&datagrams).unwrap();
+    mix::add_sent(sent, &datagrams);
+}
+
+/// Which tiers hold traffic in each generation of `pw`.
+fn tiers_in_each_generation(pw: &Pw) -> [BTreeSet<Tier>; 2] {
+    let mut pinned = pw.pinned();
+    [0, 1].map(|g| {
+        let mut tiers = BTreeSet::new();
+        pinned
+            .generation(g)
+            .unwrap()
+            .for_each(|key, c| {
+                if c.packets > 0 {
+                    tiers.extend(key.tier());
+                }
+            })
+            .unwrap();
+        tiers
+    })
+}
+
+/// What the records plus the counters (`counted`, per key of every tier) may hold of what was
+/// sent (`sent`, per source and port): exactly what was sent per port; and at most what was sent
+/// under any key's remote, per port, at each granularity: a source's own key; a /24 or /48 (its
+/// sources' keys and its own); a /16 or /32 (the same, and its prefixes'). Where a byte was counted
+/// depends on which tier had room when it came, and after a reset in which generation; it is
+/// counted once, under a key that holds its source.
+fn assert_held_where_sent(counted: &BTreeMap<Key, Counters>, sent: &BTreeMap<Key, Counters>) {
+    assert_eq!(per_port(counted), per_port(sent), "records plus counters, per port");
+    for tier in [Tier::Ip, Tier::Prefix, Tier::WidePrefix] {
+        // The key's remote at `tier`'s granularity, if it is that fine.
+        let at_tier = |key: &Key| -> Option<(Cidr, u16)> {
+            let addr = match key.remote {
+                Remote::Ip(ip) => ip,
+                Remote::Prefix(cidr) if cidr.tier() <= Some(tier) => cidr.addr(),
+                _ => return None,
+            };
+            Some((Cidr::of(addr, tier.prefix4(), tier.prefix6()), key.port))
+        };
+        let sum = |counts: &BTreeMap<Key, Counters>| {
+            let mut out: BTreeMap<(Cidr, u16), Counters> = BTreeMap::new();
+            for (k, c) in counts {
+                if let Some(group) = at_tier(k) {
+                    *out.entry(group).or_default() += *c;
+                }
+            }
+            out
+        };
+        let sent = sum(sent);
+        for ((remote, port), c) in sum(counted) {
+            let most = sent.get(&(remote, port)).copied().unwrap_or_default();
+            assert!(
+                c.bytes <= most.bytes && c.packets <= most.packets,
+                "{remote} on {port}, at the {} tier: {c:?} counted, {most:?} sent",
+                tier.name()
+            );
+        }
+    }
+}
+
+/// Resets killed in a flood-filled, tiered state: every round of spoofed traffic fills the per-IP
+/// map, both prefix tiers and the per-port overflow of the generation it lands in, and a reset
+/// killed after its flip leaves the next round in the other one, so both are full. A kill in each
+/// named phase, then 50 (PORTWATCH_CRASH_RUNS) at random instants under that traffic; each
+/// followed by a reset that finishes or rolls it back. The export's per-port totals never lose or
+/// double a byte; at the end the records plus the counters equal what was sent per port, and hold
+/// at most what was sent under every source, prefix and wide prefix.
+#[kernel_test]
+fn resets_killed_in_a_tiered_flood_lose_and_double_nothing() {
+    let mut rng = seeded("resets_killed_in_a_tiered_flood");
+    let bed = Arc::new(Bed::new(false).unwrap());
+    bed.accept_any_source().unwrap();
+    let pw = Pw::load_with(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"], &TIERED);
+    let log = TempFile::new("tiered.jsonl");
+    let mut sent = BTreeMap::new();
+    // The sender's rounds are numbered from 0: these from 10,000, another traffic.
+    let mut round = 10_000;
+    let mut send = |sent: &mut BTreeMap<Key, Counters>| {
+        spoofed_round(&bed, round, sent);
+        round += 1;
+    };
+    let every_tier: BTreeSet<Tier> = Tier::ALL.into_iter().collect();
+    for (phase, state) in RESET_PHASES {
+        send(&mut sent);
+        reset_killed_at(&pw, &log, "draining");
+        send(&mut sent);
+        assert_eq!(
+            tiers_in_each_generation(&pw),
+            [every_tier.clone(), every_tier.clone()],
+            "before the kill at {phase}: both generations past every tier"
+        );
+        reset_killed_at(&pw, &log, phase);
+        assert_eq!(interrupted_state(&pw).as_deref(), state, "killed at {phase}");
+        send(&mut sent);
+        let r = pw.run(&["reset", "--json", "--output", log.as_str()]);
+        assert_eq!(r.code, 0, "after a kill at {phase}: {}", r.stderr);
+        assert_eq!(interrupted_state(&pw), None);
+        assert_eq!(exported_per_port(&pw), per_port(&sent), "after a kill at {phase}");
+    }
+
+    send(&mut sent);
+    let when = KillWindow::measure(&pw, &log);
+    let sender = Sender::start(&bed, spoofed_round);
+    kill_resets_at_random_instants(&pw, &log, &mut rng, crash_runs(), &when);
+    for (k, c) in sender.stop() {
+        *sent.entry(k).or_default() += c;
+    }
+    assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
+    let counted = recorded_and_counted(&pw, &log.0);
+    let tiers: BTreeSet<Tier> = counted.keys().filter_map(Key::tier).collect();
+    assert_eq!(tiers, every_tier, "the records hold every tier");
+    assert_held_where_sent(&counted, &sent);
 }
 
 /// Failures rather than kills: a failing `BPF_MAP_DELETE_BATCH` (after the record is written: the
@@ -487,10 +670,7 @@ fn status_says(pw: &Pw) -> Option<Said> {
 #[kernel_test]
 fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
     let mut rng = seeded("lifecycle_commands_killed");
-    let runs: usize = std::env::var("PORTWATCH_CRASH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
+    let runs = crash_runs();
     let bed = Arc::new(Bed::new(false).unwrap());
     let pw = Pw::new(Some(&bed.server));
     let ifaces = ["lo", bed.server_if.as_str()];

@@ -14,23 +14,11 @@ use portwatch::generation::Key;
 use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{Pw, Running},
-    fill_counters, kernel_test, key,
+    fill_counters, kernel_test, key, metric_samples,
     netns::{url_encode, Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     TestFile,
 };
 use serde_json::Value;
-
-/// The samples of one metric in the text format: labels (as written) -> value.
-fn samples(text: &str, metric: &str) -> BTreeMap<String, f64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(metric))
-        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        .map(|rest| {
-            let (labels, value) = rest.rsplit_once(' ').unwrap();
-            (labels.to_string(), value.parse().unwrap())
-        })
-        .collect()
-}
 
 fn promtool_accepts(text: &str) {
     let mut check = Command::new("promtool")
@@ -51,7 +39,8 @@ fn promtool_accepts(text: &str) {
 }
 
 fn port_bytes(text: &str, port: u16, proto: &str) -> f64 {
-    samples(text, "portwatch_port_bytes_total")[&format!("{{direction=\"ingress\",port=\"{port}\",proto=\"{proto}\"}}")]
+    metric_samples(text, "portwatch_port_bytes_total")
+        [&format!("{{direction=\"ingress\",port=\"{port}\",proto=\"{proto}\"}}")]
 }
 
 #[kernel_test]
@@ -73,8 +62,8 @@ fn metrics_pass_promtool_and_never_go_down() {
     }
     assert_eq!(port_bytes(&plain, 7002, "udp"), (a + b) as f64);
     assert_eq!(port_bytes(&plain, 7003, "udp"), c as f64);
-    assert_eq!(samples(&plain, "portwatch_loaded")[""], 1.0);
-    assert_eq!(samples(&plain, "portwatch_attached").len(), 2);
+    assert_eq!(metric_samples(&plain, "portwatch_loaded")[""], 1.0);
+    assert_eq!(metric_samples(&plain, "portwatch_attached").len(), 2);
 
     // A reset moves the counts into the drained totals: the exported counter stays.
     let zeroed = pw.json(&["reset", "--json"]);
@@ -91,7 +80,7 @@ fn metrics_pass_promtool_and_never_go_down() {
     pw.ok(&["unload"]);
     let nothing = pw.ok(&["metrics"]);
     promtool_accepts(&nothing);
-    assert_eq!(samples(&nothing, "portwatch_loaded")[""], 0.0);
+    assert_eq!(metric_samples(&nothing, "portwatch_loaded")[""], 0.0);
 }
 
 /// Asks Prometheus for `query`'s value, polling until `ready` says yes (bounded: 60 s).
@@ -175,7 +164,7 @@ fn prometheus_scrapes_serve() {
     pw.ok(&["unload"]);
     let (code, body) = bed.server.http_get("127.0.0.1:9814", "/metrics").unwrap();
     assert_eq!(code, 200, "{body}");
-    assert_eq!(samples(&body, "portwatch_loaded")[""], 0.0, "{body}");
+    assert_eq!(metric_samples(&body, "portwatch_loaded")[""], 0.0, "{body}");
     let (code, body) = bed.server.http_get("127.0.0.1:9814", "/").unwrap();
     assert_eq!((code, body.contains("/metrics")), (200, true), "{body}");
     let (code, _) = bed.server.http_get("127.0.0.1:9814", "/nothing").unwrap();
@@ -215,7 +204,7 @@ fn per_remote_series_and_the_cap() {
         )
     }));
     fill_counters(&pw.pin, 0, &entries).unwrap();
-    let remote = |text: &str| samples(text, "portwatch_remote_bytes_total");
+    let remote = |text: &str| metric_samples(text, "portwatch_remote_bytes_total");
     let sum = |series: &BTreeMap<String, f64>, port: &str| -> f64 {
         series
             .iter()
@@ -242,7 +231,7 @@ fn per_remote_series_and_the_cap() {
     ]
     .into();
     assert_eq!(series, want);
-    assert_eq!(samples(&top3, "portwatch_series_dropped")[""], 0.0);
+    assert_eq!(metric_samples(&top3, "portwatch_series_dropped")[""], 0.0);
 
     let prefixes = remote(&pw.ok(&["metrics", "--per-cidr", "24,64"]));
     let want: BTreeMap<String, f64> = [
@@ -258,7 +247,7 @@ fn per_remote_series_and_the_cap() {
     promtool_accepts(&capped);
     let series = remote(&capped);
     assert_eq!(series.len(), 5, "{series:#?}");
-    assert_eq!(samples(&capped, "portwatch_series_dropped")[""], 3.0);
+    assert_eq!(metric_samples(&capped, "portwatch_series_dropped")[""], 3.0);
     assert_eq!(sum(&series, "443"), (10..=19).sum::<u64>() as f64);
     assert_eq!(sum(&series, "53"), (100..=103).sum::<u64>() as f64);
     // A cap below the number of ports: the largest `other` only.
