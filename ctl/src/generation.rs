@@ -679,9 +679,16 @@ fn read_slots<S: Pod>(slots: &PerCpuArray<MapData, S>, mut each: impl FnMut(u32,
     Ok(())
 }
 
-/// Clears (zeroes, on every CPU) the slots `clear` selects of a per-CPU array of slots.
+/// Clears (zeroes, on every CPU) the slots `clear` selects of a per-CPU array of slots: found in
+/// one batch read, each index that has one written back.
 fn clear_slots<S: Pod + Default>(slots: &mut PerCpuArray<MapData, S>, clear: impl Fn(u32, &S) -> bool) -> Result<()> {
-    for index in 0..slots.len() {
+    let mut indexes = std::collections::BTreeSet::new();
+    read_slots(slots, |index, slot| {
+        if clear(index, slot) {
+            indexes.insert(index);
+        }
+    })?;
+    for index in indexes {
         let mut values: Vec<S> = slots.get(&index, 0).context("reading slots")?.to_vec();
         let mut changed = false;
         for slot in &mut values {

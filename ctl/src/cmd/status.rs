@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Result;
 use portwatch_common::{
-    AttachMode, Direction, JournalState, NotCounted, Stats, Tier, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
+    AttachMode, Counters, Direction, JournalState, NotCounted, Stats, Tier, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
 };
 use serde::{Serialize, Serializer};
 
@@ -293,7 +293,8 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
                 return;
             };
             let t = &mut tiers[tier as usize];
-            t.entries += usize::from(g == generation);
+            // A port slot that only holds distinct-source registers is no count.
+            t.entries += usize::from(g == generation && value != Counters::default());
             t.bytes += value.bytes;
             t.packets += value.packets;
         })?;
