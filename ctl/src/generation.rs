@@ -355,9 +355,9 @@ impl Generation {
     /// Removes `keys` from this generation: their slots first, then their entries (killed in
     /// between, the next read still finds the entries); an overflow key is zeroed instead (the
     /// program needs it). A key that is not there is skipped, so a removal repeated after a crash
-    /// does the same. The maps have room again: the "map full" hints are cleared, and the filter is
-    /// made again from the keys left. Only for the idle generation: the program must not write it
-    /// meanwhile.
+    /// does the same. The maps have room again: the "map full" hints are cleared. (The filter keeps
+    /// the removed keys' bytes, each a lookup more for a key that shares it, until
+    /// `refill_filter`.) Only for the idle generation: the program must not write it meanwhile.
     pub fn remove(&mut self, keys: &[Key]) -> Result<()> {
         let by_tier = ByTier::of(keys.iter().map(|k| (*k, ())));
         self.clear_slots(&by_tier)?;
@@ -377,8 +377,7 @@ impl Generation {
         }
         let ports: Vec<PortKey> = by_tier.port.iter().map(|(k, _)| *k).collect();
         remove_recorded(&self.port_overflow, &ports)?;
-        self.clear_full_hints()?;
-        self.refill_filter()
+        self.clear_full_hints()
     }
 
     /// Writes `targets` into this generation, each key's whole count in its entry (its slots

@@ -286,6 +286,7 @@ impl<'p> Reset<'p> {
             fault::point("reset:deleting")?;
         }
         generation.remove(rest)?;
+        generation.refill_filter()?;
         self.enter(JournalState::Deleted)?;
         fault::point("reset:deleted")?;
         Ok(())

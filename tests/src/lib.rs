@@ -257,6 +257,7 @@ impl Harness {
             // Every key removed (the overflow keys zeroed), their slots cleared, the hint cleared.
             let keys: Vec<Key> = generation.read()?.into_iter().map(|(k, _)| k).collect();
             generation.remove(&keys)?;
+            generation.refill_filter()?;
         }
         self.set_generation(0)
     }

@@ -98,6 +98,7 @@ fn flood(test: &str, sizes: &[&str], past_every_tier: bool) {
 
     // Per port, every tier: exactly nftables'.
     assert_eq!(top_per_port(&pw), nft.per_port, "top --by port");
+    assert_eq!(status_per_port(&pw), nft.per_port, "status --json: counters.ports");
     assert_eq!(exported_per_port(&pw), nft.per_port, "metrics: portwatch_port_*_total");
     let tiers = status_tiers(&pw);
     let top = pw.json(&["top", "-n", "0", "--json"]);
@@ -353,6 +354,22 @@ fn top_per_port(pw: &Pw) -> BTreeMap<u16, Counters> {
         .unwrap()
         .iter()
         .map(|r| (r["port"].as_u64().unwrap() as u16, counters_of(r)))
+        .collect()
+}
+
+/// `status --json`'s `counters.ports` (every port is UDP, ingress here).
+fn status_per_port(pw: &Pw) -> BTreeMap<u16, Counters> {
+    pw.status()["counters"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert_eq!(
+                (&p["proto"], &p["direction"]),
+                (&Value::from("udp"), &Value::from("ingress"))
+            );
+            (p["port"].as_u64().unwrap() as u16, counters_of(p))
+        })
         .collect()
 }
 

@@ -6,7 +6,8 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use anyhow::Result;
 use portwatch_common::{
-    AttachMode, Counters, Direction, JournalState, NotCounted, Stats, Tier, ATTACH_FLAG_PENDING, LAYOUT_VERSION,
+    AttachMode, Counters, Direction, JournalState, NotCounted, PortKey, Stats, Tier, ATTACH_FLAG_PENDING,
+    LAYOUT_VERSION,
 };
 use serde::{Serialize, Serializer};
 
@@ -99,6 +100,9 @@ struct CounterUse {
     entries: usize,
     generation: u32,
     max_entries: u32,
+    /// Per port, protocol and direction, what was counted since the last reset, every tier's
+    /// counts added: exact whatever the tiers held.
+    ports: Vec<PortUse>,
     /// The distinct remote addresses counted past the per-IP map since the last reset, estimated,
     /// per port, protocol and direction.
     sources: Vec<SourceUse>,
@@ -121,6 +125,16 @@ struct TierUse {
     packets: u64,
     /// `ip`, `prefix`, `wide-prefix` or `port`.
     tier: &'static str,
+}
+
+#[derive(Serialize)]
+struct PortUse {
+    bytes: u64,
+    #[serde(serialize_with = "direction_name")]
+    direction: Direction,
+    packets: u64,
+    port: u16,
+    proto: &'static str,
 }
 
 #[derive(Serialize)]
@@ -285,6 +299,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         })
         .collect();
     let mut unattributed = Figures::default();
+    let mut per_port: std::collections::BTreeMap<PortKey, Counters> = Default::default();
     for g in [0, 1] {
         pinned.generation(g)?.for_each(|key, value| {
             let Some(tier) = key.tier() else {
@@ -292,6 +307,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
                 unattributed.packets += value.packets;
                 return;
             };
+            *per_port.entry(key.port_key()).or_default() += value;
             let t = &mut tiers[tier as usize];
             // A port slot that only holds distinct-source registers is no count.
             t.entries += usize::from(g == generation && value != Counters::default());
@@ -300,6 +316,17 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         })?;
     }
     let entries = tiers[Tier::Ip as usize].entries;
+    let ports = per_port
+        .into_iter()
+        .filter(|(_, c)| *c != Counters::default())
+        .map(|(port, c)| PortUse {
+            bytes: c.bytes,
+            direction: port.direction(),
+            packets: c.packets,
+            port: port.port,
+            proto: output::proto_name(port.proto),
+        })
+        .collect();
     let sources = pinned
         .sources()?
         .into_iter()
@@ -326,6 +353,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
             entries,
             generation,
             max_entries: pinned.meta.max_entries,
+            ports,
             tiers,
             unattributed,
             sources,
@@ -428,6 +456,17 @@ fn print_human(status: &Status) {
         })
         .collect();
     println!("past the per-IP map: {}", past.join("; "));
+    for p in &c.ports {
+        println!(
+            "port {}/{} {}: {} ({} bytes), {} packets since the last reset",
+            p.port,
+            p.proto,
+            p.direction.name(),
+            human_bytes(p.bytes),
+            p.bytes,
+            p.packets
+        );
+    }
     if !c.sources.is_empty() {
         let sources: Vec<String> = c
             .sources
