@@ -144,16 +144,18 @@ impl FromStr for Cidr {
     }
 }
 
+/// Tests' shorthand: an address as the maps store it (IPv4 mapped into IPv6).
+#[cfg(test)]
+pub(crate) fn ip(s: &str) -> [u8; 16] {
+    match s.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ip(s: &str) -> [u8; 16] {
-        match s.parse::<IpAddr>().unwrap() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        }
-    }
 
     #[test]
     fn cidrs_match_by_prefix() {

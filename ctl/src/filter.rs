@@ -71,18 +71,10 @@ impl Filter {
 
 #[cfg(test)]
 mod tests {
-    use std::net::IpAddr;
-
     use portwatch_common::{IPPROTO_TCP, IPPROTO_UDP};
 
     use super::*;
-
-    fn ip(s: &str) -> [u8; 16] {
-        match s.parse::<IpAddr>().unwrap() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-            IpAddr::V6(v6) => v6.octets(),
-        }
-    }
+    use crate::cidr::ip;
 
     #[test]
     fn a_filter_matches_every_condition_given() {

@@ -209,10 +209,7 @@ mod tests {
             ("2001:db8:1000::1", 0xdead_beef, 0x8101_6ff6),
         ];
         for (address, seed, hash) in cases {
-            let octets = match address.parse().unwrap() {
-                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-                std::net::IpAddr::V6(v6) => v6.octets(),
-            };
+            let octets = crate::cidr::ip(address);
             assert_eq!(source_hash(&words(octets), seed), hash, "{address}, seed {seed:#x}");
         }
         // 0x51a90d90: register 0x51a = 1306; 0x90d90 has 4 trailing zeros.
