@@ -1182,7 +1182,7 @@ const _: () = {
     assert!(core::mem::size_of::<PortKey>() == 4);
     assert!(core::mem::size_of::<FrontSlot>() == 40);
     assert!(core::mem::size_of::<PortSlot>() == 24 + HLL_REGISTERS);
-    assert!((24 + HLL_REGISTERS) % 8 == 0);
+    assert!((24 + HLL_REGISTERS) & 7 == 0);
     assert!(core::mem::size_of::<Journal>() == 5192);
     assert!(core::mem::size_of::<JournalKey>() == 24);
 };
@@ -1269,7 +1269,8 @@ pub const fn source_hash(remote_ip: &[u32; 4], seed: u32) -> u32 {
 /// `source_hash`'s state after the three words every IPv4-mapped address shares (`::ffff:`): what
 /// `load` stores in `Config::seed_v4`, so that the program hashes an IPv4 remote in one round.
 pub const fn source_seed_v4(seed: u32) -> u32 {
-    fmix32(fmix32(fmix32(seed) ^ 0) ^ IPV4_MAPPED_WORD)
+    // Words 0 and 1 are zero: `h ^ 0` is `h`.
+    fmix32(fmix32(fmix32(seed)) ^ IPV4_MAPPED_WORD)
 }
 
 /// `source_hash(remote_ip, seed)`, in one round for an IPv4-mapped address (`seed_v4` is

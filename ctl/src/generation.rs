@@ -302,7 +302,7 @@ impl Generation {
     pub fn merge_sources(&self, into: &mut std::collections::BTreeMap<PortKey, Sketch>) -> Result<()> {
         read_slots::<PortSlot>(&self.port_slots, |_, slot| {
             if slot.owned != 0 {
-                into.entry(slot.key).or_insert_with(Sketch::new).merge(&slot.registers);
+                into.entry(slot.key).or_default().merge(&slot.registers);
             }
         })
     }

@@ -85,7 +85,8 @@ fn main() -> Result<()> {
         let (mut top_t, mut top_m, mut reset_t, mut reset_m, mut dump_t, mut dump_m, mut floor_t) =
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         // With --against: (this, other) seconds per round, for top and for reset.
-        let (mut tops, mut resets): (Vec<(f64, f64)>, Vec<(f64, f64)>) = (vec![], vec![]);
+        let mut tops: Vec<(f64, f64)> = vec![];
+        let mut resets: Vec<(f64, f64)> = vec![];
         for round in 0..rounds {
             // reset drains the map: fill it again every round (not timed).
             fill_counters(&pw.pin, 0, &data)?;
