@@ -449,24 +449,37 @@ impl Generation {
         Ok(())
     }
 
-    /// Clears every slot (on every CPU) of the keys `by_tier` has.
+    /// Clears every slot (on every CPU) of the keys `by_tier` has. A cache's owners are read
+    /// first and the keys looked up among them (a few thousand at most): a reset of a million keys
+    /// does not gather them into a set of their own.
     fn clear_slots<V>(&mut self, by_tier: &ByTier<V>) -> Result<()> {
+        let owners = front_owners(&self.front)?;
         let ip: HashSet<CounterKey> = by_tier
             .ip
             .iter()
-            .map(|(k, _)| *k)
-            .chain(by_tier.overflow.iter().copied())
+            .map(|(k, _)| k)
+            .chain(&by_tier.overflow)
+            .filter(|k| !owners.is_empty() && owners.contains(*k))
+            .copied()
             .collect();
-        clear_slots(&mut self.front, |_, slot: &FrontSlot| {
-            slot.owned != 0 && ip.contains(&slot.key)
-        })?;
-        let prefix: [HashSet<CounterKey>; 2] = [
-            by_tier.prefix.iter().map(|(k, _)| *k).collect(),
-            by_tier.wide_prefix.iter().map(|(k, _)| *k).collect(),
-        ];
-        clear_slots(&mut self.tier_front, |index, slot: &FrontSlot| {
-            slot.owned != 0 && prefix[(index >= FRONT_SLOTS) as usize].contains(&slot.key)
-        })?;
+        if !ip.is_empty() {
+            clear_slots(&mut self.front, |_, slot: &FrontSlot| {
+                slot.owned != 0 && ip.contains(&slot.key)
+            })?;
+        }
+        let owners = front_owners(&self.tier_front)?;
+        let owned = |keys: &[(CounterKey, V)]| -> HashSet<CounterKey> {
+            keys.iter()
+                .map(|(k, _)| *k)
+                .filter(|k| !owners.is_empty() && owners.contains(k))
+                .collect()
+        };
+        let prefix: [HashSet<CounterKey>; 2] = [owned(&by_tier.prefix), owned(&by_tier.wide_prefix)];
+        if prefix.iter().any(|keys| !keys.is_empty()) {
+            clear_slots(&mut self.tier_front, |index, slot: &FrontSlot| {
+                slot.owned != 0 && prefix[(index >= FRONT_SLOTS) as usize].contains(&slot.key)
+            })?;
+        }
         let ports: HashSet<PortKey> = by_tier.port.iter().map(|(k, _)| *k).collect();
         clear_slots(&mut self.port_slots, |_, slot: &PortSlot| {
             slot.owned != 0 && ports.contains(&slot.key)
@@ -676,6 +689,17 @@ fn read_slots<S: Pod>(slots: &PerCpuArray<MapData, S>, mut each: impl FnMut(u32,
         }
     }
     Ok(())
+}
+
+/// The keys that own a slot of a front cache on some CPU.
+fn front_owners(front: &PerCpuArray<MapData, FrontSlot>) -> Result<HashSet<CounterKey>> {
+    let mut owners = HashSet::new();
+    read_slots(front, |_, slot| {
+        if slot.owned != 0 {
+            owners.insert(slot.key);
+        }
+    })?;
+    Ok(owners)
 }
 
 /// Clears (zeroes, on every CPU) the slots `clear` selects of a per-CPU array of slots: found in
