@@ -31,7 +31,8 @@ Exit codes:
   0 success    1 other failure    2 bad arguments (a bad SPEC, --max-entries 0...) or config file
   3 not root / missing CAP_BPF or CAP_NET_ADMIN    4 nothing loaded
   5 pinned state of another layout version, or a load that conflicts with it
-  6 unknown or not-attached interface    7 bpffs missing and cannot be mounted";
+  6 unknown or not-attached interface    7 bpffs missing and cannot be mounted
+  8 a history record file or database that cannot be used";
 
 #[derive(Parser)]
 #[command(
@@ -145,6 +146,10 @@ pub enum Command {
         #[command(flatten)]
         export: ExportArgs,
     },
+    /// Who sent the most over days and months: the reset records, ingested into a store, summed
+    /// per period (`--hours`, `--days`, `--months`) or ranked (`history top`)
+    #[command(after_help = HISTORY_EXAMPLES, args_conflicts_with_subcommands = true)]
+    History(HistoryArgs),
     /// Print a shell completion script
     #[command(
         after_help = "Examples:\n  portwatch completions bash > /etc/bash_completion.d/portwatch\n  \
@@ -301,6 +306,184 @@ pub struct TopArgs {
     /// Exact byte counts instead of KiB/MiB/GiB
     #[arg(long)]
     pub exact: bool,
+}
+
+const HISTORY_EXAMPLES: &str = "\
+Examples:
+  portwatch history ingest /var/log/portwatch/portwatch.jsonl      add the records not in the store yet
+  portwatch history --days                       traffic per day (local days), with a bar chart
+  portwatch history --hours --since 24h --port 443
+  portwatch history top --since 7d               the top remotes of the last 7 days
+  portwatch history top --since 2026-11-01 --until 2026-12-01 --by port --json
+
+The store: /var/lib/portwatch/history.db (--db, or `history: db:` in /etc/portwatch/portwatch.yaml).
+Each answer says which buckets (5-minute, hourly, daily, monthly) it read and whether retention
+had already removed part of the window.
+
+Exit codes: 0 success, 1 failure, 2 bad arguments or configuration, 8 a record file or database
+that cannot be used (not a reset record, a damaged database, another schema version).";
+
+/// `history`: with no subcommand, the traffic per period.
+#[derive(Args)]
+pub struct HistoryArgs {
+    #[command(subcommand)]
+    pub command: Option<HistoryCommand>,
+    #[command(flatten)]
+    pub periods: PeriodArgs,
+}
+
+#[derive(Subcommand)]
+pub enum HistoryCommand {
+    /// Add reset records (JSON lines; rotated `.gz` files too) to the store; what is already in
+    /// it is skipped, so running it again, or on a grown file, adds only what is new
+    #[command(
+        after_help = "Examples:\n  portwatch history ingest /var/log/portwatch/portwatch.jsonl\n  \
+        portwatch history ingest /var/log/portwatch/portwatch.jsonl.*.gz /var/log/portwatch/portwatch.jsonl\n  \
+        portwatch history ingest --keep-five-minutes 7d --cap 5000 records.jsonl"
+    )]
+    Ingest(IngestArgs),
+    /// The top remotes (or ports, or prefixes) over a window of the history, as `top` shows them
+    #[command(after_help = "Examples:\n  portwatch history top --since 24h\n  \
+        portwatch history top --since 2026-12-01 --by ip-port --port 443 -n 20\n  \
+        portwatch history top --since 30d --ip 198.18.0.0/15 --json")]
+    Top(HistoryTopArgs),
+}
+
+/// Where the store is.
+#[derive(Args, Clone)]
+pub struct StoreArgs {
+    /// The history database [default: `history: db:` in the configuration file, else
+    /// /var/lib/portwatch/history.db]
+    #[arg(long, value_name = "FILE")]
+    pub db: Option<PathBuf>,
+    /// The configuration file whose `history:` section applies (read when it exists)
+    #[arg(long, value_name = "FILE", default_value = "/etc/portwatch/portwatch.yaml")]
+    pub config: PathBuf,
+}
+
+#[derive(Args)]
+pub struct IngestArgs {
+    /// Record files (as `reset --json --output FILE` writes them; gzip-compressed too)
+    #[arg(value_name = "RECORD", default_value = "/var/log/portwatch/portwatch.jsonl")]
+    pub records: Vec<PathBuf>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// How long 5-minute buckets are kept (48h unless the configuration file says)
+    #[arg(long, value_name = "DURATION")]
+    pub keep_five_minutes: Option<String>,
+    /// How long hourly buckets are kept (35d)
+    #[arg(long, value_name = "DURATION")]
+    pub keep_hours: Option<String>,
+    /// How long daily buckets are kept (400d)
+    #[arg(long, value_name = "DURATION")]
+    pub keep_days: Option<String>,
+    /// How long monthly buckets are kept (forever)
+    #[arg(long, value_name = "DURATION")]
+    pub keep_months: Option<String>,
+    /// Remotes each bucket keeps per port, protocol and direction; the rest is summed as `other`
+    /// (1000)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub cap: Option<u32>,
+    /// Print nothing when all went well (for timers and cron)
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The window and the filters of a history question.
+#[derive(Args, Clone)]
+pub struct WindowArgs {
+    /// From: a duration back from now (24h, 7d), a date (2026-12-01) or a date and time
+    /// (2026-12-01 10:00), local unless --utc [default: the oldest record]
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// To (as --since) [default: now]
+    #[arg(long, value_name = "WHEN")]
+    pub until: Option<String>,
+    /// Only these ports (SPEC as for `ports add`; repeat for more)
+    #[arg(long = "port", value_name = "SPEC", allow_hyphen_values = true, value_parser = parse_spec)]
+    pub ports: Vec<PortSpec>,
+    /// Only remotes in this CIDR, or this IP (repeat for more)
+    #[arg(long = "ip", value_name = "CIDR", value_parser = parse_cidr)]
+    pub cidrs: Vec<Cidr>,
+    /// Only this direction
+    #[arg(long, value_enum)]
+    pub direction: Option<OneDirection>,
+    /// Times in UTC (daily and monthly buckets stay the local days they were summed in)
+    #[arg(long)]
+    pub utc: bool,
+    /// One JSON object on one line
+    #[arg(long)]
+    pub json: bool,
+    /// Exact byte counts instead of KiB/MiB/GiB
+    #[arg(long)]
+    pub exact: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+impl WindowArgs {
+    pub fn filter(&self) -> Filter {
+        Filter {
+            ports: self.ports.clone(),
+            cidrs: self.cidrs.clone(),
+            direction: self.direction.map(Direction::from),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct PeriodArgs {
+    /// Per hour
+    #[arg(long, group = "period")]
+    pub hours: bool,
+    /// Per day (the default)
+    #[arg(long, group = "period")]
+    pub days: bool,
+    /// Per month
+    #[arg(long, group = "period")]
+    pub months: bool,
+    /// Per 5 minutes
+    #[arg(long, group = "period")]
+    pub five_minutes: bool,
+    #[command(flatten)]
+    pub window: WindowArgs,
+}
+
+#[derive(Args)]
+pub struct HistoryTopArgs {
+    /// Rows to show (0: all)
+    #[arg(short = 'n', long = "limit", value_name = "N", default_value_t = 10)]
+    pub limit: usize,
+    /// What a row is
+    #[arg(long, value_enum, default_value_t = By::Ip)]
+    pub by: By,
+    /// IPv4 prefix length for --by cidr
+    #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub prefix4: u8,
+    /// IPv6 prefix length for --by cidr
+    #[arg(long, value_name = "LEN", default_value_t = 64, value_parser = clap::value_parser!(u8).range(0..=128))]
+    pub prefix6: u8,
+    /// Order rows by bytes or packets
+    #[arg(long, value_enum, default_value_t = SortBy::Bytes)]
+    pub sort: SortBy,
+    /// A header line and one line per row
+    #[arg(long, conflicts_with = "json")]
+    pub csv: bool,
+    #[command(flatten)]
+    pub window: WindowArgs,
+}
+
+impl From<&HistoryTopArgs> for View {
+    fn from(args: &HistoryTopArgs) -> View {
+        View {
+            by: args.by,
+            prefix4: args.prefix4,
+            prefix6: args.prefix6,
+            filter: args.window.filter(),
+            sort: args.sort,
+            limit: args.limit,
+        }
+    }
 }
 
 #[derive(Args)]

@@ -54,6 +54,9 @@ pub(crate) struct FileConfig {
     pub ports: Vec<Spec>,
     #[serde(default)]
     pub interfaces: Vec<InterfaceConfig>,
+    /// The history store (`history ingest`, `history`, `history top`); `apply` ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::history::HistoryConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -350,6 +353,7 @@ impl FileConfig {
             direction: directions,
             ports: ports::fold(&table).into_iter().map(Spec).collect(),
             interfaces,
+            history: None,
         })
     }
 }

@@ -20,6 +20,9 @@ pub mod exit {
     pub const INTERFACE: u8 = 6;
     /// bpffs is missing and cannot be mounted, or the pin path is not on bpffs.
     pub const BPFFS: u8 = 7;
+    /// `history`: a record file or database that cannot be used (not a reset record, a damaged
+    /// database, another schema version, a directory it cannot write).
+    pub const HISTORY: u8 = 8;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,9 @@ pub enum Error {
     /// A configuration file that cannot be used as it is: exit code 2, like bad arguments.
     #[error("{0}")]
     Config(String),
+    /// A history record file or database that cannot be used.
+    #[error("{0}")]
+    History(String),
 }
 
 impl Error {
@@ -51,6 +57,7 @@ impl Error {
             Error::Interface(_) => exit::INTERFACE,
             Error::Bpffs(_) => exit::BPFFS,
             Error::Config(_) => exit::USAGE,
+            Error::History(_) => exit::HISTORY,
         }
     }
 }

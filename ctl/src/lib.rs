@@ -12,6 +12,7 @@ pub(crate) mod error;
 pub(crate) mod fault;
 pub(crate) mod filter;
 pub mod generation;
+pub(crate) mod history;
 pub(crate) mod journal;
 pub(crate) mod lifecycle;
 pub mod maps;

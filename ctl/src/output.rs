@@ -248,7 +248,7 @@ impl Serialize for Cell {
 
 /// Bytes and packets as JSON objects hold them.
 #[derive(Serialize)]
-struct Figures {
+pub(crate) struct Figures {
     bytes: u64,
     packets: u64,
 }
@@ -330,6 +330,35 @@ pub(crate) struct Envelope {
     pub reset: bool,
     /// The reset's id (unique: a recovery finds its record by it; a reader can drop a repeat).
     pub reset_id: Option<String>,
+    /// `history top`: the buckets the answer read.
+    pub history: Option<HistoryWindow>,
+}
+
+/// Which buckets of the history store answered (`history top --json`'s `history`).
+#[derive(Serialize)]
+pub(crate) struct HistoryWindow {
+    /// `5-minute`, `hourly`, `daily` or `monthly`.
+    pub granularity: &'static str,
+    /// The first bucket's start and the last one's end (Unix time).
+    pub from: i64,
+    pub to: i64,
+    /// Retention had removed the window's start: the answer starts here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<i64>,
+    /// Traffic of remotes a bucket's cap summed together (in `totals`, in no row).
+    pub other: Figures,
+}
+
+impl HistoryWindow {
+    pub(crate) fn new(granularity: &'static str, from: i64, to: i64, cut: Option<i64>, other: Counters) -> Self {
+        HistoryWindow {
+            granularity,
+            from,
+            to,
+            cut,
+            other: other.into(),
+        }
+    }
 }
 
 fn json(w: &mut (impl io::Write + ?Sized), value: &impl Serialize) -> io::Result<()> {
@@ -383,6 +412,10 @@ pub(crate) fn write_json(report: &Report, envelope: &Envelope, w: &mut (impl io:
         w.write_all(b",\"interval_secs\":")?;
         json(w, &secs)?;
     }
+    if let Some(history) = &envelope.history {
+        w.write_all(b",\"history\":")?;
+        json(w, history)?;
+    }
     w.write_all(b"}\n")
 }
 
@@ -411,6 +444,7 @@ pub(crate) fn write_record(
                 time: unix_time(),
                 reset: true,
                 reset_id: Some(reset_id.to_string()),
+                history: None,
             };
             write_json(&report, &envelope, w)
         }

@@ -9,6 +9,7 @@ mod attach;
 mod check;
 mod completions;
 mod config;
+mod history;
 mod load;
 mod metrics;
 mod ports;
@@ -42,6 +43,13 @@ struct Policy {
 impl Policy {
     /// Text made from the command line (`completions`, `man`).
     const TEXT: Policy = Policy {
+        needs: None,
+        bpffs: false,
+        recover_first: false,
+    };
+    /// Files only, no pinned state (`history`): the store and the record files' own permissions
+    /// decide.
+    const FILES: Policy = Policy {
         needs: None,
         bpffs: false,
         recover_first: false,
@@ -145,6 +153,7 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::Serve { listen, export } => (Policy::MAPS, Box::new(|| serve::run(pin, listen, &export.into()))),
         Command::Completions { shell } => (Policy::TEXT, Box::new(|| completions::completions(*shell))),
         Command::Man => (Policy::TEXT, Box::new(completions::man)),
+        Command::History(args) => (Policy::FILES, Box::new(|| history::run(args))),
     };
     policy.prepare(pin)?;
     verb()

@@ -57,6 +57,7 @@ fn print(report: &Report, args: &TopArgs, header: bool, time: Option<u64>) -> Re
             time: output::unix_time(),
             reset: false,
             reset_id: None,
+            history: None,
         };
         output::write_json(report, &envelope, &mut out)?;
     } else if args.csv {
