@@ -242,6 +242,14 @@ impl FileConfig {
             }
             .into()
         })
+        .and_then(|config: FileConfig| {
+            if let Some(retention) = config.history.as_ref().and_then(|h| h.retention.as_ref()) {
+                retention
+                    .retention()
+                    .map_err(|e| refuse(format!("history.retention: {e}")))?;
+            }
+            Ok(config)
+        })
     }
 
     /// The pin path: the file's, or `cli`'s (`--pin-path`, `PORTWATCH_PIN_PATH`, or the default)

@@ -485,3 +485,46 @@ fn records_of_real_resets_are_the_history() {
     assert_eq!(recorded, expected);
     same(&stored(&db), &expected);
 }
+
+/// The `history:` section of the configuration file: its database, cap and retention apply; a bad
+/// duration is refused as a bad configuration (exit code 2); flags win over the file.
+#[test]
+fn the_configuration_file_section_applies() {
+    let dir = Dir::new("config");
+    let (config, log, db) = (dir.path("portwatch.yaml"), dir.path("portwatch.jsonl"), dir.path("c.db"));
+    std::fs::write(
+        &config,
+        format!(
+            "ports: [443]\nhistory:\n  db: {}\n  cap: 2\n  retention:\n    five_minutes: 1h\n",
+            db.display()
+        ),
+    )
+    .unwrap();
+    let rows: Vec<Row> = (0..5u64).map(|i| (format!("198.18.0.{i}"), 443, 100 - i, 1)).collect();
+    append(&log, &record(1_790_000_000, Some("a"), &rows));
+    ok(&["history", "ingest", "--config", config.to_str().unwrap(), log.to_str().unwrap()]);
+    let top: Value = serde_json::from_str(&ok(&[
+        "history", "top", "--config", config.to_str().unwrap(), "-n", "0", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(top["rows"].as_array().unwrap().len(), 2, "{top}");
+    assert_eq!(top["history"]["other"]["bytes"], 98 + 97 + 96);
+    assert_eq!(top["totals"]["bytes"], 100 + 99 + 98 + 97 + 96);
+    // --cap on the command line wins: a new database with every remote.
+    let flagged = dir.path("flagged.db");
+    ok(&[
+        "history", "ingest", "--config", config.to_str().unwrap(), "--db", flagged.to_str().unwrap(), "--cap", "10",
+        log.to_str().unwrap(),
+    ]);
+    let top: Value = serde_json::from_str(&ok(&[
+        "history", "top", "--config", config.to_str().unwrap(), "--db", flagged.to_str().unwrap(), "-n", "0",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(top["rows"].as_array().unwrap().len(), 5);
+
+    std::fs::write(&config, "ports: [443]\nhistory:\n  retention:\n    hours: a while\n").unwrap();
+    let out = pw(&["history", "ingest", "--config", config.to_str().unwrap(), log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("history.retention"));
+}
