@@ -356,12 +356,13 @@ fn retention_and_the_cap_over_400_days() {
     let five = json(&["--five-minutes"]);
     let kept_from = five["cut"].as_i64().unwrap();
     assert!((newest - 150 - 2 * 86400 - 300..=newest - 2 * 86400).contains(&kept_from));
-    // Each window from the finest buckets that still hold its start, at most 400 of them.
+    // Each window from the finest buckets that still hold its start, at most 100 of them.
     let at = |t: i64| format!("{}", chrono_free_utc(t));
     let granularity = |since: i64| json(&["top", "--since", &at(since), "-n", "1"])["history"]["granularity"].clone();
     assert_eq!(granularity(newest - 6 * 3600), "5-minute");
-    assert_eq!(granularity(newest - 7 * 86400), "hourly");
-    assert_eq!(granularity(newest - 300 * 86400), "daily");
+    assert_eq!(granularity(newest - 2 * 86400), "hourly");
+    assert_eq!(granularity(newest - 30 * 86400), "daily");
+    assert_eq!(granularity(newest - 300 * 86400), "monthly");
     assert_eq!(granularity(first), "monthly");
 
     // The cap: 1,000 remotes of port 8443 in each bucket, the other 500 in `other`, in totals.

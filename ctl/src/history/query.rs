@@ -16,7 +16,7 @@ use super::{
 use crate::filter::Filter;
 
 /// Buckets one answer reads at most, unless only a coarser granularity's buckets are gone.
-pub(crate) const MAX_BUCKETS: i64 = 400;
+pub(crate) const MAX_BUCKETS: i64 = 100;
 
 /// The buckets that answer a window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
