@@ -13,6 +13,7 @@ use crate::{
     pinned::DEFAULT_PIN_PATH,
     ports::PortSpec,
     report::{By, SortBy, View},
+    threshold::Range,
 };
 
 const EXAMPLES: &str = "\
@@ -127,6 +128,10 @@ pub enum Command {
     /// The configuration file of what is pinned
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// A monitoring-plugin check (Nagios, Icinga, Sensu): rates over an interval against thresholds,
+    /// exit code 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN
+    #[command(after_help = ALERT_EXAMPLES)]
+    Alert(AlertArgs),
     /// Print the metrics in the Prometheus text format (or write them for node_exporter's
     /// textfile collector)
     #[command(after_help = METRICS_EXAMPLES)]
@@ -238,6 +243,31 @@ Examples:
 
 Each scrape reads the pinned state afresh; serve keeps nothing. While nothing is loaded it answers
 portwatch_loaded 0. Counting never depends on it.";
+
+const ALERT_EXAMPLES: &str = "\
+Examples:
+  portwatch alert -w 80MB/s -c 100MB/s                  every watched port, bytes/s over 5 s
+  portwatch alert --port 443/tcp --direction ingress -w 50MB/s -c 80MB/s
+  portwatch alert --packets -w 50kpps -c 100kpps --interval 10 -t 20
+  portwatch alert --per-remote -w 5MB/s -c 20MB/s       the heaviest single remote (IP or prefix)
+  portwatch alert --port 53/udp -c 1kB/s:               CRITICAL when port 53 gets under 1 kB/s
+  portwatch alert --sources -w 1000 -c 10000            distinct sources past the per-IP map
+
+Prints one line, `PORTWATCH OK - ... | perfdata`, and exits 0 OK, 1 WARNING, 2 CRITICAL, or 3 UNKNOWN
+(nothing loaded, missing privileges, bad arguments, a timeout): portwatch's other exit codes do not
+apply. It reads the live counters twice, --interval apart, and never resets them.
+
+Ranges (monitoring-plugins guidelines): 10 alerts outside 0..10, 10: below 10, ~:10 above 10,
+10:20 outside 10..20, @10:20 inside 10..20 (ends included). Units on either end: B/s, kB/s (or
+KB/s), MB/s, GB/s, TB/s are SI (10^3...); KiB/s, MiB/s, GiB/s, TiB/s are IEC (2^10...); `/s` may be
+left out; bits are not accepted. A plain number is bytes/s. With --packets: pps, kpps, Mpps, Gpps.
+--sources takes plain numbers.
+
+Every port, protocol and direction selected is measured (a silent one at 0); the worst sets the
+state and is named. Performance data per port: '443/tcp/ingress_Bps' (bytes/s, no UOM: the
+guidelines have none for rates), '443/tcp/ingress_bytes' (the exact bytes of the interval, B), or
+_pps and _packets with --packets, _top_remote_Bps with --per-remote, _sources with --sources; and
+'interval' (s).";
 
 const TOP_EXAMPLES: &str = "\
 Examples:
@@ -487,6 +517,66 @@ impl From<&HistoryTopArgs> for View {
 }
 
 #[derive(Args)]
+pub struct AlertArgs {
+    /// WARNING when the measure is in this alert range (10, 10:, ~:10, 10:20, @10:20; units:
+    /// 80MB/s, 5kpps)
+    #[arg(short = 'w', long, value_name = "RANGE", allow_hyphen_values = true)]
+    pub warning: Option<Range>,
+    /// CRITICAL when the measure is in this alert range
+    #[arg(short = 'c', long, value_name = "RANGE", allow_hyphen_values = true)]
+    pub critical: Option<Range>,
+    /// Only these ports (SPEC as for `ports add`; repeat for more) [default: every watched port]
+    #[arg(long = "port", value_name = "SPEC", allow_hyphen_values = true, value_parser = parse_spec)]
+    pub ports: Vec<PortSpec>,
+    /// Only this direction [default: those loaded]
+    #[arg(long, value_enum)]
+    pub direction: Option<OneDirection>,
+    /// Measure packets per second instead of bytes per second
+    #[arg(long, conflicts_with = "sources")]
+    pub packets: bool,
+    /// Measure the heaviest single remote (an IP, or a prefix counted past the per-IP map) of each
+    /// port, protocol and direction instead of the port's total; the summary names it
+    #[arg(long, conflicts_with = "sources")]
+    pub per_remote: bool,
+    /// Measure the distinct remote addresses counted past the per-IP map since the last reset
+    /// (estimated; 0 while the per-IP map has room). One reading, no interval
+    #[arg(long)]
+    pub sources: bool,
+    /// Seconds between the two readings of the counters
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_interval)]
+    pub interval: f64,
+    /// UNKNOWN ("timed out") when the check takes longer than SECS; more than --interval
+    #[arg(short = 't', long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_timeout)]
+    pub timeout: f64,
+}
+
+impl From<&AlertArgs> for Filter {
+    fn from(args: &AlertArgs) -> Filter {
+        Filter {
+            ports: args.ports.clone(),
+            cidrs: vec![],
+            direction: args.direction.map(Direction::from),
+        }
+    }
+}
+
+/// Whether the command line's verb is `alert` (read from the arguments themselves, for when clap
+/// refuses them): a check reports bad arguments in its own format and exit code.
+pub(crate) fn is_alert(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    let mut args = args.into_iter().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--pin-path") => {
+                args.next();
+            }
+            Some(a) if a.starts_with('-') => {}
+            verb => return verb == Some("alert"),
+        }
+    }
+    false
+}
+
+#[derive(Args)]
 pub struct ResetArgs {
     /// Only counters of these ports (repeat for more)
     #[arg(long = "port", value_name = "SPEC", allow_hyphen_values = true, value_parser = parse_spec)]
@@ -685,6 +775,15 @@ fn parse_interval(s: &str) -> Result<f64, String> {
         Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
         _ => Err(format!(
             "{s:?}: the interval is a number of seconds above 0, at most 3600"
+        )),
+    }
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?}: the timeout is a number of seconds above 0, at most 3600"
         )),
     }
 }

@@ -28,6 +28,7 @@ pub(crate) mod report;
 pub(crate) mod reset;
 pub mod sources;
 pub mod sys;
+pub(crate) mod threshold;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,7 @@ pub fn main() -> ExitCode {
         }
         Err(e) => {
             // One line, like every other failure: clap's first line without its "error: ".
+            // A check reports it as UNKNOWN, with its own exit code.
             let text = e.render().to_string();
             let message: Vec<&str> = text
                 .lines()
@@ -52,6 +54,9 @@ pub fn main() -> ExitCode {
                 .map(str::trim)
                 .collect();
             let message = message.join(" ");
+            if cli::is_alert(std::env::args_os()) {
+                return ExitCode::from(cmd::alert_bad_arguments(message.trim_start_matches("error: ")));
+            }
             eprintln!(
                 "portwatch: {} (see `portwatch --help`)",
                 message.trim_start_matches("error: ")
@@ -60,7 +65,7 @@ pub fn main() -> ExitCode {
         }
     };
     match cmd::run(&cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("portwatch: {e:#}");
             ExitCode::from(error::exit_code(&e))

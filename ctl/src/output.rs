@@ -12,6 +12,7 @@ use crate::{
     generation::Key,
     report::{By, Group, Report, Row, View},
     sources,
+    threshold::{self, Outcome},
 };
 
 /// `1.5 MiB` style, binary units; exact figures are printed beside it where it matters.
@@ -27,6 +28,38 @@ pub(crate) fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A monitoring plugin's output (`alert`): `PORTWATCH STATE - summary | 'label'=value[UOM];warn;crit;min;`
+/// on one line, numbers in the C locale. The summary cannot hold a `|` (the performance data's
+/// separator) nor a line break: they are replaced.
+pub(crate) fn plugin_line(outcome: &Outcome) -> String {
+    let summary: String = outcome
+        .summary
+        .chars()
+        .map(|c| match c {
+            '|' => '/',
+            '\n' | '\r' => ' ',
+            c => c,
+        })
+        .collect();
+    let mut line = format!("PORTWATCH {} - {}", outcome.state.word(), summary.trim());
+    for (i, perf) in outcome.perf.iter().enumerate() {
+        line.push_str(if i == 0 { " | " } else { " " });
+        // A quote in a label is written twice; `=` cannot be in one (portwatch's labels have none).
+        let label = perf.label.replace('\'', "''");
+        let range = |r: &Option<threshold::Range>| r.as_ref().map(|r| r.to_string()).unwrap_or_default();
+        let min = perf.min.map(|m| threshold::number(m, 6)).unwrap_or_default();
+        let _ = write!(
+            line,
+            "'{label}'={}{};{};{};{min};",
+            threshold::number(perf.value, 3),
+            perf.uom,
+            range(&perf.warning),
+            range(&perf.critical),
+        );
+    }
+    line
 }
 
 /// A document on stdout, pretty-printed (`status --json`, `ports list --json`).

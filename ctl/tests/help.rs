@@ -40,6 +40,7 @@ fn every_verb_has_help_with_an_example() {
         &["config", "show"],
         &["metrics"],
         &["serve"],
+        &["alert"],
         &["completions"],
         &["man"],
         &["unload"],

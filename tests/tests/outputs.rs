@@ -150,6 +150,7 @@ fn outputs_stay_the_same(mode: &str) {
         &["config", "show", "--help"],
         &["metrics", "--help"],
         &["serve", "--help"],
+        &["alert", "--help"],
         &["completions", "--help"],
         &["man", "--help"],
     ] {

@@ -185,6 +185,7 @@ fn map_commands_need_only_cap_bpf() {
         &["reset", "--json"],
         &["metrics"],
         &["config", "show"],
+        &["alert", "--interval", "0.1"],
     ] {
         let (code, _, stderr) = only_bpf(args);
         assert_eq!(code, Some(0), "{args:?} with CAP_BPF alone: {stderr}");

@@ -4,6 +4,7 @@
 //! any verb runs. No verb calls another verb: what two verbs share lives in the module of its
 //! concept (`attach`, `ports`, `report`, `output`, `reset`...).
 
+mod alert;
 mod apply;
 mod attach;
 mod check;
@@ -115,10 +116,16 @@ impl Policy {
 /// A verb, ready to run.
 type Verb<'a> = Box<dyn FnOnce() -> Result<()> + 'a>;
 
-/// Runs the command line's verb: one row per command, its policy and its verb.
-pub(crate) fn run(cli: &Cli) -> Result<()> {
+pub(crate) use alert::bad_arguments as alert_bad_arguments;
+
+/// Runs the command line's verb: one row per command, its policy and its verb. Returns the exit
+/// code of a success: 0, or a check's state (`alert`).
+pub(crate) fn run(cli: &Cli) -> Result<u8> {
     let pin = &PinPath::new(&cli.pin_path);
     let (policy, verb): (Policy, Verb) = match &cli.command {
+        // A monitoring-plugin check has exit codes of its own (0 to 3) and reports every failure
+        // itself, as UNKNOWN: the environment checks included.
+        Command::Alert(args) => return Ok(alert::run(pin, args, || Policy::READS.prepare(pin))),
         Command::Load(args) => (Policy::NETWORK, Box::new(|| load::run(pin, args))),
         Command::Attach {
             iface,
@@ -156,5 +163,6 @@ pub(crate) fn run(cli: &Cli) -> Result<()> {
         Command::History(args) => (Policy::FILES, Box::new(|| history::run(args))),
     };
     policy.prepare(pin)?;
-    verb()
+    verb()?;
+    Ok(0)
 }
