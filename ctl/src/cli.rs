@@ -151,8 +151,7 @@ pub enum Command {
         #[command(flatten)]
         export: ExportArgs,
     },
-    /// Who sent the most over days and months: the reset records, ingested into a store, summed
-    /// per period (`--hours`, `--days`, `--months`) or ranked (`history top`)
+    /// Traffic over days and months, from the reset records: ingest them, then sum or rank
     #[command(after_help = HISTORY_EXAMPLES, args_conflicts_with_subcommands = true)]
     History(HistoryArgs),
     /// Print a shell completion script

@@ -213,6 +213,20 @@ fn every_record_is_ingested_once() {
     sent.extend(fresh_sent);
     same(&stored(&db), &sums(&sent));
 
+    // Truncated and rewritten in place (logrotate's copytruncate), longer than before: the same
+    // inode, a different file, read from its start.
+    let copied = dir.path("copied.jsonl");
+    let (short, short_sent) = records(&mut rng, start + 50 * 300, 2, 50);
+    append(&copied, &short);
+    ingest(&db, &[&copied]);
+    let (long, long_sent) = records(&mut rng, start + 52 * 300, 5, 52);
+    std::fs::OpenOptions::new().write(true).truncate(true).open(&copied).unwrap();
+    append(&copied, &long);
+    assert!(ingest(&db, &[&copied]).contains("5 records"));
+    sent.extend(short_sent);
+    sent.extend(long_sent);
+    same(&stored(&db), &sums(&sent));
+
     // Records without a reset_id: keyed by offset and hash, the same read again or gzipped.
     let bare = dir.path("bare.jsonl");
     let rows = vec![("198.18.1.1".to_string(), 443u16, 1000u64, 10u64)];

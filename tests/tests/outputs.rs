@@ -151,6 +151,9 @@ fn outputs_stay_the_same(mode: &str) {
         &["metrics", "--help"],
         &["serve", "--help"],
         &["alert", "--help"],
+        &["history", "--help"],
+        &["history", "ingest", "--help"],
+        &["history", "top", "--help"],
         &["completions", "--help"],
         &["man", "--help"],
     ] {

@@ -138,22 +138,49 @@ fn row_key(row: &RowLine) -> Result<Key, String> {
     })
 }
 
+/// Where the reading of a plain record file stopped, and what recognises it as the same file:
+/// its device and inode, and the hash of its first bytes (up to 4 KiB, never past `offset`). A
+/// file replaced by another (rotated, or truncated and rewritten in place by logrotate's
+/// `copytruncate`, even one that got the old inode back) is read from its start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Resume {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+    pub head: u64,
+}
+
+const HEAD_BYTES: u64 = 4096;
+
+/// FNV-1a of the file's first `min(offset, HEAD_BYTES)` bytes, and whether the byte before
+/// `offset` ends a line; `None` when the file is shorter than that.
+fn head_of(file: &File, offset: u64) -> Result<Option<(u64, bool)>> {
+    use std::os::unix::fs::FileExt;
+    let len = offset.min(HEAD_BYTES) as usize;
+    let mut head = vec![0u8; len];
+    if file.read_exact_at(&mut head, 0).is_err() {
+        return Ok(None);
+    }
+    let mut last = [b'\n'];
+    if offset > 0 && file.read_exact_at(&mut last, offset - 1).is_err() {
+        return Ok(None);
+    }
+    Ok(Some((record::hash(&head), last[0] == b'\n')))
+}
+
 /// A record file, open for reading from an offset.
 pub(crate) struct RecordFile {
     lines: Box<dyn BufRead>,
+    /// The file itself, for `resume_point`.
+    file: File,
     /// Where the next line starts (in the decompressed stream for gzip).
     pub offset: u64,
     pub gzip: bool,
-    /// Device and inode: where a plain file's reading resumes is kept by them.
-    pub identity: (u64, u64),
 }
 
 /// A line read, and where it started.
 pub(crate) enum Next {
-    Line {
-        offset: u64,
-        line: Vec<u8>,
-    },
+    Line { offset: u64, line: Vec<u8> },
     /// A last line without its newline (being written, or cut short): not a record yet.
     Torn,
     End,
@@ -161,37 +188,57 @@ pub(crate) enum Next {
 
 impl RecordFile {
     /// Opens `path`; a plain file is read from `resume` (where the last ingest stopped) when it is
-    /// still the same file and has not shrunk, a gzip file from its start.
-    pub(crate) fn open(path: &Path, resume: Option<((u64, u64), u64)>) -> Result<RecordFile> {
+    /// still the same file, a gzip file from its start.
+    pub(crate) fn open(path: &Path, resume: Option<Resume>) -> Result<RecordFile> {
         use std::os::unix::fs::MetadataExt;
         let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let meta = file.metadata()?;
         if !meta.is_file() {
             anyhow::bail!("{} is not a regular file", path.display());
         }
-        let identity = (meta.dev(), meta.ino());
         let mut magic = [0u8; 2];
         let gzip = file.read(&mut magic)? == 2 && magic == [0x1f, 0x8b];
         file.seek(SeekFrom::Start(0))?;
+        let reader = file.try_clone()?;
         if gzip {
-            let lines = BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(file));
+            let lines = BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(reader));
             return Ok(RecordFile {
                 lines: Box::new(lines),
+                file,
                 offset: 0,
                 gzip,
-                identity,
             });
         }
         let offset = match resume {
-            Some((id, offset)) if id == identity && offset <= meta.len() => offset,
+            Some(r)
+                if (r.dev, r.ino) == (meta.dev(), meta.ino())
+                    && r.offset <= meta.len()
+                    && head_of(&file, r.offset)? == Some((r.head, true)) =>
+            {
+                r.offset
+            }
             _ => 0,
         };
-        file.seek(SeekFrom::Start(offset))?;
+        let mut reader = reader;
+        reader.seek(SeekFrom::Start(offset))?;
         Ok(RecordFile {
-            lines: Box::new(BufReader::with_capacity(1 << 20, file)),
+            lines: Box::new(BufReader::with_capacity(1 << 20, reader)),
+            file,
             offset,
             gzip,
-            identity,
+        })
+    }
+
+    /// Where the next ingest of this (plain) file starts: after the last whole line read.
+    pub(crate) fn resume_point(&self) -> Result<Resume> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata()?;
+        let (head, _) = head_of(&self.file, self.offset)?.context("the record file shrank while it was read")?;
+        Ok(Resume {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            offset: self.offset,
+            head,
         })
     }
 

@@ -3,8 +3,8 @@
 //!
 //! - `records(id, time, rows, bytes, packets)`: every record ingested, by its id (`reset_id`, or
 //!   its offset and hash): a record is ingested once.
-//! - `files(path, dev, ino, offset)`: where the reading of a plain record file stopped, so that a
-//!   grown file is read from there on.
+//! - `files(path, dev, ino, offset, head)`: where the reading of a plain record file stopped, so
+//!   that a grown file is read from there on (`ingest::Resume`).
 //! - `traffic(gran, bucket, port, proto, direction, kind, remote, bytes, packets)`: the buckets.
 //!   `gran` a `Granularity`, `bucket` its start (Unix time), `kind` a `Kind`, `remote` the address
 //!   or prefix as text (empty for the kinds without one).
@@ -25,7 +25,7 @@ use portwatch_common::{Counters, Direction, PortKey};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
-    ingest::{self, Next, Record, RecordFile},
+    ingest::{self, Next, Record, RecordFile, Resume},
     Granularity, Retention,
 };
 use crate::{
@@ -176,7 +176,7 @@ impl Store {
                      CREATE TABLE records (id TEXT PRIMARY KEY, time INTEGER NOT NULL, rows INTEGER NOT NULL,
                          bytes INTEGER NOT NULL, packets INTEGER NOT NULL) WITHOUT ROWID;
                      CREATE TABLE files (path TEXT PRIMARY KEY, dev INTEGER NOT NULL, ino INTEGER NOT NULL,
-                         offset INTEGER NOT NULL) WITHOUT ROWID;
+                         offset INTEGER NOT NULL, head INTEGER NOT NULL) WITHOUT ROWID;
                      CREATE TABLE traffic (gran INTEGER NOT NULL, bucket INTEGER NOT NULL, port INTEGER NOT NULL,
                          proto INTEGER NOT NULL, direction INTEGER NOT NULL, kind INTEGER NOT NULL,
                          remote TEXT NOT NULL, bytes INTEGER NOT NULL, packets INTEGER NOT NULL,
@@ -214,12 +214,14 @@ impl Store {
         let key = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let key = key.to_string_lossy().into_owned();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let resume: Option<((u64, u64), u64)> = tx
-            .query_row("SELECT dev, ino, offset FROM files WHERE path = ?1", [&key], |r| {
-                Ok((
-                    (r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64),
-                    r.get::<_, i64>(2)? as u64,
-                ))
+        let resume: Option<Resume> = tx
+            .query_row("SELECT dev, ino, offset, head FROM files WHERE path = ?1", [&key], |r| {
+                Ok(Resume {
+                    dev: r.get::<_, i64>(0)? as u64,
+                    ino: r.get::<_, i64>(1)? as u64,
+                    offset: r.get::<_, i64>(2)? as u64,
+                    head: r.get::<_, i64>(3)? as u64,
+                })
             })
             .optional()?;
         let mut file = RecordFile::open(path, resume)?;
@@ -288,16 +290,17 @@ impl Store {
             cap_bucket(&tx, granularity, bucket, settings.cap)?;
         }
         if !file.gzip {
+            let at = file.resume_point()?;
             tx.execute(
-                "INSERT INTO files (path, dev, ino, offset) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT DO UPDATE SET dev = excluded.dev, ino = excluded.ino, offset = excluded.offset",
-                params![key, file.identity.0 as i64, file.identity.1 as i64, file.offset as i64],
+                "INSERT INTO files (path, dev, ino, offset, head) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT DO UPDATE SET dev = excluded.dev, ino = excluded.ino, offset = excluded.offset,
+                     head = excluded.head",
+                params![key, at.dev as i64, at.ino as i64, at.offset as i64, at.head as i64],
             )?;
         }
         if newest.is_some() {
             expire(&tx, &settings.retention)?;
         }
-        crate::fault::point("history:commit")?;
         tx.commit().context("committing the ingest")?;
         Ok(done)
     }
