@@ -547,6 +547,21 @@ pub struct AlertArgs {
     /// UNKNOWN ("timed out") when the check takes longer than SECS; more than --interval
     #[arg(short = 't', long, value_name = "SECS", default_value_t = 10.0, value_parser = parse_timeout)]
     pub timeout: f64,
+    /// Measure the last period of the history store (the newest 5-minute bucket, the last
+    /// reset's traffic) instead of the live counters: no interval, no privileges beyond reading
+    /// the store
+    #[arg(long, conflicts_with = "sources")]
+    pub history: bool,
+    /// With --history: UNKNOWN when the newest record in the store is older than this (the
+    /// resets, or their ingest, stopped)
+    #[arg(long, value_name = "DURATION", default_value = "15m", requires = "history", value_parser = parse_age)]
+    pub max_age: std::time::Duration,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration such as 15m or 1h ({e})"))
 }
 
 impl From<&AlertArgs> for Filter {

@@ -230,26 +230,27 @@ impl FileConfig {
         {
             return Err(refuse("holds no configuration (see examples/portwatch.yaml)".into()).into());
         }
-        serde_yaml::from_str(text).map_err(|e| {
-            let message = e.to_string();
-            match e.location() {
-                Some(at) => {
-                    // The position leads the line; serde_yaml also writes it into the message.
-                    let message = message.replace(&format!(" at line {} column {}", at.line(), at.column()), "");
-                    Error::Config(format!("{}:{}:{}: {message}", path.display(), at.line(), at.column()))
+        serde_yaml::from_str(text)
+            .map_err(|e| {
+                let message = e.to_string();
+                match e.location() {
+                    Some(at) => {
+                        // The position leads the line; serde_yaml also writes it into the message.
+                        let message = message.replace(&format!(" at line {} column {}", at.line(), at.column()), "");
+                        Error::Config(format!("{}:{}:{}: {message}", path.display(), at.line(), at.column()))
+                    }
+                    None => refuse(message),
                 }
-                None => refuse(message),
-            }
-            .into()
-        })
-        .and_then(|config: FileConfig| {
-            if let Some(retention) = config.history.as_ref().and_then(|h| h.retention.as_ref()) {
-                retention
-                    .retention()
-                    .map_err(|e| refuse(format!("history.retention: {e}")))?;
-            }
-            Ok(config)
-        })
+                .into()
+            })
+            .and_then(|config: FileConfig| {
+                if let Some(retention) = config.history.as_ref().and_then(|h| h.retention.as_ref()) {
+                    retention
+                        .retention()
+                        .map_err(|e| refuse(format!("history.retention: {e}")))?;
+                }
+                Ok(config)
+            })
     }
 
     /// The pin path: the file's, or `cli`'s (`--pin-path`, `PORTWATCH_PIN_PATH`, or the default)

@@ -233,3 +233,82 @@ fn failures_are_unknown() {
     assert_eq!(perf(&v, "443/tcp/ingress_sources"), 0.0);
     assert!(summary(&v).contains("past the per-IP map"), "{v}");
 }
+
+/// `alert --history`: the store's last period (its newest 5-minute bucket, over the time since the
+/// record before it) judged as the live counters are; a store whose newest record is older than
+/// `--max-age` is UNKNOWN. No kernel: records written as `reset --json` writes them.
+#[test]
+fn history_checks_the_last_period() {
+    let dir = std::env::temp_dir().join(format!("pw-alert-history-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (db, log) = (dir.join("h.db"), dir.join("portwatch.jsonl"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let record = |time: u64, id: &str, a: u64, b: u64| {
+        format!(
+            "{{\"time\":{time},\"reset\":true,\"reset_id\":\"{id}\",\"rows\":[\
+             {{\"ip\":\"198.18.0.7\",\"port\":443,\"proto\":\"tcp\",\"direction\":\"ingress\",\"bytes\":{a},\"packets\":3000}},\
+             {{\"ip\":\"198.18.0.8\",\"port\":443,\"proto\":\"tcp\",\"direction\":\"ingress\",\"bytes\":{b},\"packets\":600}}],\
+             \"totals\":{{\"bytes\":0,\"packets\":0}},\"overflow\":{{\"bytes\":0,\"packets\":0}}}}\n"
+        )
+    };
+    // The record before the last (another bucket), and the last: 3.6 MB over 300 s, 12 kB/s.
+    let text = record(now - 310, "0000000000000001", 9_000_000, 9_000_000)
+        + &record(now - 10, "0000000000000002", 3_000_000, 600_000);
+    std::fs::write(&log, text).unwrap();
+    let db_arg = db.to_str().unwrap();
+    let run = |args: &[&str]| -> (i32, Value) {
+        let out = Command::new(portwatch_tests::cli::portwatch_bin())
+            .args([
+                "history",
+                "ingest",
+                "--quiet",
+                "--config",
+                "/nonexistent",
+                "--db",
+                db_arg,
+            ])
+            .arg(&log)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut all = vec!["alert", "--history", "--config", "/nonexistent", "--db", db_arg];
+        all.extend_from_slice(args);
+        let out = Command::new(portwatch_tests::cli::portwatch_bin())
+            .args(&all)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+        let code = out.status.code().unwrap();
+        (code, parsed(code, &String::from_utf8_lossy(&out.stdout)))
+    };
+    let (code, v) = run(&["-w", "5kB/s", "-c", "50kB/s"]);
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(perf(&v, "443/tcp/ingress_bytes"), 3_600_000.0);
+    assert_eq!(perf(&v, "443/tcp/ingress_Bps"), 12_000.0);
+    assert_eq!(run(&["-c", "10kB/s"]).0, 2);
+    assert_eq!(run(&["-w", "100kB/s"]).0, 0);
+    let (code, v) = run(&["--per-remote", "-w", "9kB/s"]);
+    assert_eq!(code, 1, "{v}");
+    assert!(summary(&v).contains("198.18.0.7"), "{v}");
+    // A port named and silent in the period: measured at 0.
+    let (code, v) = run(&["--port", "53/udp", "-c", "1:"]);
+    assert_eq!(code, 2, "{v}");
+    // Stale: the newest record is older than --max-age.
+    let (code, v) = run(&["--max-age", "1s", "-w", "1"]);
+    assert_eq!(code, 3, "{v}");
+    assert!(summary(&v).contains("max-age"), "{v}");
+    // No store: UNKNOWN, saying what to do.
+    let out = Command::new(portwatch_tests::cli::portwatch_bin())
+        .args(["alert", "--history", "--config", "/nonexistent", "--db"])
+        .arg(dir.join("none.db"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let v = parsed(3, &String::from_utf8_lossy(&out.stdout));
+    assert!(summary(&v).contains("history ingest"), "{v}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

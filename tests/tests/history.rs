@@ -63,7 +63,12 @@ fn records(rng: &mut Rng, start: i64, count: usize, first_id: usize) -> (String,
                 _ => format!("198.18.0.{i}"),
             };
             let port = if i % 2 == 0 { 443 } else { 8443 };
-            rows.push((remote, port, 1 + rng.below(1_000_000) as u64, 1 + rng.below(1000) as u64));
+            rows.push((
+                remote,
+                port,
+                1 + rng.below(1_000_000) as u64,
+                1 + rng.below(1000) as u64,
+            ));
         }
         let time = start + 300 * r as i64;
         text += &record(time, Some(&format!("{:016x}", first_id + r)), &rows);
@@ -84,7 +89,12 @@ fn same(stored: &BTreeMap<(String, u16), (u64, u64)>, sent: &BTreeMap<(String, u
         .take(5)
         .map(|k| format!("{k:?}: stored {:?}, sent {:?}", stored.get(k), sent.get(k)))
         .collect();
-    assert!(differ.is_empty(), "{} keys stored, {} sent; first differences: {differ:#?}", stored.len(), sent.len());
+    assert!(
+        differ.is_empty(),
+        "{} keys stored, {} sent; first differences: {differ:#?}",
+        stored.len(),
+        sent.len()
+    );
 }
 
 /// Remote and port to bytes and packets, summed.
@@ -141,7 +151,14 @@ fn ok(args: &[&str]) -> String {
 }
 
 fn ingest(db: &Path, files: &[&Path]) -> String {
-    let mut args = vec!["history", "ingest", "--config", "/nonexistent", "--db", db.to_str().unwrap()];
+    let mut args = vec![
+        "history",
+        "ingest",
+        "--config",
+        "/nonexistent",
+        "--db",
+        db.to_str().unwrap(),
+    ];
     args.extend(files.iter().map(|f| f.to_str().unwrap()));
     ok(&args)
 }
@@ -149,7 +166,16 @@ fn ingest(db: &Path, files: &[&Path]) -> String {
 /// `history top --by ip-port` over everything, as remote and port to bytes and packets.
 fn stored(db: &Path) -> BTreeMap<(String, u16), (u64, u64)> {
     let v: Value = serde_json::from_str(&ok(&[
-        "history", "top", "--config", "/nonexistent", "--db", db.to_str().unwrap(), "--by", "ip-port", "-n", "0",
+        "history",
+        "top",
+        "--config",
+        "/nonexistent",
+        "--db",
+        db.to_str().unwrap(),
+        "--by",
+        "ip-port",
+        "-n",
+        "0",
         "--json",
     ]))
     .unwrap();
@@ -166,7 +192,11 @@ fn stored(db: &Path) -> BTreeMap<(String, u16), (u64, u64)> {
 }
 
 fn append(path: &Path, text: &str) {
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
     f.write_all(text.as_bytes()).unwrap();
 }
 
@@ -220,7 +250,11 @@ fn every_record_is_ingested_once() {
     append(&copied, &short);
     ingest(&db, &[&copied]);
     let (long, long_sent) = records(&mut rng, start + 52 * 300, 5, 52);
-    std::fs::OpenOptions::new().write(true).truncate(true).open(&copied).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&copied)
+        .unwrap();
     append(&copied, &long);
     assert!(ingest(&db, &[&copied]).contains("5 records"));
     sent.extend(short_sent);
@@ -254,14 +288,26 @@ fn every_record_is_ingested_once() {
 
     // `history top` and `history` agree on the totals, and say which buckets answered.
     let top: Value = serde_json::from_str(&ok(&[
-        "history", "top", "--config", "/nonexistent", "--db", db.to_str().unwrap(), "--json",
+        "history",
+        "top",
+        "--config",
+        "/nonexistent",
+        "--db",
+        db.to_str().unwrap(),
+        "--json",
     ]))
     .unwrap();
     let total: u64 = sums(&sent).values().map(|v| v.0).sum();
     assert_eq!(top["totals"]["bytes"], total);
     assert_eq!(top["history"]["granularity"], "5-minute");
     let days: Value = serde_json::from_str(&ok(&[
-        "history", "--days", "--config", "/nonexistent", "--db", db.to_str().unwrap(), "--json",
+        "history",
+        "--days",
+        "--config",
+        "/nonexistent",
+        "--db",
+        db.to_str().unwrap(),
+        "--json",
     ]))
     .unwrap();
     assert_eq!(days["totals"]["bytes"], total);
@@ -380,7 +426,17 @@ fn retention_and_the_cap_over_400_days() {
     assert_eq!(granularity(first), "monthly");
 
     // The cap: 1,000 remotes of port 8443 in each bucket, the other 500 in `other`, in totals.
-    let top = json(&["top", "--port", "8443", "-n", "0", "--by", "ip-port", "--since", &at(newest - 3600)]);
+    let top = json(&[
+        "top",
+        "--port",
+        "8443",
+        "-n",
+        "0",
+        "--by",
+        "ip-port",
+        "--since",
+        &at(newest - 3600),
+    ]);
     assert_eq!(top["rows"].as_array().unwrap().len(), 1000);
     let other: u64 = (1000..1500u64).map(|i| 100_000 - i).sum();
     assert_eq!(top["history"]["other"]["bytes"], other);
@@ -392,7 +448,10 @@ fn retention_and_the_cap_over_400_days() {
 
 /// `t` as `--since` takes a date and time (the test runs portwatch with TZ=UTC).
 fn chrono_free_utc(t: i64) -> String {
-    let out = Command::new("date").args(["-u", "-d", &format!("@{t}"), "+%Y-%m-%d %H:%M"]).output().unwrap();
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{t}"), "+%Y-%m-%d %H:%M"])
+        .output()
+        .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -433,7 +492,10 @@ fn bad_input_is_refused_in_one_line_and_changes_nothing() {
     let garbage = dir.path("garbage.db");
     std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
     let e = refused(&garbage, &["ingest", log.to_str().unwrap()]);
-    assert!(e.contains("damaged") || e.contains("not a portwatch history database"), "{e}");
+    assert!(
+        e.contains("damaged") || e.contains("not a portwatch history database"),
+        "{e}"
+    );
     assert_eq!(std::fs::read(&garbage).unwrap(), vec![0x5a; 8192]);
     refused(&garbage, &["top"]);
 
@@ -450,7 +512,10 @@ fn bad_input_is_refused_in_one_line_and_changes_nothing() {
     assert_eq!(std::fs::read(&other).unwrap(), before);
 
     // A directory that cannot be written (root writes anywhere but in /proc).
-    let e = refused(Path::new("/proc/portwatch/history.db"), &["ingest", log.to_str().unwrap()]);
+    let e = refused(
+        Path::new("/proc/portwatch/history.db"),
+        &["ingest", log.to_str().unwrap()],
+    );
     assert!(e.contains("/proc/portwatch"), "{e}");
     // No database yet: says how to make one.
     let e = refused(&dir.path("none.db"), &["top"]);
@@ -491,7 +556,10 @@ fn records_of_real_resets_are_the_history() {
         let v: Value = serde_json::from_str(line).unwrap();
         for row in v["rows"].as_array().unwrap() {
             let e = recorded
-                .entry((row["ip"].as_str().unwrap().to_string(), row["port"].as_u64().unwrap() as u16))
+                .entry((
+                    row["ip"].as_str().unwrap().to_string(),
+                    row["port"].as_u64().unwrap() as u16,
+                ))
                 .or_insert((0, 0));
             e.0 += row["bytes"].as_u64().unwrap();
             e.1 += row["packets"].as_u64().unwrap();
@@ -506,7 +574,11 @@ fn records_of_real_resets_are_the_history() {
 #[test]
 fn the_configuration_file_section_applies() {
     let dir = Dir::new("config");
-    let (config, log, db) = (dir.path("portwatch.yaml"), dir.path("portwatch.jsonl"), dir.path("c.db"));
+    let (config, log, db) = (
+        dir.path("portwatch.yaml"),
+        dir.path("portwatch.jsonl"),
+        dir.path("c.db"),
+    );
     std::fs::write(
         &config,
         format!(
@@ -517,9 +589,21 @@ fn the_configuration_file_section_applies() {
     .unwrap();
     let rows: Vec<Row> = (0..5u64).map(|i| (format!("198.18.0.{i}"), 443, 100 - i, 1)).collect();
     append(&log, &record(1_790_000_000, Some("a"), &rows));
-    ok(&["history", "ingest", "--config", config.to_str().unwrap(), log.to_str().unwrap()]);
+    ok(&[
+        "history",
+        "ingest",
+        "--config",
+        config.to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]);
     let top: Value = serde_json::from_str(&ok(&[
-        "history", "top", "--config", config.to_str().unwrap(), "-n", "0", "--json",
+        "history",
+        "top",
+        "--config",
+        config.to_str().unwrap(),
+        "-n",
+        "0",
+        "--json",
     ]))
     .unwrap();
     assert_eq!(top["rows"].as_array().unwrap().len(), 2, "{top}");
@@ -528,18 +612,38 @@ fn the_configuration_file_section_applies() {
     // --cap on the command line wins: a new database with every remote.
     let flagged = dir.path("flagged.db");
     ok(&[
-        "history", "ingest", "--config", config.to_str().unwrap(), "--db", flagged.to_str().unwrap(), "--cap", "10",
+        "history",
+        "ingest",
+        "--config",
+        config.to_str().unwrap(),
+        "--db",
+        flagged.to_str().unwrap(),
+        "--cap",
+        "10",
         log.to_str().unwrap(),
     ]);
     let top: Value = serde_json::from_str(&ok(&[
-        "history", "top", "--config", config.to_str().unwrap(), "--db", flagged.to_str().unwrap(), "-n", "0",
+        "history",
+        "top",
+        "--config",
+        config.to_str().unwrap(),
+        "--db",
+        flagged.to_str().unwrap(),
+        "-n",
+        "0",
         "--json",
     ]))
     .unwrap();
     assert_eq!(top["rows"].as_array().unwrap().len(), 5);
 
     std::fs::write(&config, "ports: [443]\nhistory:\n  retention:\n    hours: a while\n").unwrap();
-    let out = pw(&["history", "ingest", "--config", config.to_str().unwrap(), log.to_str().unwrap()]);
+    let out = pw(&[
+        "history",
+        "ingest",
+        "--config",
+        config.to_str().unwrap(),
+        log.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("history.retention"));
 }

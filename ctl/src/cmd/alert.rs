@@ -21,7 +21,7 @@ use crate::{
     cli::AlertArgs,
     filter::Filter,
     generation::{Key, Remote},
-    maps, output,
+    history, maps, output,
     pinned::{Access, PinPath, Pinned},
     threshold::{self, Outcome, Perf, Quantity, Range, State},
 };
@@ -91,6 +91,79 @@ impl PeriodSource for LiveSamples<'_> {
         }
         bail!("a reset ran during both measurements; run the check again")
     }
+}
+
+/// The last period of the history store: its newest 5-minute bucket (with resets every 5 minutes,
+/// the last reset's record), over the time since the record before the bucket.
+struct HistoryPeriod {
+    store: history::store::Store,
+    max_age: Duration,
+}
+
+impl HistoryPeriod {
+    fn open(args: &crate::cli::StoreArgs, max_age: Duration) -> Result<HistoryPeriod> {
+        Ok(HistoryPeriod {
+            store: history::open_store(args)?,
+            max_age,
+        })
+    }
+}
+
+impl PeriodSource for HistoryPeriod {
+    fn period(&mut self, filter: &Filter) -> Result<Period> {
+        let Some(last) = history::query::last_period(&self.store)? else {
+            bail!("the history store holds no record yet: `portwatch history ingest RECORD`");
+        };
+        let age = (output::unix_time() as i64 - last.newest).max(0) as u64;
+        if age > self.max_age.as_secs() {
+            bail!(
+                "the newest record in the history store is {} old (--max-age {}): are the resets \
+                 (portwatch-reset.timer) and their ingest running?",
+                humantime::format_duration(Duration::from_secs(age)),
+                humantime::format_duration(self.max_age)
+            );
+        }
+        let mut counts: HashMap<Key, Counters> = HashMap::new();
+        for (stored, value) in history::query::totals(&self.store, &last.plan, filter)? {
+            let key = match stored {
+                history::store::Stored::Key(key) => key,
+                // Remotes a bucket's cap summed: the port's, as its per-port traffic is.
+                history::store::Stored::Other(port) => Key::any_remote(port),
+            };
+            if !key.is_overflow() {
+                *counts.entry(key).or_default() += value;
+            }
+        }
+        Ok(Period {
+            secs: last.secs as f64,
+            counts,
+        })
+    }
+}
+
+/// The ports a check of the history measures: those with traffic in the period, and each single
+/// port `--port` names (measured at 0 when silent, so that `10:` can say it went silent).
+fn history_ports(period: &Period, filter: &Filter) -> Vec<PortKey> {
+    let mut ports: std::collections::BTreeSet<PortKey> = period.counts.keys().map(Key::port_key).collect();
+    for spec in &filter.ports {
+        let range = spec.ports();
+        if range.start() != range.end() {
+            continue;
+        }
+        for proto in [portwatch_common::IPPROTO_TCP, portwatch_common::IPPROTO_UDP] {
+            if spec.protocols & portwatch_common::proto_bit(proto) == 0 {
+                continue;
+            }
+            for direction in portwatch_common::Direction::ALL {
+                if filter.matches_direction(direction)
+                    && (filter.direction.is_some() || direction == portwatch_common::Direction::Ingress)
+                {
+                    ports.insert(PortKey::new(*range.start(), proto, direction));
+                }
+            }
+        }
+    }
+    ports.into_iter().collect()
 }
 
 /// What is measured per port, protocol and direction.
@@ -196,6 +269,17 @@ fn check(pin: &PinPath, args: &AlertArgs, prepare: impl FnOnce() -> Result<()>) 
     }
     prepare()?;
     let filter = Filter::from(args);
+    if args.history {
+        let period = HistoryPeriod::open(&args.store, args.max_age)?.period(&filter)?;
+        let selected = history_ports(&period, &filter);
+        if selected.is_empty() {
+            bail!(
+                "the history store's last period has no traffic of the ports selected (a port that is \
+                 silent there is measured only when --port names it)"
+            );
+        }
+        return Ok(judge(&check, measure(&check, &selected, &period), Some(period.secs)));
+    }
     let mut pinned = Pinned::open(pin, Access::Read)?;
     let selected = selected_ports(&mut pinned, &filter)?;
     if check.subject == Subject::Sources {

@@ -1,7 +1,7 @@
 //! `portwatch history`: ingest reset records into the store, and ask it for traffic per period
 //! (`--hours`, `--days`, `--months`) or for the top remotes of a window (`history top`).
 
-use std::{io::Write, path::PathBuf};
+use std::io::Write;
 
 use anyhow::{Context, Result};
 use chrono::{Local, NaiveDate, NaiveDateTime, TimeZone, Utc};
@@ -9,14 +9,13 @@ use portwatch_common::Counters;
 use serde::Serialize;
 
 use crate::{
-    cli::{HistoryArgs, HistoryCommand, HistoryTopArgs, IngestArgs, PeriodArgs, StoreArgs, WindowArgs},
-    config::FileConfig,
+    cli::{HistoryArgs, HistoryCommand, HistoryTopArgs, IngestArgs, PeriodArgs, WindowArgs},
     error::Error,
     history::{
-        parse_keep,
+        self, parse_keep,
         query::{self, Plan},
         store::{Settings, Store, Stored},
-        Granularity, HistoryConfig, Retention, DEFAULT_CAP, DEFAULT_DB,
+        Granularity, Retention, DEFAULT_CAP,
     },
     output::{self, human_bytes, Envelope, HistoryWindow},
     report::{Report, View},
@@ -30,24 +29,8 @@ pub(in crate::cmd) fn run(args: &HistoryArgs) -> Result<()> {
     }
 }
 
-/// The `history:` section of the configuration file, when the file exists.
-fn configured(store: &StoreArgs) -> Result<HistoryConfig> {
-    if !store.config.exists() {
-        return Ok(HistoryConfig::default());
-    }
-    Ok(FileConfig::read(&store.config)?.history.unwrap_or_default())
-}
-
-fn db_path(store: &StoreArgs, config: &HistoryConfig) -> PathBuf {
-    store
-        .db
-        .clone()
-        .or_else(|| config.db.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DB))
-}
-
 fn run_ingest(args: &IngestArgs) -> Result<()> {
-    let config = configured(&args.store)?;
+    let config = history::configured(&args.store)?;
     let mut retention: Retention = match &config.retention {
         Some(r) => r
             .retention()
@@ -71,7 +54,7 @@ fn run_ingest(args: &IngestArgs) -> Result<()> {
         retention,
         cap: args.cap.or(config.cap).unwrap_or(DEFAULT_CAP),
     };
-    let mut store = Store::open(&db_path(&args.store, &config), true)?;
+    let mut store = Store::open(&history::db_path(&args.store, &config), true)?;
     for path in &args.records {
         let done = store.ingest(path, &settings)?;
         if !args.quiet {
@@ -122,8 +105,7 @@ fn parse_when(text: &str, utc: bool, now: i64) -> Result<i64> {
 
 /// The store and the plan of a window question; `None` when the store holds no record.
 fn open_window(window: &WindowArgs, granularity: Option<Granularity>) -> Result<(Store, Option<Plan>)> {
-    let config = configured(&window.store)?;
-    let store = Store::open(&db_path(&window.store, &config), false)?;
+    let store = history::open_store(&window.store)?;
     let now = output::unix_time() as i64;
     let since = window
         .since

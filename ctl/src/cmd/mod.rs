@@ -125,7 +125,11 @@ pub(crate) fn run(cli: &Cli) -> Result<u8> {
     let (policy, verb): (Policy, Verb) = match &cli.command {
         // A monitoring-plugin check has exit codes of its own (0 to 3) and reports every failure
         // itself, as UNKNOWN: the environment checks included.
-        Command::Alert(args) => return Ok(alert::run(pin, args, || Policy::READS.prepare(pin))),
+        Command::Alert(args) => {
+            // From the history store: files only.
+            let policy = if args.history { Policy::FILES } else { Policy::READS };
+            return Ok(alert::run(pin, args, || policy.prepare(pin)));
+        }
         Command::Load(args) => (Policy::NETWORK, Box::new(|| load::run(pin, args))),
         Command::Attach {
             iface,

@@ -180,7 +180,10 @@ pub(crate) struct RecordFile {
 
 /// A line read, and where it started.
 pub(crate) enum Next {
-    Line { offset: u64, line: Vec<u8> },
+    Line {
+        offset: u64,
+        line: Vec<u8>,
+    },
     /// A last line without its newline (being written, or cut short): not a record yet.
     Torn,
     End,

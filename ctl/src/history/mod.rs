@@ -16,6 +16,29 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
+/// The `history:` section of the configuration file `--config` names, when the file exists.
+pub(crate) fn configured(args: &crate::cli::StoreArgs) -> anyhow::Result<HistoryConfig> {
+    if !args.config.exists() {
+        return Ok(HistoryConfig::default());
+    }
+    Ok(crate::config::FileConfig::read(&args.config)?
+        .history
+        .unwrap_or_default())
+}
+
+/// The database `--db` names, else the configuration file's, else `DEFAULT_DB`.
+pub(crate) fn db_path(args: &crate::cli::StoreArgs, config: &HistoryConfig) -> PathBuf {
+    args.db
+        .clone()
+        .or_else(|| config.db.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DB))
+}
+
+/// The store, to read.
+pub(crate) fn open_store(args: &crate::cli::StoreArgs) -> anyhow::Result<store::Store> {
+    store::Store::open(&db_path(args, &configured(args)?), false)
+}
+
 /// Where the store is, unless `--db` or `history.db` says otherwise.
 pub(crate) const DEFAULT_DB: &str = "/var/lib/portwatch/history.db";
 

@@ -162,3 +162,40 @@ fn keeps(filter: &Filter, stored: &Stored) -> bool {
         Stored::Other(port) => filter.matches(&crate::generation::Key::any_remote(*port)),
     }
 }
+
+/// The newest 5-minute bucket, and the seconds of traffic it holds.
+pub(crate) struct LastPeriod {
+    pub plan: Plan,
+    /// The time since the last record before the bucket (300 s with resets every 5 minutes; 300
+    /// when there is none).
+    pub secs: i64,
+    /// The newest record's time.
+    pub newest: i64,
+}
+
+/// The history's last period: what `alert --history` measures.
+pub(crate) fn last_period(store: &Store) -> Result<Option<LastPeriod>> {
+    let newest: Option<i64> = store
+        .conn()
+        .query_row("SELECT max(time) FROM records", [], |r| r.get(0))?;
+    let Some(newest) = newest else { return Ok(None) };
+    let g = Granularity::FiveMinutes;
+    let from = g.bucket(record_instant(newest));
+    // The last record put in an earlier bucket.
+    let before: Option<i64> = store.conn().query_row(
+        "SELECT max(time) FROM records WHERE time < ?1",
+        params![from + 150],
+        |r| r.get(0),
+    )?;
+    let secs = before.map_or(300, |b| newest - b).clamp(1, 3600);
+    Ok(Some(LastPeriod {
+        plan: Plan {
+            granularity: g,
+            from,
+            to: g.next(from),
+            cut: None,
+        },
+        secs,
+        newest,
+    }))
+}

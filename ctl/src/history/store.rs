@@ -215,14 +215,18 @@ impl Store {
         let key = key.to_string_lossy().into_owned();
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let resume: Option<Resume> = tx
-            .query_row("SELECT dev, ino, offset, head FROM files WHERE path = ?1", [&key], |r| {
-                Ok(Resume {
-                    dev: r.get::<_, i64>(0)? as u64,
-                    ino: r.get::<_, i64>(1)? as u64,
-                    offset: r.get::<_, i64>(2)? as u64,
-                    head: r.get::<_, i64>(3)? as u64,
-                })
-            })
+            .query_row(
+                "SELECT dev, ino, offset, head FROM files WHERE path = ?1",
+                [&key],
+                |r| {
+                    Ok(Resume {
+                        dev: r.get::<_, i64>(0)? as u64,
+                        ino: r.get::<_, i64>(1)? as u64,
+                        offset: r.get::<_, i64>(2)? as u64,
+                        head: r.get::<_, i64>(3)? as u64,
+                    })
+                },
+            )
             .optional()?;
         let mut file = RecordFile::open(path, resume)?;
         let mut done = Ingested::default();

@@ -23,7 +23,10 @@ use anyhow::{Context, Result};
 use portwatch_tests::{cli::portwatch_bin, median, rng::Rng};
 
 fn record(time: i64, id: usize, rows: usize, rng: &mut Rng, out: &mut impl Write) -> Result<()> {
-    write!(out, "{{\"time\":{time},\"reset\":true,\"reset_id\":\"{id:016x}\",\"rows\":[")?;
+    write!(
+        out,
+        "{{\"time\":{time},\"reset\":true,\"reset_id\":\"{id:016x}\",\"rows\":["
+    )?;
     for i in 0..rows {
         let ip = if i % 5 == 4 {
             format!("2001:db8:{:x}::{:x}", i / 65536, i % 65536 + 1)
@@ -42,7 +45,10 @@ fn record(time: i64, id: usize, rows: usize, rng: &mut Rng, out: &mut impl Write
             "{{\"ip\":\"{ip}\",\"port\":{port},\"proto\":\"{proto}\",\"direction\":\"ingress\",\"bytes\":{bytes},\"packets\":{packets}}}"
         )?;
     }
-    writeln!(out, "],\"totals\":{{\"bytes\":0,\"packets\":0}},\"overflow\":{{\"bytes\":0,\"packets\":0}}}}")?;
+    writeln!(
+        out,
+        "],\"totals\":{{\"bytes\":0,\"packets\":0}},\"overflow\":{{\"bytes\":0,\"packets\":0}}}}"
+    )?;
     Ok(())
 }
 
@@ -84,7 +90,9 @@ fn run(dir: &Path, days: usize, rows: usize) -> Result<()> {
     let db = dir.join("history.db");
     let db_arg = db.to_str().unwrap();
     let common = ["--config", "/nonexistent", "--db", db_arg];
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
     let start = now - (days as i64) * 86400;
     let mut rng = Rng::new(1);
     let mut id = 0;
