@@ -8,6 +8,7 @@ use std::{
     fmt,
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -56,7 +57,7 @@ pub(crate) struct FileConfig {
     pub interfaces: Vec<InterfaceConfig>,
     /// The history store (`history ingest`, `history`, `history top`); `apply` ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub history: Option<crate::history::HistoryConfig>,
+    pub history: Option<HistoryConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -84,6 +85,63 @@ fn default_max_entries() -> u32 {
 
 fn both() -> Directions {
     Directions::BOTH
+}
+
+// The `history:` section (the store's own types are `history`'s).
+/// The `history:` section of portwatch.yaml.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HistoryConfig {
+    /// The database; none: /var/lib/portwatch/history.db.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub db: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionConfig>,
+    /// Remotes kept per bucket and port; none: 1,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<u32>,
+}
+
+/// Durations as `humantime` reads them (`48h`, `35days`), or `forever`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetentionConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub five_minutes: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hours: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub days: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub months: Option<String>,
+}
+
+/// `48h`, `35d`, `forever`.
+pub(crate) fn parse_keep(text: &str) -> Result<Option<Duration>, String> {
+    if text.trim() == "forever" {
+        return Ok(None);
+    }
+    humantime::parse_duration(text.trim())
+        .map(Some)
+        .map_err(|e| format!("{text:?} is not a duration such as 48h, 35d or forever ({e})"))
+}
+
+impl RetentionConfig {
+    /// Per granularity (5 minutes, hours, days, months), what the file sets: `None` when it does
+    /// not, `Some(None)` for `forever`.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn durations(&self) -> Result<[Option<Option<Duration>>; 4], String> {
+        let mut out = [None; 4];
+        for (i, value) in [&self.five_minutes, &self.hours, &self.days, &self.months]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(text) = value {
+                out[i] = Some(parse_keep(text)?);
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Checked in the visitor, where serde_yaml still knows the value's line and column.
@@ -246,7 +304,7 @@ impl FileConfig {
             .and_then(|config: FileConfig| {
                 if let Some(retention) = config.history.as_ref().and_then(|h| h.retention.as_ref()) {
                     retention
-                        .retention()
+                        .durations()
                         .map_err(|e| refuse(format!("history.retention: {e}")))?;
                 }
                 Ok(config)

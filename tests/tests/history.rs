@@ -417,7 +417,7 @@ fn retention_and_the_cap_over_400_days() {
     let kept_from = five["cut"].as_i64().unwrap();
     assert!((newest - 150 - 2 * 86400 - 300..=newest - 2 * 86400).contains(&kept_from));
     // Each window from the finest buckets that still hold its start, at most 100 of them.
-    let at = |t: i64| format!("{}", chrono_free_utc(t));
+    let at = utc_minute;
     let granularity = |since: i64| json(&["top", "--since", &at(since), "-n", "1"])["history"]["granularity"].clone();
     assert_eq!(granularity(newest - 6 * 3600), "5-minute");
     assert_eq!(granularity(newest - 2 * 86400), "hourly");
@@ -447,7 +447,7 @@ fn retention_and_the_cap_over_400_days() {
 }
 
 /// `t` as `--since` takes a date and time (the test runs portwatch with TZ=UTC).
-fn chrono_free_utc(t: i64) -> String {
+fn utc_minute(t: i64) -> String {
     let out = Command::new("date")
         .args(["-u", "-d", &format!("@{t}"), "+%Y-%m-%d %H:%M"])
         .output()

@@ -103,7 +103,7 @@ struct HistoryPeriod {
 impl HistoryPeriod {
     fn open(args: &crate::cli::StoreArgs, max_age: Duration) -> Result<HistoryPeriod> {
         Ok(HistoryPeriod {
-            store: history::open_store(args)?,
+            store: history::store::open_store(args)?,
             max_age,
         })
     }

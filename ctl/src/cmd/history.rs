@@ -30,13 +30,9 @@ pub(in crate::cmd) fn run(args: &HistoryArgs) -> Result<()> {
 }
 
 fn run_ingest(args: &IngestArgs) -> Result<()> {
-    let config = history::configured(&args.store)?;
-    let mut retention: Retention = match &config.retention {
-        Some(r) => r
-            .retention()
-            .map_err(|e| Error::Config(format!("{}: history.retention: {e}", args.store.config.display())))?,
-        None => Retention::default(),
-    };
+    let config = history::store::configured(&args.store)?;
+    let mut retention = Retention::configured(config.retention.as_ref())
+        .map_err(|e| Error::Config(format!("{}: history.retention: {e}", args.store.config.display())))?;
     for (i, flag) in [
         &args.keep_five_minutes,
         &args.keep_hours,
@@ -54,7 +50,7 @@ fn run_ingest(args: &IngestArgs) -> Result<()> {
         retention,
         cap: args.cap.or(config.cap).unwrap_or(DEFAULT_CAP),
     };
-    let mut store = Store::open(&history::db_path(&args.store, &config), true)?;
+    let mut store = Store::open(&history::store::db_path(&args.store, &config), true)?;
     for path in &args.records {
         let done = store.ingest(path, &settings)?;
         if !args.quiet {
@@ -105,7 +101,7 @@ fn parse_when(text: &str, utc: bool, now: i64) -> Result<i64> {
 
 /// The store and the plan of a window question; `None` when the store holds no record.
 fn open_window(window: &WindowArgs, granularity: Option<Granularity>) -> Result<(Store, Option<Plan>)> {
-    let store = history::open_store(&window.store)?;
+    let store = history::store::open_store(&window.store)?;
     let now = output::unix_time() as i64;
     let since = window
         .since

@@ -12,32 +12,9 @@ pub(crate) mod ingest;
 pub(crate) mod query;
 pub(crate) mod store;
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use serde::Deserialize;
-
-/// The `history:` section of the configuration file `--config` names, when the file exists.
-pub(crate) fn configured(args: &crate::cli::StoreArgs) -> anyhow::Result<HistoryConfig> {
-    if !args.config.exists() {
-        return Ok(HistoryConfig::default());
-    }
-    Ok(crate::config::FileConfig::read(&args.config)?
-        .history
-        .unwrap_or_default())
-}
-
-/// The database `--db` names, else the configuration file's, else `DEFAULT_DB`.
-pub(crate) fn db_path(args: &crate::cli::StoreArgs, config: &HistoryConfig) -> PathBuf {
-    args.db
-        .clone()
-        .or_else(|| config.db.clone())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DB))
-}
-
-/// The store, to read.
-pub(crate) fn open_store(args: &crate::cli::StoreArgs) -> anyhow::Result<store::Store> {
-    store::Store::open(&db_path(args, &configured(args)?), false)
-}
+pub(crate) use crate::config::{parse_keep, HistoryConfig, RetentionConfig};
 
 /// Where the store is, unless `--db` or `history.db` says otherwise.
 pub(crate) const DEFAULT_DB: &str = "/var/lib/portwatch/history.db";
@@ -152,54 +129,15 @@ impl Retention {
 /// the bucket's traffic is summed in one `other` row.
 pub(crate) const DEFAULT_CAP: u32 = 1000;
 
-/// The `history:` section of portwatch.yaml.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct HistoryConfig {
-    /// The database; none: `DEFAULT_DB`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub db: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retention: Option<RetentionConfig>,
-    /// Remotes kept per bucket and port; none: `DEFAULT_CAP`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cap: Option<u32>,
-}
-
-/// Durations as `humantime` reads them (`48h`, `35days`), or `forever`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RetentionConfig {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub five_minutes: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hours: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub days: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub months: Option<String>,
-}
-
-/// `48h`, `35d`, `forever`.
-pub(crate) fn parse_keep(text: &str) -> Result<Option<Duration>, String> {
-    if text.trim() == "forever" {
-        return Ok(None);
-    }
-    humantime::parse_duration(text.trim())
-        .map(Some)
-        .map_err(|e| format!("{text:?} is not a duration such as 48h, 35d or forever ({e})"))
-}
-
-impl RetentionConfig {
-    /// The defaults with what the file sets.
-    pub(crate) fn retention(&self) -> Result<Retention, String> {
+impl Retention {
+    /// The defaults with what portwatch.yaml's `history: retention:` sets.
+    pub(crate) fn configured(config: Option<&RetentionConfig>) -> Result<Retention, String> {
         let mut retention = Retention::default();
-        for (i, value) in [&self.five_minutes, &self.hours, &self.days, &self.months]
-            .into_iter()
-            .enumerate()
-        {
-            if let Some(text) = value {
-                retention.0[i] = parse_keep(text)?;
+        if let Some(config) = config {
+            for (i, set) in config.durations()?.into_iter().enumerate() {
+                if let Some(keep) = set {
+                    retention.0[i] = keep;
+                }
             }
         }
         Ok(retention)

@@ -26,7 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{
     ingest::{self, Next, Record, RecordFile, Resume},
-    Granularity, Retention,
+    Granularity, HistoryConfig, Retention,
 };
 use crate::{
     cidr::Cidr,
@@ -455,4 +455,27 @@ fn expire(tx: &rusqlite::Transaction, retention: &Retention) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The `history:` section of the configuration file `--config` names, when the file exists.
+pub(crate) fn configured(args: &crate::cli::StoreArgs) -> Result<HistoryConfig> {
+    if !args.config.exists() {
+        return Ok(HistoryConfig::default());
+    }
+    Ok(crate::config::FileConfig::read(&args.config)?
+        .history
+        .unwrap_or_default())
+}
+
+/// The database `--db` names, else the configuration file's, else `DEFAULT_DB`.
+pub(crate) fn db_path(args: &crate::cli::StoreArgs, config: &HistoryConfig) -> PathBuf {
+    args.db
+        .clone()
+        .or_else(|| config.db.clone())
+        .unwrap_or_else(|| PathBuf::from(super::DEFAULT_DB))
+}
+
+/// The store, to read.
+pub(crate) fn open_store(args: &crate::cli::StoreArgs) -> anyhow::Result<Store> {
+    Store::open(&db_path(args, &configured(args)?), false)
 }
