@@ -151,6 +151,9 @@ export RUST_BACKTRACE=1
 # The long fault and load tests run whole on the host (tests/run.sh); under emulation, several times
 # slower, they make the same checks over fewer runs and seconds.
 export PORTWATCH_CRASH_RUNS=${PORTWATCH_CRASH_RUNS:-20} PORTWATCH_CONCURRENCY_SECS=${PORTWATCH_CONCURRENCY_SECS:-20}
+export PORTWATCH_HISTORY_RECORDS=${PORTWATCH_HISTORY_RECORDS:-60}
+# The alert test's intervals and waits, scaled for an emulated kernel.
+export PORTWATCH_ALERT_SECS=${PORTWATCH_ALERT_SECS:-3}
 cd '$cwd'
 echo "kernel \$(uname -r)"
 $command

@@ -318,10 +318,15 @@ fn ingests_killed_at_random_instants_leave_every_record_once() {
     let dir = Dir::new("killed");
     let (db, log) = (dir.path("h.db"), dir.path("portwatch.jsonl"));
     let mut rng = Rng::new(11);
-    // Enough rows that an ingest takes a while: 300 records of 800 rows (under the cap).
+    // Enough rows that an ingest takes a while: 300 records of 800 rows (under the cap), or
+    // PORTWATCH_HISTORY_RECORDS (fewer under emulation: tests/kernels.sh).
+    let records: i64 = std::env::var("PORTWATCH_HISTORY_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     let mut sent = Vec::new();
     let mut text = String::new();
-    for r in 0..300i64 {
+    for r in 0..records {
         let rows: Vec<Row> = (0..800u64)
             .map(|i| {
                 (
