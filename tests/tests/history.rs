@@ -19,7 +19,8 @@ use portwatch_tests::{
 };
 use serde_json::Value;
 
-/// A row of a generated record: (remote, port, bytes, packets); a remote with `/` is a prefix row.
+/// A row of a generated record: (remote, port, bytes, packets); a remote with `/` is a prefix row,
+/// `*` the port alone (the per-port overflow's row).
 type Row = (String, u16, u64, u64);
 
 /// One reset record as `reset --json` writes it.
@@ -29,7 +30,9 @@ fn record(time: i64, id: Option<&str>, rows: &[Row]) -> String {
         .map(|(remote, port, bytes, packets)| {
             let mut row = serde_json::json!({"port": port, "proto": "tcp", "direction": "ingress",
                 "bytes": bytes, "packets": packets});
-            if remote.contains('/') {
+            if remote == "*" {
+                row["tier"] = "port".into();
+            } else if remote.contains('/') {
                 row["cidr"] = remote.as_str().into();
                 row["tier"] = "prefix".into();
             } else {
@@ -58,6 +61,7 @@ fn records(rng: &mut Rng, start: i64, count: usize, first_id: usize) -> (String,
                 continue;
             }
             let remote = match i % 8 {
+                _ if i >= 38 => "*".to_string(),
                 0 => format!("2001:db8::{:x}", 0x100 + i),
                 7 => format!("198.51.{i}.0/24"),
                 _ => format!("198.18.0.{i}"),
@@ -163,9 +167,14 @@ fn ingest(db: &Path, files: &[&Path]) -> String {
     ok(&args)
 }
 
-/// `history top --by ip-port` over everything, as remote and port to bytes and packets.
+/// `history top --by ip-port` over everything, as remote and port to bytes and packets (`*`: the
+/// port alone).
 fn stored(db: &Path) -> BTreeMap<(String, u16), (u64, u64)> {
-    let v: Value = serde_json::from_str(&ok(&[
+    stored_since(db, None)
+}
+
+fn stored_since(db: &Path, since: Option<&str>) -> BTreeMap<(String, u16), (u64, u64)> {
+    let mut args = vec![
         "history",
         "top",
         "--config",
@@ -177,11 +186,14 @@ fn stored(db: &Path) -> BTreeMap<(String, u16), (u64, u64)> {
         "-n",
         "0",
         "--json",
-    ]))
-    .unwrap();
+    ];
+    if let Some(since) = since {
+        args.extend(["--since", since]);
+    }
+    let v: Value = serde_json::from_str(&ok(&args)).unwrap();
     let mut out = BTreeMap::new();
     for row in v["rows"].as_array().unwrap() {
-        let remote = row["ip"].as_str().or(row["cidr"].as_str()).unwrap().to_string();
+        let remote = row["ip"].as_str().or(row["cidr"].as_str()).unwrap_or("*").to_string();
         let port = row["port"].as_u64().unwrap() as u16;
         out.insert(
             (remote, port),
@@ -571,7 +583,7 @@ fn records_of_real_resets_are_the_history() {
         }
     }
     assert_eq!(recorded, expected);
-    same(&stored(&db), &expected);
+    same(&stored_since(&db, Some("1h")), &expected);
 }
 
 /// The `history:` section of the configuration file: its database, cap and retention apply; a bad
