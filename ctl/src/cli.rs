@@ -293,8 +293,9 @@ Lossless: every byte the kernel counts lands in exactly one reset's output or in
 still in place, even under full-rate traffic (see bpffs-layout.md, \"Reset\"). If the output cannot
 be written, the drained counts are put back and the reset fails.";
 
+/// What a row of `top` and `history top` is, and how many are shown.
 #[derive(Args)]
-pub struct TopArgs {
+pub struct RowsArgs {
     /// Rows to show (0: all)
     #[arg(short = 'n', long = "limit", value_name = "N", default_value_t = 10)]
     pub limit: usize,
@@ -307,6 +308,12 @@ pub struct TopArgs {
     /// IPv6 prefix length for --by cidr
     #[arg(long, value_name = "LEN", default_value_t = 64, value_parser = clap::value_parser!(u8).range(0..=128))]
     pub prefix6: u8,
+}
+
+#[derive(Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub rows: RowsArgs,
     /// Only these ports (SPEC as for `ports add`; repeat for more)
     #[arg(long = "port", value_name = "SPEC", allow_hyphen_values = true, value_parser = parse_spec)]
     pub ports: Vec<PortSpec>,
@@ -480,18 +487,8 @@ pub struct PeriodArgs {
 
 #[derive(Args)]
 pub struct HistoryTopArgs {
-    /// Rows to show (0: all)
-    #[arg(short = 'n', long = "limit", value_name = "N", default_value_t = 10)]
-    pub limit: usize,
-    /// What a row is
-    #[arg(long, value_enum, default_value_t = By::Ip)]
-    pub by: By,
-    /// IPv4 prefix length for --by cidr
-    #[arg(long, value_name = "LEN", default_value_t = 24, value_parser = clap::value_parser!(u8).range(0..=32))]
-    pub prefix4: u8,
-    /// IPv6 prefix length for --by cidr
-    #[arg(long, value_name = "LEN", default_value_t = 64, value_parser = clap::value_parser!(u8).range(0..=128))]
-    pub prefix6: u8,
+    #[command(flatten)]
+    pub rows: RowsArgs,
     /// Order rows by bytes or packets
     #[arg(long, value_enum, default_value_t = SortBy::Bytes)]
     pub sort: SortBy,
@@ -505,12 +502,12 @@ pub struct HistoryTopArgs {
 impl From<&HistoryTopArgs> for View {
     fn from(args: &HistoryTopArgs) -> View {
         View {
-            by: args.by,
-            prefix4: args.prefix4,
-            prefix6: args.prefix6,
+            by: args.rows.by,
+            prefix4: args.rows.prefix4,
+            prefix6: args.rows.prefix6,
             filter: args.window.filter(),
             sort: args.sort,
-            limit: args.limit,
+            limit: args.rows.limit,
         }
     }
 }
@@ -615,16 +612,16 @@ pub struct ResetArgs {
 impl From<&TopArgs> for View {
     fn from(args: &TopArgs) -> View {
         View {
-            by: args.by,
-            prefix4: args.prefix4,
-            prefix6: args.prefix6,
+            by: args.rows.by,
+            prefix4: args.rows.prefix4,
+            prefix6: args.rows.prefix6,
             filter: Filter {
                 ports: args.ports.clone(),
                 cidrs: vec![],
                 direction: args.direction.map(Direction::from),
             },
             sort: args.sort,
-            limit: args.limit,
+            limit: args.rows.limit,
         }
     }
 }

@@ -173,24 +173,20 @@ fn stored(db: &Path) -> BTreeMap<(String, u16), (u64, u64)> {
     stored_since(db, None)
 }
 
+/// `history ARGS --json` of the store `db`.
+fn asked(db: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["history"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--config", "/nonexistent", "--db", db.to_str().unwrap(), "--json"]);
+    serde_json::from_str(&ok(&all)).unwrap()
+}
+
 fn stored_since(db: &Path, since: Option<&str>) -> BTreeMap<(String, u16), (u64, u64)> {
-    let mut args = vec![
-        "history",
-        "top",
-        "--config",
-        "/nonexistent",
-        "--db",
-        db.to_str().unwrap(),
-        "--by",
-        "ip-port",
-        "-n",
-        "0",
-        "--json",
-    ];
+    let mut args = vec!["top", "--by", "ip-port", "-n", "0"];
     if let Some(since) = since {
         args.extend(["--since", since]);
     }
-    let v: Value = serde_json::from_str(&ok(&args)).unwrap();
+    let v = asked(db, &args);
     let mut out = BTreeMap::new();
     for row in v["rows"].as_array().unwrap() {
         let remote = row["ip"].as_str().or(row["cidr"].as_str()).unwrap_or("*").to_string();
@@ -299,29 +295,11 @@ fn every_record_is_ingested_once() {
     same(&stored(&db), &sums(&sent));
 
     // `history top` and `history` agree on the totals, and say which buckets answered.
-    let top: Value = serde_json::from_str(&ok(&[
-        "history",
-        "top",
-        "--config",
-        "/nonexistent",
-        "--db",
-        db.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
+    let top = asked(&db, &["top"]);
     let total: u64 = sums(&sent).values().map(|v| v.0).sum();
     assert_eq!(top["totals"]["bytes"], total);
     assert_eq!(top["history"]["granularity"], "5-minute");
-    let days: Value = serde_json::from_str(&ok(&[
-        "history",
-        "--days",
-        "--config",
-        "/nonexistent",
-        "--db",
-        db.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
+    let days = asked(&db, &["--days"]);
     assert_eq!(days["totals"]["bytes"], total);
 }
 
@@ -412,12 +390,7 @@ fn retention_and_the_cap_over_400_days() {
     append(&log, &text);
     ingest(&db, &[&log]);
 
-    let json = |args: &[&str]| -> Value {
-        let mut all = vec!["history"];
-        all.extend_from_slice(args);
-        all.extend_from_slice(&["--config", "/nonexistent", "--db", db.to_str().unwrap(), "--json"]);
-        serde_json::from_str(&ok(&all)).unwrap()
-    };
+    let json = |args: &[&str]| asked(&db, args);
     let total: u64 = sums(&sent).values().map(|v| v.0).sum();
     // Monthly buckets are kept for ever: the months add up to everything.
     assert_eq!(json(&["--months"])["totals"]["bytes"], total);
@@ -606,51 +579,22 @@ fn the_configuration_file_section_applies() {
     .unwrap();
     let rows: Vec<Row> = (0..5u64).map(|i| (format!("198.18.0.{i}"), 443, 100 - i, 1)).collect();
     append(&log, &record(1_790_000_000, Some("a"), &rows));
-    ok(&[
-        "history",
-        "ingest",
-        "--config",
-        config.to_str().unwrap(),
-        log.to_str().unwrap(),
-    ]);
-    let top: Value = serde_json::from_str(&ok(&[
-        "history",
-        "top",
-        "--config",
-        config.to_str().unwrap(),
-        "-n",
-        "0",
-        "--json",
-    ]))
-    .unwrap();
+    // `history VERB --config FILE ARGS`, its JSON when it prints one.
+    let history = |verb: &str, args: &[&str]| -> String {
+        let mut all = vec!["history", verb, "--config", config.to_str().unwrap()];
+        all.extend_from_slice(args);
+        ok(&all)
+    };
+    history("ingest", &[log.to_str().unwrap()]);
+    let top: Value = serde_json::from_str(&history("top", &["-n", "0", "--json"])).unwrap();
     assert_eq!(top["rows"].as_array().unwrap().len(), 2, "{top}");
     assert_eq!(top["history"]["other"]["bytes"], 98 + 97 + 96);
     assert_eq!(top["totals"]["bytes"], 100 + 99 + 98 + 97 + 96);
     // --cap on the command line wins: a new database with every remote.
     let flagged = dir.path("flagged.db");
-    ok(&[
-        "history",
-        "ingest",
-        "--config",
-        config.to_str().unwrap(),
-        "--db",
-        flagged.to_str().unwrap(),
-        "--cap",
-        "10",
-        log.to_str().unwrap(),
-    ]);
-    let top: Value = serde_json::from_str(&ok(&[
-        "history",
-        "top",
-        "--config",
-        config.to_str().unwrap(),
-        "--db",
-        flagged.to_str().unwrap(),
-        "-n",
-        "0",
-        "--json",
-    ]))
-    .unwrap();
+    let flagged = flagged.to_str().unwrap();
+    history("ingest", &["--db", flagged, "--cap", "10", log.to_str().unwrap()]);
+    let top: Value = serde_json::from_str(&history("top", &["--db", flagged, "-n", "0", "--json"])).unwrap();
     assert_eq!(top["rows"].as_array().unwrap().len(), 5);
 
     std::fs::write(&config, "ports: [443]\nhistory:\n  retention:\n    hours: a while\n").unwrap();

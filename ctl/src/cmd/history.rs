@@ -122,13 +122,9 @@ fn open_window(window: &WindowArgs, granularity: Option<Granularity>) -> Result<
     Ok((store, plan))
 }
 
-fn format_time(t: i64, granularity: Granularity, utc: bool) -> String {
-    let pattern = match granularity {
-        Granularity::FiveMinutes | Granularity::Hour => "%Y-%m-%d %H:%M",
-        Granularity::Day => "%Y-%m-%d",
-        Granularity::Month => "%Y-%m",
-    };
-    if utc && matches!(granularity, Granularity::FiveMinutes | Granularity::Hour) {
+/// `t` as `pattern` writes it, in local time or (`utc`) UTC.
+fn format_at(t: i64, pattern: &str, utc: bool) -> String {
+    if utc {
         Utc.timestamp_opt(t, 0).single().map(|d| d.format(pattern).to_string())
     } else {
         Local
@@ -139,22 +135,23 @@ fn format_time(t: i64, granularity: Granularity, utc: bool) -> String {
     .unwrap_or_else(|| t.to_string())
 }
 
+/// A bucket's start as its granularity names it; daily and monthly buckets are local days.
+fn format_time(t: i64, granularity: Granularity, utc: bool) -> String {
+    let pattern = match granularity {
+        Granularity::FiveMinutes | Granularity::Hour => "%Y-%m-%d %H:%M",
+        Granularity::Day => "%Y-%m-%d",
+        Granularity::Month => "%Y-%m",
+    };
+    format_at(
+        t,
+        pattern,
+        utc && matches!(granularity, Granularity::FiveMinutes | Granularity::Hour),
+    )
+}
+
 /// The line that says which buckets answered.
 fn describe(plan: &Plan, utc: bool) -> String {
-    let at = |t| {
-        let pattern = "%Y-%m-%d %H:%M";
-        if utc {
-            Utc.timestamp_opt(t, 0)
-                .single()
-                .map(|d| d.format(pattern).to_string() + " UTC")
-        } else {
-            Local
-                .timestamp_opt(t, 0)
-                .single()
-                .map(|d| d.format(pattern).to_string())
-        }
-        .unwrap_or_else(|| t.to_string())
-    };
+    let at = |t| format_at(t, "%Y-%m-%d %H:%M", utc) + if utc { " UTC" } else { "" };
     let mut line = format!(
         "{} buckets from {} to {}",
         plan.granularity.name(),

@@ -103,14 +103,7 @@ pub(crate) fn totals(store: &Store, plan: &Plan, filter: &Filter) -> Result<Vec<
     let mut rows = statement.query(params![plan.granularity as i64, plan.from, plan.to])?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
-        let stored = decode(
-            row.get(3)?,
-            row.get_ref(4)?.as_str()?,
-            row.get(0)?,
-            row.get(1)?,
-            row.get(2)?,
-        )
-        .ok_or_else(|| anyhow::anyhow!("{}: a row the store cannot read", store.path.display()))?;
+        let stored = stored_at(store, row, 0)?;
         if keeps(filter, &stored) {
             out.push((stored, counters(row.get(5)?, row.get(6)?)));
         }
@@ -132,19 +125,24 @@ pub(crate) fn periods(store: &Store, plan: &Plan, filter: &Filter) -> Result<Vec
     )?;
     let mut rows = statement.query(params![plan.granularity as i64, plan.from, plan.to])?;
     while let Some(row) = rows.next()? {
-        let stored = decode(
-            row.get(4)?,
-            row.get_ref(5)?.as_str()?,
-            row.get(1)?,
-            row.get(2)?,
-            row.get(3)?,
-        )
-        .ok_or_else(|| anyhow::anyhow!("{}: a row the store cannot read", store.path.display()))?;
+        let stored = stored_at(store, row, 1)?;
         if keeps(filter, &stored) {
             *per_bucket.entry(row.get::<_, i64>(0)?).or_default() += counters(row.get(6)?, row.get(7)?);
         }
     }
     Ok(per_bucket.into_iter().collect())
+}
+
+/// The row's `Stored`, from its columns `port, proto, direction, kind, remote` starting at `at`.
+fn stored_at(store: &Store, row: &rusqlite::Row, at: usize) -> Result<Stored> {
+    decode(
+        row.get(at + 3)?,
+        row.get_ref(at + 4)?.as_str()?,
+        row.get(at)?,
+        row.get(at + 1)?,
+        row.get(at + 2)?,
+    )
+    .ok_or_else(|| anyhow::anyhow!("{}: a row the store cannot read", store.path.display()))
 }
 
 fn counters(bytes: i64, packets: i64) -> Counters {
