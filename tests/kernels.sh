@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The kernel matrix: portwatch's whole test suite on Debian 12's own kernels (default: 6.1, which
 # has no TCX, and 6.12), each booted under qemu (TCG) with this machine's root read-only under a
-# tmpfs overlay. Every test binary of the workspace runs inside as root with CI=true, one boot
-# each, and `portwatch check` runs on each kernel. One line per kernel and binary; exit code 1 if
+# tmpfs overlay. Every test binary of the workspace that touches the kernel runs inside as root
+# with CI=true, one boot each (the checks of the source and the unit tests of pure logic run on
+# the host only), and `portwatch check` runs on each kernel. One line per kernel and binary; exit code 1 if
 # anything failed on any kernel. Logs stay under target/kernels/<release>/.
 #
 #     tests/kernels.sh [VERSION...]        VERSION: 6.1, 6.12 (a Debian 12 kernel series)
@@ -59,6 +60,14 @@ while read -r name dir exe; do
     say "bench: the benchmark harness's smoke run is host only (tests/run.sh runs it)"
     continue
   fi
+  # Checks of the source and of logic with no system call in it: the same on every kernel, so run
+  # on the host only (tests/run.sh), which keeps the matrix, and .ci/run, within CI's time.
+  case $name in
+    help | modules | fault_points | portwatch-unit | portwatch_tests-unit)
+      say "$name: no kernel in it (the source, --help, unit tests of pure logic): host only (tests/run.sh runs it)"
+      continue
+      ;;
+  esac
   # Read whole (a `| grep -q` would close the pipe early, and pipefail would drop the binary).
   if [[ $("$exe" --list --format terse 2>/dev/null) == *': test'* ]]; then
     binaries+=("$name $dir $exe")
