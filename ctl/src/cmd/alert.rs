@@ -145,6 +145,8 @@ impl PeriodSource for HistoryPeriod {
 /// port `--port` names (measured at 0 when silent, so that `10:` can say it went silent).
 fn history_ports(period: &Period, filter: &Filter) -> Vec<PortKey> {
     let mut ports: std::collections::BTreeSet<PortKey> = period.counts.keys().map(Key::port_key).collect();
+    // A silent port is measured in the direction asked for, else at ingress.
+    let direction = filter.direction.unwrap_or(portwatch_common::Direction::Ingress);
     for spec in &filter.ports {
         let range = spec.ports();
         if range.start() != range.end() {
@@ -154,13 +156,7 @@ fn history_ports(period: &Period, filter: &Filter) -> Vec<PortKey> {
             if spec.protocols & portwatch_common::proto_bit(proto) == 0 {
                 continue;
             }
-            for direction in portwatch_common::Direction::ALL {
-                if filter.matches_direction(direction)
-                    && (filter.direction.is_some() || direction == portwatch_common::Direction::Ingress)
-                {
-                    ports.insert(PortKey::new(*range.start(), proto, direction));
-                }
-            }
+            ports.insert(PortKey::new(*range.start(), proto, direction));
         }
     }
     ports.into_iter().collect()

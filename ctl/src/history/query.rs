@@ -52,7 +52,8 @@ pub(crate) fn plan(
         Some(g) => vec![g],
         None => Granularity::ALL.to_vec(),
     };
-    let mut fallback = None;
+    // Past the loop: the finest granularity the retention did not cut, else the coarsest.
+    let (mut fallback, mut coarsest) = (None, None);
     for g in candidates {
         let first: Option<i64> = store.conn().query_row(
             "SELECT min(bucket) FROM traffic WHERE gran = ?1",
@@ -83,14 +84,12 @@ pub(crate) fn plan(
         if granularity.is_some() || (cut.is_none() && buckets <= MAX_BUCKETS) {
             return Ok(Some(plan));
         }
-        if cut.is_none() && fallback.is_none() {
-            fallback = Some(plan);
+        if cut.is_none() {
+            fallback.get_or_insert(plan);
         }
-        if g == Granularity::Month {
-            return Ok(Some(fallback.unwrap_or(plan)));
-        }
+        coarsest = Some(plan);
     }
-    Ok(fallback)
+    Ok(fallback.or(coarsest))
 }
 
 /// Every row the plan's buckets hold that `filter` keeps, summed per key over the buckets.

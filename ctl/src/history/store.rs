@@ -230,7 +230,6 @@ impl Store {
             .optional()?;
         let mut file = RecordFile::open(path, resume)?;
         let mut done = Ingested::default();
-        let mut newest: Option<i64> = None;
         let mut touched: BTreeSet<(Granularity, i64)> = BTreeSet::new();
         {
             let mut known = tx.prepare_cached("SELECT 1 FROM records WHERE id = ?1")?;
@@ -271,21 +270,24 @@ impl Store {
                     total.bytes as i64,
                     total.packets as i64
                 ])?;
-                for (granularity, bucket, key, kind, remote, counters) in rows_of(&record, settings.cap) {
+                let rows = rows_of(&record, settings.cap);
+                for granularity in Granularity::ALL {
+                    let bucket = granularity.bucket(record_instant(record.time));
                     touched.insert((granularity, bucket));
-                    add_row.execute(params![
-                        granularity as i64,
-                        bucket,
-                        key.port,
-                        key.proto,
-                        key.direction as u8,
-                        kind as i64,
-                        remote,
-                        counters.bytes as i64,
-                        counters.packets as i64
-                    ])?;
+                    for (key, kind, remote, counters) in &rows {
+                        add_row.execute(params![
+                            granularity as i64,
+                            bucket,
+                            key.port,
+                            key.proto,
+                            key.direction as u8,
+                            *kind as i64,
+                            remote,
+                            counters.bytes as i64,
+                            counters.packets as i64
+                        ])?;
+                    }
                 }
-                newest = Some(newest.map_or(record.time, |n| n.max(record.time)));
                 done.records += 1;
                 done.rows += record.rows.len() as u64;
             }
@@ -302,7 +304,7 @@ impl Store {
                 params![key, at.dev as i64, at.ino as i64, at.offset as i64, at.head as i64],
             )?;
         }
-        if newest.is_some() {
+        if done.records > 0 {
             expire(&tx, &settings.retention)?;
         }
         tx.commit().context("committing the ingest")?;
@@ -317,14 +319,15 @@ pub(crate) fn record_instant(time: i64) -> i64 {
     time - 150
 }
 
-type Row = (Granularity, i64, Key, Kind, String, Counters);
+/// A row as the store keeps it: its key, its kind and remote as text, its figures.
+type Row = (Key, Kind, String, Counters);
 
-/// A record's rows in every granularity: per port, protocol and direction its `cap` heaviest
-/// remotes (by bytes) as rows of their own, the rest summed in the port's `other` row.
+/// A record's rows as every granularity's bucket gets them: per port, protocol and direction its
+/// `cap` heaviest remotes (by bytes) as rows of their own, the rest summed in the port's `other`
+/// row.
 fn rows_of(record: &Record, cap: u32) -> Vec<Row> {
-    let at = record_instant(record.time);
     let mut remotes: Vec<(Key, Counters)> = Vec::with_capacity(record.rows.len());
-    let mut fixed: Vec<(Key, Kind, String, Counters)> = Vec::new();
+    let mut fixed: Vec<Row> = Vec::new();
     for (key, counters) in &record.rows {
         match key.remote {
             Remote::Ip(_) | Remote::Prefix(_) => remotes.push((*key, *counters)),
@@ -335,23 +338,8 @@ fn rows_of(record: &Record, cap: u32) -> Vec<Row> {
         }
     }
     // Heaviest first within each port.
-    remotes.sort_by(|a, b| {
-        (
-            a.0.port_key().port,
-            a.0.proto,
-            a.0.direction as u8,
-            std::cmp::Reverse(a.1.bytes),
-            a.0,
-        )
-            .cmp(&(
-                b.0.port_key().port,
-                b.0.proto,
-                b.0.direction as u8,
-                std::cmp::Reverse(b.1.bytes),
-                b.0,
-            ))
-    });
-    let mut kept = Vec::with_capacity(remotes.len());
+    remotes.sort_by_key(|(key, counters)| (key.port_key(), std::cmp::Reverse(counters.bytes), *key));
+    let mut kept = Vec::with_capacity(remotes.len() + fixed.len());
     let mut run = 0u32;
     let mut last: Option<PortKey> = None;
     for (key, counters) in remotes {
@@ -373,14 +361,7 @@ fn rows_of(record: &Record, cap: u32) -> Vec<Row> {
         }
     }
     kept.extend(fixed);
-    let mut rows = Vec::with_capacity(kept.len() * 4);
-    for granularity in Granularity::ALL {
-        let bucket = granularity.bucket(at);
-        for (key, kind, remote, counters) in &kept {
-            rows.push((granularity, bucket, *key, *kind, remote.clone(), *counters));
-        }
-    }
-    rows
+    kept
 }
 
 /// Folds a bucket's remotes past the `cap` heaviest of their port into the port's `other` row.
