@@ -452,6 +452,32 @@ impl Drop for TestFile {
     }
 }
 
+/// A scratch directory of the test's own, removed with everything in it when it goes (a failing
+/// test's too).
+pub struct TestDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let path = std::env::temp_dir().join(format!("pwt-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir { path }
+    }
+
+    /// `name` in the directory.
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Pins a small map of no one's at `path`: something else holding a pin path portwatch wants.
 pub fn pin_foreign_map(path: &std::path::Path) -> Result<()> {
     netns::sh(&[

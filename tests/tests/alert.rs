@@ -239,9 +239,7 @@ fn failures_are_unknown() {
 /// `--max-age` is UNKNOWN. No kernel: records written as `reset --json` writes them.
 #[test]
 fn history_checks_the_last_period() {
-    let dir = std::env::temp_dir().join(format!("pw-alert-history-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = portwatch_tests::TestDir::new("alert-history");
     let (db, log) = (dir.join("h.db"), dir.join("portwatch.jsonl"));
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -310,5 +308,4 @@ fn history_checks_the_last_period() {
     assert_eq!(out.status.code(), Some(3));
     let v = parsed(3, &String::from_utf8_lossy(&out.stdout));
     assert!(summary(&v).contains("history ingest"), "{v}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

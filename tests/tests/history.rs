@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     io::Write,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Output},
     time::{Duration, Instant},
 };
@@ -16,6 +16,7 @@ use portwatch_tests::{
     kernel_test,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     rng::Rng,
+    TestDir,
 };
 use serde_json::Value;
 
@@ -114,26 +115,6 @@ fn sums<'a>(records: impl IntoIterator<Item = &'a (i64, Vec<Row>)>) -> BTreeMap<
     out
 }
 
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        let path = std::env::temp_dir().join(format!("pw-history-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Dir(path)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn pw(args: &[&str]) -> Output {
     Command::new(portwatch_bin())
         .args(args)
@@ -216,8 +197,8 @@ fn gzip(from: &Path, to: &Path) {
 
 #[test]
 fn every_record_is_ingested_once() {
-    let dir = Dir::new("once");
-    let (db, log) = (dir.path("h.db"), dir.path("portwatch.jsonl"));
+    let dir = TestDir::new("once");
+    let (db, log) = (dir.join("h.db"), dir.join("portwatch.jsonl"));
     let mut rng = Rng::new(7);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -241,7 +222,7 @@ fn every_record_is_ingested_once() {
     same(&stored(&db), &sums(&sent));
 
     // Rotated and compressed (logrotate), then a new file: the .gz adds nothing.
-    let rotated = dir.path("portwatch.jsonl.1.gz");
+    let rotated = dir.join("portwatch.jsonl.1.gz");
     gzip(&log, &rotated);
     std::fs::remove_file(&log).unwrap();
     let (fresh, fresh_sent) = records(&mut rng, start + 30 * 300, 3, 30);
@@ -253,7 +234,7 @@ fn every_record_is_ingested_once() {
 
     // Truncated and rewritten in place (logrotate's copytruncate), longer than before: the same
     // inode, a different file, read from its start.
-    let copied = dir.path("copied.jsonl");
+    let copied = dir.join("copied.jsonl");
     let (short, short_sent) = records(&mut rng, start + 50 * 300, 2, 50);
     append(&copied, &short);
     ingest(&db, &[&copied]);
@@ -270,14 +251,14 @@ fn every_record_is_ingested_once() {
     same(&stored(&db), &sums(&sent));
 
     // Records without a reset_id: keyed by offset and hash, the same read again or gzipped.
-    let bare = dir.path("bare.jsonl");
+    let bare = dir.join("bare.jsonl");
     let rows = vec![("198.18.1.1".to_string(), 443u16, 1000u64, 10u64)];
     let line = record(start + 40 * 300, None, &rows);
     append(&bare, &line);
     append(&bare, &line.replace("1000", "2000"));
     ingest(&db, &[&bare]);
     ingest(&db, &[&bare]);
-    let bare_gz = dir.path("bare.jsonl.1.gz");
+    let bare_gz = dir.join("bare.jsonl.1.gz");
     gzip(&bare, &bare_gz);
     ingest(&db, &[&bare_gz]);
     sent.push((0, vec![("198.18.1.1".to_string(), 443, 3000, 20)]));
@@ -305,8 +286,8 @@ fn every_record_is_ingested_once() {
 
 #[test]
 fn ingests_killed_at_random_instants_leave_every_record_once() {
-    let dir = Dir::new("killed");
-    let (db, log) = (dir.path("h.db"), dir.path("portwatch.jsonl"));
+    let dir = TestDir::new("killed");
+    let (db, log) = (dir.join("h.db"), dir.join("portwatch.jsonl"));
     let mut rng = Rng::new(11);
     // Enough rows that an ingest takes a while: 300 records of 800 rows (under the cap), or
     // PORTWATCH_HISTORY_RECORDS (fewer under emulation: tests/kernels.sh).
@@ -332,7 +313,7 @@ fn ingests_killed_at_random_instants_leave_every_record_once() {
     }
     append(&log, &text);
     // Time one whole ingest into a scratch database, then kill others at instants across it.
-    let scratch = dir.path("scratch.db");
+    let scratch = dir.join("scratch.db");
     let began = Instant::now();
     ingest(&scratch, &[&log]);
     let whole = began.elapsed();
@@ -363,8 +344,8 @@ fn ingests_killed_at_random_instants_leave_every_record_once() {
 
 #[test]
 fn retention_and_the_cap_over_400_days() {
-    let dir = Dir::new("retention");
-    let (db, log) = (dir.path("h.db"), dir.path("portwatch.jsonl"));
+    let dir = TestDir::new("retention");
+    let (db, log) = (dir.join("h.db"), dir.join("portwatch.jsonl"));
     // One record a day at noon UTC for 410 days, then a day of 5-minute records, then one record
     // of 1,500 remotes on one port (the cap keeps 1,000).
     let newest = 1_796_000_000i64 - 1_796_000_000 % 86400 + 12 * 3600;
@@ -459,8 +440,8 @@ fn refused(db: &Path, args: &[&str]) -> String {
 
 #[test]
 fn bad_input_is_refused_in_one_line_and_changes_nothing() {
-    let dir = Dir::new("bad");
-    let (db, log) = (dir.path("h.db"), dir.path("portwatch.jsonl"));
+    let dir = TestDir::new("bad");
+    let (db, log) = (dir.join("h.db"), dir.join("portwatch.jsonl"));
     let mut rng = Rng::new(3);
     let (text, sent) = records(&mut rng, 1_790_000_000, 5, 0);
     append(&log, &text);
@@ -468,18 +449,18 @@ fn bad_input_is_refused_in_one_line_and_changes_nothing() {
 
     // A line that is not a reset record (a `top --json` line), after good ones: nothing of that
     // file is ingested.
-    let mixed = dir.path("mixed.jsonl");
+    let mixed = dir.join("mixed.jsonl");
     let (good, _) = records(&mut rng, 1_790_100_000, 2, 100);
     append(&mixed, &good);
     append(&mixed, "{\"time\":1,\"rows\":[]}\n");
     let e = refused(&db, &["ingest", mixed.to_str().unwrap()]);
     assert!(e.contains("not a reset record") && e.contains("byte"), "{e}");
-    append(&dir.path("junk.jsonl"), "hello\n");
-    refused(&db, &["ingest", dir.path("junk.jsonl").to_str().unwrap()]);
+    append(&dir.join("junk.jsonl"), "hello\n");
+    refused(&db, &["ingest", dir.join("junk.jsonl").to_str().unwrap()]);
     same(&stored(&db), &sums(&sent));
 
     // A damaged database, and a file that is no database: refused, left as they are.
-    let garbage = dir.path("garbage.db");
+    let garbage = dir.join("garbage.db");
     std::fs::write(&garbage, vec![0x5a; 8192]).unwrap();
     let e = refused(&garbage, &["ingest", log.to_str().unwrap()]);
     assert!(
@@ -490,7 +471,7 @@ fn bad_input_is_refused_in_one_line_and_changes_nothing() {
     refused(&garbage, &["top"]);
 
     // A database of another schema version.
-    let other = dir.path("other.db");
+    let other = dir.join("other.db");
     std::fs::copy(&db, &other).unwrap();
     let c = rusqlite::Connection::open(&other).unwrap();
     c.pragma_update(None, "user_version", 7).unwrap();
@@ -508,7 +489,7 @@ fn bad_input_is_refused_in_one_line_and_changes_nothing() {
     );
     assert!(e.contains("/proc/portwatch"), "{e}");
     // No database yet: says how to make one.
-    let e = refused(&dir.path("none.db"), &["top"]);
+    let e = refused(&dir.join("none.db"), &["top"]);
     assert!(e.contains("history ingest"), "{e}");
 }
 
@@ -518,8 +499,8 @@ fn bad_input_is_refused_in_one_line_and_changes_nothing() {
 fn records_of_real_resets_are_the_history() {
     let bed = Bed::new(false).unwrap();
     let pw = Pw::load(&bed.server, &bed.server_if, &["7002/udp", "7003/udp"]);
-    let dir = Dir::new("real");
-    let (db, log) = (dir.path("h.db"), dir.path("portwatch.jsonl"));
+    let dir = TestDir::new("real");
+    let (db, log) = (dir.join("h.db"), dir.join("portwatch.jsonl"));
     let sends: [(&str, &str, u16, usize, usize); 3] = [
         (CLIENT_V4[0], SERVER_V4, 7002, 40, 1000),
         (CLIENT_V6[1], SERVER_V6, 7003, 30, 500),
@@ -563,11 +544,11 @@ fn records_of_real_resets_are_the_history() {
 /// duration is refused as a bad configuration (exit code 2); flags win over the file.
 #[test]
 fn the_configuration_file_section_applies() {
-    let dir = Dir::new("config");
+    let dir = TestDir::new("config");
     let (config, log, db) = (
-        dir.path("portwatch.yaml"),
-        dir.path("portwatch.jsonl"),
-        dir.path("c.db"),
+        dir.join("portwatch.yaml"),
+        dir.join("portwatch.jsonl"),
+        dir.join("c.db"),
     );
     std::fs::write(
         &config,
@@ -591,7 +572,7 @@ fn the_configuration_file_section_applies() {
     assert_eq!(top["history"]["other"]["bytes"], 98 + 97 + 96);
     assert_eq!(top["totals"]["bytes"], 100 + 99 + 98 + 97 + 96);
     // --cap on the command line wins: a new database with every remote.
-    let flagged = dir.path("flagged.db");
+    let flagged = dir.join("flagged.db");
     let flagged = flagged.to_str().unwrap();
     history("ingest", &["--db", flagged, "--cap", "10", log.to_str().unwrap()]);
     let top: Value = serde_json::from_str(&history("top", &["--db", flagged, "-n", "0", "--json"])).unwrap();
