@@ -119,22 +119,7 @@ fn finish(mut msg: Vec<u8>) -> Vec<u8> {
 /// How many filters the clsact qdisc of `ifindex` holds, ingress and egress together (0 when the
 /// interface has no clsact qdisc).
 pub fn clsact_filter_count(ifindex: u32) -> io::Result<usize> {
-    let socket = Socket::open()?;
-    let mut count = 0;
-    for (seq, parent) in [(1, CLSACT_INGRESS), (2, CLSACT_EGRESS)] {
-        socket.send(&finish(tc_request(RTM_GETTFILTER, NLM_F_DUMP, seq, ifindex, 0, parent)))?;
-        match socket.replies(seq, |kind, _| count += usize::from(kind == RTM_NEWTFILTER)) {
-            Ok(()) => {}
-            // No clsact qdisc (or no interface): no filters.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL) | Some(libc::ENOENT) | Some(libc::ENODEV)
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(count)
+    Ok(filters(ifindex, CLSACT_INGRESS)?.len() + filters(ifindex, CLSACT_EGRESS)?.len())
 }
 
 /// Deletes the clsact qdisc of `ifindex` (and only a clsact one: the kernel checks the kind).
@@ -169,54 +154,73 @@ fn attributes(mut bytes: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
-/// The bpf filters on the ingress (`egress` false) or egress list of `ifindex`'s clsact qdisc:
-/// (priority, handle, program id). Empty when there is no clsact qdisc.
-pub fn bpf_filters(ifindex: u32, egress: bool) -> io::Result<Vec<(u16, u32, u32)>> {
+/// Dumps `request` (`RTM_GETTFILTER`, `RTM_GETQDISC`) for `ifindex` under `parent`, handing
+/// each reply (its type, the whole message) to `each`. A missing qdisc or interface is an empty
+/// dump, not an error: the one rule of every dump here.
+fn dump(request: u16, ifindex: u32, parent: u32, each: impl FnMut(u16, &[u8])) -> io::Result<()> {
     let socket = Socket::open()?;
-    let parent = if egress { CLSACT_EGRESS } else { CLSACT_INGRESS };
-    socket.send(&finish(tc_request(RTM_GETTFILTER, NLM_F_DUMP, 1, ifindex, 0, parent)))?;
-    let mut found = vec![];
-    let dumped = socket.replies(1, |kind, msg| {
-        // nlmsghdr (16), tcmsg (20), then attributes.
-        if kind != RTM_NEWTFILTER || msg.len() < NLMSG_HDRLEN + 20 {
-            return;
-        }
-        let tcm = &msg[NLMSG_HDRLEN..NLMSG_HDRLEN + 20];
-        let handle = u32::from_ne_bytes(tcm[8..12].try_into().unwrap());
-        let info = u32::from_ne_bytes(tcm[16..20].try_into().unwrap());
-        for (kind, payload) in attributes(&msg[NLMSG_HDRLEN + 20..]) {
-            if kind != TCA_OPTIONS {
-                continue;
-            }
-            for (kind, value) in attributes(payload) {
-                if kind == TCA_BPF_ID && value.len() >= 4 {
-                    let id = u32::from_ne_bytes(value[..4].try_into().unwrap());
-                    found.push(((info >> 16) as u16, handle, id));
-                }
-            }
-        }
-    });
-    match dumped {
-        Ok(()) => Ok(found),
+    socket.send(&finish(tc_request(request, NLM_F_DUMP, 1, ifindex, 0, parent)))?;
+    match socket.replies(1, each) {
         Err(e)
             if matches!(
                 e.raw_os_error(),
                 Some(libc::EINVAL) | Some(libc::ENOENT) | Some(libc::ENODEV)
             ) =>
         {
-            Ok(vec![])
+            Ok(())
         }
-        Err(e) => Err(e),
+        dumped => dumped,
     }
+}
+
+/// A filter of a clsact list.
+struct Filter {
+    priority: u16,
+    handle: u32,
+    /// The id of its program, for a bpf filter.
+    bpf_id: Option<u32>,
+}
+
+/// The filters on `ifindex`'s clsact list `parent` (`CLSACT_INGRESS`, `CLSACT_EGRESS`).
+fn filters(ifindex: u32, parent: u32) -> io::Result<Vec<Filter>> {
+    let mut found = vec![];
+    dump(RTM_GETTFILTER, ifindex, parent, |kind, msg| {
+        // nlmsghdr (16), tcmsg (20), then attributes.
+        if kind != RTM_NEWTFILTER || msg.len() < NLMSG_HDRLEN + 20 {
+            return;
+        }
+        let tcm = &msg[NLMSG_HDRLEN..NLMSG_HDRLEN + 20];
+        let info = u32::from_ne_bytes(tcm[16..20].try_into().unwrap());
+        let bpf_id = attributes(&msg[NLMSG_HDRLEN + 20..])
+            .into_iter()
+            .filter(|(kind, _)| *kind == TCA_OPTIONS)
+            .flat_map(|(_, payload)| attributes(payload))
+            .find(|(kind, value)| *kind == TCA_BPF_ID && value.len() >= 4)
+            .map(|(_, value)| u32::from_ne_bytes(value[..4].try_into().unwrap()));
+        found.push(Filter {
+            priority: (info >> 16) as u16,
+            handle: u32::from_ne_bytes(tcm[8..12].try_into().unwrap()),
+            bpf_id,
+        });
+    })?;
+    Ok(found)
+}
+
+/// The bpf filters on the ingress (`egress` false) or egress list of `ifindex`'s clsact qdisc:
+/// (priority, handle, program id). Empty when there is no clsact qdisc.
+pub fn bpf_filters(ifindex: u32, egress: bool) -> io::Result<Vec<(u16, u32, u32)>> {
+    let parent = if egress { CLSACT_EGRESS } else { CLSACT_INGRESS };
+    Ok(filters(ifindex, parent)?
+        .into_iter()
+        .filter_map(|f| Some((f.priority, f.handle, f.bpf_id?)))
+        .collect())
 }
 
 /// Whether `ifindex` has a clsact qdisc. (A filter dump cannot tell: it answers an empty list for
 /// a qdisc that does not exist.)
 pub fn has_clsact(ifindex: u32) -> io::Result<bool> {
-    let socket = Socket::open()?;
-    socket.send(&finish(tc_request(RTM_GETQDISC, NLM_F_DUMP, 1, ifindex, 0, 0)))?;
     let mut found = false;
-    socket.replies(1, |kind, msg| {
+    dump(RTM_GETQDISC, ifindex, 0, |kind, msg| {
         if kind != RTM_NEWQDISC || msg.len() < NLMSG_HDRLEN + 20 {
             return;
         }
