@@ -512,6 +512,11 @@ fn tc_attach_type(direction: Direction) -> TcAttachType {
     }
 }
 
+/// Set when this command has seen the kernel refuse a TCX link with EINVAL, as a kernel without
+/// TCX does: `auto` then goes straight to the clsact qdisc for every later attachment, and says
+/// "TCX refused" once per command, not once per attachment.
+static NO_TCX: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Attaches `prog` to `iface` in `direction` and pins the link (TCX). Returns the record of the
 /// attachment (`own_qdisc`: the interface's clsact qdisc is one portwatch added).
 fn attach(
@@ -529,6 +534,7 @@ fn attach(
 
     let tcx = match mode {
         Mode::Tc => None,
+        Mode::Auto if NO_TCX.load(std::sync::atomic::Ordering::Relaxed) => None,
         Mode::Tcx | Mode::Auto => {
             match prog.attach_with_options(
                 &iface.name,
@@ -538,6 +544,9 @@ fn attach(
                 Ok(id) => Some(id),
                 // A kernel without TCX refuses the link (EINVAL); `auto` then uses clsact.
                 Err(e) if mode == Mode::Auto => {
+                    if has_errno(&e, &[libc::EINVAL]) {
+                        NO_TCX.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     say(Note::TcxRefused {
                         interface: iface.name.clone(),
                         error: e.to_string(),

@@ -232,6 +232,26 @@ fn tcx_mode_attaches_with_tcx_or_says_what_to_use_instead() {
     assert_nothing_attached(&bed, &["pw0"]);
 }
 
+/// `--mode auto` (the default) on a kernel without TCX says "TCX refused" once per command, not
+/// once for each of its four attachments (two interfaces, both directions), and attaches every one
+/// with the clsact qdisc; where TCX works it says nothing of the kind.
+#[kernel_test]
+fn auto_mode_says_tcx_refused_once_per_command() {
+    let bed = Bed::new(false).unwrap();
+    bed.add_second_link().unwrap();
+    let pw = Pw::new(Some(&bed.server));
+    let r = pw.run(&["load", "--iface", "pw0", "--iface", "pw2", "--port", "443"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let refused = r.stderr.lines().filter(|l| l.contains("TCX refused")).count();
+    let mode = if portwatch_tests::has_tcx() { "tcx" } else { "tc" };
+    assert_eq!(refused, usize::from(mode == "tc"), "{}", r.stderr);
+    for iface in ["pw0", "pw2"] {
+        assert_eq!(attached(&bed.server, iface, mode), 2, "{iface}: {}", pw.ok(&["status"]));
+    }
+    pw.ok(&["unload"]);
+    assert_nothing_attached(&bed, &["pw0", "pw2"]);
+}
+
 /// `ports add` while traffic flows counts from then on; `ports del` stops it; the program is never
 /// reloaded (its id stays the same).
 #[kernel_test]
@@ -560,7 +580,7 @@ fn changes_wait_for_the_lock() {
         .args(["-c", &format!("sleep 1; touch {}", marker.display())])
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200)); // let the holder take the lock first
+    std::thread::sleep(portwatch_tests::bound(0.2)); // let the holder take the lock first
     pw.ok(&["ports", "add", "80"]);
     assert!(marker.exists(), "ports add ran while another process held the lock");
     let mut holder = holder;
