@@ -11,7 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::unix::process::ExitStatusExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -27,7 +27,7 @@ use portwatch::{
 use portwatch_common::{Counters, Direction::Ingress as IN, Tier, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{counters_of, rows_by_key, Pw},
-    kernel_test, key, mix,
+    kernel_test, key, mix, TestFile,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     rng::{seed_from_env, Rng},
 };
@@ -48,25 +48,16 @@ fn seeded(test: &str) -> Rng {
     Rng::new(seed)
 }
 
-/// A file under the temporary directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> TempFile {
-        let path = std::env::temp_dir().join(format!("pwt-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        TempFile(path)
+/// What most tests here start from: a bed, portwatch loaded on its server for `PORTS` (and `more`
+/// options), and a reset log named `log` (removed when dropped, before portwatch and the bed).
+fn loaded(log: &str, more: &[&str]) -> (Arc<Bed>, Pw, TestFile) {
+    let bed = Arc::new(Bed::new(false).unwrap());
+    if !more.is_empty() {
+        // Spoofed sources (the tiers' floods) must reach the watched ports.
+        bed.accept_any_source().unwrap();
     }
-
-    fn as_str(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+    let pw = Pw::load_with(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"], more);
+    (bed, pw, TestFile::new(log))
 }
 
 /// Sends rounds of UDP (`send_round`, or another round) in a thread until stopped (bounded: 2,000
@@ -193,7 +184,7 @@ struct KillWindow {
 }
 
 impl KillWindow {
-    fn measure(pw: &Pw, log: &TempFile) -> KillWindow {
+    fn measure(pw: &Pw, log: &TestFile) -> KillWindow {
         let mean = |args: &[&str]| {
             let started = Instant::now();
             for _ in 0..5 {
@@ -217,7 +208,7 @@ impl KillWindow {
 /// kills left the journal.
 fn kill_resets_at_random_instants(
     pw: &Pw,
-    log: &TempFile,
+    log: &TestFile,
     rng: &mut Rng,
     runs: usize,
     when: &KillWindow,
@@ -269,16 +260,14 @@ fn kill_resets_at_random_instants(
 #[kernel_test]
 fn resets_killed_at_random_instants_lose_and_double_count_nothing() {
     let mut rng = seeded("resets_killed_at_random_instants");
-    let bed = Arc::new(Bed::new(false).unwrap());
-    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
-    let log = TempFile::new("killed.jsonl");
+    let (bed, pw, log) = loaded("killed.jsonl", &[]);
     let when = KillWindow::measure(&pw, &log);
     let sender = Sender::start(&bed, send_round);
     kill_resets_at_random_instants(&pw, &log, &mut rng, crash_runs(), &when);
     let sent = sender.stop();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(portwatch_tests::bound(0.2));
     assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
-    assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+    assert_eq!(recorded_and_counted(&pw, &log.path), sent);
 }
 
 /// The phases of a reset a kill can stop it in (`PORTWATCH_FAULT=reset:PHASE=kill`), in order,
@@ -298,7 +287,7 @@ const RESET_PHASES: [(&str, Option<&str>); 11] = [
 ];
 
 /// `reset --json --output LOG`, killed at `phase` (`PORTWATCH_FAULT`), which it must reach.
-fn reset_killed_at(pw: &Pw, log: &TempFile, phase: &str) {
+fn reset_killed_at(pw: &Pw, log: &TestFile, phase: &str) {
     let out = pw
         .command(&["reset", "--json", "--output", log.as_str()])
         .env("PORTWATCH_FAULT", format!("reset:{phase}=kill"))
@@ -317,9 +306,7 @@ fn reset_killed_at(pw: &Pw, log: &TempFile, phase: &str) {
 /// next reset finishes or rolls it back, and nothing is lost or doubled.
 #[kernel_test]
 fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
-    let bed = Arc::new(Bed::new(false).unwrap());
-    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
-    let log = TempFile::new("phases.jsonl");
+    let (bed, pw, log) = loaded("phases.jsonl", &[]);
     let mut sent = BTreeMap::new();
     let mut round = 0;
     let mut send = |sent: &mut BTreeMap<Key, Counters>| {
@@ -335,7 +322,7 @@ fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
         send(&mut sent);
         killed_at(phase);
         assert_eq!(interrupted_state(&pw).as_deref(), state, "killed at {phase}");
-        let text = std::fs::read_to_string(&log.0).unwrap_or_default();
+        let text = std::fs::read_to_string(&log.path).unwrap_or_default();
         if phase == "writing" {
             assert!(!text.ends_with('\n'), "killed at writing: the record is half written");
         }
@@ -353,7 +340,7 @@ fn a_kill_in_each_phase_of_a_reset_loses_and_doubles_nothing() {
         // The export's per-port totals never lost or doubled what the resets drained.
         assert_eq!(exported_per_port(&pw), per_port(&sent), "after a kill at {phase}");
     }
-    assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+    assert_eq!(recorded_and_counted(&pw, &log.path), sent);
 }
 
 /// `load` of the tiered test: a per-IP map of 64 keys, a prefix tier of 16 and a wide prefix tier
@@ -445,10 +432,7 @@ fn assert_held_where_sent(counted: &BTreeMap<Key, Counters>, sent: &BTreeMap<Key
 #[kernel_test]
 fn resets_killed_in_a_tiered_flood_lose_and_double_nothing() {
     let mut rng = seeded("resets_killed_in_a_tiered_flood");
-    let bed = Arc::new(Bed::new(false).unwrap());
-    bed.accept_any_source().unwrap();
-    let pw = Pw::load_with(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"], &TIERED);
-    let log = TempFile::new("tiered.jsonl");
+    let (bed, pw, log) = loaded("tiered.jsonl", &TIERED);
     let mut sent = BTreeMap::new();
     // The sender's rounds are numbered from 0: these from 10,000, another traffic.
     let mut round = 10_000;
@@ -483,7 +467,7 @@ fn resets_killed_in_a_tiered_flood_lose_and_double_nothing() {
         *sent.entry(k).or_default() += c;
     }
     assert_eq!(exported_per_port(&pw), per_port(&sent), "the export's per-port totals");
-    let counted = recorded_and_counted(&pw, &log.0);
+    let counted = recorded_and_counted(&pw, &log.path);
     let tiers: BTreeSet<Tier> = counted.keys().filter_map(Key::tier).collect();
     assert_eq!(tiers, every_tier, "the records hold every tier");
     assert_held_where_sent(&counted, &sent);
@@ -494,9 +478,7 @@ fn resets_killed_in_a_tiered_flood_lose_and_double_nothing() {
 /// (before: nothing zeroed), a failing fsync (the file is cut back, nothing zeroed).
 #[kernel_test]
 fn failing_syscalls_in_a_reset_lose_and_double_nothing() {
-    let bed = Arc::new(Bed::new(false).unwrap());
-    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
-    let log = TempFile::new("faults.jsonl");
+    let (bed, pw, log) = loaded("faults.jsonl", &[]);
     let mut sent = BTreeMap::new();
     let failing = |fault: &str| {
         let r = pw
@@ -509,14 +491,14 @@ fn failing_syscalls_in_a_reset_lose_and_double_nothing() {
     };
 
     send_round(&bed, 0, &mut sent);
-    let before = std::fs::metadata(&log.0).map(|m| m.len()).unwrap_or(0);
+    let before = std::fs::metadata(&log.path).map(|m| m.len()).unwrap_or(0);
     let stderr = failing("reset:delete-batch=eio");
     assert!(
         stderr.contains("the reset's record is written") && stderr.contains("Input/output error"),
         "{stderr}"
     );
     assert!(
-        std::fs::metadata(&log.0).unwrap().len() > before,
+        std::fs::metadata(&log.path).unwrap().len() > before,
         "the record is in the file"
     );
     assert_eq!(interrupted_state(&pw).as_deref(), Some("committed"));
@@ -527,23 +509,23 @@ fn failing_syscalls_in_a_reset_lose_and_double_nothing() {
     assert_eq!(interrupted_state(&pw), None);
 
     send_round(&bed, 1, &mut sent);
-    let before = std::fs::metadata(&log.0).unwrap().len();
+    let before = std::fs::metadata(&log.path).unwrap().len();
     let stderr = failing("reset:barrier=eio");
     assert!(stderr.contains("nothing was zeroed"), "{stderr}");
-    assert_eq!(std::fs::metadata(&log.0).unwrap().len(), before);
+    assert_eq!(std::fs::metadata(&log.path).unwrap().len(), before);
 
     send_round(&bed, 2, &mut sent);
-    let before = std::fs::metadata(&log.0).unwrap().len();
+    let before = std::fs::metadata(&log.path).unwrap().len();
     let stderr = failing("reset:fsync=eio");
     assert!(
         stderr.contains("nothing was zeroed") && stderr.contains("syncing"),
         "{stderr}"
     );
-    assert_eq!(std::fs::metadata(&log.0).unwrap().len(), before, "cut back");
+    assert_eq!(std::fs::metadata(&log.path).unwrap().len(), before, "cut back");
     assert_eq!(interrupted_state(&pw), None);
 
     send_round(&bed, 3, &mut sent);
-    assert_eq!(recorded_and_counted(&pw, &log.0), sent);
+    assert_eq!(recorded_and_counted(&pw, &log.path), sent);
 }
 
 /// To a pipe the rule is "never lose": a reset killed after its record was printed is finished
@@ -551,8 +533,7 @@ fn failing_syscalls_in_a_reset_lose_and_double_nothing() {
 /// prints those counts again.
 #[kernel_test]
 fn a_reset_to_a_pipe_never_loses() {
-    let bed = Arc::new(Bed::new(false).unwrap());
-    let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
+    let (bed, pw, _) = loaded("pipe.jsonl", &[]);
     let mut sent = BTreeMap::new();
     send_round(&bed, 0, &mut sent);
     let total = |m: &BTreeMap<Key, Counters>| {
@@ -674,9 +655,9 @@ fn lifecycle_commands_killed_at_random_instants_leave_nothing_half_done() {
     let bed = Arc::new(Bed::new(false).unwrap());
     let pw = Pw::new(Some(&bed.server));
     let ifaces = ["lo", bed.server_if.as_str()];
-    let config = TempFile::new("lifecycle.yaml");
+    let config = TestFile::new("lifecycle.yaml");
     std::fs::write(
-        &config.0,
+        &config.path,
         format!(
             "pin_path: {}\nports: [443, 7102/udp]\ninterfaces:\n  - name: {}\n  - name: lo\n    mode: tc\n",
             pw.pin.display(),
@@ -884,9 +865,7 @@ fn a_kill_at_each_point_of_load_attach_detach_and_unload_leaves_nothing_half_don
 #[kernel_test]
 fn an_unload_drain_killed_loses_and_doubles_nothing() {
     for point in ["reset:committed", "reset:writing", "reset:deleted"] {
-        let bed = Arc::new(Bed::new(false).unwrap());
-        let pw = Pw::load(&bed.server, &bed.server_if, &["7102/udp", "7104/udp"]);
-        let log = TempFile::new("drain.jsonl");
+        let (bed, pw, log) = loaded("drain.jsonl", &[]);
         let mut sent = BTreeMap::new();
         send_round(&bed, 0, &mut sent);
         pw.ok(&["reset", "--json", "--output", log.as_str()]);
@@ -901,7 +880,7 @@ fn an_unload_drain_killed_loses_and_doubles_nothing() {
         assert_eq!(r.code, 0, "{point}: {}", r.stderr);
         assert!(!pw.pin.exists());
         let mut counted: BTreeMap<Key, Counters> = BTreeMap::new();
-        for line in std::fs::read_to_string(&log.0).unwrap().lines() {
+        for line in std::fs::read_to_string(&log.path).unwrap().lines() {
             let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{point}: {e}: {line}"));
             for r in v["rows"].as_array().unwrap() {
                 let k = key(
