@@ -161,8 +161,9 @@ export RUST_BACKTRACE=1
 # slower, they make the same checks over fewer runs and seconds.
 export PORTWATCH_CRASH_RUNS=${PORTWATCH_CRASH_RUNS:-20} PORTWATCH_CONCURRENCY_SECS=${PORTWATCH_CONCURRENCY_SECS:-20}
 export PORTWATCH_HISTORY_RECORDS=${PORTWATCH_HISTORY_RECORDS:-60}
-# The alert test's intervals and waits, scaled for an emulated kernel.
-export PORTWATCH_ALERT_SECS=${PORTWATCH_ALERT_SECS:-3}
+# Every bounded wait of the tests (and the alert test's intervals), scaled for an emulated kernel:
+# tests/src/lib.rs `wait_scale`. Raise it on a loaded machine.
+export PORTWATCH_WAIT_SCALE=${PORTWATCH_WAIT_SCALE:-3}
 cd '$cwd'
 echo "kernel \$(uname -r)"
 $command

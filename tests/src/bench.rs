@@ -399,8 +399,9 @@ fn start(bed: &Bed, scenario: Scenario) -> Result<Active<'_>> {
             let started = Instant::now();
             while !std::fs::read_to_string(&log)?.contains("listening on") {
                 ensure!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "tcpdump did not start in 10 s"
+                    started.elapsed() < crate::bound(10.0),
+                    "tcpdump did not start in {:?}",
+                    crate::bound(10.0)
                 );
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -573,8 +574,9 @@ fn iperf3(bed: &Bed, secs: u64, more: &[&str]) -> Result<serde_json::Value> {
             .spawn()
             .context("starting iperf3 -s")?,
     );
-    // The server listens within moments; the client retries a refused connection (bounded).
-    for _ in 0..100 {
+    // The server listens within moments; the client retries a refused connection (bounded: about
+    // 2 s, scaled).
+    for _ in 0..(100.0 * crate::wait_scale()) as usize {
         let out = in_netns(&bed.client.name)
             .args(["iperf3", "-c", SERVER_V4, "-B", CLIENT_V4[0], "-p", &port, "-J", "-t"])
             .arg(secs.to_string())

@@ -13,6 +13,26 @@ pub mod packet;
 pub mod reference;
 pub mod rng;
 
+/// How many times slower than a quiet host this run may be. Every bounded wait in the tests is
+/// written as what a quiet host needs (with margin) and multiplied by it, through `bound`:
+/// `PORTWATCH_WAIT_SCALE` (default 1). `tests/kernels.sh` sets it for kernels under emulation; set
+/// it on a loaded or slow machine too. A wait that ends early (a poll) costs nothing more for it.
+pub fn wait_scale() -> f64 {
+    static SCALE: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("PORTWATCH_WAIT_SCALE") {
+        Err(_) => 1.0,
+        Ok(s) => match s.parse::<f64>() {
+            Ok(f) if f >= 1.0 && f.is_finite() => f,
+            _ => panic!("PORTWATCH_WAIT_SCALE={s:?}: give a number of at least 1"),
+        },
+    })
+}
+
+/// `secs` (what a quiet host needs) scaled by `wait_scale`.
+pub fn bound(secs: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(secs * wait_scale())
+}
+
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};

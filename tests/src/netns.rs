@@ -78,7 +78,7 @@ impl Netns {
     pub fn http_get(&self, addr: &str, path: &str) -> Result<(u16, String)> {
         self.enter(|| -> Result<(u16, String)> {
             let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            stream.set_read_timeout(Some(crate::bound(30.0)))?;
             write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;
@@ -171,7 +171,7 @@ impl Bed {
         // test watches): a burst sent while ARP/NDP is pending would be cut to the queue's length.
         bed.send_udp(CLIENT_V4[0], SERVER_V4, 9, 1, 1)?;
         bed.send_udp(CLIENT_V6[0], SERVER_V6, 9, 1, 1)?;
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(crate::bound(0.3));
         Ok(bed)
     }
 
@@ -197,7 +197,7 @@ impl Bed {
         self.server.ip(&["link", "set", "pw2", "up"])?;
         self.client.ip(&["link", "set", "pw3", "up"])?;
         self.send_udp(CLIENT2_V4, SERVER2_V4, 9, 1, 1)?;
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(crate::bound(0.3));
         Ok(())
     }
 
@@ -244,7 +244,7 @@ impl Bed {
         ])
     }
 
-    /// Waits until `what` has grown by `count` since `before` (bounded: 5 s).
+    /// Waits until `what` has grown by `count` since `before` (bounded: 5 s, scaled).
     fn wait_for(&self, what: impl Fn() -> Result<u64>, before: u64, count: u64, label: &str) -> Result<()> {
         let started = std::time::Instant::now();
         loop {
@@ -252,8 +252,8 @@ impl Bed {
             if arrived >= count {
                 return Ok(());
             }
-            if started.elapsed() > Duration::from_secs(5) {
-                bail!("only {arrived} of {count} {label} reached the server in 5 s");
+            if started.elapsed() > crate::bound(5.0) {
+                bail!("only {arrived} of {count} {label} reached the server in {:?}", crate::bound(5.0));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -396,13 +396,14 @@ impl Bed {
             // until this socket has taken in every segment the client sent (so each has passed the
             // TC ingress hook before anyone reads counters; a busy machine may process the veth's
             // backlog late). `tcpi_segs_in` counts a GRO packet per segment. Bounded: 5 s.
-            let sent = wait_for_client.recv_timeout(Duration::from_secs(10)).unwrap_or(0);
+            let sent = wait_for_client.recv_timeout(crate::bound(10.0)).unwrap_or(0);
             let started = std::time::Instant::now();
             while u64::from(tcp_info(&conn)?.tcpi_segs_in) < sent {
-                if started.elapsed() > Duration::from_secs(5) {
+                if started.elapsed() > crate::bound(5.0) {
                     bail!(
-                        "the server took in {} of {sent} client segments in 5 s",
-                        tcp_info(&conn)?.tcpi_segs_in
+                        "the server took in {} of {sent} client segments in {:?}",
+                        tcp_info(&conn)?.tcpi_segs_in,
+                        crate::bound(5.0)
                     );
                 }
                 std::thread::sleep(Duration::from_millis(2));
@@ -412,7 +413,7 @@ impl Bed {
         let src: SocketAddr = SocketAddr::new(src.parse()?, 0);
         let segments = self.client.enter(|| -> Result<TcpSegments> {
             let mut conn = nix_tcp_socket(src, listen)?;
-            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            conn.set_read_timeout(Some(crate::bound(10.0)))?;
             let chunk = vec![0x42u8; 16384];
             let mut left = bytes;
             while left > 0 {

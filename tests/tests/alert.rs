@@ -18,12 +18,9 @@ use portwatch_tests::{
 use serde_json::Value;
 
 /// Every wait of this file, in seconds: the check's interval is two of it, a bounded wait ten.
-/// `PORTWATCH_ALERT_SECS` scales them (a slow emulated kernel).
+/// One second on a quiet host, scaled by `PORTWATCH_WAIT_SCALE` (a slow emulated kernel).
 fn unit() -> f64 {
-    std::env::var("PORTWATCH_ALERT_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
+    portwatch_tests::wait_scale()
 }
 
 /// The check's interval, as `--interval` takes it, and a `-t` comfortably above it.

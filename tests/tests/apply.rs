@@ -328,7 +328,7 @@ fn bad_files_are_refused_before_anything_changes() {
     pw.ok(&["unload"]);
 }
 
-/// Polls `status` until the watched ports are `want` (bounded: 10 s); returns how long it took.
+/// Polls `status` until the watched ports are `want` (bounded: 10 s, scaled); returns how long it took.
 fn wait_for_ports(pw: &Pw, want: &[&str]) -> std::time::Duration {
     let started = std::time::Instant::now();
     loop {
@@ -337,8 +337,9 @@ fn wait_for_ports(pw: &Pw, want: &[&str]) -> std::time::Duration {
             return started.elapsed();
         }
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(10),
-            "the ports did not become {want:?}: {}{}",
+            started.elapsed() < portwatch_tests::bound(10.0),
+            "the ports did not become {want:?} within {:?}: {}{}",
+            portwatch_tests::bound(10.0),
             now.stdout,
             now.stderr
         );
@@ -351,7 +352,7 @@ fn wait_for_ports(pw: &Pw, want: &[&str]) -> std::time::Duration {
 /// and column, and the state stays as it was. SIGTERM ends it with exit 0, and counting goes on.
 #[kernel_test]
 fn watch_follows_the_file() {
-    use std::{process::Stdio, time::Duration};
+    use std::process::Stdio;
     let bed = Bed::new(false).unwrap();
     let pw = Pw::new(Some(&bed.server));
     let pin = pw.pin.display().to_string();
@@ -380,14 +381,14 @@ fn watch_follows_the_file() {
     took.push(wait_for_ports(&pw, &["7102/udp"]));
     // Deleted: reported, and the state stays.
     std::fs::remove_file(&file.path).unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(portwatch_tests::bound(1.0));
     assert_eq!(pw.ok(&["ports", "list"]), "7102/udp\n");
     // Created again.
     file.write(&text(7103));
     took.push(wait_for_ports(&pw, &["7103/udp"]));
     // Invalid: reported with its line and column, and the state stays.
     file.write(&format!("pin_path: {pin}\nports: [7104/udp\n"));
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(portwatch_tests::bound(1.0));
     assert_eq!(pw.ok(&["ports", "list"]), "7103/udp\n");
     // Valid again.
     file.write(&text(7105));

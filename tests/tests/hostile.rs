@@ -354,7 +354,7 @@ fn paged_frames_through_a_veth_land_where_the_reference_says() {
         // The egress hook ran in send(); the ingress one runs from the backlog, on this CPU's
         // softirq as a rule: wait for it (bounded).
         let want_ingress = ingress_seen.packets + u64::from(incoming.is_some());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + portwatch_tests::bound(5.0);
         let (egress_now, ingress_now) = loop {
             let e = probe.seen(Direction::Egress).unwrap();
             let g = probe.seen(Direction::Ingress).unwrap();
@@ -428,7 +428,7 @@ fn paged_frames_through_a_veth_land_where_the_reference_says() {
         }
     }
     // Nothing arrives late, and nothing landed under a key the reference did not name.
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(portwatch_tests::bound(0.2));
     if failures.is_empty() {
         assert_eq!(
             probe.seen(Direction::Ingress).unwrap(),

@@ -101,7 +101,7 @@ fn query_until(bed: &Bed, query: &str, ready: impl Fn(Option<f64>) -> bool) -> O
             return value;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < portwatch_tests::bound(60.0),
             "Prometheus never answered {query} as expected (last: {value:?})"
         );
         std::thread::sleep(Duration::from_millis(250));
@@ -146,7 +146,7 @@ fn prometheus_scrapes_serve() {
 
     pw.json(&["reset", "--json"]);
     // A few scrapes after the reset: the series did not go down, and Prometheus saw no reset.
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(portwatch_tests::bound(3.0));
     let more = bed.send_udp(CLIENT_V4[1], SERVER_V4, 7002, 10, 400).unwrap();
     let total = (sent + more) as f64;
     assert_eq!(query_until(&bed, series, |v| v == Some(total)), Some(total));

@@ -60,7 +60,7 @@ fn resets_under_traffic_lose_and_double_count_nothing() {
     let sent = sender.join().unwrap();
     sender_done.store(true, std::sync::atomic::Ordering::SeqCst);
     let snapshots: Vec<Value> = resetters.into_iter().flat_map(|r| r.join().unwrap()).collect();
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::sleep(portwatch_tests::bound(0.2));
     let last = pw.json(&["top", "--by", "ip-port", "-n", "0", "--json"]);
     assert!(
         snapshots.len() >= 3,

@@ -64,7 +64,7 @@ fn watch_on_a_terminal(pw: &Pw, key: &[u8], until: &str) -> (std::process::ExitS
     };
     let started = Instant::now();
     let text = |s: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&s.lock().unwrap()).into_owned();
-    while !plain(&text(&screen)).contains(until) && started.elapsed() < Duration::from_secs(10) {
+    while !plain(&text(&screen)).contains(until) && started.elapsed() < portwatch_tests::bound(10.0) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut stdin = child.stdin.take().unwrap();
@@ -74,7 +74,7 @@ fn watch_on_a_terminal(pw: &Pw, key: &[u8], until: &str) -> (std::process::ExitS
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if started.elapsed() > Duration::from_secs(20) {
+        if started.elapsed() > portwatch_tests::bound(20.0) {
             let _ = child.kill();
             break child.wait().unwrap();
         }
