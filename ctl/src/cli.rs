@@ -186,7 +186,7 @@ pub struct LoadArgs {
     pub direction: Option<DirectionArg>,
     #[arg(long, value_name = "N", value_parser = parse_max_entries, help = format!(
         "Remote-IP keys the per-IP map holds; past it, new remote IPs are counted under their \
-         prefix (README, \"Under a flood\") [default: {DEFAULT_MAX_ENTRIES}]"
+         prefix (docs/flood.md) [default: {DEFAULT_MAX_ENTRIES}]"
     ))]
     pub max_entries: Option<u32>,
     /// Keys of the prefix tier (a remote's /24 or /48, once the per-IP map is full)

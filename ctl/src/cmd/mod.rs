@@ -29,7 +29,7 @@ use crate::{
     pinned::{check_privileges, ensure_bpffs, Needs, PinPath},
 };
 
-/// What the dispatcher does before a verb runs: the capabilities it checks (README,
+/// What the dispatcher does before a verb runs: the capabilities it checks (docs/configuration.md,
 /// "Privileges"), whether the pin path must be on bpffs, and whether what a crash interrupted (a
 /// reset, an attach) is finished first. Each command's is in its row of `run`'s table.
 #[derive(Clone, Copy, Debug)]

@@ -2,7 +2,7 @@
 //! into an SQLite database, summed into 5-minute, hourly, daily and monthly buckets (vnstat's
 //! shape), each kept for its own retention, and queried by `history top` and `history
 //! --hours|--days|--months`. The store is built from the records only: it never touches the pinned
-//! maps, and never changes a record file. README, "History", is the operator's side of this.
+//! maps, and never changes a record file. docs/history.md is the operator's side of this.
 //!
 //! - `store`: the database (schema, one transaction per ingested file, retention, the cap).
 //! - `ingest`: reading record files (plain or gzip, a torn last line, where a grown file resumes).
