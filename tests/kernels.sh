@@ -162,7 +162,7 @@ export RUST_BACKTRACE=1
 export PORTWATCH_CRASH_RUNS=${PORTWATCH_CRASH_RUNS:-20} PORTWATCH_CONCURRENCY_SECS=${PORTWATCH_CONCURRENCY_SECS:-20}
 export PORTWATCH_HISTORY_RECORDS=${PORTWATCH_HISTORY_RECORDS:-60}
 # Every bounded wait of the tests (and the alert test's intervals), scaled for an emulated kernel:
-# tests/src/lib.rs `wait_scale`. Raise it on a loaded machine.
+# tests/src/lib.rs, wait_scale. Raise it on a loaded machine.
 export PORTWATCH_WAIT_SCALE=${PORTWATCH_WAIT_SCALE:-3}
 cd '$cwd'
 echo "kernel \$(uname -r)"
