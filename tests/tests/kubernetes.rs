@@ -263,7 +263,7 @@ fn violations(docs: &[Doc]) -> Vec<String> {
                 }
             }
             for cap in &added {
-                if !needed.contains(cap) && !(loader && LOADER_EXTRAS.contains(cap)) {
+                if !(needed.contains(cap) || loader && LOADER_EXTRAS.contains(cap)) {
                     say(
                         "capabilities",
                         format!("{}: adds {cap}, which {verbs:?} do not need", at(c)),
@@ -312,13 +312,11 @@ fn violations(docs: &[Doc]) -> Vec<String> {
             format!("portwatch.yaml's pin_path {pin_path:?} is not on the node's bpffs"),
         );
     }
+    let applies = regex::Regex::new(r"apply\s+(?:-f|--file)\s+(\S+)").unwrap();
     for (doc, pod) in &pods {
         for c in containers(pod) {
             let line = command_line(c);
-            for file in regex::Regex::new(r"apply\s+(?:-f|--file)\s+(\S+)")
-                .unwrap()
-                .captures_iter(&line)
-            {
+            for file in applies.captures_iter(&line) {
                 let file = Path::new(&file[1]);
                 let mounted = seq(&c["volumeMounts"]).iter().any(|m| {
                     Path::new(str_of(&m["mountPath"])) == file.parent().unwrap()
@@ -372,6 +370,7 @@ fn violations(docs: &[Doc]) -> Vec<String> {
     // One port from serve's --listen to the ServiceMonitor.
     let service = one(docs, "Service");
     let monitor = docs.iter().find(|d| kind(d) == "ServiceMonitor");
+    let listen = regex::Regex::new(r"--listen[ =](\S+)").unwrap();
     for (doc, pod) in &pods {
         if !selects(
             &service.value["spec"]["selector"],
@@ -384,7 +383,6 @@ fn violations(docs: &[Doc]) -> Vec<String> {
         }
         for c in containers(pod).filter(|c| verbs(c).contains("serve")) {
             let line = command_line(c);
-            let listen = regex::Regex::new(r"--listen[ =](\S+)").unwrap();
             let port: Option<u64> = listen
                 .captures(&line)
                 .and_then(|m| m[1].rsplit(':').next().and_then(|p| p.parse().ok()));
