@@ -30,6 +30,19 @@ pub(crate) fn human_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// `n` with its digits in groups of three: `432,345,088`.
+pub(crate) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 /// A monitoring plugin's output (`alert`): `PORTWATCH STATE - summary | 'label'=value[UOM];warn;crit;min;`
 /// on one line, numbers in the C locale. The summary cannot hold a `|` (the performance data's
 /// separator) nor a line break: they are replaced.
