@@ -7,11 +7,16 @@
 //! `htab_map_mem_usage`, kernel/bpf/arraymap.c `array_map_mem_usage`, since 6.4), which it prints
 //! as `memlock:` in /proc/PID/fdinfo/FD of a map's fd and bpftool prints as `memlock`. Map memory
 //! is kernel memory: never swapped, charged to the loader's memory cgroup, and held until the
-//! last unload.
+//! last unload. Kernels before 6.4 print a rougher `memlock` (keys and values only, in pages):
+//! the estimate still counts what their maps allocate.
 
-use std::fmt;
+use std::{
+    fmt,
+    os::fd::{AsFd, AsRawFd},
+};
 
 use anyhow::{Context, Result};
+use aya::maps::MapData;
 use aya_obj::generated::{
     bpf_map_type::{self, *},
     BPF_F_MMAPABLE, BPF_F_NO_PREALLOC,
@@ -23,6 +28,7 @@ use crate::{
     error::Error,
     object::{self, MapDefinition},
     output::{human_bytes, thousands},
+    pinned::PinPath,
 };
 
 /// Bytes of kernel memory that maps take, as the kernel counts them (`memlock`).
@@ -213,6 +219,32 @@ fn check(estimate: MapMemory, guard: Guard, fewer: &str) -> Result<()> {
          (docs/memory.md)"
     ))
     .into())
+}
+
+/// What the kernel charges for every map pinned at `pin` (`memlock` of each map's fdinfo, the
+/// figure `bpftool map show` prints), summed. A map that is not pinned counts nothing.
+pub(crate) fn pinned(pin: &PinPath) -> Result<MapMemory> {
+    map_names::ALL
+        .into_iter()
+        .chain([map_names::BARRIER])
+        .map(|name| pin.map(name))
+        .filter(|path| path.exists())
+        .map(|path| {
+            let map = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            memlock(map.fd().as_fd().as_raw_fd()).with_context(|| format!("the kernel memory of {}", path.display()))
+        })
+        .sum()
+}
+
+/// The `memlock:` line of /proc/self/fdinfo/`fd` (a map's fd).
+fn memlock(fd: i32) -> Result<MapMemory> {
+    let path = format!("/proc/self/fdinfo/{fd}");
+    let info = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("memlock:"))
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .map(MapMemory)
+        .with_context(|| format!("no memlock line in {path}"))
 }
 
 #[cfg(test)]
