@@ -72,8 +72,9 @@ fn round_up(n: u64, to: u64) -> u64 {
 }
 
 /// What the kernel charges for `map` just after it is created (a non-preallocated hash map holds
-/// no element yet), with `cpus` possible CPUs and pages of `page` bytes.
-fn created_map(map: &MapDefinition, cpus: u64, page: u64) -> u64 {
+/// no element yet), with `cpus` possible CPUs and pages of `page` bytes; `None` for a map type
+/// portwatch has no model of (a new one needs its kernel function read first).
+fn created_map(map: &MapDefinition, cpus: u64, page: u64) -> Option<u64> {
     let entries = u64::from(map.max_entries);
     let key = round_up(u64::from(map.key_size), 8);
     let value = round_up(u64::from(map.value_size), 8);
@@ -99,14 +100,17 @@ fn created_map(map: &MapDefinition, cpus: u64, page: u64) -> u64 {
                 usage += POINTER * cpus;
             }
         }
-        usage
+        Some(usage)
     } else if is(BPF_MAP_TYPE_PERCPU_ARRAY) {
-        ARRAY_HEADER + entries * POINTER + entries * value * cpus
-    } else if map.flags & BPF_F_MMAPABLE != 0 {
-        round_up(ARRAY_HEADER, page) + round_up(entries * value, page)
+        // array_map_mem_usage, as the two below.
+        Some(ARRAY_HEADER + entries * POINTER + entries * value * cpus)
+    } else if is(BPF_MAP_TYPE_ARRAY) && map.flags & BPF_F_MMAPABLE != 0 {
+        Some(round_up(ARRAY_HEADER, page) + round_up(entries * value, page))
+    } else if is(BPF_MAP_TYPE_ARRAY) || is(BPF_MAP_TYPE_ARRAY_OF_MAPS) {
+        // An ARRAY_OF_MAPS holds a map pointer per slot: 8 bytes, as its 4-byte value rounds to.
+        Some(ARRAY_HEADER + entries * value)
     } else {
-        // ARRAY, ARRAY_OF_MAPS (a map pointer per slot): array_map_mem_usage.
-        ARRAY_HEADER + entries * value
+        None
     }
 }
 
@@ -125,7 +129,16 @@ fn estimate(sizes: TierSizes) -> Result<MapMemory> {
         max_entries,
         flags: 0,
     });
-    Ok(maps.iter().map(|m| MapMemory(created_map(m, cpus, page))).sum())
+    maps.iter()
+        .map(|m| {
+            created_map(m, cpus, page).map(MapMemory).with_context(|| {
+                format!(
+                    "map {} is of type {}, whose kernel memory memory.rs does not model",
+                    m.name, m.map_type
+                )
+            })
+        })
+        .sum()
 }
 
 /// How much of the machine's memory a first load may ask for before it needs `--force`.
@@ -268,7 +281,7 @@ mod tests {
         // of value on each of 2 CPUs.
         let m = map(BPF_MAP_TYPE_PERCPU_HASH, 20, 16, 65538, 0);
         assert_eq!(
-            created_map(&m, 2, 4096),
+            created_map(&m, 2, 4096).unwrap(),
             HTAB_HEADER + 16 * 131_072 + 65_538 * (80 + 32)
         );
     }
@@ -276,17 +289,31 @@ mod tests {
     #[test]
     fn a_non_preallocated_hash_counts_its_buckets_only_while_empty() {
         let m = map(BPF_MAP_TYPE_HASH, 24, 16, 1000, BPF_F_NO_PREALLOC);
-        assert_eq!(created_map(&m, 4, 4096), HTAB_HEADER + 16 * 1024);
+        assert_eq!(created_map(&m, 4, 4096).unwrap(), HTAB_HEADER + 16 * 1024);
     }
 
     #[test]
     fn arrays_count_per_cpu_copies_and_mmapable_pages() {
         let per_cpu = map(BPF_MAP_TYPE_PERCPU_ARRAY, 4, 40, 1026, 0);
-        assert_eq!(created_map(&per_cpu, 2, 4096), ARRAY_HEADER + 1026 * 8 + 1026 * 40 * 2);
+        assert_eq!(
+            created_map(&per_cpu, 2, 4096).unwrap(),
+            ARRAY_HEADER + 1026 * 8 + 1026 * 40 * 2
+        );
         let mmapable = map(BPF_MAP_TYPE_ARRAY, 4, 8, 10, BPF_F_MMAPABLE);
-        assert_eq!(created_map(&mmapable, 2, 4096), 4096 + 4096);
+        assert_eq!(created_map(&mmapable, 2, 4096).unwrap(), 4096 + 4096);
         let plain = map(BPF_MAP_TYPE_ARRAY, 4, 1, 65536, 0);
-        assert_eq!(created_map(&plain, 2, 4096), ARRAY_HEADER + 65536 * 8);
+        assert_eq!(created_map(&plain, 2, 4096).unwrap(), ARRAY_HEADER + 65536 * 8);
+    }
+
+    #[test]
+    fn every_map_of_the_object_has_a_model_and_no_other_type_is_guessed() {
+        use portwatch_common::DEFAULT_MAX_ENTRIES;
+        let sizes = TierSizes::derived(DEFAULT_MAX_ENTRIES);
+        for m in object::map_definitions(sizes).unwrap() {
+            assert!(created_map(&m, 2, 4096).is_some(), "{m:?}");
+        }
+        assert!(estimate(sizes).is_ok());
+        assert_eq!(created_map(&map(BPF_MAP_TYPE_LPM_TRIE, 8, 8, 100, 1), 2, 4096), None);
     }
 
     #[test]
