@@ -90,7 +90,7 @@ fn the_estimate_is_what_the_kernel_charges_and_status_and_metrics_say_it() {
 }
 
 /// Past the guard, `load` and `apply` refuse in one line that gives the figure and what to do,
-/// exit code 2, before anything is made; `--force` loads. The guard's default (10% of MemTotal) is
+/// exit code 2, before anything is made (or, for a reload, changed); `--force` loads. The guard's default (10% of MemTotal) is
 /// tried with the most entries portwatch allows (hundreds of GiB of maps, never allocated), and a
 /// `--memory-limit` below the default size's maps makes a forced load cheap.
 #[kernel_test]
@@ -131,6 +131,20 @@ fn a_load_past_the_guard_is_refused_before_anything_is_made_and_force_goes_on() 
     let out = pw.ok(&[&small[..], &["--force"]].concat());
     assert!(printed_maps(&out) > 1 << 20, "{out}");
     assert_eq!(pw.status()["loaded"], true);
+
+    // A reload to sizes past the guard is refused before anything is detached or drained.
+    let log = TestFile::new("drain.jsonl");
+    let r = pw.run(&["apply", "-f", file.as_str(), "--reload", "--drain-to", log.as_str()]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(" of kernel memory (") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
+    assert!(!log.path.exists(), "nothing was drained");
+    let status = pw.status();
+    assert_eq!(status["counters"]["max_entries"], 65536);
+    assert_eq!(status["attachments"].as_array().unwrap().len(), 2, "{status}");
     pw.ok(&["unload"]);
     assert!(!pw.pin.exists(), "{:?}", pw.tree());
 }
