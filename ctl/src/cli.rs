@@ -10,6 +10,7 @@ use portwatch_common::{Direction, Directions, TierSizes, DEFAULT_MAX_ENTRIES, MA
 use crate::{
     attach::Mode,
     filter::{Cidr, Filter},
+    memory,
     pinned::DEFAULT_PIN_PATH,
     ports::PortSpec,
     report::{By, SortBy, View},
@@ -29,7 +30,8 @@ Examples:
   portwatch unload                              remove everything portwatch attached and pinned
 
 Exit codes:
-  0 success    1 other failure    2 bad arguments (a bad SPEC, --max-entries 0...) or config file
+  0 success    1 other failure    2 bad arguments (a bad SPEC, --max-entries 0...) or config file,
+    or maps that would take more memory than --memory-limit (load, apply: see --force)
   3 not root / missing CAP_BPF or CAP_NET_ADMIN    4 nothing loaded
   5 pinned state of another layout version, or a load that conflicts with it
   6 unknown or not-attached interface    7 bpffs missing and cannot be mounted
@@ -60,7 +62,9 @@ pub enum Command {
     /// Load the program, pin it and its maps, attach it to interfaces and watch ports, then exit
     #[command(after_help = "Examples:\n  portwatch load --iface eth0 --port 443\n  \
         portwatch load --iface eth0 --iface eth1 --port https --port 53/udp --max-entries 1000000\n\n\
-        Run again when loaded, it attaches the new interfaces and adds the new ports.")]
+        Run again when loaded, it attaches the new interfaces and adds the new ports.\n\n\
+        Before it makes the maps it weighs them: it prints the kernel memory they take, and refuses \
+        (exit code 2) maps past --memory-limit unless given --force (docs/memory.md).")]
     Load(LoadArgs),
     /// Attach the loaded program to one more interface
     #[command(after_help = "Example:\n  portwatch attach eth1 --direction ingress")]
@@ -204,6 +208,58 @@ pub struct LoadArgs {
     /// /proc/PID/ns/net); the pins stay in this bpffs
     #[arg(long, value_name = "NAME|PATH")]
     pub netns: Option<String>,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
+}
+
+/// The memory guard of a first load (`load`, `apply`): docs/memory.md.
+#[derive(Args)]
+pub struct MemoryArgs {
+    /// Refuse to create maps that would take more kernel memory than this: a share of the
+    /// machine's memory (10%) or a size (512M, 2G; K, M, G, T are powers of 1024)
+    #[arg(long, value_name = "SIZE|PERCENT%", default_value = "10%", value_parser = parse_memory_limit)]
+    pub memory_limit: memory::Limit,
+    /// Create the maps whatever kernel memory they take
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl From<&MemoryArgs> for memory::Guard {
+    fn from(args: &MemoryArgs) -> memory::Guard {
+        memory::Guard {
+            limit: args.memory_limit,
+            force: args.force,
+        }
+    }
+}
+
+fn parse_memory_limit(s: &str) -> Result<memory::Limit, String> {
+    if let Some(percent) = s.strip_suffix('%') {
+        return match percent.parse::<u8>() {
+            Ok(p @ 1..=100) => Ok(memory::Limit::Share(p)),
+            _ => Err(format!("{s:?} is not a share from 1% to 100%")),
+        };
+    }
+    let (digits, shift) = match s.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: the units are K, M, G and T (powers of 1024)")),
+            };
+            (&s[..at], shift)
+        }
+        _ => (s, 0),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|bytes| *bytes > 0)
+        .map(memory::Limit::Bytes)
+        .ok_or_else(|| format!("{s:?} is not a size (512M, 2G) nor a share (10%)"))
 }
 
 const APPLY_EXAMPLES: &str = "\
@@ -215,7 +271,8 @@ Examples:
 One line per change (`+ port 8080/tcp`, `- attach eth1 egress`), or `no changes`. All or nothing: if
 a step fails, what it changed is undone. A new max_entries or direction needs a reload: `--reload`
 detaches, drains every counter into the --drain-to log (one JSON line, as `reset --json` writes
-it), unloads and loads again.";
+it), unloads and loads again. A load or reload weighs its maps first, as `load` does: it says the
+kernel memory they take (`  maps: ...`) and refuses past --memory-limit without --force.";
 
 const WATCH_EXAMPLES: &str = "\
 Example:
@@ -680,6 +737,8 @@ pub struct ApplyArgs {
     /// unloading
     #[arg(long, value_name = "FILE", requires = "reload")]
     pub drain_to: Option<PathBuf>,
+    #[command(flatten)]
+    pub memory: MemoryArgs,
 }
 
 /// Which per-remote series `metrics` and `serve` export (none by default: remote IPs are unbounded).

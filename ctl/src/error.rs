@@ -7,7 +7,8 @@ pub mod exit {
     /// A failure not listed below (a syscall the kernel refused, I/O...).
     pub const FAILURE: u8 = 1;
     /// Bad arguments (an unknown flag, a bad port SPEC, `--max-entries 0`...) or a bad
-    /// configuration file.
+    /// configuration file; sizes whose maps would take more memory than `--memory-limit` allows
+    /// (without `--force`): arguments to change, like the others.
     pub const USAGE: u8 = 2;
     /// Not root, or missing CAP_BPF (every command) / CAP_NET_ADMIN (those that load or attach).
     pub const PERMISSION: u8 = 3;
@@ -46,6 +47,10 @@ pub enum Error {
     /// A history record file or database that cannot be used.
     #[error("{0}")]
     History(String),
+    /// Maps that would take more than the memory guard allows (`memory::guard`): exit code 2, like
+    /// bad arguments, since the sizes asked for are what to change.
+    #[error("{0}")]
+    TooMuchMemory(String),
 }
 
 impl Error {
@@ -58,6 +63,7 @@ impl Error {
             Error::Bpffs(_) => exit::BPFFS,
             Error::Config(_) => exit::USAGE,
             Error::History(_) => exit::HISTORY,
+            Error::TooMuchMemory(_) => exit::USAGE,
         }
     }
 }

@@ -16,6 +16,7 @@ pub(crate) mod history;
 pub(crate) mod journal;
 pub(crate) mod lifecycle;
 pub mod maps;
+pub(crate) mod memory;
 pub(crate) mod metrics;
 pub(crate) mod netns;
 pub mod object;

@@ -17,7 +17,7 @@ use prometheus::{core::Collector, Counter, Encoder, IntCounter, IntCounterVec, I
 use crate::{
     attach,
     filter::Filter,
-    maps, output,
+    maps, memory, output,
     pinned::Pinned,
     report::{By, Group, Grouped, SortBy, View},
 };
@@ -204,6 +204,11 @@ fn loaded(f: &Families, pinned: &mut Pinned, options: &Options) -> Result<()> {
         i64::from(pinned.meta.max_entries),
     );
     tiers(f, &entries, &per_tier, pinned.meta.sizes());
+    f.gauge(
+        "portwatch_maps_memory_bytes",
+        "Kernel memory of every pinned map, in bytes, as the kernel counts it (memlock, as bpftool map show prints it)",
+        memory::pinned(&pinned.pin)?.0 as i64,
+    );
     let estimates = f.gauge_vec(
         "portwatch_overflow_sources_estimate",
         "Distinct remote addresses counted past the per-IP map since the last reset, per watched port, protocol \

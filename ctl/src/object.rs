@@ -25,18 +25,20 @@ pub const BENCH_UPDATE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/bench_upda
 #[doc(hidden)]
 pub const LINEAR_PROBE_OBJECT_PATH: &str = concat!(env!("OUT_DIR"), "/linear_probe.bpf.o");
 
-/// Loads the object with room for `sizes` keys in each tier of each counter generation (the
-/// per-IP map's reserved overflow keys come on top). Programs are not yet loaded into the kernel.
-pub fn load(sizes: TierSizes) -> Result<Ebpf, aya::EbpfError> {
+/// Each map's `max_entries` as `load` sets them for `sizes` (the other maps keep the object's):
+/// room for `sizes` keys in each tier of each counter generation, the per-IP map's reserved
+/// overflow keys on top.
+fn sized_maps(sizes: TierSizes) -> Vec<(&'static str, u32)> {
     let ip = sizes.ip.saturating_add(RESERVED_ENTRIES);
-    let mut loader = EbpfLoader::new();
+    let mut sized = vec![];
     for generation in [0, 1] {
         let maps = generation_maps(generation);
-        loader
-            .map_max_entries(maps.counters, ip)
-            .map_max_entries(maps.tier1, sizes.prefix)
-            .map_max_entries(maps.tier2, sizes.wide_prefix)
-            .map_max_entries(maps.filter, sizes.filter_words());
+        sized.extend([
+            (maps.counters, ip),
+            (maps.tier1, sizes.prefix),
+            (maps.tier2, sizes.wide_prefix),
+            (maps.filter, sizes.filter_words()),
+        ]);
     }
     // A reset journals the idle generation's entries (every tier), then what stays of each, and
     // the drained totals of every port.
@@ -44,12 +46,63 @@ pub fn load(sizes: TierSizes) -> Result<Ebpf, aya::EbpfError> {
         .saturating_add(sizes.prefix)
         .saturating_add(sizes.wide_prefix)
         .saturating_add(PORT_OVERFLOW_ENTRIES);
-    loader
-        .map_max_entries(
-            map_names::JOURNAL_ENTRIES,
-            generation.saturating_mul(2).saturating_add(DRAINED_ENTRIES),
-        )
-        .load(OBJECT)
+    sized.push((
+        map_names::JOURNAL_ENTRIES,
+        generation.saturating_mul(2).saturating_add(DRAINED_ENTRIES),
+    ));
+    sized
+}
+
+/// Loads the object with room for `sizes` keys in each tier of each counter generation (the
+/// per-IP map's reserved overflow keys come on top). Programs are not yet loaded into the kernel.
+pub fn load(sizes: TierSizes) -> Result<Ebpf, aya::EbpfError> {
+    let mut loader = EbpfLoader::new();
+    for (name, max_entries) in sized_maps(sizes) {
+        loader.map_max_entries(name, max_entries);
+    }
+    loader.load(OBJECT)
+}
+
+/// A map of the object as `load` would create it: what the kernel's accounting of its memory
+/// depends on (`memory::estimate`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapDefinition {
+    pub name: &'static str,
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// `BPF_F_*` (`BPF_F_NO_PREALLOC`, `BPF_F_MMAPABLE`...).
+    pub flags: u32,
+}
+
+/// Every map `load(sizes)` creates and pins (`map_names::ALL`), read from the object: nothing is
+/// created in the kernel.
+pub fn map_definitions(sizes: TierSizes) -> Result<Vec<MapDefinition>> {
+    let object = aya_obj::Object::parse(OBJECT).context("reading the embedded object")?;
+    let sized = sized_maps(sizes);
+    map_names::ALL
+        .into_iter()
+        .map(|name| {
+            let map = object
+                .maps
+                .get(name)
+                .with_context(|| format!("map {name} missing from the object"))?;
+            let max_entries = sized
+                .iter()
+                .find(|(sized_name, _)| *sized_name == name)
+                .map_or(map.max_entries(), |(_, max_entries)| *max_entries);
+            Ok(MapDefinition {
+                name,
+                map_type: map.map_type(),
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries,
+                flags: map.map_flags(),
+            })
+        })
+        .collect()
 }
 
 /// `load`, its `config` set (generation 0, the filters' size and a random seed), then both

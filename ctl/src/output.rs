@@ -30,6 +30,19 @@ pub(crate) fn human_bytes(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// `n` with its digits in groups of three: `432,345,088`.
+pub(crate) fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
 /// A monitoring plugin's output (`alert`): `PORTWATCH STATE - summary | 'label'=value[UOM];warn;crit;min;`
 /// on one line, numbers in the C locale. The summary cannot hold a `|` (the performance data's
 /// separator) nor a line break: they are replaced.
@@ -605,7 +618,7 @@ pub(crate) fn summary(report: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::human_bytes;
+    use super::{human_bytes, thousands};
 
     #[test]
     fn binary_units() {
@@ -614,5 +627,14 @@ mod tests {
         assert_eq!(human_bytes(1024), "1.0 KiB");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+    }
+
+    #[test]
+    fn thousands_are_grouped_by_three_digits() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(78_867_800), "78,867,800");
+        assert_eq!(thousands(u64::MAX), "18,446,744,073,709,551,615");
     }
 }

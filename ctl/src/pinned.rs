@@ -290,6 +290,14 @@ impl Fresh {
     pub(crate) fn remove_dir(self) -> Result<()> {
         std::fs::remove_dir(&self.pin.root).with_context(|| format!("removing {}", self.pin.root.display()))
     }
+
+    /// A first load refused before it made anything: the pin directory goes if the lock made it,
+    /// so that nothing is left.
+    pub(crate) fn abandon(self) {
+        if self.root_created {
+            let _ = self.remove_dir();
+        }
+    }
 }
 
 /// The pinned state, version-checked; each map and program is opened on first use and kept.

@@ -17,6 +17,7 @@ use crate::{
     filter::Filter,
     lifecycle,
     maps::{self, PortChange},
+    memory::{self, MapMemory},
     netns::NetNs,
     output::RecordFormat,
     pinned::{Access, Creating, Pinned},
@@ -33,6 +34,8 @@ pub(crate) struct Options {
     /// draining every counter into `drain_to`.
     pub reload: bool,
     pub drain_to: Option<PathBuf>,
+    /// What the maps of a load or reload may take.
+    pub memory: memory::Guard,
 }
 
 /// What is pinned that the file does not ask for, and what it asks for that is not pinned.
@@ -45,6 +48,8 @@ struct Plan {
     ports_before: Vec<u8>,
     ports_after: Vec<u8>,
     attach: Vec<Wanted>,
+    /// A load or reload: what its maps take (`weigh`).
+    maps: Option<MapMemory>,
 }
 
 impl Plan {
@@ -68,6 +73,9 @@ impl Plan {
                 desired.sizes.ip,
                 desired.directions.name()
             ));
+        }
+        if let Some(maps) = self.maps {
+            lines.push(format!("  maps: {maps}"));
         }
         for (key, record) in &self.detach {
             lines.push(format!(
@@ -119,6 +127,7 @@ fn plan_changes(pinned: &mut Pinned, desired: &Desired) -> Result<Plan> {
             .filter(|(key, _)| !kept.contains(key))
             .map(|(_, w)| w.clone())
             .collect(),
+        maps: None,
     })
 }
 
@@ -131,7 +140,20 @@ fn plan_first_load(desired: &Desired) -> Plan {
         ports_before: vec![0; PORT_COUNT as usize],
         ports_after: desired.port_table.clone(),
         attach: desired.attachments.clone(),
+        maps: None,
     }
+}
+
+/// A plan that loads, its maps weighed against the memory guard before anything is made.
+fn weigh(mut plan: Plan, desired: &Desired, options: &Options) -> Result<Plan> {
+    if plan.load {
+        plan.maps = Some(memory::weigh(
+            desired.sizes,
+            options.memory,
+            "ask for fewer entries (max_entries in the file)",
+        )?);
+    }
+    Ok(plan)
 }
 
 /// Makes the pinned state match `desired`; returns the lines of what changed (empty: nothing).
@@ -142,11 +164,18 @@ pub(crate) fn apply(desired: &Desired, options: &Options) -> Result<Vec<String>>
             None => plan_first_load(desired),
             Some(mut pinned) => planned(&mut pinned, desired, options)?,
         };
+        let plan = weigh(plan, desired, options)?;
         return Ok(plan.lines(desired, options.drain_to.as_deref()));
     }
     match Pinned::create(pin)? {
         Creating::Empty(fresh) => {
-            let plan = plan_first_load(desired);
+            let plan = match weigh(plan_first_load(desired), desired, options) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    fresh.abandon();
+                    return Err(e);
+                }
+            };
             let mut created = lifecycle::create(fresh, desired.sizes, desired.directions)?;
             carry_out(&mut created.pinned, &plan)?;
             created.keep();
@@ -154,7 +183,7 @@ pub(crate) fn apply(desired: &Desired, options: &Options) -> Result<Vec<String>>
         }
         Creating::Loaded(pinned) => {
             let mut pinned = *pinned;
-            let plan = planned(&mut pinned, desired, options)?;
+            let plan = weigh(planned(&mut pinned, desired, options)?, desired, options)?;
             if plan.reload_from.is_some() {
                 reload(pinned, desired, &plan, options)?;
             } else {

@@ -81,8 +81,12 @@ fn apply_makes_the_pinned_state_match_the_file() {
 
     // From nothing.
     let out = apply(&pw, &a, &[]);
+    // The load's maps, weighed (tests/tests/memory.rs checks the figure).
+    let (load, rest) = out.split_once('\n').unwrap();
+    let (maps, rest) = rest.split_once('\n').unwrap();
+    assert!(maps.starts_with("  maps: ") && maps.ends_with(" bytes)"), "{out}");
     assert_eq!(
-        out,
+        format!("{load}\n{rest}"),
         format!(
             "+ load {pin} (layout {LAYOUT_VERSION}, 65536 counter entries, direction both)\n+ port 7002-7003/udp\n\
              + attach pw0 ingress\n+ attach pw0 egress\n+ attach pw2 ingress\n"

@@ -6,8 +6,8 @@
 //! `transcript.txt` was written by the portwatch that predates the refactoring into shared types
 //! and printers: it is what shows that the refactoring changed no output. `transcript-tc.txt` came
 //! later (with the kernel matrix), from the refactored portwatch. Only what a run cannot fix is
-//! masked: the pin path, program and link ids, program tags, reset ids, the time and the measured
-//! interval.
+//! masked: the pin path, program and link ids, program tags, reset ids, the time, the measured
+//! interval and the maps' kernel memory (it varies with the possible CPUs and the kernel).
 //! After an intended change of output, rewrite the transcripts with
 //! `PORTWATCH_BLESS=1 cargo test -p portwatch-tests --test outputs` and review their diff.
 
@@ -110,6 +110,16 @@ fn normalize(text: &str, pin: &Path) -> String {
         (r"\bid \d+ tag [0-9a-f]{16}", "id ID tag TAG"),
         (r#""tag": "[0-9a-f]{16}""#, r#""tag": "TAG""#),
         (r"\blink \d+", "link ID"),
+        // The maps' kernel memory: per possible CPU, and what this kernel's structures take.
+        (
+            r"maps: [0-9.]+ [KMGT]?i?B of kernel memory \([0-9,]+ bytes\)",
+            "maps: SIZE of kernel memory (BYTES bytes)",
+        ),
+        (r#""maps_memory_bytes": ?\d+"#, r#""maps_memory_bytes": BYTES"#),
+        (
+            r"(?m)^portwatch_maps_memory_bytes \d+$",
+            "portwatch_maps_memory_bytes BYTES",
+        ),
     ];
     rules.iter().fold(text, |t, (pattern, with)| {
         regex::Regex::new(pattern).unwrap().replace_all(&t, *with).into_owned()

@@ -15,6 +15,7 @@ pub(super) fn run(pin: &PinPath, args: &ApplyArgs) -> Result<()> {
         dry_run: args.dry_run,
         reload: args.reload,
         drain_to: args.drain_to.clone(),
+        memory: (&args.memory).into(),
     };
     let changes = reconcile::apply(&desired, &options)?;
     if changes.is_empty() {

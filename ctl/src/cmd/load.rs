@@ -11,6 +11,7 @@ use crate::{
     error::Error,
     lifecycle,
     maps::PortChange,
+    memory,
     netns::NetNs,
     pinned::{Creating, PinPath, Pinned},
     ports::{self, PortSpec},
@@ -28,7 +29,15 @@ pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
         Creating::Loaded(pinned) => return add_to_loaded(*pinned, args, &ifaces),
         Creating::Empty(fresh) => fresh,
     };
+    // The maps' memory is weighed before any is made.
     let sizes = args.sizes();
+    let maps = match memory::weigh(sizes, (&args.memory).into(), "ask for fewer entries (--max-entries)") {
+        Ok(maps) => maps,
+        Err(e) => {
+            fresh.abandon();
+            return Err(e);
+        }
+    };
     let directions = args.direction.map(Directions::from).unwrap_or(Directions::BOTH);
     let mut created = lifecycle::create(fresh, sizes, directions)?;
     println!(
@@ -38,6 +47,7 @@ pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
         sizes.prefix,
         sizes.wide_prefix
     );
+    println!("maps: {maps}");
     // Attachments are taken back by `attach_all` itself; the pins when `created` is dropped.
     attach_and_watch(&mut created.pinned, &ifaces, directions, args)?;
     created.keep();

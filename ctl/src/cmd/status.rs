@@ -15,6 +15,7 @@ use crate::{
     attach::{self, Live, Observed},
     error::Error,
     journal, lifecycle, maps,
+    memory::{self, MapMemory},
     output::{self, human_bytes},
     pinned::{Access, PinPath, Pinned},
     ports::{self, PortSpec},
@@ -38,6 +39,9 @@ struct Status {
     direction: &'static str,
     layout_version: u32,
     loaded: bool,
+    /// The kernel memory of every pinned map, as the kernel counts it (`memlock` in each map's
+    /// fdinfo, what `bpftool map show` prints), in bytes.
+    maps_memory_bytes: MapMemory,
     pin_path: PathBuf,
     programs: Vec<ProgramStatus>,
     /// A reset that was interrupted (a crash, SIGKILL) and waits for the next command that takes
@@ -362,6 +366,7 @@ fn collect(pinned: &mut Pinned) -> Result<Status> {
         direction: pinned.meta.directions().name(),
         layout_version: LAYOUT_VERSION,
         loaded: true,
+        maps_memory_bytes: memory::pinned(&pin)?,
         pin_path: pin.root,
         programs,
         reset_interrupted,
@@ -380,6 +385,7 @@ fn print_human(status: &Status) {
     for p in &status.programs {
         println!("  program {:<8} id {} tag {}", p.direction.name(), p.id, p.tag);
     }
+    println!("  maps: {}", status.maps_memory_bytes);
     if status.attachments.is_empty() {
         println!("attached nowhere (attach with `portwatch attach IF`)");
     }

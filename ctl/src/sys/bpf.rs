@@ -89,14 +89,19 @@ fn create_map(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The barrier map (type, key and value size, entries): an `ARRAY_OF_MAPS` of one slot, keys and
+/// values 4 bytes (an index, a map fd). Not in the object: `memory::estimate` counts it from here.
+pub(crate) const BARRIER: (bpf_map_type, u32, u32, u32) = (bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1);
+
 /// Creates the barrier map (an `ARRAY_OF_MAPS` of one slot) and pins it at `path`.
 pub fn create_barrier(path: &Path) -> Result<(), SyscallError> {
     let inner = barrier_inner()?;
+    let (map_type, key_size, value_size, max_entries) = BARRIER;
     let outer = create_map(
-        bpf_map_type::BPF_MAP_TYPE_ARRAY_OF_MAPS,
-        4,
-        4,
-        1,
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
         Some(inner.as_fd()),
         "pw_barrier",
     )?;

@@ -12,6 +12,13 @@ pub(crate) fn random_u64() -> Option<u64> {
     (n == 8).then(|| u64::from_ne_bytes(bytes))
 }
 
+/// The bytes of a memory page (sysconf(_SC_PAGESIZE)): what the kernel rounds an mmapable map to.
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
+}
+
 /// The values of a `BPF_F_MMAPABLE` array map, mapped into this process read-write (a generation's
 /// filter, which userspace zeroes and refills in place); unmapped when dropped.
 pub struct MappedArray {
