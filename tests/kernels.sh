@@ -63,8 +63,8 @@ while read -r name dir exe; do
   # Checks of the source and of logic with no system call in it: the same on every kernel, so run
   # on the host only (tests/run.sh), which keeps the matrix, and .ci/run, within CI's time.
   case $name in
-    help | modules | fault_points | portwatch-unit | portwatch_tests-unit)
-      say "$name: no kernel in it (the source, --help, unit tests of pure logic): host only (tests/run.sh runs it)"
+    help | modules | fault_points | docs | portwatch-unit | portwatch_tests-unit)
+      say "$name: no kernel in it (the source, --help, the docs' links, unit tests of pure logic): host only (tests/run.sh runs it)"
       continue
       ;;
     # The Kubernetes manifests: schema and rule checks of files; its one kernel test applies the
