@@ -69,13 +69,40 @@ fn the_cron_line_is_one() {
     assert!(jobs[0].contains("portwatch reset --json --output /var/log/portwatch/portwatch.jsonl"));
 }
 
+/// portwatch.yaml as an operator edits it: the commented `interfaces:` list under the shipped
+/// `interfaces: []` taken in its place.
+fn with_example_interfaces(text: &str) -> String {
+    let mut edited = String::new();
+    let mut in_list = false;
+    for line in text.lines() {
+        if line == "interfaces: []" {
+            continue;
+        }
+        in_list = line == "#interfaces:" || (in_list && line.starts_with("#  "));
+        edited.push_str(if in_list { &line[1..] } else { line });
+        edited.push('\n');
+    }
+    assert_ne!(edited, text, "portwatch.yaml has no commented `#interfaces:` list");
+    edited
+}
+
 /// Every example configuration applies: in a namespace with the interfaces it names (and a second
 /// one for `netns: web`), with the test's own pin path, then `config show` round-trips.
+/// portwatch.yaml (the package's /etc/portwatch/portwatch.yaml) attaches nothing as shipped, and
+/// what its comment says once its example list is taken in.
 #[kernel_test]
 fn example_configurations_apply() {
     let configs = files(&[".yaml"]);
     assert!(!configs.is_empty());
+    let mut variants = vec![];
     for config in configs {
+        let text = std::fs::read_to_string(&config).unwrap();
+        if config.ends_with("portwatch.yaml") {
+            variants.push((config.clone(), with_example_interfaces(&text), true));
+        }
+        variants.push((config, text, false));
+    }
+    for (config, text, edited) in variants {
         let home = Netns::new("home").unwrap();
         let web = Netns::new("web").unwrap();
         for iface in ["eth0", "eth1"] {
@@ -94,8 +121,7 @@ fn example_configurations_apply() {
         web.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])
             .unwrap();
         let pw = Pw::new(Some(&home));
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
+        let text = text
             .replace(
                 "pin_path: /sys/fs/bpf/portwatch",
                 &format!("pin_path: {}", pw.pin.display()),
@@ -112,7 +138,13 @@ fn example_configurations_apply() {
             .iter()
             .map(|a| (a["interface"].clone(), a["netns"].clone(), a["direction"].clone()))
             .collect();
-        if config.ends_with("portwatch.yaml") {
+        if config.ends_with("portwatch.yaml") && !edited {
+            assert!(
+                attached.is_empty(),
+                "as shipped, portwatch.yaml attaches nothing: {attached:?}"
+            );
+        }
+        if edited {
             assert_eq!(
                 attached,
                 [
