@@ -5,8 +5,9 @@
 # file is checked with its mode, the units are verified by that root's systemd-analyze against
 # the installed binary, the man page renders with `man`, the bash completion loads, and the
 # installed binary runs `--version`, `check` and `apply` of the shipped configuration (which
-# attaches nothing; /sys/fs/bpf is bound in, the pin path is the test's own). `dpkg -r` must drain
-# what is loaded into the log, and after `dpkg -P` nothing but that log may be left. One closing
+# attaches nothing; /sys/fs/bpf is bound in, the pin path is the test's own). Installing the same
+# package again (an upgrade's scripts) must leave that state and the edited file; `dpkg -r` must
+# drain what is loaded into the log, and after `dpkg -P` nothing but that log may be left. One closing
 # line; exit code 1 if any check failed. Runs on the host as root (.ci/run).
 #
 #     tests/package.sh
@@ -191,6 +192,16 @@ if in_root /usr/sbin/portwatch apply -f /etc/portwatch/portwatch.yaml >"$work/ap
 else
   fail "the shipped portwatch.yaml: $(cat "$work/apply.log") (attachments: ${attached:-?})"
 fi
+
+# The same package again, as an upgrade runs its scripts: the state and the edited conffile stay.
+cp "$deb" "$root/tmp/portwatch.deb"
+if in_root dpkg -i /tmp/portwatch.deb >"$out/dpkg-upgrade.log" 2>&1 && [[ -d $pin ]] &&
+  grep -q "^pin_path: $pin\$" "$root/etc/portwatch/portwatch.yaml"; then
+  ok
+else
+  fail "dpkg -i over the installed package: $(cat "$out/dpkg-upgrade.log")"
+fi
+rm "$root/tmp/portwatch.deb"
 
 if in_root dpkg -r portwatch >"$out/dpkg-remove.log" 2>&1; then ok; else fail "dpkg -r: $(cat "$out/dpkg-remove.log")"; fi
 if [[ ! -e $pin && $(wc -l <"$root/var/log/portwatch/portwatch.jsonl" 2>/dev/null) == 1 ]]; then
