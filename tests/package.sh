@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The Debian package as an operator meets it (docs/install.md): ctl/debian/build.sh builds it,
 # lintian checks it (an error fails), then dpkg installs it into a throwaway Debian 12 root
-# (debootstrap --variant=minbase, made once and cached under target/package/cache), where every
+# (debootstrap --variant=minbase, made once and kept in /var/cache/portwatch-ci), where every
 # file is checked with its mode, the units are verified by that root's systemd-analyze against
 # the installed binary, the man page renders with `man`, the bash completion loads, and the
 # installed binary runs `--version`, `check` and `apply` of the shipped configuration (which
@@ -10,11 +10,15 @@
 # drain what is loaded into the log, and after `dpkg -P` nothing but that log may be left. One closing
 # line; exit code 1 if any check failed. Runs on the host as root (.ci/run).
 #
-#     tests/package.sh
+#     tests/package.sh             the test
+#     tests/package.sh build       only the package (ctl/debian/build.sh): its path is the last line
 #
 # Outside CI, a root that cannot be made (no network) is a SKIPPED line; under CI=true a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ${1:-} == build ]]; then
+  exec ctl/debian/build.sh
+fi
 .ci/bootstrap
 export PATH="${HOME:-/root}/.cargo/bin:$PATH"
 started=$SECONDS
@@ -54,13 +58,14 @@ grep -E '^[EW]:' "$out/lintian.log" >&2 || true
 
 # The root: Debian 12's minbase, plus man-db (the page as `man` finds it), systemd (its
 # systemd-analyze checks the installed units against the installed binary) and netbase (the
-# package's one dependency beyond libc). Remade when this list changes.
+# package's one dependency beyond libc). Remade when this list changes. Kept outside the
+# repository, as .ci/bootstrap keeps kubernetes-validate, so that a fresh clone (CI) reuses it.
 include=man-db,systemd,netbase
-base=$out/cache/bookworm-minbase
+base=/var/cache/portwatch-ci/bookworm-minbase
 if [[ $(cat "$base/.made" 2>/dev/null) != "$include" ]]; then
   say "making a Debian 12 root with debootstrap (about 2 minutes; cached in $base)"
   rm -rf --one-file-system "$base" "$base.new"
-  mkdir -p "$out/cache"
+  mkdir -p "$(dirname "$base")"
   if debootstrap --variant=minbase --include="$include" bookworm "$base.new" http://deb.debian.org/debian \
     >"$out/debootstrap.log" 2>&1; then
     mv "$base.new" "$base"
