@@ -133,11 +133,14 @@ expected=$(
 644 /usr/share/zsh/vendor-completions/_portwatch
 644 /usr/share/fish/vendor_completions.d/portwatch.fish
 644 /usr/share/doc/portwatch/README.md
+644 /usr/share/doc/portwatch/bpffs-layout.md
+644 /usr/share/doc/portwatch/BENCHMARKS.md
+644 /usr/share/doc/portwatch/CONTRIBUTING.md
 644 /usr/share/doc/portwatch/copyright
 644 /usr/share/doc/portwatch/changelog.Debian.gz
 644 /usr/share/doc/portwatch/examples/portwatch.cron
 644 /usr/share/lintian/overrides/portwatch
-$(for doc in docs/*.md; do echo "644 /usr/share/doc/portwatch/${doc#docs/}"; done)
+$(for doc in docs/*.md; do echo "644 /usr/share/doc/portwatch/$doc"; done)
 EOF
 )
 installed=$(in_root dpkg -L portwatch | while read -r f; do
