@@ -307,7 +307,7 @@ fn resets_are_not_starved_by_scrapes_and_lose_nothing() {
 fn serve_answers_scrapes_that_come_during_a_read_with_that_read() {
     const AT_ONCE: usize = 8;
     let bed = Bed::new(false).unwrap();
-    let (pw, _) = load_with_entries(&bed, lock_entries() / 4);
+    let (pw, _) = load_with_entries(&bed, lock_entries());
     let addr = "127.0.0.1:9816";
     let mut served = serve(&pw, &bed, addr);
     let mut previous = read_of(&bed.server.http_get(addr, "/metrics").unwrap().1);
