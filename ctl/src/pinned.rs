@@ -365,21 +365,28 @@ pub(crate) struct Fresh {
 impl Fresh {
     /// Removes the pin directory (empty but for its intent directory); the lock goes with it.
     pub(crate) fn remove_dir(self) -> Result<()> {
-        let intent = self.pin.intent_dir();
-        match std::fs::remove_dir(&intent) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(e).with_context(|| format!("removing {}", intent.display()))
-            }
-            _ => {}
-        }
+        self.remove_intent()?;
         std::fs::remove_dir(&self.pin.root).with_context(|| format!("removing {}", self.pin.root.display()))
     }
 
     /// A first load refused before it made anything: the pin directory goes if the lock made it,
-    /// so that nothing is left.
+    /// and the intent directory (only a loaded state has one), so that nothing is left.
     pub(crate) fn abandon(self) {
         if self.root_created {
             let _ = self.remove_dir();
+        } else {
+            let _ = self.remove_intent();
+        }
+    }
+
+    /// Removes the intent directory (see `Lock`): under the exclusive lock, nobody is making it.
+    fn remove_intent(&self) -> Result<()> {
+        let intent = self.pin.intent_dir();
+        match std::fs::remove_dir(&intent) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", intent.display()))
+            }
+            _ => Ok(()),
         }
     }
 }
