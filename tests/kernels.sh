@@ -170,6 +170,8 @@ export PORTWATCH_HISTORY_RECORDS=${PORTWATCH_HISTORY_RECORDS:-60}
 # Every bounded wait of the tests (and the alert test's intervals), scaled for an emulated kernel:
 # tests/src/lib.rs, wait_scale. Raise it on a loaded machine.
 export PORTWATCH_WAIT_SCALE=${PORTWATCH_WAIT_SCALE:-3}
+# The lock tests' counter entries (200,000 on the host): scrapes and resets over fewer, the same checks.
+export PORTWATCH_LOCK_ENTRIES=${PORTWATCH_LOCK_ENTRIES:-20000}
 cd '$cwd'
 echo "kernel \$(uname -r)"
 $command

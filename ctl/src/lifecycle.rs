@@ -67,12 +67,14 @@ impl Created {
 /// what this created.
 pub(crate) fn create(fresh: Fresh, sizes: TierSizes, directions: Directions) -> Result<Created> {
     let pin: PinPath = fresh.pin.clone();
+    // The intent directory (made by the lock) goes with a failed first load: only a loaded state
+    // has one, and the lock is still held when `undo` removes it.
     let mut undo = Undo {
         files: vec![],
         dirs: if fresh.root_created {
-            vec![pin.root.clone()]
+            vec![pin.root.clone(), pin.intent_dir()]
         } else {
-            vec![]
+            vec![pin.intent_dir()]
         },
         armed: true,
     };
@@ -222,6 +224,7 @@ fn is_ours(pin: &PinPath, path: &std::path::Path) -> bool {
 /// link pin's removal detaches it), with a line on stderr; a pin that is not portwatch's is left
 /// where it is (`load` then fails to pin over it, and says so). `load`, and `unload` of nothing,
 /// call it.
+/// The `intent` directory is the lock's (see `pinned::Lock`), no pin: never debris.
 pub(crate) fn remove_debris(pin: &PinPath) -> Result<()> {
     if pin.is_loaded() {
         return Ok(());

@@ -78,11 +78,20 @@ impl Families {
     }
 }
 
-/// The metrics of `pinned` (`None`: nothing is loaded), as the text exposition format.
-pub(crate) fn render(pinned: Option<&mut Pinned>, options: &Options) -> Result<String> {
+/// The metrics of `pinned` (`None`: nothing is loaded), as the text exposition format; `serve`
+/// gives the number of its reads of the maps, this one included (scrapes that arrive during a read
+/// share it, so it can be lower than the scrapes answered).
+pub(crate) fn render(pinned: Option<&mut Pinned>, options: &Options, served_reads: Option<u64>) -> Result<String> {
     let f = Families {
         registry: prometheus::Registry::new(),
     };
+    if let Some(reads) = served_reads {
+        f.counter(
+            "portwatch_serve_reads_total",
+            "Times serve read the pinned state for a scrape (scrapes that arrive during a read get its answer)",
+            reads,
+        );
+    }
     let layout = LAYOUT_VERSION.to_string();
     f.gauge_vec(
         "portwatch_info",

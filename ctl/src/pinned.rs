@@ -7,6 +7,7 @@
 //! PIN_PATH/progs/ingress, progs/egress the two programs
 //! PIN_PATH/links/<netns inode>-<ifindex>-<direction>
 //!                                      TCX links (classic tc filters are recorded in maps/attachments)
+//! PIN_PATH/intent/                     an empty directory: the lock's writer intent (see `Lock`)
 //! ```
 //! Names derive from the interface index: bpffs refuses names with a dot (`eth0.100`).
 //!
@@ -15,6 +16,7 @@
 //! | verb does | call | lock | nothing loaded |
 //! |---|---|---|---|
 //! | reads (`status`, `top`, `ports list`) | `Pinned::open(pin, Access::Read)` / `probe` | none | `NotLoaded` / `None` |
+//! | reads a snapshot (`metrics`, `serve`) | `Pinned::probe(pin, Access::Snapshot)` | shared, behind waiting changes | `None` |
 //! | changes (`attach`, `ports add`, `reset`, `unload`...) | `Pinned::open(pin, Access::Change)` / `probe` | exclusive | `NotLoaded` / `None` |
 //! | creates (`load`) | `Pinned::create(pin)` | exclusive, taken first | `Creating::Empty` |
 //!
@@ -70,6 +72,10 @@ impl PinPath {
     }
     pub fn links_dir(&self) -> PathBuf {
         self.root.join("links")
+    }
+    /// The directory whose lock says a change is waiting for the pin directory's (see `Lock`).
+    pub fn intent_dir(&self) -> PathBuf {
+        self.root.join(INTENT_DIR)
     }
     /// A TCX link's pin: by the inode of the interface's network namespace, its index and the
     /// direction (interfaces of two namespaces can share an index and a name).
@@ -234,29 +240,100 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("making {} private (mode 0700)", dir.display()))
 }
 
-/// An exclusive lock on the pin directory (flock), held until dropped. Every command that
-/// changes pinned state takes it, so a cron job and a person cannot interleave; readers do not.
+/// The pin directory's lock, held until dropped: `flock` on the directory itself (bpffs holds
+/// pins and directories, no regular file to lock), exclusive to change pinned state (so a cron job
+/// and a person cannot interleave), shared to read a snapshot (`metrics`, `serve`).
+///
+/// `flock` alone prefers no one: shared holders that overlap (three `metrics` loops) would keep a
+/// waiting reset out for as long as they go on. So every taker first passes the writer's intent,
+/// `flock` on the directory `PIN_PATH/intent`, taken the same way (exclusive for a change,
+/// shared for a snapshot) and given up as soon as the pin directory's own lock is held. A change
+/// waiting for the pin directory holds the intent: snapshots that come after it wait behind it,
+/// and it waits only for the snapshots already reading (one scrape each). Nobody waits for the
+/// intent while holding the pin directory's lock, so the two cannot deadlock; a killed holder's
+/// locks go with its file descriptors.
+///
+/// `intent` is made and removed only under the exclusive lock (made by the first change that
+/// finds none, removed by `unload` and by a failed first load), so a taker never races its
+/// removal. A taker that waited on a directory removed meanwhile (by `unload`) finds the lock it
+/// got is no longer the path's, and looks again.
 pub struct Lock {
     _dir: Flock<File>,
 }
 
+/// The directory under the pin path whose lock says a change is waiting (see `Lock`).
+const INTENT_DIR: &str = "intent";
+
+/// What locking a directory came to.
+enum Locked {
+    Held(Flock<File>),
+    /// Nothing at the path.
+    Missing,
+    /// The locked directory was removed (and perhaps made again) while this waited.
+    Replaced,
+}
+
+fn lock_dir(dir: &Path, how: FlockArg) -> Result<Locked> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match File::open(dir) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Locked::Missing),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", dir.display())),
+    };
+    let locked = Flock::lock(file, how)
+        .map_err(|(_, errno)| std::io::Error::from(errno))
+        .with_context(|| format!("locking {}", dir.display()))?;
+    let held = locked
+        .metadata()
+        .with_context(|| format!("reading {}", dir.display()))?;
+    match std::fs::metadata(dir) {
+        Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => Ok(Locked::Held(locked)),
+        _ => Ok(Locked::Replaced),
+    }
+}
+
 impl Lock {
-    fn acquire(pin: &PinPath) -> Result<Lock> {
-        create_private_dir(&pin.root)?;
-        Lock::take(pin, FlockArg::LockExclusive)
+    /// The exclusive lock, making the pin directory first (`load`).
+    fn acquire_creating(pin: &PinPath) -> Result<Lock> {
+        loop {
+            create_private_dir(&pin.root)?;
+            if let Some(lock) = Lock::take(pin, FlockArg::LockExclusive)? {
+                return Ok(lock);
+            }
+        }
     }
 
-    /// Shared with other snapshot readers; a change waits for it, and it for a change.
-    fn acquire_shared(pin: &PinPath) -> Result<Lock> {
-        Lock::take(pin, FlockArg::LockShared)
-    }
-
-    fn take(pin: &PinPath, how: FlockArg) -> Result<Lock> {
-        let dir = File::open(&pin.root).with_context(|| format!("opening {}", pin.root.display()))?;
-        let dir = Flock::lock(dir, how)
-            .map_err(|(_, errno)| std::io::Error::from(errno))
-            .with_context(|| format!("locking {}", pin.root.display()))?;
-        Ok(Lock { _dir: dir })
+    /// The lock, exclusive or shared; `None` when the pin directory is gone.
+    fn take(pin: &PinPath, how: FlockArg) -> Result<Option<Lock>> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let exclusive = matches!(how, FlockArg::LockExclusive);
+        loop {
+            // Missing when a portwatch without it loaded the state: then no preference, as then.
+            let intent = match lock_dir(&pin.intent_dir(), how)? {
+                Locked::Held(intent) => Some(intent),
+                Locked::Missing => None,
+                Locked::Replaced => continue,
+            };
+            let dir = match lock_dir(&pin.root, how)? {
+                Locked::Held(dir) => dir,
+                Locked::Missing => return Ok(None),
+                Locked::Replaced => continue,
+            };
+            if exclusive {
+                // What is pinned under the pin path is root's alone, whoever made the directory.
+                std::fs::set_permissions(&pin.root, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("making {} private (mode 0700)", pin.root.display()))?;
+                if intent.is_none() {
+                    match std::fs::DirBuilder::new().mode(0o700).create(pin.intent_dir()) {
+                        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                            return Err(e).with_context(|| format!("creating {}", pin.intent_dir().display()))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            return Ok(Some(Lock { _dir: dir }));
+        }
     }
 }
 
@@ -286,16 +363,30 @@ pub(crate) struct Fresh {
 }
 
 impl Fresh {
-    /// Removes the (empty) pin directory; the lock goes with it.
+    /// Removes the pin directory (empty but for its intent directory); the lock goes with it.
     pub(crate) fn remove_dir(self) -> Result<()> {
+        self.remove_intent()?;
         std::fs::remove_dir(&self.pin.root).with_context(|| format!("removing {}", self.pin.root.display()))
     }
 
     /// A first load refused before it made anything: the pin directory goes if the lock made it,
-    /// so that nothing is left.
+    /// and the intent directory (only a loaded state has one), so that nothing is left.
     pub(crate) fn abandon(self) {
         if self.root_created {
             let _ = self.remove_dir();
+        } else {
+            let _ = self.remove_intent();
+        }
+    }
+
+    /// Removes the intent directory (see `Lock`): under the exclusive lock, nobody is making it.
+    fn remove_intent(&self) -> Result<()> {
+        let intent = self.pin.intent_dir();
+        match std::fs::remove_dir(&intent) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", intent.display()))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -358,8 +449,19 @@ impl Pinned {
         }
         let lock = match access {
             Access::Read => None,
-            Access::Snapshot => Some(Lock::acquire_shared(pin)?),
-            Access::Change => Some(Lock::acquire(pin)?),
+            Access::Snapshot | Access::Change => {
+                let how = if access == Access::Change {
+                    FlockArg::LockExclusive
+                } else {
+                    FlockArg::LockShared
+                };
+                match Lock::take(pin, how)? {
+                    // An `unload` ran while this waited.
+                    Some(_) if !pin.is_loaded() => return Ok(None),
+                    Some(lock) => Some(lock),
+                    None => return Ok(None),
+                }
+            }
         };
         Pinned::with_lock(pin, lock, access).map(Some)
     }
@@ -368,7 +470,7 @@ impl Pinned {
     /// is loaded.
     pub(crate) fn create(pin: &PinPath) -> Result<Creating> {
         let root_created = !pin.root.exists();
-        let lock = Lock::acquire(pin)?;
+        let lock = Lock::acquire_creating(pin)?;
         if pin.is_loaded() {
             Ok(Creating::Loaded(Box::new(Pinned::with_lock(
                 pin,
@@ -529,5 +631,93 @@ impl Pinned {
             .get(&0, 0)
             .context("reading the config map")?
             .active_generation())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc,
+        },
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A pin directory of the test's own (flock works the same on any file system).
+    struct TempPin(PinPath);
+
+    impl TempPin {
+        fn new(name: &str) -> TempPin {
+            let root = std::env::temp_dir().join(format!("pw-lock-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            TempPin(PinPath::new(root))
+        }
+    }
+
+    impl Drop for TempPin {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0.root);
+        }
+    }
+
+    /// Three readers whose shared locks overlap without a gap (each takes it again as soon as it
+    /// lets it go) until told to stop, or for 10 s: a change waiting for the lock gets it while they
+    /// are still going. (Each `take` opens the directories again: to flock, another holder.)
+    #[test]
+    fn a_change_gets_the_lock_while_readers_keep_overlapping() {
+        let pin = TempPin::new("writer");
+        drop(Lock::acquire_creating(&pin.0).unwrap());
+        assert!(
+            pin.0.intent_dir().is_dir(),
+            "the first exclusive lock makes the intent directory"
+        );
+        let done = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..3u64)
+            .map(|i| {
+                let (pin, done) = (pin.0.clone(), done.clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(10 * i));
+                    let started = Instant::now();
+                    while !done.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(10) {
+                        let _shared = Lock::take(&pin, FlockArg::LockShared).unwrap().unwrap();
+                        std::thread::sleep(Duration::from_millis(30));
+                    }
+                    // Still going when the change got the lock.
+                    done.load(Ordering::SeqCst)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let waited = Instant::now();
+        let change = Lock::take(&pin.0, FlockArg::LockExclusive).unwrap().unwrap();
+        let waited = waited.elapsed();
+        done.store(true, Ordering::SeqCst);
+        drop(change);
+        for reader in readers {
+            assert!(
+                reader.join().unwrap(),
+                "the change waited for the readers to stop ({waited:?})"
+            );
+        }
+    }
+
+    /// A taker that waited on a pin directory removed meanwhile (an unload) finds nothing loaded,
+    /// and one of a pin directory made again takes the new one's lock.
+    #[test]
+    fn a_lock_on_a_removed_directory_is_not_taken_for_the_new_one() {
+        let pin = TempPin::new("removed");
+        let held = Lock::acquire_creating(&pin.0).unwrap();
+        let waiter = {
+            let pin = pin.0.clone();
+            std::thread::spawn(move || Lock::take(&pin, FlockArg::LockShared).unwrap().is_some())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::remove_dir(pin.0.intent_dir()).unwrap();
+        std::fs::remove_dir(&pin.0.root).unwrap();
+        drop(held);
+        assert!(!waiter.join().unwrap(), "the lock of a removed pin directory");
     }
 }

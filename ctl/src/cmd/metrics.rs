@@ -12,7 +12,7 @@ use crate::{
 };
 
 pub(super) fn run(pin: &PinPath, output: Option<&Path>, options: &Options) -> Result<()> {
-    let text = metrics::render(Pinned::probe(pin, Access::Snapshot)?.as_mut(), options)?;
+    let text = metrics::render(Pinned::probe(pin, Access::Snapshot)?.as_mut(), options, None)?;
     match output {
         None => {
             let mut out = std::io::stdout().lock();
