@@ -253,7 +253,10 @@ impl Bed {
                 return Ok(());
             }
             if started.elapsed() > crate::bound(5.0) {
-                bail!("only {arrived} of {count} {label} reached the server in {:?}", crate::bound(5.0));
+                bail!(
+                    "only {arrived} of {count} {label} reached the server in {:?}",
+                    crate::bound(5.0)
+                );
             }
             std::thread::sleep(Duration::from_millis(2));
         }

@@ -27,9 +27,10 @@ use portwatch::{
 use portwatch_common::{Counters, Direction::Ingress as IN, Tier, IPPROTO_UDP};
 use portwatch_tests::{
     cli::{counters_of, rows_by_key, Pw},
-    kernel_test, key, mix, TestFile,
+    kernel_test, key, mix,
     netns::{Bed, CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6},
     rng::{seed_from_env, Rng},
+    TestFile,
 };
 use serde_json::Value;
 

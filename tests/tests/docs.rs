@@ -175,7 +175,10 @@ fn the_readme_is_a_front_page_that_links_every_doc() {
 /// The checker itself: a heading's anchor as GitHub makes it, and links inside code not taken.
 #[test]
 fn the_checker_reads_links_and_anchors_as_github_does() {
-    assert_eq!(slug(" JSON schema (`top --json`, `reset --json`)"), "json-schema-top---json-reset---json");
+    assert_eq!(
+        slug(" JSON schema (`top --json`, `reset --json`)"),
+        "json-schema-top---json-reset---json"
+    );
     assert_eq!(
         slug(" History: the store at a month of 10,000-row records (issue 20)"),
         "history-the-store-at-a-month-of-10000-row-records-issue-20"
