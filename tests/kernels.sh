@@ -2,7 +2,7 @@
 # The kernel matrix: portwatch's whole test suite on Debian 12's own kernels (default: 6.1, which
 # has no TCX, and 6.12), each booted under qemu (TCG) with this machine's root read-only under a
 # tmpfs overlay. Every test binary of the workspace that touches the kernel runs inside as root
-# with CI=true, one boot each (the checks of the source and the unit tests of pure logic run on
+# with CI=true, all in one boot per kernel (the checks of the source and the unit tests of pure logic run on
 # the host only), and `portwatch check` runs on each kernel. One line per kernel and binary; exit code 1 if
 # anything failed on any kernel. Logs stay under target/kernels/<release>/.
 #
@@ -174,9 +174,13 @@ wait_scale() {
   awk -v others="$others" -v cpus="$(nproc)" 'BEGIN { s = 3 * (1 + others / 10 / cpus); if (s > 12) s = 12; printf "%.1f\n", s }'
 }
 
-# Boots `dir`'s kernel and runs `command` (in `cwd`) inside; its output goes to share/out.log.
+# Boots `dir`'s kernel and runs the shell `body` inside, after the tests' environment and a first
+# line `kernel RELEASE, waits scaled by N` (which boot_started looks for); the body's output goes
+# to share/out.log, its exit code to share/rc. Bounded by BOOT_TIMEOUT; with `watch` (a function),
+# by BOOT_TIMEOUT of silence instead (no file under share written for that long), calling `watch`
+# every few seconds while the guest runs.
 boot() {
-  local dir=$1 release=$2 img=$3 share=$4 cwd=$5 command=$6 scale
+  local dir=$1 release=$2 img=$3 share=$4 body=$5 watch=${6:-} scale pid bound=$BOOT_TIMEOUT
   scale=$(wait_scale)
   rm -rf "$share"
   mkdir -p "$share"
@@ -192,19 +196,32 @@ export PORTWATCH_HISTORY_RECORDS=${PORTWATCH_HISTORY_RECORDS:-60}
 export PORTWATCH_WAIT_SCALE=$scale
 # The lock tests' counter entries (200,000 on the host): scrapes and resets over fewer, the same checks.
 export PORTWATCH_LOCK_ENTRIES=${PORTWATCH_LOCK_ENTRIES:-20000}
-cd '$cwd'
-echo "kernel \$(uname -r), waits scaled by $scale"
-$command
+first_line="kernel \$(uname -r), waits scaled by $scale"
+echo "\$first_line"
+$body
 EOF
-  timeout --kill-after=10 "$BOOT_TIMEOUT" qemu-system-x86_64 \
+  [[ -z $watch ]] || bound=0 # no bound of its own: the watch below
+  timeout --kill-after=10 "$bound" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu max -smp 2 -m 2G \
     -display none -monitor none -serial "file:$share/console.log" -no-reboot -nic none \
     -kernel "$dir/boot/vmlinuz-$release" -initrd "$img" \
     -append "console=ttyS0 panic=-1 quiet" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$share,mount_tag=share,security_model=none" </dev/null &
-  qemus+=($!)
-  wait $! || true
+  pid=$!
+  qemus+=("$pid")
+  if [[ -n $watch ]]; then
+    while kill -0 "$pid" 2>/dev/null; do
+      sleep 5
+      "$watch"
+      if [[ -z $(find "$share" -type f -newermt "-$((BOOT_TIMEOUT + 60)) seconds" -print -quit) ]]; then
+        say "nothing written under $share for $((BOOT_TIMEOUT + 60)) s: stopping the guest"
+        pkill -P "$pid" 2>/dev/null || true
+        kill "$pid" 2>/dev/null || true
+      fi
+    done
+  fi
+  wait "$pid" || true
 }
 
 # `boot`, and once more if the guest never reached the command (no out.log: the emulated kernel
@@ -219,6 +236,69 @@ boot_started() {
   fi
 }
 
+# The line of one binary that ran, from its directory (out.log, rc), and the seconds it took; a
+# failure points at `shown` (where the directory will be; default: where it is).
+report() {
+  local release=$1 name=$2 share=$3 secs=$4 shown=${5:-$3} rc passed fails skipped line scale
+  rc=$(cat "$share/rc" 2>/dev/null || echo none)
+  if [[ $name == check ]]; then
+    if [[ $rc == 0 ]]; then
+      printf '%-24s %-24s passed (the verifier accepts both programs)\n' "$release" "portwatch check"
+    else
+      printf '%-24s %-24s FAILED: see %s\n' "$release" "portwatch check" "$shown/out.log"
+      failed=1
+    fi
+    return
+  fi
+  read -r passed fails < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+    END { print p + 0, f + 0 }' "$share/out.log" 2>/dev/null || echo "0 0")
+  skipped=$(grep -c '^SKIPPED' "$share/out.log" 2>/dev/null || true)
+  skipped=${skipped:-0}
+  # A skipped test returns early, so libtest counts it as passed: count it apart.
+  passed=$((passed - skipped))
+  line=$(printf '%-24s %-24s %3d passed, %d failed' "$release" "$name" "$passed" "$fails")
+  ((skipped == 0)) || line+=", $skipped skipped ($(grep '^SKIPPED' "$share/out.log" | sed 's/^SKIPPED \([^:]*\):.*/\1/' | paste -sd' '))"
+  scale=$(sed -n 's/^kernel .*, waits scaled by \(.*\)$/\1/p' "$share/out.log" 2>/dev/null | head -1)
+  if [[ -n $scale && $scale != 3.0 ]]; then
+    line+=" ($secs s, waits x$scale)"
+  else
+    line+=" ($secs s)"
+  fi
+  if [[ $rc != 0 ]]; then
+    [[ $rc == none ]] && line+=" - did not finish (timeout or crash)"
+    line+=": FAILED, see $shown/out.log"
+    failed=1
+  fi
+  echo "$line"
+}
+
+# One boot runs portwatch check and every binary in turn (a boot costs several seconds under TCG),
+# each under BOOT_TIMEOUT, with its output in batch/NAME/ (out.log, rc, secs). What the shared boot
+# did not finish (a kernel that crashed or hung) gets a boot of its own afterwards.
+batch_body='
+tab=$(printf "\t")
+while IFS="$tab" read -r name cwd command; do
+  mkdir -p "/pwshare/$name"
+  started=$(date +%s)
+  (cd "$cwd" && echo "$first_line" && exec timeout --kill-after=10 '"$BOOT_TIMEOUT"' sh -c "exec $command") \
+    >"/pwshare/$name/out.log" 2>&1
+  echo $? >"/pwshare/$name/rc.part"
+  echo $(($(date +%s) - started)) >"/pwshare/$name/secs"
+  mv "/pwshare/$name/rc.part" "/pwshare/$name/rc"
+  sync
+done </pwshare/list'
+
+# Prints the lines of the binaries of the shared boot that have finished since the last call.
+reported=()
+report_finished() {
+  local name
+  for name in "${names[@]}"; do
+    [[ -e $batch/$name/rc && " ${reported[*]} " != *" $name "* ]] || continue
+    report "$release" "$name" "$batch/$name" "$(cat "$batch/$name/secs" 2>/dev/null || echo '?')" "$logs/$name"
+    reported+=("$name")
+  done
+}
+
 failed=0
 for entry in "${kernels[@]}"; do
   read -r version package release <<<"$entry"
@@ -227,42 +307,43 @@ for entry in "${kernels[@]}"; do
   mkdir -p "$logs"
   img=$logs/initramfs.img
   initramfs "$dir" "$release" "$img"
-  say "$release ($package): ${#binaries[@]} test binaries and portwatch check, one boot each"
+  say "$release ($package): portwatch check and ${#binaries[@]} test binaries, in one boot"
 
-  boot_started "$dir" "$release" "$img" "$logs/check" "$root" "target/debug/portwatch check"
-  if [[ $(cat "$logs/check/rc" 2>/dev/null) == 0 ]]; then
-    printf '%-24s %-24s passed (the verifier accepts both programs)\n' "$release" "portwatch check"
-  else
-    printf '%-24s %-24s FAILED: see %s\n' "$release" "portwatch check" "$logs/check/out.log"
-    failed=1
-  fi
-
+  batch=$logs/batch
+  names=(check)
+  list=$(printf 'check\t%s\t%s' "$root" "target/debug/portwatch check")
   for b in "${binaries[@]}"; do
     read -r name cwd exe <<<"$b"
-    share=$logs/$name
-    started=$SECONDS
-    boot_started "$dir" "$release" "$img" "$share" "$cwd" "'$exe'"
-    rc=$(cat "$share/rc" 2>/dev/null || echo none)
-    read -r passed fails < <(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-      END { print p + 0, f + 0 }' "$share/out.log" 2>/dev/null || echo "0 0")
-    skipped=$(grep -c '^SKIPPED' "$share/out.log" 2>/dev/null || true)
-    skipped=${skipped:-0}
-    # A skipped test returns early, so libtest counts it as passed: count it apart.
-    passed=$((passed - skipped))
-    line=$(printf '%-24s %-24s %3d passed, %d failed' "$release" "$name" "$passed" "$fails")
-    ((skipped == 0)) || line+=", $skipped skipped ($(grep '^SKIPPED' "$share/out.log" | sed 's/^SKIPPED \([^:]*\):.*/\1/' | paste -sd' '))"
-    scale=$(sed -n 's/^kernel .*, waits scaled by \(.*\)$/\1/p' "$share/out.log" 2>/dev/null | head -1)
-    if [[ -n $scale && $scale != 3.0 ]]; then
-      line+=" ($((SECONDS - started)) s, waits x$scale)"
+    names+=("$name")
+    list+=$'\n'$(printf '%s\t%s\t%s' "$name" "$cwd" "'$exe'")
+  done
+  reported=()
+  # boot() empties the share first: the list goes in through the body's here-document.
+  boot_started "$dir" "$release" "$img" "$batch" "cat >/pwshare/list <<'LIST'
+$list
+LIST
+$batch_body" report_finished
+  report_finished
+  for name in "${names[@]}"; do
+    rm -rf "${logs:?}/$name" "$logs/$name.batch.log"
+    [[ ! -e $batch/$name ]] || mv "$batch/$name" "$logs/$name"
+    [[ " ${reported[*]} " != *" $name "* ]] || continue
+    # Not finished in the shared boot: a boot of its own (its partial output kept beside).
+    [[ ! -e $logs/$name/out.log ]] || mv "$logs/$name/out.log" "$logs/$name.batch.log"
+    say "$name did not finish in the shared boot (see $batch/console.log): booting for it alone"
+    if [[ $name == check ]]; then
+      cwd=$root command="target/debug/portwatch check"
     else
-      line+=" ($((SECONDS - started)) s)"
+      for b in "${binaries[@]}"; do
+        read -r n cwd exe <<<"$b"
+        [[ $n != "$name" ]] || break
+      done
+      command="'$exe'"
     fi
-    if [[ $rc != 0 ]]; then
-      [[ $rc == none ]] && line+=" - did not finish (timeout or crash)"
-      line+=": FAILED, see $share/out.log"
-      failed=1
-    fi
-    echo "$line"
+    started=$SECONDS
+    boot_started "$dir" "$release" "$img" "$logs/$name" "cd '$cwd'
+$command"
+    report "$release" "$name" "$logs/$name" "$((SECONDS - started))"
   done
 done
 exit "$failed"
