@@ -66,7 +66,16 @@ fn the_estimate_is_what_the_kernel_charges_and_status_and_metrics_say_it() {
         let pw = Pw::new(Some(&ns));
         // A million entries (about 480 MiB) is past the guard on a small machine (the kernel
         // matrix's guests have 2 GiB): the figure is what is checked here, not the guard.
-        let out = pw.ok(&["load", "--iface", "lo", "--port", "443", "--max-entries", entries, "--force"]);
+        let out = pw.ok(&[
+            "load",
+            "--iface",
+            "lo",
+            "--port",
+            "443",
+            "--max-entries",
+            entries,
+            "--force",
+        ]);
         let estimate = printed_maps(&out);
         let charged = bpftool_memlock(&pw);
         let off = (estimate as f64 - charged as f64) / charged as f64;
