@@ -207,7 +207,9 @@ fn failures_are_unknown() {
     }
 
     // A port that is not watched.
-    let lo = Pw::on_loopback("alert", &["--max-entries", "1000000"]);
+    // --force: a million entries (about 480 MiB) is past the memory guard on a small machine (the
+    // kernel matrix's 2 GiB guests).
+    let lo = Pw::on_loopback("alert", &["--max-entries", "1000000", "--force"]);
     let (code, v) = alert(&lo.pw, &["--port", "8080", "--interval", "0.1"]);
     assert_eq!(code, 3);
     assert!(summary(&v).contains("no watched port matches"), "{v}");
