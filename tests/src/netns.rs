@@ -53,6 +53,13 @@ impl Netns {
         sh(&all)
     }
 
+    /// A veth pair with both ends in this namespace (`name`, and `peer`), down: an interface to
+    /// attach to when no traffic is needed.
+    pub fn add_veth(&self, name: &str, peer: &str) -> Result<()> {
+        self.ip(&["link", "add", name, "type", "veth", "peer", "name", peer])
+            .map(|_| ())
+    }
+
     /// Runs a command inside the namespace.
     pub fn exec(&self, args: &[&str]) -> Result<String> {
         let mut all = vec!["ip", "netns", "exec", &self.name];

@@ -69,9 +69,7 @@ fn apply_makes_the_pinned_state_match_the_file() {
     let bed = Bed::new(false).unwrap();
     bed.add_second_link().unwrap();
     let other = Netns::new("other").unwrap();
-    other
-        .ip(&["link", "add", "pw9", "type", "veth", "peer", "name", "pw9p"])
-        .unwrap();
+    other.add_veth("pw9", "pw9p").unwrap();
     let pw = Pw::new(Some(&bed.server));
     let pin = pw.pin.display().to_string();
     let a = TestFile::new("a.yaml");

@@ -694,8 +694,7 @@ fn ip_netns_exec_is_refused() {
 fn interfaces_of_another_network_namespace(mode: &str) {
     let bed = Bed::new(false).unwrap();
     let home = Netns::new("home").unwrap();
-    home.ip(&["link", "add", "pw0", "type", "veth", "peer", "name", "pw0p"])
-        .unwrap();
+    home.add_veth("pw0", "pw0p").unwrap();
     let pw = Pw::new(Some(&home));
     let out = pw.ok(&[
         "load",

@@ -106,20 +106,9 @@ fn example_configurations_apply() {
         let home = Netns::new("home").unwrap();
         let web = Netns::new("web").unwrap();
         for iface in ["eth0", "eth1"] {
-            home.ip(&[
-                "link",
-                "add",
-                iface,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("{iface}p"),
-            ])
-            .unwrap();
+            home.add_veth(iface, &format!("{iface}p")).unwrap();
         }
-        web.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"])
-            .unwrap();
+        web.add_veth("eth0", "eth0p").unwrap();
         let pw = Pw::new(Some(&home));
         let text = text
             .replace(

@@ -718,17 +718,7 @@ fn the_config_map_applies() {
     let interfaces: BTreeSet<&str> = seq(&config["interfaces"]).iter().map(|i| str_of(&i["name"])).collect();
     assert!(!interfaces.is_empty());
     for (n, iface) in interfaces.iter().enumerate() {
-        home.ip(&[
-            "link",
-            "add",
-            iface,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &format!("k8sp{n}"),
-        ])
-        .unwrap();
+        home.add_veth(iface, &format!("k8sp{n}")).unwrap();
     }
     let pw = Pw::new(Some(&home));
     let file = TestFile::new("portwatch.yaml");

@@ -132,9 +132,7 @@ fn outputs_stay_the_same(mode: &str) {
     let ns = Netns::new("golden").unwrap();
     // Interfaces kept down: nothing sends, so the statistics are the test's own figures.
     for iface in ["pwg0", "pwg1"] {
-        let peer = format!("{iface}p");
-        ns.ip(&["link", "add", iface, "type", "veth", "peer", "name", &peer])
-            .unwrap();
+        ns.add_veth(iface, &format!("{iface}p")).unwrap();
     }
     let pw = Pw::new(Some(&ns));
     let mut t = String::new();
