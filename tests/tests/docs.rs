@@ -29,18 +29,22 @@ fn documents() -> Vec<PathBuf> {
     files
 }
 
+/// The lines of `text` outside fenced code blocks (and not the fences themselves).
+fn outside_code_blocks(text: &str) -> impl Iterator<Item = &str> {
+    let mut fenced = false;
+    text.lines().filter(move |line| {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            return false;
+        }
+        !fenced
+    })
+}
+
 /// The text outside fenced code blocks and inline code spans (a link there is not a link).
 fn prose(text: &str) -> String {
     let mut out = String::new();
-    let mut fenced = false;
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            fenced = !fenced;
-            continue;
-        }
-        if fenced {
-            continue;
-        }
+    for line in outside_code_blocks(text) {
         // Inline code: drop what is between backticks, keep the rest of the line.
         let mut in_code = false;
         for c in line.chars() {
@@ -96,15 +100,7 @@ fn slug(heading: &str) -> String {
 /// The anchors of `text`'s headings (outside code blocks), numbered as GitHub numbers repeats.
 fn anchors(text: &str) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
-    let mut fenced = false;
-    for line in text.lines() {
-        if line.trim_start().starts_with("```") {
-            fenced = !fenced;
-            continue;
-        }
-        if fenced || !line.starts_with('#') {
-            continue;
-        }
+    for line in outside_code_blocks(text).filter(|line| line.starts_with('#')) {
         let base = slug(line.trim_start_matches('#'));
         let mut anchor = base.clone();
         let mut n = 1;
