@@ -22,10 +22,10 @@ use std::{
 };
 
 use portwatch::generation::Key;
-use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_TCP, IPPROTO_UDP};
+use portwatch_common::{Counters, Direction::Ingress as IN, IPPROTO_UDP};
 use portwatch_tests::{
     bound,
-    cli::{counters_of, Pw, Running},
+    cli::{counters_of, rows_by_key, Pw, Running},
     fill_counters, kernel_test, key,
     netns::{Bed, SERVER_V4, SERVER_V6},
     rng::{seed_from_env, Rng},
@@ -407,17 +407,15 @@ fn send_until(bed: &Arc<Bed>, stop: &Arc<AtomicBool>) -> std::thread::JoinHandle
     })
 }
 
-/// Every record in the reset log, summed per key (ingress).
+/// Every record in the reset log, summed per key.
 fn recorded(log: &std::path::Path) -> BTreeMap<Key, Counters> {
     let mut counted: BTreeMap<Key, Counters> = BTreeMap::new();
     let text = std::fs::read_to_string(log).unwrap();
     for line in text.lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         assert_eq!(counters_of(&v["overflow"]), Counters::default());
-        for r in v["rows"].as_array().unwrap() {
-            let proto = if r["proto"] == "tcp" { IPPROTO_TCP } else { IPPROTO_UDP };
-            let k = key(r["ip"].as_str().unwrap(), r["port"].as_u64().unwrap() as u16, proto, IN);
-            *counted.entry(k).or_default() += counters_of(r);
+        for (k, c) in rows_by_key(&v) {
+            *counted.entry(k).or_default() += c;
         }
     }
     counted
