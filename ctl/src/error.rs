@@ -47,7 +47,7 @@ pub enum Error {
     /// A history record file or database that cannot be used.
     #[error("{0}")]
     History(String),
-    /// Maps that would take more than the memory guard allows (`memory::guard`): exit code 2, like
+    /// Maps that would take more than the memory guard allows (`memory::weigh`): exit code 2, like
     /// bad arguments, since the sizes asked for are what to change.
     #[error("{0}")]
     TooMuchMemory(String),
