@@ -5,7 +5,8 @@
 //! its family's per-source set, tcpdump ran and exited cleanly) and that the floods' datagrams, IPv4
 //! and IPv6, reached the server's UDP layer with good checksums and unanswered is: `bench::run`
 //! checks those after each measurement and fails otherwise. The full run is `tests/bench.sh`, not
-//! part of CI. Host only: tests/kernels.sh leaves it out.
+//! part of CI; nor is `bench-prog`'s full run, whose one short round is here too. Host only:
+//! tests/kernels.sh leaves it out.
 
 use portwatch_tests::{
     bench::{run, Options, Scenario, Traffic},
@@ -96,4 +97,27 @@ fn an_interrupted_run_removes_what_it_made() {
         .unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
     assert!(left.trim().is_empty(), "processes of its group left: {left}");
+}
+
+/// `bench-prog` (the kernel program's cost per packet, BPF_PROG_TEST_RUN), one short round, so it
+/// cannot rot either: it checks its own runs (every run of each map-update and flood-floor program
+/// counted once; the full map's newcomers past it every time, under their /24 or their port) and
+/// fails otherwise. Every kind prints a row.
+#[kernel_test]
+fn bench_prog_runs_and_counts_every_run() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bench-prog"))
+        .args(["1", "1000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench-prog failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| program"))
+        .count();
+    assert_eq!(rows, 14, "one row per kind:\n{stdout}");
 }

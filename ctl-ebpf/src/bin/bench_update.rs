@@ -7,6 +7,16 @@
 //!   `count_in_slot` does it: a key that owns its slot on this CPU adds there (an inlined array
 //!   lookup, no call); any other goes to the hash and claims the slot when it is free.
 //!
+//! And three for the flood's floor (issue 19): what a new source into a full per-IP map must do at
+//! least, past what a known key does (its front slot), each step added to the one before, on one
+//! heavy sender whose per-IP front slot another key owns (the benchmark claims it first):
+//! - `bench_past_ip`: the per-IP front slot (a miss), then the /24's slot in a front cache of
+//!   prefixes (a hit: the add);
+//! - `bench_past_ip_hll`: the same and a distinct-source register (`source_hash_fast`,
+//!   `hll_register`, the register's maximum) in a sketch at a fixed slot (no port-slot search);
+//! - `bench_past_ip_filter`: the same and the per-IP membership check (the filter byte of the
+//!   key, `filter_index`, in a zeroed filter: "not in the map").
+//!
 //! Not embedded in portwatch.
 #![no_std]
 #![no_main]
@@ -20,7 +30,10 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
-use portwatch_common::{front_index, CounterKey, Counters, FrontSlot, FRONT_SLOTS, IPV4_MAPPED_WORD};
+use portwatch_common::{
+    filter_index, front_index, hll_register, mask_remote, source_hash_fast, source_seed_v4, CounterKey, Counters,
+    FrontSlot, PortSlot, Tier, FRONT_SLOTS, HLL_REGISTERS, IPV4_MAPPED_WORD,
+};
 
 /// How many remote addresses the runs cycle through, a power of two (1: one heavy sender); set by
 /// the benchmark.
@@ -36,6 +49,21 @@ static COUNTERS: PerCpuHashMap<CounterKey, Counters> = PerCpuHashMap::with_max_e
 
 #[map(name = "front")]
 static FRONT: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_SLOTS, 0);
+
+/// The prefixes' front cache of the flood's floor programs.
+#[map(name = "prefix_front")]
+static PREFIX_FRONT: PerCpuArray<FrontSlot> = PerCpuArray::with_max_entries(FRONT_SLOTS, 0);
+
+/// The sketch of the flood's floor programs (slot 0).
+#[map(name = "sketch")]
+static SKETCH: PerCpuArray<PortSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// The filter of `bench_past_ip_filter`, zeroed: 64 KiB, as portwatch's at 4,096 keys.
+#[map(name = "filter")]
+static FILTER: Array<u64> = Array::with_max_entries(8192, 0);
+
+const SEED: u32 = 0x5eed_1234;
+const SEED_V4: u32 = source_seed_v4(SEED);
 
 /// The key of this run: 10.0.0.0 + (run number mod spread), port 443/tcp ingress.
 #[inline(always)]
@@ -106,5 +134,91 @@ pub fn bench_cache(ctx: TcContext) -> i32 {
             core::ptr::write_volatile(&mut slot.owned, 1);
         }
     }
+    TC_ACT_UNSPEC
+}
+
+/// Which steps of the flood's floor a program takes (see the module's comment).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Past {
+    Prefix,
+    Register,
+    Filter,
+}
+
+/// A new source into a full per-IP map, reduced to `steps`: its per-IP front slot (which the
+/// benchmark gives another key), then, with `Past::Filter`, its filter byte, with
+/// `Past::Register` and on, a register of the sketch, and its /24's front slot.
+#[inline(always)]
+fn past_ip(ctx: &TcContext, steps: Past) {
+    let key = next_key();
+    let bytes = ctx.len() as u64;
+    if let Some(slot) = FRONT.get_ptr_mut(front_index(&key)) {
+        // SAFETY: this CPU's slot; programs do not nest on a CPU for one hook.
+        let slot = unsafe { &mut *slot };
+        if slot.owned != 0 && slot.key.same(&key) {
+            slot.bytes += bytes;
+            slot.packets += 1;
+            return;
+        }
+    }
+    if steps >= Past::Filter {
+        let byte = filter_index(&key, Tier::Ip, SEED) & (8192 * 8 - 1);
+        let set = match FILTER.get_ptr(byte >> 3) {
+            // SAFETY: a byte of the 8-byte element `byte / 8`.
+            Some(word) => unsafe { *word.cast::<u8>().add((byte & 7) as usize) != 0 },
+            None => true,
+        };
+        if set {
+            count_in_hash(&key, bytes);
+            return;
+        }
+    }
+    if steps >= Past::Register {
+        if let Some(sketch) = SKETCH.get_ptr_mut(0) {
+            let (index, rank) = hll_register(source_hash_fast(&key.remote_ip, SEED, SEED_V4));
+            // SAFETY: this CPU's slot, as above.
+            let register = unsafe { &mut (*sketch).registers[index as usize % HLL_REGISTERS] };
+            if *register < rank {
+                *register = rank;
+            }
+        }
+    }
+    let prefix = CounterKey {
+        remote_ip: mask_remote(key.remote_ip, Tier::Prefix),
+        ..key
+    };
+    let Some(slot) = PREFIX_FRONT.get_ptr_mut(front_index(&prefix)) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, as above.
+    let slot = unsafe { &mut *slot };
+    if slot.owned == 0 {
+        // SAFETY: plain stores into this CPU's slot, the key before `owned`.
+        unsafe {
+            core::ptr::write_volatile(&mut slot.key, prefix);
+            core::ptr::write_volatile(&mut slot.owned, 1);
+        }
+    }
+    if slot.key.same(&prefix) {
+        slot.bytes += bytes;
+        slot.packets += 1;
+    }
+}
+
+#[classifier]
+pub fn bench_past_ip(ctx: TcContext) -> i32 {
+    past_ip(&ctx, Past::Prefix);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn bench_past_ip_hll(ctx: TcContext) -> i32 {
+    past_ip(&ctx, Past::Register);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn bench_past_ip_filter(ctx: TcContext) -> i32 {
+    past_ip(&ctx, Past::Filter);
     TC_ACT_UNSPEC
 }

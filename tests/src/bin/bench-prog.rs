@@ -15,7 +15,7 @@ use aya::{
     Ebpf,
 };
 use portwatch::generation::Key;
-use portwatch_common::{Direction, PortKey, TierSizes, IPPROTO_TCP, PROTO_ALL};
+use portwatch_common::{front_index, CounterKey, Direction, FrontSlot, PortKey, TierSizes, IPPROTO_TCP, PROTO_ALL};
 use portwatch_tests::{packet::Packet, Harness};
 
 fn load_single(path: &str, program: &str) -> Result<Ebpf> {
@@ -128,6 +128,9 @@ fn main() -> Result<()> {
         "map update alone, front cache + hash (bench_cache), one heavy sender",
         "map update alone, per-CPU hash (bench_hash), 16,384 senders in turn",
         "map update alone, front cache + hash (bench_cache), 16,384 senders in turn",
+        "flood's floor: per-IP front slot (a miss), prefix front slot (bench_past_ip)",
+        "flood's floor: and a distinct-source register (bench_past_ip_hll)",
+        "flood's floor: and the per-IP filter byte (bench_past_ip_filter)",
     ];
     // The front-cache experiment: each program twice, one heavy sender and 16,384 in turn (16
     // times the cache's slots: few own one, most pay the slot check and then the hash).
@@ -139,6 +142,37 @@ fn main() -> Result<()> {
             aya::maps::Array::<_, u32>::try_from(ebpf.map_mut("spread").context("spread map")?)?.set(0, spread, 0)?;
             experiment.push((ebpf, name));
         }
+    }
+    // The flood's floor: one heavy sender whose per-IP front slot another key owns, as in a full
+    // map.
+    for name in ["bench_past_ip", "bench_past_ip_hll", "bench_past_ip_filter"] {
+        let mut ebpf = load_single(portwatch::object::BENCH_UPDATE_OBJECT_PATH, name)?;
+        aya::maps::Array::<_, u32>::try_from(ebpf.map_mut("spread").context("spread map")?)?.set(0, 1, 0)?;
+        let sender = CounterKey::with_octets(
+            std::net::Ipv4Addr::new(10, 0, 0, 0).to_ipv6_mapped().octets(),
+            443,
+            IPPROTO_TCP,
+            Direction::Ingress,
+        );
+        let owner = FrontSlot {
+            owned: 1,
+            key: CounterKey::with_octets(
+                std::net::Ipv4Addr::new(10, 9, 9, 9).to_ipv6_mapped().octets(),
+                443,
+                IPPROTO_TCP,
+                Direction::Ingress,
+            ),
+            ..Default::default()
+        };
+        let mut front: aya::maps::PerCpuArray<_, FrontSlot> =
+            aya::maps::PerCpuArray::try_from(ebpf.map_mut("front").context("front map")?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        front.set(
+            front_index(&sender),
+            aya::maps::PerCpuValues::try_from(vec![owner; cpus])?,
+            0,
+        )?;
+        experiment.push((ebpf, name));
     }
     // Warm up: every key of the spread runs is in the hash (and the slots claimed) before timing.
     const WARM_UP: u32 = 32768;
@@ -171,15 +205,21 @@ fn main() -> Result<()> {
     // Exact: every run of the experiment's programs is in the hash or in a cache slot.
     for (ebpf, name) in &mut experiment {
         let runs = u64::from(WARM_UP) + rounds as u64 * u64::from(repeat);
-        let hash: aya::maps::PerCpuHashMap<_, portwatch_common::CounterKey, portwatch_common::Counters> =
+        let hash: aya::maps::PerCpuHashMap<_, CounterKey, portwatch_common::Counters> =
             aya::maps::PerCpuHashMap::try_from(ebpf.map("counters").context("counters")?)?;
         let mut packets: u64 = 0;
         for entry in hash.iter() {
             packets += entry?.1.iter().map(|c| c.packets).sum::<u64>();
         }
+        if let Some(front) = ebpf.map("prefix_front") {
+            let front: aya::maps::PerCpuArray<_, FrontSlot> = aya::maps::PerCpuArray::try_from(front)?;
+            packets += portwatch::generation::front_entries(&front)?
+                .iter()
+                .map(|(_, c)| c.packets)
+                .sum::<u64>();
+        }
         if let Some(front) = ebpf.map("front") {
-            let front: aya::maps::PerCpuArray<_, portwatch_common::FrontSlot> =
-                aya::maps::PerCpuArray::try_from(front)?;
+            let front: aya::maps::PerCpuArray<_, FrontSlot> = aya::maps::PerCpuArray::try_from(front)?;
             packets += portwatch::generation::front_entries(&front)?
                 .iter()
                 .map(|(_, c)| c.packets)
