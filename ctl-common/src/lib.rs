@@ -6,7 +6,7 @@
 
 /// Bumped whenever a pinned map's name, type, key, value or meaning changes. A `ctl` that finds
 /// pinned state of another version refuses to touch it.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Map names, as they appear in the object file and as the pin file names under the pin path.
 pub mod map_names {
@@ -562,21 +562,37 @@ impl Config {
     }
 }
 
-/// The byte of a generation's filter that says whether `key` may be in the map of `tier`: the
-/// key's words folded (each rotated by its place, so that no byte of the address cancels another),
-/// then mixed with the tier and `seed` by murmur3's finalizer (`fmix32`), whose low bits, the ones
-/// the caller keeps (`Config::filter_mask`), depend on every input bit. The program sets the byte
-/// before it inserts the key, and never clears it; userspace zeroes a filter and sets the bytes of
-/// the keys left when it removes entries (idle generations only). A byte that is set for a key the
-/// map does not have costs one hash lookup.
+/// The byte of a generation's filter that says whether `key` may be in the map of `tier`, before
+/// the caller keeps its low bits (`Config::filter_mask`). A per-IP key's is `ip_filter_index` of
+/// its `source_hash`: the hash the program computes anyway for the distinct-source registers of
+/// a remote that finds the per-IP map full, so a flood's new source hashes once. A prefix's: its
+/// words folded (each rotated by its place, so that no byte of the address cancels another), then
+/// mixed with the tier and `seed` by murmur3's finalizer (`fmix32`), whose low bits depend on every
+/// input bit. The program sets the byte before it inserts the key, and never clears it; userspace
+/// zeroes a filter and sets the bytes of the keys left when it removes entries (idle generations
+/// only). A byte that is set for a key the map does not have costs one hash lookup.
 #[inline(always)]
 pub const fn filter_index(key: &CounterKey, tier: Tier, seed: u32) -> u32 {
+    if matches!(tier, Tier::Ip) {
+        return ip_filter_index(key, source_hash(&key.remote_ip, seed));
+    }
     let folded = key.remote_ip[0]
         ^ key.remote_ip[1].rotate_left(8)
         ^ key.remote_ip[2].rotate_left(16)
         ^ key.remote_ip[3].rotate_left(24)
         ^ ((key.port as u32) << 16 | (key.proto as u32) << 8 | key.direction as u32).rotate_left(4);
     fmix32(folded ^ seed ^ (tier as u32).wrapping_mul(0x9e37_79b9))
+}
+
+/// A per-IP key's `filter_index`, given `source_hash(&key.remote_ip, seed)`: the hash, xored with
+/// the key's port, protocol and direction (one word, times an odd constant, its high half then
+/// folded onto its low one: a bijection, whose low bits depend on the protocol and direction too),
+/// so that one remote's keys of other ports and directions take other bytes. `source_hash` is
+/// keyed and mixes every bit of the address into the low bits the filter keeps.
+#[inline(always)]
+pub const fn ip_filter_index(key: &CounterKey, source_hash: u32) -> u32 {
+    let word = (key.port as u32 | (key.proto as u32) << 16 | (key.direction as u32) << 24).wrapping_mul(0x9e37_79b1);
+    source_hash ^ word ^ (word >> 16)
 }
 
 /// The element of `map_full` that holds the hint of `tier`'s map in `generation`.

@@ -19,11 +19,11 @@ use aya_ebpf::{
 };
 use parse::Flow;
 use portwatch_common::{
-    filter_index, front_index, full_hint_index, hll_register, mask_remote, overflow_slot, port_slot_index, proto_bit,
-    source_hash_fast, tier_slot, AttachKey, Attachment, Config, CounterKey, Counters, Direction, FrontSlot, Journal,
-    JournalKey, Meta, PortKey, PortSlot, Stats, Tier, TierSizes, DEFAULT_MAX_ENTRIES, DRAINED_ENTRIES, FRONT_ENTRIES,
-    FULL_HINTS, HLL_REGISTERS, MAX_ATTACHMENTS, PORT_COUNT, PORT_OVERFLOW_ENTRIES, PORT_SLOTS, RESERVED_ENTRIES,
-    TIER_FRONT_ENTRIES,
+    filter_index, front_index, full_hint_index, hll_register, ip_filter_index, mask_remote, overflow_slot,
+    port_slot_index, proto_bit, source_hash_fast, tier_slot, AttachKey, Attachment, Config, CounterKey, Counters,
+    Direction, FrontSlot, Journal, JournalKey, Meta, PortKey, PortSlot, Stats, Tier, TierSizes, DEFAULT_MAX_ENTRIES,
+    DRAINED_ENTRIES, FRONT_ENTRIES, FULL_HINTS, HLL_REGISTERS, MAX_ATTACHMENTS, PORT_COUNT, PORT_OVERFLOW_ENTRIES,
+    PORT_SLOTS, RESERVED_ENTRIES, TIER_FRONT_ENTRIES,
 };
 
 /// The object's sizes; `portwatch load` sets the real ones at load time.
@@ -237,19 +237,23 @@ enum Counted {
 /// there. Everything past the per-IP map also goes into its port's distinct-source registers.
 #[inline(always)]
 fn count_key<const DIRECTION: u8>(g: &Generation, key: &CounterKey, flow: &Flow, config: &Config) -> Counted {
-    match front_slot(g.front, front_index(key), key, flow) {
+    // One hash of the remote serves its filter byte and, past the per-IP map, its register.
+    let source_hash = match front_slot(g.front, front_index(key), key, flow) {
         Front::Hit => return Counted::UnderKey,
         front => {
-            if count_in_hash(g, Tier::Ip, g.counters, key, flow, config) {
+            let source_hash = source_hash_fast(&key.remote_ip, config.seed, config.seed_v4);
+            let filter = ip_filter_index(key, source_hash);
+            if count_in_hash(g, Tier::Ip, g.counters, key, flow, config, filter) {
                 front.claim(key);
                 return Counted::UnderKey;
             }
+            source_hash
         }
-    }
+    };
     let port = PortKey::of(key);
     let mut slot = port_slot(g.port_slots, &port);
     if let Some(slot) = slot.as_deref_mut() {
-        let (index, rank) = hll_register(source_hash_fast(&key.remote_ip, config.seed, config.seed_v4));
+        let (index, rank) = hll_register(source_hash);
         let register = &mut slot.registers[index as usize % HLL_REGISTERS];
         if *register < rank {
             *register = rank;
@@ -303,7 +307,8 @@ fn count_in_prefix_tier(
     match front_slot(g.tier_front, tier_slot(tier, &prefix), &prefix, flow) {
         Front::Hit => true,
         front => {
-            let counted = count_in_hash(g, tier, map, &prefix, flow, config);
+            let filter = filter_index(&prefix, tier, config.seed);
+            let counted = count_in_hash(g, tier, map, &prefix, flow, config, filter);
             if counted {
                 front.claim(&prefix);
             }
@@ -361,8 +366,8 @@ fn front_slot<'a>(front: &'a PerCpuArray<FrontSlot>, index: u32, key: &CounterKe
 }
 
 /// Counts `flow` under `key` in `map`, the generation's map of `tier`, inserting the key when new;
-/// false when the map has no room for it. Once the map is known full, a key its filter byte says
-/// was never inserted is refused without a lookup.
+/// false when the map has no room for it. Once the map is known full, a key its filter byte
+/// (`filter`, the key's `filter_index`) says was never inserted is refused without a lookup.
 #[inline(always)]
 fn count_in_hash(
     g: &Generation,
@@ -371,13 +376,14 @@ fn count_in_hash(
     key: &CounterKey,
     flow: &Flow,
     config: &Config,
+    filter: u32,
 ) -> bool {
     // The hint and the filter are looked at only here, for a key without a front slot: not on a
     // known key's path.
     let full = MAP_FULL.get_ptr_mut(full_hint_index(g.index, tier));
     // SAFETY: this CPU's value of a per-CPU array (as for `FrontSlot`).
     let known_full = full.is_some_and(|f| unsafe { *f } != 0);
-    let byte = filter_index(key, tier, config.seed) & config.filter_mask;
+    let byte = filter & config.filter_mask;
     let mark = match g.filter.get_ptr_mut(byte >> 3) {
         // SAFETY: a byte of the 8-byte element `byte / 8` (`byte % 8` < 8).
         Some(word) => Some(unsafe { opaque(word.cast::<u8>()).add((byte & 7) as usize) }),

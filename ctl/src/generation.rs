@@ -449,6 +449,15 @@ impl Generation {
         Ok(())
     }
 
+    /// Whether `key`'s byte of the filter of `tier` is set (a key whose byte is clear skips the
+    /// lookup of a full map), for tests and benchmarks of the kernel program's maps.
+    pub fn filter_marked(&self, key: &CounterKey, tier: Tier) -> Result<bool> {
+        let len = (self.filter_mask as usize) + 1;
+        let mut mapped =
+            sys::MappedArray::map(self.filter.map().fd().as_fd(), len).context("mapping a generation's filter")?;
+        Ok(mapped.bytes()[(filter_index(key, tier, self.seed) & self.filter_mask) as usize] != 0)
+    }
+
     /// Clears every slot (on every CPU) of the keys `by_tier` has. A cache's owners are read
     /// first and the keys looked up among them (a few thousand at most): a reset of a million keys
     /// does not gather them into a set of their own.
@@ -849,5 +858,78 @@ mod tests {
         let port = Key::any_remote(PortKey::new(9001, 17, Direction::Egress));
         assert_eq!(port.tier(), Some(Tier::Port));
         assert_eq!(Key::of_tier(Tier::Port, port.counter_key()), port);
+    }
+
+    fn v4(i: u32, port: u16, direction: Direction) -> CounterKey {
+        CounterKey::with_octets(
+            std::net::Ipv4Addr::from(0xc612_0000 + i).to_ipv6_mapped().octets(),
+            port,
+            17,
+            direction,
+        )
+    }
+
+    /// The filter byte userspace marks for a per-IP key (`filter_index`) is the one the program
+    /// reads: `ip_filter_index` of the register's hash, IPv4 in one round (`source_hash_fast`).
+    #[test]
+    fn a_per_ip_filter_byte_is_the_programs() {
+        use portwatch_common::{ip_filter_index, source_hash_fast, source_seed_v4};
+        for seed in [0, 1, 0x5eed_1234, u32::MAX] {
+            let v6 = CounterKey::with_octets(
+                "2001:db8:f100::1234".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                443,
+                6,
+                Direction::Egress,
+            );
+            for key in [v4(7, 443, Direction::Ingress), v6] {
+                let program = ip_filter_index(&key, source_hash_fast(&key.remote_ip, seed, source_seed_v4(seed)));
+                assert_eq!(filter_index(&key, Tier::Ip, seed), program);
+            }
+        }
+    }
+
+    /// Sequential sources, and one source over many ports and both directions, land on as many
+    /// distinct bytes as random ones would (a clustered filter sends a flood's new sources to
+    /// lookups): within 2% of m(1 - e^(-n/m)).
+    #[test]
+    fn per_ip_filter_bytes_spread_like_random_ones() {
+        let m: u32 = 1 << 20;
+        let distinct = |keys: &mut dyn Iterator<Item = CounterKey>, seed: u32| -> (usize, f64) {
+            let mut seen = HashSet::new();
+            let mut n = 0u32;
+            for key in keys {
+                seen.insert(filter_index(&key, Tier::Ip, seed) & (m - 1));
+                n += 1;
+            }
+            let expected = f64::from(m) * (1.0 - (-f64::from(n) / f64::from(m)).exp());
+            (seen.len(), expected)
+        };
+        for seed in [0, 0x5eed_1234, 0xdead_beef] {
+            let (got, expected) = distinct(&mut (0..65536).map(|i| v4(i, 443, Direction::Ingress)), seed);
+            assert!(
+                got as f64 > 0.98 * expected,
+                "sequential IPv4: {got} bytes, {expected:.0} expected"
+            );
+            let (got, expected) = distinct(
+                &mut (0..65536u32).map(|i| {
+                    let mut octets = "2001:db8:f100::".parse::<std::net::Ipv6Addr>().unwrap().octets();
+                    octets[12..].copy_from_slice(&i.to_be_bytes());
+                    CounterKey::with_octets(octets, 443, 17, Direction::Ingress)
+                }),
+                seed,
+            );
+            assert!(
+                got as f64 > 0.98 * expected,
+                "sequential IPv6: {got} bytes, {expected:.0} expected"
+            );
+            let (got, expected) = distinct(
+                &mut (1..=32768u16).flat_map(|port| Direction::ALL.into_iter().map(move |d| v4(7, port, d))),
+                seed,
+            );
+            assert!(
+                got as f64 > 0.98 * expected,
+                "one source, many ports: {got} bytes, {expected:.0} expected"
+            );
+        }
     }
 }

@@ -46,7 +46,7 @@ use portwatch::{
     pinned::{Access, PinPath, Pinned},
     sources::Sketch,
 };
-use portwatch_common::{map_names, Counters, Direction, PortKey, Stats, TierSizes};
+use portwatch_common::{map_names, CounterKey, Counters, Direction, PortKey, Stats, Tier, TierSizes};
 /// `#[kernel_test]`: a `#[test]` that first asks `kernel_available` with its own name.
 pub use portwatch_test_macros::kernel_test;
 
@@ -174,6 +174,11 @@ impl Harness {
             generation.ensure_overflow_keys()?;
         }
         Ok(Harness { ebpf, generations })
+    }
+
+    /// Whether `key`'s byte of the filter of `tier` in `generation` is set.
+    pub fn filter_marked(&self, generation: u32, key: &CounterKey, tier: Tier) -> Result<bool> {
+        self.generations[generation as usize].filter_marked(key, tier)
     }
 
     /// Watches `port` for the protocols in `flags` (`PROTO_TCP | PROTO_UDP`; 0 unwatches).

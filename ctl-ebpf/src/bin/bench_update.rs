@@ -15,7 +15,7 @@
 //! - `bench_past_ip_hll`: the same and a distinct-source register (`source_hash_fast`,
 //!   `hll_register`, the register's maximum) in a sketch at a fixed slot (no port-slot search);
 //! - `bench_past_ip_filter`: the same and the per-IP membership check (the filter byte of the
-//!   key, `filter_index`, in a zeroed filter: "not in the map").
+//!   key, `ip_filter_index` of the register's hash, in a zeroed filter: "not in the map").
 //!
 //! Not embedded in portwatch.
 #![no_std]
@@ -31,7 +31,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use portwatch_common::{
-    filter_index, front_index, hll_register, mask_remote, source_hash_fast, source_seed_v4, CounterKey, Counters,
+    front_index, hll_register, ip_filter_index, mask_remote, source_hash_fast, source_seed_v4, CounterKey, Counters,
     FrontSlot, PortSlot, Tier, FRONT_SLOTS, HLL_REGISTERS, IPV4_MAPPED_WORD,
 };
 
@@ -161,8 +161,10 @@ fn past_ip(ctx: &TcContext, steps: Past) {
             return;
         }
     }
+    // One hash of the remote for the register and the filter byte, as `main.rs` does.
+    let source_hash = source_hash_fast(&key.remote_ip, SEED, SEED_V4);
     if steps >= Past::Filter {
-        let byte = filter_index(&key, Tier::Ip, SEED) & (8192 * 8 - 1);
+        let byte = ip_filter_index(&key, source_hash) & (8192 * 8 - 1);
         let set = match FILTER.get_ptr(byte >> 3) {
             // SAFETY: a byte of the 8-byte element `byte / 8`.
             Some(word) => unsafe { *word.cast::<u8>().add((byte & 7) as usize) != 0 },
@@ -175,7 +177,7 @@ fn past_ip(ctx: &TcContext, steps: Past) {
     }
     if steps >= Past::Register {
         if let Some(sketch) = SKETCH.get_ptr_mut(0) {
-            let (index, rank) = hll_register(source_hash_fast(&key.remote_ip, SEED, SEED_V4));
+            let (index, rank) = hll_register(source_hash);
             // SAFETY: this CPU's slot, as above.
             let register = unsafe { &mut (*sketch).registers[index as usize % HLL_REGISTERS] };
             if *register < rank {

@@ -15,7 +15,9 @@ use aya::{
     Ebpf,
 };
 use portwatch::generation::Key;
-use portwatch_common::{front_index, CounterKey, Direction, FrontSlot, PortKey, TierSizes, IPPROTO_TCP, PROTO_ALL};
+use portwatch_common::{
+    front_index, CounterKey, Direction, FrontSlot, PortKey, Tier, TierSizes, IPPROTO_TCP, PROTO_ALL,
+};
 use portwatch_tests::{packet::Packet, Harness};
 
 fn load_single(path: &str, program: &str) -> Result<Ebpf> {
@@ -57,64 +59,96 @@ fn main() -> Result<()> {
     let unwatched = Packet::tcp4("198.18.9.9", 40000, "198.18.0.1", 80).payload(100).build();
     // A full map: FULL keys, then the same packet from one of them, and from a source not in it.
     const FULL: u32 = 1024;
-    let mut full = Harness::new(FULL)?;
-    full.watch(443, PROTO_ALL)?;
-    let from = |i: u32| {
-        Packet::tcp4(
-            &format!("198.18.{}.{}", 10 + i / 256, i % 256),
-            40000,
-            "198.18.0.1",
+    let from = |a: u8, b: u8, c: u8, d: u8| Packet::tcp4(&format!("{a}.{b}.{c}.{d}"), 40000, "198.18.0.1", 443);
+    let filled = |i: u32| from(198, 18, 10 + (i / 256) as u8, (i % 256) as u8);
+    let key = |a: u8, b: u8, c: u8, d: u8| {
+        CounterKey::with_octets(
+            std::net::Ipv4Addr::new(a, b, c, d).to_ipv6_mapped().octets(),
             443,
+            IPPROTO_TCP,
+            Direction::Ingress,
         )
     };
-    for i in 0..FULL {
-        full.run(Direction::Ingress, &from(i).payload(100).build())?;
-    }
-    let existing = from(7).payload(100).build();
-    // The first newcomer finds the map full (and marks its filter byte before the insert that
-    // fails, and sets the hint); its /24 enters the prefix tier. The one timed is another source of
-    // that /24: a new source whose prefix is known, as most packets of a flood from a few prefixes.
-    full.run(Direction::Ingress, &from(FULL).payload(100).build())?;
-    let newcomer = from(FULL + 1).payload(100).build();
+    // The timed newcomers are sources whose filter bytes are clear, as 15 in 16 are at most (a
+    // byte another key set costs a lookup: that is the filter's own cost, not the path's); with a
+    // random seed per load, a load where none of the candidates is clear is made again (bounded).
+    let mut attempts = 0;
+    let (mut full, newcomer) = loop {
+        attempts += 1;
+        anyhow::ensure!(attempts <= 20, "no newcomer with a clear filter byte in 20 loads");
+        let mut full = Harness::new(FULL)?;
+        full.watch(443, PROTO_ALL)?;
+        for i in 0..FULL {
+            full.run(Direction::Ingress, &filled(i).payload(100).build())?;
+        }
+        // The first newcomer finds the map full (and marks its filter byte before the insert
+        // that fails, and sets the hint); its /24 (198.18.14.0/24) enters the prefix tier. The
+        // one timed is another source of that /24: a new source whose prefix is known, as most
+        // packets of a flood from a few prefixes.
+        full.run(Direction::Ingress, &filled(FULL).payload(100).build())?;
+        let clear = (1..=255u8).find(|&d| !full.filter_marked(0, &key(198, 18, 14, d), Tier::Ip).unwrap_or(true));
+        if let Some(d) = clear {
+            break (full, from(198, 18, 14, d).payload(100).build());
+        }
+    };
+    let existing = filled(7).payload(100).build();
     // Every tier full: 4 sources fill the per-IP map, two /24s the prefix tier, 2001:db8::/32 the
     // wide prefix tier; a source of another /16 then finds every tier full (and its prefixes,
     // marked before their inserts failed, set the hints). Every packet of a source from a /16 never
     // seen before goes to its port alone, without a hash lookup: a spray over more prefixes than
-    // the tiers hold, in the steady state of a flood.
-    let mut tiers_full = Harness::with_sizes(TierSizes {
-        ip: 4,
-        prefix: 2,
-        wide_prefix: 1,
-    })?;
-    tiers_full.watch(443, PROTO_ALL)?;
-    for src in [
-        "198.18.1.1",
-        "198.18.1.2",
-        "198.18.1.3",
-        "198.18.1.4",
-        "198.18.1.5",
-        "198.18.2.1",
-    ] {
+    // the tiers hold, in the steady state of a flood. The one timed has its three filter bytes
+    // clear (the per-IP key's, its /24's and its /16's).
+    let mut attempts = 0;
+    let (mut tiers_full, spray) = loop {
+        attempts += 1;
+        anyhow::ensure!(attempts <= 20, "no spray source with clear filter bytes in 20 loads");
+        let mut tiers_full = Harness::with_sizes(TierSizes {
+            ip: 4,
+            prefix: 2,
+            wide_prefix: 1,
+        })?;
+        tiers_full.watch(443, PROTO_ALL)?;
+        for src in [
+            "198.18.1.1",
+            "198.18.1.2",
+            "198.18.1.3",
+            "198.18.1.4",
+            "198.18.1.5",
+            "198.18.2.1",
+        ] {
+            tiers_full.run(
+                Direction::Ingress,
+                &Packet::tcp4(src, 40000, "198.18.0.1", 443).payload(100).build(),
+            )?;
+        }
         tiers_full.run(
             Direction::Ingress,
-            &Packet::tcp4(src, 40000, "198.18.0.1", 443).payload(100).build(),
+            &Packet::tcp6("2001:db8:1::1", 40000, "2001:db8::1", 443)
+                .payload(100)
+                .build(),
         )?;
-    }
-    tiers_full.run(
-        Direction::Ingress,
-        &Packet::tcp6("2001:db8:1::1", 40000, "2001:db8::1", 443)
-            .payload(100)
-            .build(),
-    )?;
-    tiers_full.run(
-        Direction::Ingress,
-        &Packet::tcp4("198.18.3.1", 40000, "198.18.0.1", 443)
-            .payload(100)
-            .build(),
-    )?;
-    let spray = Packet::tcp4("198.19.7.7", 40000, "198.18.0.1", 443)
-        .payload(100)
-        .build();
+        tiers_full.run(
+            Direction::Ingress,
+            &Packet::tcp4("198.18.3.1", 40000, "198.18.0.1", 443)
+                .payload(100)
+                .build(),
+        )?;
+        let clear = |k: &CounterKey| -> bool {
+            [Tier::Ip, Tier::Prefix, Tier::WidePrefix].into_iter().all(|tier| {
+                let masked = CounterKey {
+                    remote_ip: portwatch_common::mask_remote(k.remote_ip, tier),
+                    ..*k
+                };
+                !tiers_full.filter_marked(0, &masked, tier).unwrap_or(true)
+            })
+        };
+        let found = (0..=255u8)
+            .flat_map(|c| (1..=255u8).map(move |d| (c, d)))
+            .find(|&(c, d)| clear(&key(198, 19, c, d)));
+        if let Some((c, d)) = found {
+            break (tiers_full, from(198, 19, c, d).payload(100).build());
+        }
+    };
 
     let kinds = [
         "do-nothing TC program (the floor)",
