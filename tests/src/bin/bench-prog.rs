@@ -245,19 +245,15 @@ fn main() -> Result<()> {
         for entry in hash.iter() {
             packets += entry?.1.iter().map(|c| c.packets).sum::<u64>();
         }
-        if let Some(front) = ebpf.map("prefix_front") {
-            let front: aya::maps::PerCpuArray<_, FrontSlot> = aya::maps::PerCpuArray::try_from(front)?;
-            packets += portwatch::generation::front_entries(&front)?
-                .iter()
-                .map(|(_, c)| c.packets)
-                .sum::<u64>();
-        }
-        if let Some(front) = ebpf.map("front") {
-            let front: aya::maps::PerCpuArray<_, FrontSlot> = aya::maps::PerCpuArray::try_from(front)?;
-            packets += portwatch::generation::front_entries(&front)?
-                .iter()
-                .map(|(_, c)| c.packets)
-                .sum::<u64>();
+        // The front cache's owned slots, and the prefixes' of the flood's floor programs.
+        for cache in ["front", "prefix_front"] {
+            if let Some(front) = ebpf.map(cache) {
+                let front: aya::maps::PerCpuArray<_, FrontSlot> = aya::maps::PerCpuArray::try_from(front)?;
+                packets += portwatch::generation::front_entries(&front)?
+                    .iter()
+                    .map(|(_, c)| c.packets)
+                    .sum::<u64>();
+            }
         }
         anyhow::ensure!(packets == runs, "{name} counted {packets} packets of {runs} runs");
     }
