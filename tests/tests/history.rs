@@ -495,6 +495,59 @@ fn bad_input_is_refused_in_one_line_and_changes_nothing() {
 
 /// Records of real resets under traffic: ingested, `history top` is the sum of their rows and what
 /// was sent.
+/// A store without records yet answers each query in that query's own shape: `history top
+/// --json` as `top --json` (no rows, zero totals), `--csv` with its header alone, `history
+/// --json` with no periods; the table says there is nothing yet.
+#[test]
+fn an_empty_store_answers_in_each_querys_shape() {
+    let dir = TestDir::new("empty");
+    let (db, empty, log) = (dir.join("h.db"), dir.join("empty.jsonl"), dir.join("portwatch.jsonl"));
+    append(&empty, "");
+    ingest(&db, &[&empty]);
+    let top = asked(&db, &["top"]);
+    assert_eq!(top["rows"], serde_json::json!([]), "{top}");
+    assert_eq!(top["totals"], serde_json::json!({"bytes": 0, "packets": 0}), "{top}");
+    assert_eq!(asked(&db, &["--days"])["periods"], serde_json::json!([]));
+    let args = |more: &[&'static str]| -> Vec<String> {
+        [
+            "history",
+            "top",
+            "--config",
+            "/nonexistent",
+            "--db",
+            db.to_str().unwrap(),
+        ]
+        .iter()
+        .chain(more)
+        .map(|a| a.to_string())
+        .collect()
+    };
+    let run = |more: &[&'static str]| ok(&args(more).iter().map(String::as_str).collect::<Vec<_>>());
+    let empty_csv = run(&["--csv"]);
+    assert!(run(&[]).contains("no records in the history store yet"));
+
+    // The same queries once the store has records: the same keys (and a `history` window), the
+    // same CSV header.
+    let (text, _) = records(&mut Rng::new(5), 1_790_000_000, 3, 0);
+    append(&log, &text);
+    ingest(&db, &[&log]);
+    let full = asked(&db, &["top"]);
+    let keys = |v: &Value| {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let mut expected = keys(&top);
+    expected.insert("history".to_string());
+    assert_eq!(keys(&full), expected, "{top}\n{full}");
+    assert_eq!(
+        empty_csv.lines().collect::<Vec<_>>(),
+        [run(&["--csv"]).lines().next().unwrap()]
+    );
+}
+
 #[kernel_test]
 fn records_of_real_resets_are_the_history() {
     let bed = Bed::new(false).unwrap();

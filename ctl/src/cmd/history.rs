@@ -167,14 +167,17 @@ fn describe(plan: &Plan, utc: bool) -> String {
     line
 }
 
+/// What `history` answers from a store without records: in JSON, the periods' shape, empty.
 fn nothing_yet(json: bool) -> Result<()> {
     if json {
         println!("{{\"periods\":[],\"totals\":{{\"bytes\":0,\"packets\":0}}}}");
     } else {
-        println!("(no records in the history store yet: `portwatch history ingest RECORD`)");
+        println!("{NO_RECORDS}");
     }
     Ok(())
 }
+
+const NO_RECORDS: &str = "(no records in the history store yet: `portwatch history ingest RECORD`)";
 
 #[derive(Serialize)]
 struct PeriodsJson<'a> {
@@ -298,8 +301,25 @@ fn chart(periods: &[(i64, Counters)], granularity: Granularity, utc: bool, exact
 fn run_top(args: &HistoryTopArgs) -> Result<()> {
     let window = &args.window;
     let (store, plan) = open_window(window, None)?;
+    let view = View::from(args);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let Some(plan) = plan else {
-        return nothing_yet(window.json);
+        // No records yet: `top`'s shapes, with no rows, for scripts (the table says why).
+        let report = Report::new(&view, &view.group_all(&[]), None);
+        if window.json {
+            let envelope = Envelope {
+                time: output::unix_time(),
+                reset: false,
+                reset_id: None,
+                history: None,
+            };
+            output::write_json(&report, &envelope, &mut out)?;
+        } else if args.csv {
+            out.write_all(output::csv(&report).as_bytes())?;
+        } else {
+            writeln!(out, "{NO_RECORDS}")?;
+        }
+        return out.flush().context("writing to stdout");
     };
     let rows = query::totals(&store, &plan, &window.filter())?;
     let mut keys = Vec::with_capacity(rows.len());
@@ -310,10 +330,8 @@ fn run_top(args: &HistoryTopArgs) -> Result<()> {
             Stored::Other(_) => other += counters,
         }
     }
-    let view = View::from(args);
     let mut report = Report::new(&view, &view.group_all(&keys), None);
     report.totals += other;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if window.json {
         let envelope = Envelope {
             time: output::unix_time(),
