@@ -369,9 +369,21 @@ impl Fresh {
         std::fs::remove_dir(&self.pin.root).with_context(|| format!("removing {}", self.pin.root.display()))
     }
 
+    /// `Fresh` with what `checked` gave, or, when it is an error, the error: a first load refused
+    /// before it made anything (the memory guard) leaves nothing (`abandon`).
+    pub(crate) fn unless_refused<T>(self, checked: Result<T>) -> Result<(Fresh, T)> {
+        match checked {
+            Ok(value) => Ok((self, value)),
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
     /// A first load refused before it made anything: the pin directory goes if the lock made it,
     /// and the intent directory (only a loaded state has one), so that nothing is left.
-    pub(crate) fn abandon(self) {
+    fn abandon(self) {
         if self.root_created {
             let _ = self.remove_dir();
         } else {

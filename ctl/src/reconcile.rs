@@ -169,13 +169,7 @@ pub(crate) fn apply(desired: &Desired, options: &Options) -> Result<Vec<String>>
     }
     match Pinned::create(pin)? {
         Creating::Empty(fresh) => {
-            let plan = match weigh(plan_first_load(desired), desired, options) {
-                Ok(plan) => plan,
-                Err(e) => {
-                    fresh.abandon();
-                    return Err(e);
-                }
-            };
+            let (fresh, plan) = fresh.unless_refused(weigh(plan_first_load(desired), desired, options))?;
             let mut created = lifecycle::create(fresh, desired.sizes, desired.directions)?;
             carry_out(&mut created.pinned, &plan)?;
             created.keep();

@@ -31,13 +31,11 @@ pub(super) fn run(pin: &PinPath, args: &LoadArgs) -> Result<()> {
     };
     // The maps' memory is weighed before any is made.
     let sizes = args.sizes();
-    let maps = match memory::weigh(sizes, (&args.memory).into(), "ask for fewer entries (--max-entries)") {
-        Ok(maps) => maps,
-        Err(e) => {
-            fresh.abandon();
-            return Err(e);
-        }
-    };
+    let (fresh, maps) = fresh.unless_refused(memory::weigh(
+        sizes,
+        (&args.memory).into(),
+        "ask for fewer entries (--max-entries)",
+    ))?;
     let directions = args.direction.map(Directions::from).unwrap_or(Directions::BOTH);
     let mut created = lifecycle::create(fresh, sizes, directions)?;
     println!(
