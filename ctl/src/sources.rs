@@ -13,9 +13,6 @@ pub const STANDARD_ERROR: f64 = 1.04 / (1u32 << (HLL_BITS / 2)) as f64;
 // STANDARD_ERROR's square root of HLL_REGISTERS is exact only for an even HLL_BITS.
 const _: () = assert!(HLL_BITS.is_multiple_of(2));
 
-/// 2^32: how many values a `source_hash` has.
-const HASH_VALUES: f64 = 4_294_967_296.0;
-
 /// The registers of one sketch: `HLL_REGISTERS` bytes, each the largest `hll_register` rank stored
 /// into it (0 for none), in the kernel's order.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,32 +61,75 @@ impl Sketch {
     }
 
     /// How many distinct addresses were counted, within `STANDARD_ERROR` (relative) for one
-    /// standard deviation. HyperLogLog (Flajolet et al., 2007) with its corrections: linear
-    /// counting while the raw estimate is at most 2.5 times the registers and a register is still
-    /// zero (exact for a single address, within a few for a hundred), and the large-range
-    /// correction for hash collisions among 2^32 values past 2^32/30.
+    /// standard deviation over the whole range. Ertl's improved estimator for HyperLogLog ("New
+    /// cardinality estimation algorithms for HyperLogLog sketches", 2017, algorithm 6): from the
+    /// histogram of register values, with the terms `sigma` (registers still zero) and `tau`
+    /// (registers at the largest rank, whose rank bits were all zero) in place of the original
+    /// paper's switch to linear counting below 2.5 times the registers and its large-range
+    /// correction. The switch left a bias around that point (measured over 400 sketches of 10,000
+    /// random hashes: +1.2% mean, 2.7% standard deviation, 4% of estimates more than 5% off; with
+    /// this estimator the same sketches are within the standard error). 0 for an empty sketch,
+    /// exactly 1 for one address, at most `HASH_LIMIT`.
     pub fn estimate(&self) -> u64 {
         let m = HLL_REGISTERS as f64;
-        let alpha = 0.7213 / (1.0 + 1.079 / m);
-        let mut sum = 0.0;
-        let mut zeros = 0u32;
+        let mut histogram = [0u32; MAX_RANK + 1];
         for &rank in self.registers.iter() {
-            sum += (-f64::from(rank)).exp2();
-            zeros += u32::from(rank == 0);
+            histogram[usize::from(rank).min(MAX_RANK)] += 1;
         }
-        let raw = alpha * m * m / sum;
-        let estimate = if raw <= 2.5 * m && zeros > 0 {
-            m * (m / f64::from(zeros)).ln()
-        } else if raw > HASH_VALUES / 30.0 {
-            // A raw estimate of 2^32 or more (every register at rank 21 gives 6.2e9) has no
-            // finite correction: leave one hash value free, which caps the estimate at 2^32 ln 2^32
-            // (9.5e10).
-            let free = (1.0 - raw / HASH_VALUES).max(1.0 / HASH_VALUES);
-            -HASH_VALUES * free.ln()
-        } else {
-            raw
-        };
-        estimate.round() as u64
+        let mut z = m * tau(1.0 - f64::from(histogram[MAX_RANK]) / m);
+        for k in (1..MAX_RANK).rev() {
+            z = 0.5 * (z + f64::from(histogram[k]));
+        }
+        z += m * sigma(f64::from(histogram[0]) / m);
+        // Every register at the largest rank gives z = 0: past what the hash tells apart.
+        (ALPHA_INFINITY * m * m / z).min(HASH_LIMIT).round() as u64
+    }
+}
+
+/// The most a 32-bit `source_hash` can tell: about 2^32 ln 2^32 (9.5e10) draws are needed before
+/// every one of its 2^32 values has come up, so a larger estimate means nothing.
+const HASH_LIMIT: f64 = 4_294_967_296.0 * 22.180_709_777_918_25;
+
+/// The largest rank `hll_register` gives: 1 + the rank bits (`32 - HLL_BITS`), all of them zero.
+const MAX_RANK: usize = 32 - HLL_BITS as usize + 1;
+
+/// 1 / (2 ln 2): HyperLogLog's constant for an infinite number of registers, which the improved
+/// estimator's corrections make right for any number.
+const ALPHA_INFINITY: f64 = 0.721_347_520_444_481_7;
+
+/// sigma(x) = x + sum over k >= 1 of x^(2^k) 2^(k-1), for x the share of registers still zero
+/// (infinite at 1: an empty sketch estimates 0).
+fn sigma(x: f64) -> f64 {
+    if x == 1.0 {
+        return f64::INFINITY;
+    }
+    let (mut x, mut y, mut z) = (x, 1.0, x);
+    loop {
+        x *= x;
+        let before = z;
+        z += x * y;
+        y += y;
+        if z == before {
+            return z;
+        }
+    }
+}
+
+/// tau(x) = (1 - x - sum over k >= 1 of (1 - x^(2^-k))^2 2^-k) / 3, for x the share of registers
+/// below the largest rank.
+fn tau(x: f64) -> f64 {
+    if x == 0.0 || x == 1.0 {
+        return 0.0;
+    }
+    let (mut x, mut y, mut z) = (x, 1.0, 1.0 - x);
+    loop {
+        x = x.sqrt();
+        let before = z;
+        y *= 0.5;
+        z -= (1.0 - x).powi(2) * y;
+        if z == before {
+            return z / 3.0;
+        }
     }
 }
 
@@ -320,6 +360,38 @@ mod tests {
         sketch.merge(&[21; HLL_REGISTERS]);
         let estimate = sketch.estimate();
         assert!(estimate > 1 << 32 && estimate < 100_000_000_000, "{estimate}");
+    }
+
+    /// Over the whole range, around the old switch to linear counting (2.5 times the registers,
+    /// 10,240) too, the estimates are unbiased and spread by the standard error: the mean relative
+    /// error of 200 sketches of random hashes within 0.5%, their standard deviation within 1.2
+    /// standard errors. (The original estimator: +1.2% and 2.7% at 10,000.)
+    #[test]
+    fn estimates_are_unbiased_over_the_range() {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u32
+        };
+        for n in [1_000u32, 5_000, 9_000, 10_000, 12_000, 20_000, 50_000] {
+            let errors: Vec<f64> = (0..200)
+                .map(|_| {
+                    let mut sketch = Sketch::new();
+                    (0..n).for_each(|_| sketch.add(next()));
+                    (sketch.estimate() as f64 - f64::from(n)) / f64::from(n)
+                })
+                .collect();
+            let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+            let sd = (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / errors.len() as f64).sqrt();
+            assert!(mean.abs() < 0.005, "{n} hashes: mean error {:+.2}%", mean * 100.0);
+            assert!(
+                sd < 1.2 * STANDARD_ERROR,
+                "{n} hashes: standard deviation {:.2}%",
+                sd * 100.0
+            );
+        }
     }
 
     #[test]
