@@ -119,5 +119,5 @@ fn bench_prog_runs_and_counts_every_run() {
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| program"))
         .count();
-    assert_eq!(rows, 14, "one row per kind:\n{stdout}");
+    assert_eq!(rows, 16, "one row per kind:\n{stdout}");
 }

@@ -16,7 +16,7 @@ use aya::{
 };
 use portwatch::generation::Key;
 use portwatch_common::{
-    front_index, CounterKey, Direction, FrontSlot, PortKey, Tier, TierSizes, IPPROTO_TCP, PROTO_ALL,
+    front_index, CounterKey, Direction, FrontSlot, PortKey, Tier, TierSizes, IPPROTO_TCP, IPPROTO_UDP, PROTO_ALL,
 };
 use portwatch_tests::{packet::Packet, Harness};
 
@@ -57,6 +57,42 @@ fn main() -> Result<()> {
         .payload(100)
         .build();
     let unwatched = Packet::tcp4("198.18.9.9", 40000, "198.18.0.1", 80).payload(100).build();
+    // Known keys whose front slot another key took first: counted through the hash, as most keys
+    // are when more than the cache's slots are live.
+    let slot = |octets: [u8; 16], proto| front_index(&CounterKey::with_octets(octets, 443, proto, Direction::Ingress));
+    let v4 = |i: u32| std::net::Ipv4Addr::from(0xc612_1400 + i);
+    let v6 = |i: u16| std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, i);
+    let off_slot4 = Packet::tcp4("198.18.9.10", 40000, "198.18.0.1", 443)
+        .payload(100)
+        .build();
+    let taken = slot(
+        std::net::Ipv4Addr::new(198, 18, 9, 10).to_ipv6_mapped().octets(),
+        IPPROTO_TCP,
+    );
+    let owner = (0..4096)
+        .map(v4)
+        .find(|a| slot(a.to_ipv6_mapped().octets(), IPPROTO_TCP) == taken)
+        .context("no IPv4 owner for the slot")?;
+    let off_slot6 = Packet::udp6("2001:db8:9::10", 40000, "2001:db8::1", 443)
+        .payload(100)
+        .build();
+    let taken6 = slot("2001:db8:9::10".parse::<std::net::Ipv6Addr>()?.octets(), IPPROTO_UDP);
+    let owner6 = (0..4096)
+        .map(v6)
+        .find(|a| slot(a.octets(), IPPROTO_UDP) == taken6)
+        .context("no IPv6 owner for the slot")?;
+    h.run(
+        Direction::Ingress,
+        &Packet::tcp4(&owner.to_string(), 40000, "198.18.0.1", 443)
+            .payload(100)
+            .build(),
+    )?;
+    h.run(
+        Direction::Ingress,
+        &Packet::udp6(&owner6.to_string(), 40000, "2001:db8::1", 443)
+            .payload(100)
+            .build(),
+    )?;
     // A full map: FULL keys, then the same packet from one of them, and from a source not in it.
     const FULL: u32 = 1024;
     let from = |a: u8, b: u8, c: u8, d: u8| Packet::tcp4(&format!("{a}.{b}.{c}.{d}"), 40000, "198.18.0.1", 443);
@@ -165,6 +201,8 @@ fn main() -> Result<()> {
         "flood's floor: per-IP front slot (a miss), prefix front slot (bench_past_ip)",
         "flood's floor: and a distinct-source register (bench_past_ip_hll)",
         "flood's floor: and the per-IP filter byte (bench_past_ip_filter)",
+        "portwatch: matched IPv4 TCP, its front slot another key's (the hash)",
+        "portwatch: matched IPv6 UDP, its front slot another key's (the hash)",
     ];
     // The front-cache experiment: each program twice, one heavy sender and 16,384 in turn (16
     // times the cache's slots: few own one, most pay the slot check and then the hash).
@@ -219,6 +257,9 @@ fn main() -> Result<()> {
         for (i, frame) in [&tcp4, &udp6, &unwatched].into_iter().enumerate() {
             samples[i + 1].push(h.run_gso(Direction::Ingress, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
         }
+        for (i, frame) in [&off_slot4, &off_slot6].into_iter().enumerate() {
+            samples[i + 14].push(h.run_gso(Direction::Ingress, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
+        }
         for (i, frame) in [&existing, &newcomer].into_iter().enumerate() {
             samples[i + 4].push(
                 full.run_gso(Direction::Ingress, frame, 0, 0, repeat)?
@@ -266,6 +307,18 @@ fn main() -> Result<()> {
         "the full map's newcomers went past it {} times",
         stats.map_full_packets
     );
+    // The keys kept out of their front slot were counted in the hash, every run.
+    for (octets, proto) in [
+        (
+            std::net::Ipv4Addr::new(198, 18, 9, 10).to_ipv6_mapped().octets(),
+            IPPROTO_TCP,
+        ),
+        ("2001:db8:9::10".parse::<std::net::Ipv6Addr>()?.octets(), IPPROTO_UDP),
+    ] {
+        let key = Key::ip(octets, 443, proto, Direction::Ingress);
+        let in_hash = h.hash_counter(0, &key)?.map_or(0, |c| c.packets);
+        anyhow::ensure!(in_hash == runs, "{key:?}: {in_hash} of {runs} runs counted in the hash");
+    }
     let counted = tiers_full.counters(0)?;
     let port_only = counted[&Key::any_remote(PortKey::new(443, IPPROTO_TCP, Direction::Ingress))];
     anyhow::ensure!(
