@@ -237,18 +237,17 @@ enum Counted {
 /// there. Everything past the per-IP map also goes into its port's distinct-source registers.
 #[inline(always)]
 fn count_key<const DIRECTION: u8>(g: &Generation, key: &CounterKey, flow: &Flow, config: &Config) -> Counted {
-    // One hash of the remote serves its filter byte and, past the per-IP map, its register.
+    // Past the per-IP map, the hash its filter byte came from (`Hashed::source`) serves the
+    // register too: a new source is hashed once.
     let source_hash = match front_slot(g.front, front_index(key), key, flow) {
         Front::Hit => return Counted::UnderKey,
-        front => {
-            let source_hash = source_hash_fast(&key.remote_ip, config.seed, config.seed_v4);
-            let filter = ip_filter_index(key, source_hash);
-            if count_in_hash(g, Tier::Ip, g.counters, key, flow, config, filter) {
+        front => match count_in_hash(g, Tier::Ip, g.counters, key, flow, config) {
+            Ok(()) => {
                 front.claim(key);
                 return Counted::UnderKey;
             }
-            source_hash
-        }
+            Err(hashed) => hashed.source,
+        },
     };
     let port = PortKey::of(key);
     let mut slot = port_slot(g.port_slots, &port);
@@ -307,8 +306,7 @@ fn count_in_prefix_tier(
     match front_slot(g.tier_front, tier_slot(tier, &prefix), &prefix, flow) {
         Front::Hit => true,
         front => {
-            let filter = filter_index(&prefix, tier, config.seed);
-            let counted = count_in_hash(g, tier, map, &prefix, flow, config, filter);
+            let counted = count_in_hash(g, tier, map, &prefix, flow, config).is_ok();
             if counted {
                 front.claim(&prefix);
             }
@@ -365,9 +363,46 @@ fn front_slot<'a>(front: &'a PerCpuArray<FrontSlot>, index: u32, key: &CounterKe
     Front::Taken
 }
 
+/// A key's hashes, made only when its filter byte is needed: `source` is its `source_hash` for
+/// a per-IP key (0 for a prefix), `filter` its `filter_index`.
+#[derive(Clone, Copy)]
+struct Hashed {
+    source: u32,
+    filter: u32,
+}
+
+impl Hashed {
+    #[inline(always)]
+    fn of(tier: Tier, key: &CounterKey, config: &Config) -> Hashed {
+        if matches!(tier, Tier::Ip) {
+            let source = source_hash_fast(&key.remote_ip, config.seed, config.seed_v4);
+            Hashed {
+                source,
+                filter: ip_filter_index(key, source),
+            }
+        } else {
+            Hashed {
+                source: 0,
+                filter: filter_index(key, tier, config.seed),
+            }
+        }
+    }
+
+    /// The key's byte of the generation's filter.
+    #[inline(always)]
+    fn mark(&self, g: &Generation, config: &Config) -> Option<*mut u8> {
+        let byte = self.filter & config.filter_mask;
+        // SAFETY: a byte of the 8-byte element `byte / 8` (`byte % 8` < 8).
+        g.filter
+            .get_ptr_mut(byte >> 3)
+            .map(|word| unsafe { opaque(word.cast::<u8>()).add((byte & 7) as usize) })
+    }
+}
+
 /// Counts `flow` under `key` in `map`, the generation's map of `tier`, inserting the key when new;
-/// false when the map has no room for it. Once the map is known full, a key its filter byte
-/// (`filter`, the key's `filter_index`) says was never inserted is refused without a lookup.
+/// `Err` with the key's hashes when the map has no room for it (they were needed to find that
+/// out). Once the map is known full, a key its filter byte says was never inserted is refused
+/// without a lookup; while it has room, a key it holds is counted without hashing it here.
 #[inline(always)]
 fn count_in_hash(
     g: &Generation,
@@ -376,35 +411,34 @@ fn count_in_hash(
     key: &CounterKey,
     flow: &Flow,
     config: &Config,
-    filter: u32,
-) -> bool {
+) -> Result<(), Hashed> {
     // The hint and the filter are looked at only here, for a key without a front slot: not on a
     // known key's path.
     let full = MAP_FULL.get_ptr_mut(full_hint_index(g.index, tier));
     // SAFETY: this CPU's value of a per-CPU array (as for `FrontSlot`).
-    let known_full = full.is_some_and(|f| unsafe { *f } != 0);
-    let byte = filter & config.filter_mask;
-    let mark = match g.filter.get_ptr_mut(byte >> 3) {
-        // SAFETY: a byte of the 8-byte element `byte / 8` (`byte % 8` < 8).
-        Some(word) => Some(unsafe { opaque(word.cast::<u8>()).add((byte & 7) as usize) }),
-        None => None,
-    };
-    // SAFETY: a byte of an array map; every CPU only ever stores 1 into it (a lost race stores the
-    // same value), and userspace rewrites it only in an idle generation.
-    if known_full && mark.is_some_and(|m| unsafe { *m } == 0) {
-        return false;
+    if full.is_some_and(|f| unsafe { *f } != 0) {
+        // The program never deletes: once an insert found the map full, it stays full until
+        // userspace removes entries, and userspace clears the hint when it does. Meanwhile a new
+        // key goes straight to the next tier instead of paying for an insert that cannot succeed,
+        // and one whose byte is clear without a lookup either.
+        let hashed = Hashed::of(tier, key, config);
+        // SAFETY: a byte of an array map; every CPU only ever stores 1 into it (a lost race stores
+        // the same value), and userspace rewrites it only in an idle generation.
+        if hashed.mark(g, config).is_some_and(|m| unsafe { *m } == 0) {
+            return Err(hashed);
+        }
+        return if add_to_entry(map, key, flow) {
+            Ok(())
+        } else {
+            Err(hashed)
+        };
     }
     if add_to_entry(map, key, flow) {
-        return true;
-    }
-    // The program never deletes: once an insert found the map full, it stays full until userspace
-    // removes entries, and userspace clears the hint when it does. Meanwhile a new key goes
-    // straight to the next tier instead of paying for an insert that cannot succeed.
-    if known_full {
-        return false;
+        return Ok(());
     }
     // Marked before the insert: a key in the map is always marked.
-    if let Some(m) = mark {
+    let hashed = Hashed::of(tier, key, config);
+    if let Some(m) = hashed.mark(g, config) {
         // SAFETY: as above.
         unsafe { *m = 1 };
     }
@@ -413,10 +447,16 @@ fn count_in_hash(
         packets: flow.packets,
     };
     match map.insert(key, &value, BPF_NOEXIST as u64) {
-        Ok(()) => true,
+        Ok(()) => Ok(()),
         // Another CPU inserted the same new key between our lookup and insert: its slot for this
         // CPU is zero, so add there instead of losing the packet.
-        Err(e) if e == -EEXIST => add_to_entry(map, key, flow),
+        Err(e) if e == -EEXIST => {
+            if add_to_entry(map, key, flow) {
+                Ok(())
+            } else {
+                Err(hashed)
+            }
+        }
         Err(e) => {
             if e == -E2BIG {
                 if let Some(f) = full {
@@ -424,7 +464,7 @@ fn count_in_hash(
                     unsafe { *f = 1 };
                 }
             }
-            false
+            Err(hashed)
         }
     }
 }
