@@ -105,7 +105,7 @@ fn main() -> Result<()> {
             Direction::Ingress,
         )
     };
-    // The timed newcomers are sources whose filter bytes are clear, as 15 in 16 are at most (a
+    // The timed newcomers are sources whose filter bytes are clear, as at least 15 in 16 are (a
     // byte another key set costs a lookup: that is the filter's own cost, not the path's); with a
     // random seed per load, a load where none of the candidates is clear is made again (bounded).
     let mut attempts = 0;
