@@ -416,9 +416,7 @@ impl Generation {
     /// Zeroes the filter and marks the keys the per-IP map and the prefix tiers hold now: what the
     /// program would have marked had they been inserted since. Only for the idle generation.
     pub fn refill_filter(&mut self) -> Result<()> {
-        let len = (self.filter_mask as usize) + 1;
-        let mut mapped =
-            sys::MappedArray::map(self.filter.map().fd().as_fd(), len).context("mapping a generation's filter")?;
+        let mut mapped = self.map_filter()?;
         let bytes = mapped.bytes();
         bytes.fill(0);
         let cpus = possible_cpus()?;
@@ -429,7 +427,7 @@ impl Generation {
         ] {
             let mut mark = |keys: &[CounterKey]| {
                 for key in keys {
-                    bytes[(filter_index(key, tier, self.seed) & self.filter_mask) as usize] = 1;
+                    bytes[self.filter_byte(key, tier)] = 1;
                 }
             };
             let batched =
@@ -452,10 +450,18 @@ impl Generation {
     /// Whether `key`'s byte of the filter of `tier` is set (a key whose byte is clear skips the
     /// lookup of a full map), for tests and benchmarks of the kernel program's maps.
     pub fn filter_marked(&self, key: &CounterKey, tier: Tier) -> Result<bool> {
+        Ok(self.map_filter()?.bytes()[self.filter_byte(key, tier)] != 0)
+    }
+
+    /// The generation's filter, mapped into this process (`filter_mask + 1` bytes).
+    fn map_filter(&self) -> Result<sys::MappedArray> {
         let len = (self.filter_mask as usize) + 1;
-        let mut mapped =
-            sys::MappedArray::map(self.filter.map().fd().as_fd(), len).context("mapping a generation's filter")?;
-        Ok(mapped.bytes()[(filter_index(key, tier, self.seed) & self.filter_mask) as usize] != 0)
+        sys::MappedArray::map(self.filter.map().fd().as_fd(), len).context("mapping a generation's filter")
+    }
+
+    /// Where `key`'s byte of the filter of `tier` is, as the kernel program finds it.
+    fn filter_byte(&self, key: &CounterKey, tier: Tier) -> usize {
+        (filter_index(key, tier, self.seed) & self.filter_mask) as usize
     }
 
     /// Clears every slot (on every CPU) of the keys `by_tier` has. A cache's owners are read
