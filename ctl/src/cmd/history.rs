@@ -301,54 +301,34 @@ fn chart(periods: &[(i64, Counters)], granularity: Granularity, utc: bool, exact
 fn run_top(args: &HistoryTopArgs) -> Result<()> {
     let window = &args.window;
     let (store, plan) = open_window(window, None)?;
-    let view = View::from(args);
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let Some(plan) = plan else {
-        // No records yet: `top`'s shapes, with no rows, for scripts (the table says why).
-        let report = Report::new(&view, &view.group_all(&[]), None);
-        if window.json {
-            let envelope = Envelope {
-                time: output::unix_time(),
-                reset: false,
-                reset_id: None,
-                history: None,
-            };
-            output::write_json(&report, &envelope, &mut out)?;
-        } else if args.csv {
-            out.write_all(output::csv(&report).as_bytes())?;
-        } else {
-            writeln!(out, "{NO_RECORDS}")?;
-        }
-        return out.flush().context("writing to stdout");
-    };
-    let rows = query::totals(&store, &plan, &window.filter())?;
-    let mut keys = Vec::with_capacity(rows.len());
+    // No records yet (no plan): `top`'s shapes with no rows, for scripts; the table says why.
+    let mut keys = vec![];
     let mut other = Counters::default();
-    for (stored, counters) in rows {
-        match stored {
-            Stored::Key(key) => keys.push((key, counters)),
-            Stored::Other(_) => other += counters,
+    if let Some(plan) = &plan {
+        for (stored, counters) in query::totals(&store, plan, &window.filter())? {
+            match stored {
+                Stored::Key(key) => keys.push((key, counters)),
+                Stored::Other(_) => other += counters,
+            }
         }
     }
+    let view = View::from(args);
     let mut report = Report::new(&view, &view.group_all(&keys), None);
     report.totals += other;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if window.json {
         let envelope = Envelope {
             time: output::unix_time(),
             reset: false,
             reset_id: None,
-            history: Some(HistoryWindow::new(
-                plan.granularity.name(),
-                plan.from,
-                plan.to,
-                plan.cut,
-                other,
-            )),
+            history: plan
+                .as_ref()
+                .map(|plan| HistoryWindow::new(plan.granularity.name(), plan.from, plan.to, plan.cut, other)),
         };
         output::write_json(&report, &envelope, &mut out)?;
     } else if args.csv {
         out.write_all(output::csv(&report).as_bytes())?;
-    } else {
+    } else if let Some(plan) = &plan {
         out.write_all(output::table(&report, window.exact).as_bytes())?;
         if other != Counters::default() {
             writeln!(
@@ -359,7 +339,9 @@ fn run_top(args: &HistoryTopArgs) -> Result<()> {
                 other.packets
             )?;
         }
-        writeln!(out, "{}", describe(&plan, window.utc))?;
+        writeln!(out, "{}", describe(plan, window.utc))?;
+    } else {
+        writeln!(out, "{NO_RECORDS}")?;
     }
     out.flush().context("writing to stdout")
 }
