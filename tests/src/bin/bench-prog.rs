@@ -19,6 +19,7 @@ use portwatch_common::{
     front_index, CounterKey, Direction, FrontSlot, PortKey, Tier, TierSizes, IPPROTO_TCP, IPPROTO_UDP, PROTO_ALL,
 };
 use portwatch_tests::{packet::Packet, Harness};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 fn load_single(path: &str, program: &str) -> Result<Ebpf> {
     let mut ebpf = Ebpf::load_file(path).with_context(|| format!("loading {path}"))?;
@@ -35,6 +36,27 @@ fn run_single(ebpf: &mut Ebpf, program: &str, frame: &[u8], repeat: u32) -> Resu
         ..Default::default()
     })?;
     Ok(r.duration.as_nanos() as f64)
+}
+
+/// The key portwatch counts traffic from `ip` to port 443/`proto` under, at ingress.
+fn key_443(ip: IpAddr, proto: u8) -> CounterKey {
+    let octets = match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    CounterKey::with_octets(octets, 443, proto, Direction::Ingress)
+}
+
+/// A packet from `ip`, port 40000, to the server's port 443/`proto`, with 100 bytes of payload.
+fn to_443(ip: IpAddr, proto: u8) -> Vec<u8> {
+    let src = ip.to_string();
+    let packet = match (ip, proto) {
+        (IpAddr::V4(_), IPPROTO_TCP) => Packet::tcp4(&src, 40000, "198.18.0.1", 443),
+        (IpAddr::V4(_), _) => Packet::udp4(&src, 40000, "198.18.0.1", 443),
+        (IpAddr::V6(_), IPPROTO_TCP) => Packet::tcp6(&src, 40000, "2001:db8::1", 443),
+        (IpAddr::V6(_), _) => Packet::udp6(&src, 40000, "2001:db8::1", 443),
+    };
+    packet.payload(100).build()
 }
 
 fn main() -> Result<()> {
@@ -59,52 +81,29 @@ fn main() -> Result<()> {
     let unwatched = Packet::tcp4("198.18.9.9", 40000, "198.18.0.1", 80).payload(100).build();
     // Known keys whose front slot another key took first: counted through the hash, as most keys
     // are when more than the cache's slots are live.
-    let slot = |octets: [u8; 16], proto| front_index(&CounterKey::with_octets(octets, 443, proto, Direction::Ingress));
-    let v4 = |i: u32| std::net::Ipv4Addr::from(0xc612_1400 + i);
-    let v6 = |i: u16| std::net::Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, i);
-    let off_slot4 = Packet::tcp4("198.18.9.10", 40000, "198.18.0.1", 443)
-        .payload(100)
-        .build();
-    let taken = slot(
-        std::net::Ipv4Addr::new(198, 18, 9, 10).to_ipv6_mapped().octets(),
-        IPPROTO_TCP,
-    );
-    let owner = (0..4096)
-        .map(v4)
-        .find(|a| slot(a.to_ipv6_mapped().octets(), IPPROTO_TCP) == taken)
-        .context("no IPv4 owner for the slot")?;
-    let off_slot6 = Packet::udp6("2001:db8:9::10", 40000, "2001:db8::1", 443)
-        .payload(100)
-        .build();
-    let taken6 = slot("2001:db8:9::10".parse::<std::net::Ipv6Addr>()?.octets(), IPPROTO_UDP);
-    let owner6 = (0..4096)
-        .map(v6)
-        .find(|a| slot(a.octets(), IPPROTO_UDP) == taken6)
-        .context("no IPv6 owner for the slot")?;
-    h.run(
-        Direction::Ingress,
-        &Packet::tcp4(&owner.to_string(), 40000, "198.18.0.1", 443)
-            .payload(100)
-            .build(),
-    )?;
-    h.run(
-        Direction::Ingress,
-        &Packet::udp6(&owner6.to_string(), 40000, "2001:db8::1", 443)
-            .payload(100)
-            .build(),
-    )?;
+    let off_slot: [(IpAddr, u8); 2] = [
+        (Ipv4Addr::new(198, 18, 9, 10).into(), IPPROTO_TCP),
+        ("2001:db8:9::10".parse::<Ipv6Addr>()?.into(), IPPROTO_UDP),
+    ];
+    for (timed, proto) in off_slot {
+        let taken = front_index(&key_443(timed, proto));
+        let candidate = |i: u16| -> IpAddr {
+            match timed {
+                IpAddr::V4(_) => Ipv4Addr::from(0xc612_1400 + u32::from(i)).into(),
+                IpAddr::V6(_) => Ipv6Addr::new(0x2001, 0xdb8, 0xa, 0, 0, 0, 0, i).into(),
+            }
+        };
+        let owner = (0..4096)
+            .map(candidate)
+            .find(|&a| front_index(&key_443(a, proto)) == taken)
+            .with_context(|| format!("no owner for the front slot of {timed}"))?;
+        h.run(Direction::Ingress, &to_443(owner, proto))?;
+    }
+    let off_slot_frames = off_slot.map(|(ip, proto)| to_443(ip, proto));
     // A full map: FULL keys, then the same packet from one of them, and from a source not in it.
     const FULL: u32 = 1024;
-    let from = |a: u8, b: u8, c: u8, d: u8| Packet::tcp4(&format!("{a}.{b}.{c}.{d}"), 40000, "198.18.0.1", 443);
-    let filled = |i: u32| from(198, 18, 10 + (i / 256) as u8, (i % 256) as u8);
-    let key = |a: u8, b: u8, c: u8, d: u8| {
-        CounterKey::with_octets(
-            std::net::Ipv4Addr::new(a, b, c, d).to_ipv6_mapped().octets(),
-            443,
-            IPPROTO_TCP,
-            Direction::Ingress,
-        )
-    };
+    let v4 = |a: u8, b: u8, c: u8, d: u8| IpAddr::from(Ipv4Addr::new(a, b, c, d));
+    let filled = |i: u32| to_443(v4(198, 18, 10 + (i / 256) as u8, (i % 256) as u8), IPPROTO_TCP);
     // The timed newcomers are sources whose filter bytes are clear, as at least 15 in 16 are (a
     // byte another key set costs a lookup: that is the filter's own cost, not the path's); with a
     // random seed per load, a load where none of the candidates is clear is made again (bounded).
@@ -115,19 +114,23 @@ fn main() -> Result<()> {
         let mut full = Harness::new(FULL)?;
         full.watch(443, PROTO_ALL)?;
         for i in 0..FULL {
-            full.run(Direction::Ingress, &filled(i).payload(100).build())?;
+            full.run(Direction::Ingress, &filled(i))?;
         }
         // The first newcomer finds the map full (and marks its filter byte before the insert
         // that fails, and sets the hint); its /24 (198.18.14.0/24) enters the prefix tier. The
         // one timed is another source of that /24: a new source whose prefix is known, as most
         // packets of a flood from a few prefixes.
-        full.run(Direction::Ingress, &filled(FULL).payload(100).build())?;
-        let clear = (1..=255u8).find(|&d| !full.filter_marked(0, &key(198, 18, 14, d), Tier::Ip).unwrap_or(true));
+        full.run(Direction::Ingress, &filled(FULL))?;
+        let clear = (1..=255u8).find(|&d| {
+            !full
+                .filter_marked(0, &key_443(v4(198, 18, 14, d), IPPROTO_TCP), Tier::Ip)
+                .unwrap_or(true)
+        });
         if let Some(d) = clear {
-            break (full, from(198, 18, 14, d).payload(100).build());
+            break (full, to_443(v4(198, 18, 14, d), IPPROTO_TCP));
         }
     };
-    let existing = filled(7).payload(100).build();
+    let existing = filled(7);
     // Every tier full: 4 sources fill the per-IP map, two /24s the prefix tier, 2001:db8::/32 the
     // wide prefix tier; a source of another /16 then finds every tier full (and its prefixes,
     // marked before their inserts failed, set the hints). Every packet of a source from a /16 never
@@ -180,9 +183,9 @@ fn main() -> Result<()> {
         };
         let found = (0..=255u8)
             .flat_map(|c| (1..=255u8).map(move |d| (c, d)))
-            .find(|&(c, d)| clear(&key(198, 19, c, d)));
+            .find(|&(c, d)| clear(&key_443(v4(198, 19, c, d), IPPROTO_TCP)));
         if let Some((c, d)) = found {
-            break (tiers_full, from(198, 19, c, d).payload(100).build());
+            break (tiers_full, to_443(v4(198, 19, c, d), IPPROTO_TCP));
         }
     };
 
@@ -220,20 +223,10 @@ fn main() -> Result<()> {
     for name in ["bench_past_ip", "bench_past_ip_hll", "bench_past_ip_filter"] {
         let mut ebpf = load_single(portwatch::object::BENCH_UPDATE_OBJECT_PATH, name)?;
         aya::maps::Array::<_, u32>::try_from(ebpf.map_mut("spread").context("spread map")?)?.set(0, 1, 0)?;
-        let sender = CounterKey::with_octets(
-            std::net::Ipv4Addr::new(10, 0, 0, 0).to_ipv6_mapped().octets(),
-            443,
-            IPPROTO_TCP,
-            Direction::Ingress,
-        );
+        let sender = key_443(Ipv4Addr::new(10, 0, 0, 0).into(), IPPROTO_TCP);
         let owner = FrontSlot {
             owned: 1,
-            key: CounterKey::with_octets(
-                std::net::Ipv4Addr::new(10, 9, 9, 9).to_ipv6_mapped().octets(),
-                443,
-                IPPROTO_TCP,
-                Direction::Ingress,
-            ),
+            key: key_443(Ipv4Addr::new(10, 9, 9, 9).into(), IPPROTO_TCP),
             ..Default::default()
         };
         let mut front: aya::maps::PerCpuArray<_, FrontSlot> =
@@ -257,7 +250,7 @@ fn main() -> Result<()> {
         for (i, frame) in [&tcp4, &udp6, &unwatched].into_iter().enumerate() {
             samples[i + 1].push(h.run_gso(Direction::Ingress, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
         }
-        for (i, frame) in [&off_slot4, &off_slot6].into_iter().enumerate() {
+        for (i, frame) in off_slot_frames.iter().enumerate() {
             samples[i + 14].push(h.run_gso(Direction::Ingress, frame, 0, 0, repeat)?.duration.as_nanos() as f64);
         }
         for (i, frame) in [&existing, &newcomer].into_iter().enumerate() {
@@ -308,14 +301,8 @@ fn main() -> Result<()> {
         stats.map_full_packets
     );
     // The keys kept out of their front slot were counted in the hash, every run.
-    for (octets, proto) in [
-        (
-            std::net::Ipv4Addr::new(198, 18, 9, 10).to_ipv6_mapped().octets(),
-            IPPROTO_TCP,
-        ),
-        ("2001:db8:9::10".parse::<std::net::Ipv6Addr>()?.octets(), IPPROTO_UDP),
-    ] {
-        let key = Key::ip(octets, 443, proto, Direction::Ingress);
+    for (ip, proto) in off_slot {
+        let key = Key::from(key_443(ip, proto));
         let in_hash = h.hash_counter(0, &key)?.map_or(0, |c| c.packets);
         anyhow::ensure!(in_hash == runs, "{key:?}: {in_hash} of {runs} runs counted in the hash");
     }
