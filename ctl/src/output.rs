@@ -380,6 +380,18 @@ pub(crate) struct Envelope {
     pub history: Option<HistoryWindow>,
 }
 
+impl Envelope {
+    /// A reading made now, not a reset (`top`; `history top` with the buckets it read).
+    pub(crate) fn reading(history: Option<HistoryWindow>) -> Envelope {
+        Envelope {
+            time: unix_time(),
+            reset: false,
+            reset_id: None,
+            history,
+        }
+    }
+}
+
 /// Which buckets of the history store answered (`history top --json`'s `history`).
 #[derive(Serialize)]
 pub(crate) struct HistoryWindow {

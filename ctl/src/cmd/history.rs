@@ -317,15 +317,10 @@ fn run_top(args: &HistoryTopArgs) -> Result<()> {
     report.totals += other;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if window.json {
-        let envelope = Envelope {
-            time: output::unix_time(),
-            reset: false,
-            reset_id: None,
-            history: plan
-                .as_ref()
-                .map(|plan| HistoryWindow::new(plan.granularity.name(), plan.from, plan.to, plan.cut, other)),
-        };
-        output::write_json(&report, &envelope, &mut out)?;
+        let history = plan
+            .as_ref()
+            .map(|plan| HistoryWindow::new(plan.granularity.name(), plan.from, plan.to, plan.cut, other));
+        output::write_json(&report, &Envelope::reading(history), &mut out)?;
     } else if args.csv {
         out.write_all(output::csv(&report).as_bytes())?;
     } else if let Some(plan) = &plan {

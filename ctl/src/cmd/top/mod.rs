@@ -53,13 +53,7 @@ pub(in crate::cmd) fn run(pin: &PinPath, args: &TopArgs) -> Result<()> {
 fn print(report: &Report, args: &TopArgs, header: bool, time: Option<u64>) -> Result<()> {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     if args.json {
-        let envelope = Envelope {
-            time: output::unix_time(),
-            reset: false,
-            reset_id: None,
-            history: None,
-        };
-        output::write_json(report, &envelope, &mut out)?;
+        output::write_json(report, &Envelope::reading(None), &mut out)?;
     } else if args.csv {
         out.write_all(output::csv_with(report, header, time).as_bytes())?;
     } else {
